@@ -1,0 +1,182 @@
+"""Typed configuration: one dataclass field per knob, loaded from YAML and ``key.sub=value`` overrides.
+
+The defaults reproduce torchvision's ``maskrcnn_resnet50_fpn`` (v1). A YAML file only lists what it
+changes; :func:`load_config` merges it over these defaults, then applies command-line overrides, and
+rejects unknown keys and values of the wrong type with the offending key in the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class InputConfig:
+    min_size: List[int] = field(default_factory=lambda: [800])  # shortest side after resize; training picks one at random
+    max_size: int = 1333  # cap on the longest side after resize (pixels)
+    pixel_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per-channel mean of 0-1 RGB input
+    pixel_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # per-channel std of 0-1 RGB input
+    size_divisible: int = 32  # batched images are padded to a multiple of this
+
+
+@dataclass
+class BackboneConfig:
+    depth: int = 50  # ResNet depth: 18, 34, 50 or 101
+    norm: str = "frozen_bn"  # "frozen_bn" (statistics and affine fixed), "bn" or "syncbn"
+    freeze_at: int = 2  # stages frozen from the stem: 0 none, 1 stem, 2 stem+res2, ... 5 all
+    fpn_channels: int = 256  # channels of every pyramid level
+    pretrained: bool = False  # initialise the trunk from torchvision's ImageNet weights (downloads)
+
+
+@dataclass
+class AnchorConfig:
+    sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # anchor side (pixels) per level P2..P6
+    aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # height / width of each anchor
+
+
+@dataclass
+class RPNConfig:
+    pre_nms_topk_train: int = 2000  # proposals kept per level before NMS, training
+    pre_nms_topk_test: int = 1000  # proposals kept per level before NMS, inference
+    post_nms_topk_train: int = 2000  # proposals kept per image after NMS, training
+    post_nms_topk_test: int = 1000  # proposals kept per image after NMS, inference
+    nms_thresh: float = 0.7  # IoU above which a lower-scoring proposal is suppressed
+    min_size: float = 1e-3  # proposals with a side below this (pixels) are dropped
+    score_thresh: float = 0.0  # proposals with objectness probability below this are dropped
+    fg_iou_thresh: float = 0.7  # anchor IoU with a ground-truth box at or above which it is positive
+    bg_iou_thresh: float = 0.3  # anchor IoU below which it is negative
+    batch_size_per_image: int = 256  # anchors sampled per image for the RPN losses
+    positive_fraction: float = 0.5  # at most this fraction of the sampled anchors is positive
+
+
+@dataclass
+class RoIHeadsConfig:
+    num_classes: int = 90  # object classes, background excluded (labels run 1..num_classes)
+    box_pooler_resolution: int = 7  # RoIAlign output side for the box head
+    mask_pooler_resolution: int = 14  # RoIAlign output side for the mask head (the mask is twice this)
+    sampling_ratio: int = 2  # bilinear samples per RoIAlign bin side
+    canonical_scale: int = 224  # RoI side mapped to canonical_level
+    canonical_level: int = 4  # pyramid level of an RoI of canonical_scale
+    box_head_dim: int = 1024  # width of the two fully connected layers of the box head
+    mask_head_dim: int = 256  # channels of the mask head convolutions
+    mask_head_convs: int = 4  # number of 3x3 convolutions in the mask head
+    fg_iou_thresh: float = 0.5  # proposal IoU at or above which it is foreground
+    bg_iou_thresh: float = 0.5  # proposal IoU below which it is background
+    batch_size_per_image: int = 512  # RoIs sampled per image for the box and mask losses
+    positive_fraction: float = 0.25  # at most this fraction of the sampled RoIs is foreground
+    bbox_reg_weights: List[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])  # (wx, wy, ww, wh)
+    score_thresh: float = 0.05  # detections scoring below this are dropped
+    nms_thresh: float = 0.5  # per-class NMS IoU threshold
+    detections_per_img: int = 100  # detections kept per image
+    mask_threshold: float = 0.5  # probability at which a pasted mask pixel is foreground
+
+
+@dataclass
+class ModelConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
+    fast_roi_align: bool = True  # RoIAlign as an embedding_bag gather (same values, much faster backward on CPU)
+    paste_memory_mb: int = 256  # memory budget (MiB) of the chunked mask paste at inference
+
+
+@dataclass
+class DataConfig:
+    train_ann: str = "data/shapes/annotations/instances_train.json"  # COCO instances file for training
+    train_images: str = "data/shapes/train"  # image folder for training
+    val_ann: str = "data/shapes/annotations/instances_val.json"  # COCO instances file for evaluation
+    val_images: str = "data/shapes/val"  # image folder for evaluation
+    filter_empty: bool = True  # drop training images that have no usable annotation
+    skip_bad_annotations: bool = False  # skip malformed annotations with a warning count instead of failing
+    flip_prob: float = 0.5  # probability of a horizontal flip in training
+    num_workers: int = 2  # DataLoader worker processes
+    aspect_ratio_grouping: bool = True  # batch landscape and portrait images separately
+
+
+@dataclass
+class SolverConfig:
+    optimizer: str = "sgd"  # "sgd" or "adamw"
+    lr: float = 0.02  # base learning rate (for ims_per_batch images per iteration)
+    momentum: float = 0.9  # SGD momentum
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    weight_decay: float = 1e-4  # weight decay of weights
+    weight_decay_norm: float = 0.0  # weight decay of normalisation parameters
+    weight_decay_bias: float = 0.0  # weight decay of biases
+    schedule: str = "multistep"  # "multistep" or "cosine"
+    steps: List[int] = field(default_factory=lambda: [60000, 80000])  # iterations at which multistep decays
+    gamma: float = 0.1  # multistep decay factor
+    min_lr_factor: float = 0.0  # cosine schedule ends at lr * this
+    warmup_iters: int = 1000  # linear warmup length (iterations)
+    warmup_factor: float = 0.001  # lr multiplier at iteration 0 of the warmup
+    max_iter: int = 90000  # training length (iterations)
+    ims_per_batch: int = 16  # images per iteration, summed over all processes
+    clip_grad_norm: float = 0.0  # clip the gradient norm to this; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "output/train"  # checkpoints, logs, figures and the resolved config go here
+    device: str = "auto"  # "auto" (cuda if present), "cpu" or "cuda"
+    precision: str = "fp32"  # "fp32", "bf16" (CPU or CUDA autocast) or "fp16" (CUDA, with a grad scaler)
+    channels_last: bool = True  # run convolutions in channels-last memory format
+    seed: int = 0  # seeds Python, NumPy and torch; data order derives from it
+    checkpoint_period: int = 5000  # save a checkpoint every this many iterations (and at the end)
+    log_period: int = 20  # append metrics to the JSONL log and refresh the loss curve this often
+    eval_period: int = 0  # evaluate on the validation set this often; 0 evaluates only at the end if asked
+    eval_at_end: bool = False  # evaluate on the validation set after training
+    tensorboard: bool = False  # also write TensorBoard event files
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP (needs backbone.norm == "bn")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, merged with a YAML file (if given), then with ``key.sub=value`` overrides.
+
+    Returns a :class:`Config` dataclass instance. Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` naming the key for an unknown key or a value of the wrong type.
+    """
+    merged = OmegaConf.structured(Config)
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not of the form key.sub=value")
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        where = f" in {path}" if path is not None else ""
+        raise ValueError(f"bad configuration{where}: {exc}") from None
+    return OmegaConf.to_object(merged)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The full resolved configuration as YAML text (every field, defaults included)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a :class:`Config` from a plain dict (as stored in checkpoints), validating types."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """A plain dict of every field, for storing in a checkpoint."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))

@@ -1,0 +1,71 @@
+"""Datasets from the configuration and the endless, resumable training loader.
+
+A batch is ``(images, targets)``: ``images`` a list of ``(3, H, W)`` float32 RGB tensors in [0, 1] whose
+sizes may differ (the model pads them), ``targets`` the matching list of target dicts (see
+:mod:`maskrcnn.data.coco`).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, List, Tuple
+
+import cv2
+import torch
+from torch.utils.data import BatchSampler, DataLoader
+
+from maskrcnn.config import Config
+from maskrcnn.data.coco import CocoDetection
+from maskrcnn.data.samplers import GroupedBatchSampler, TrainingSampler, orientation_groups
+from maskrcnn.data.transforms import build_transforms
+
+
+def build_train_dataset(cfg: Config) -> CocoDetection:
+    """The training set of ``cfg.data`` with the training augmentation of ``cfg``."""
+    return CocoDetection(cfg.data.train_ann, cfg.data.train_images, transforms=build_transforms(cfg, train=True),
+                         filter_empty=cfg.data.filter_empty, skip_bad_annotations=cfg.data.skip_bad_annotations)
+
+
+def build_test_dataset(cfg: Config) -> CocoDetection:
+    """The validation set of ``cfg.data``, every image kept, no transform (the model resizes)."""
+    return CocoDetection(cfg.data.val_ann, cfg.data.val_images, transforms=build_transforms(cfg, train=False),
+                         filter_empty=False, skip_bad_annotations=cfg.data.skip_bad_annotations)
+
+
+def build_train_loader(dataset: CocoDetection, *, images_per_batch: int, seed: int, rank: int = 0,
+                       world_size: int = 1, start_iter: int = 0, num_workers: int = 2,
+                       aspect_ratio_grouping: bool = True) -> Iterator[Tuple[List[torch.Tensor], List[dict]]]:
+    """Endless iterator over this rank's training batches.
+
+    images_per_batch: images per iteration summed over the ``world_size`` ranks (each rank gets
+    ``images_per_batch // world_size``). seed: fixes the order and the augmentation. start_iter: batches
+    already consumed (when resuming); the iterator yields exactly what the uninterrupted run would yield
+    from there. With ``aspect_ratio_grouping`` a batch holds only landscape (width >= height) or only
+    portrait images, judged from the json sizes. The result is the same for any ``num_workers``
+    (0 loads in this process).
+    """
+    if images_per_batch <= 0 or images_per_batch % world_size:
+        raise ValueError(f"images_per_batch={images_per_batch} must be a positive multiple of "
+                         f"world_size={world_size}")
+    per_rank = images_per_batch // world_size
+    if aspect_ratio_grouping:
+        sampler = TrainingSampler(len(dataset), seed, rank=rank, world_size=world_size)
+        batches = GroupedBatchSampler(sampler, orientation_groups(dataset.image_sizes), per_rank, start=start_iter)
+    else:
+        sampler = TrainingSampler(len(dataset), seed, rank=rank, world_size=world_size, start=start_iter * per_rank)
+        batches = BatchSampler(sampler, per_rank, drop_last=True)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
+                        worker_init_fn=_single_threaded_worker if num_workers else None,
+                        persistent_workers=num_workers > 0)
+    return iter(loader)
+
+
+def collate(batch: List[Tuple[torch.Tensor, dict]]) -> Tuple[List[torch.Tensor], List[dict]]:
+    """Samples -> ``(images, targets)`` lists; images keep their own sizes."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def _single_threaded_worker(worker_id: int) -> None:
+    """Each loader worker decodes and resizes on one thread; the workers are the parallelism."""
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)

@@ -1,0 +1,172 @@
+"""Checkpoints: atomic save, full restore (model, optimizer, schedule, grad scaler, RNG), latest lookup.
+
+A checkpoint file is a ``torch.save`` dict::
+
+    {"model": state_dict, "optimizer": ..., "scheduler": ..., "scaler": ..., "iteration": int,
+     "config": config_to_dict(cfg), "class_names": [name of label 1, name of label 2, ...],
+     "rng": {"python", "numpy", "torch", "cuda"}, ...extra}
+
+``iteration`` counts the optimizer steps already taken. Every value is a tensor or a plain Python
+container, so ``torch.load(..., weights_only=True)`` reads it. Files are written to a temporary file in
+the same directory, fsynced and renamed over the target, so a crash mid-save never leaves a truncated
+checkpoint behind; ``output_dir/last_checkpoint`` holds the file name of the newest one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import random
+import secrets
+from pathlib import Path
+from typing import BinaryIO, Callable, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import Config, config_to_dict
+from .distributed import get_rank, get_world_size
+
+LAST_CHECKPOINT = "last_checkpoint"
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file so that ``path`` holds either its old content or the complete new one.
+
+    ``write`` receives a binary file object opened on a temporary file next to ``path``; the file is
+    flushed, fsynced and renamed onto ``path``. If ``write`` raises, the temporary file is removed, the
+    old ``path`` is untouched and the exception propagates.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def rng_state() -> dict:
+    """This process's random number generator states: Python, NumPy, torch CPU and the current CUDA device.
+
+    ``cuda`` is None when CUDA has not been initialised in this process.
+    """
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)],
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore states captured by :func:`rng_state` (the CUDA one only where CUDA is available)."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    scheduler=None, scaler: Optional[torch.amp.GradScaler] = None, iteration: int,
+                    config: Config, class_names: List[str], rng: Optional[dict] = None, **extra) -> Path:
+    """Atomically write a checkpoint to ``path`` and point ``path.parent/last_checkpoint`` at it.
+
+    model: saved without a ``DistributedDataParallel`` wrapper (keys have no ``module.`` prefix).
+    optimizer / scheduler / scaler: their ``state_dict()``, or None when not given.
+    iteration: optimizer steps taken. rng: states from :func:`rng_state`; default: the current ones.
+    extra: further picklable entries stored as they are.
+    Returns ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {
+        "model": unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "iteration": int(iteration),
+        "config": config_to_dict(config),
+        "class_names": list(class_names),
+        "rng": rng if rng is not None else rng_state(),
+        **extra,
+    }
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+    atomic_write(path.parent / LAST_CHECKPOINT, lambda f: f.write(path.name.encode()))
+    return path
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    scheduler=None, scaler: Optional[torch.amp.GradScaler] = None, *,
+                    restore_rng: bool = True) -> dict:
+    """Load a checkpoint into ``model`` (strictly) and, when given, the optimizer, scheduler and scaler.
+
+    With ``restore_rng``, the random number generators are set to the states saved with the checkpoint:
+    under ``torch.distributed`` each process takes its own rank's entry of ``rng_by_rank`` when the
+    checkpoint has one for this world size, else ``rng``.
+    Returns the checkpoint dict (tensors on the CPU). Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` naming the file when it is unreadable or lacks a requested entry.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{path} is not a readable checkpoint: {exc}") from None
+    wanted = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    for key, target in wanted.items():
+        if target is not None and checkpoint.get(key) is None:
+            raise ValueError(f"checkpoint {path} has no {key!r} entry")
+    unwrap_model(model).load_state_dict(checkpoint["model"])
+    for key in ("optimizer", "scheduler", "scaler"):
+        if wanted[key] is not None:
+            wanted[key].load_state_dict(checkpoint[key])
+    if restore_rng:
+        set_rng_state(rng_of_this_rank(checkpoint))
+    return checkpoint
+
+
+def rng_of_this_rank(checkpoint: dict) -> dict:
+    """The RNG states a process should resume with: its rank's ``rng_by_rank`` entry, else ``rng``."""
+    by_rank = checkpoint.get("rng_by_rank")
+    if by_rank is not None and len(by_rank) == get_world_size():
+        return by_rank[get_rank()]
+    return checkpoint["rng"]
+
+
+def find_last_checkpoint(output_dir: str | Path) -> Optional[Path]:
+    """The checkpoint named by ``output_dir/last_checkpoint``, or None when there is no such pointer.
+
+    Raises ``FileNotFoundError`` when the pointer names a file that does not exist.
+    """
+    pointer = Path(output_dir) / LAST_CHECKPOINT
+    if not pointer.is_file():
+        return None
+    path = Path(output_dir) / pointer.read_text().strip()
+    if not path.is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which does not exist in {output_dir}")
+    return path

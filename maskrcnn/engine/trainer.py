@@ -1,0 +1,305 @@
+"""The training loop: configuration in, checkpoints, metrics and figures out.
+
+One iteration: fetch a batch -> forward under autocast -> check the total loss is finite -> backward
+(scaled for fp16) -> optional gradient clipping -> optimizer step -> scheduler step. Every
+``train.log_period`` iterations the loss means since the previous log step are averaged over processes
+and written by rank 0 (see :mod:`maskrcnn.engine.logger`); checkpoints are written every
+``train.checkpoint_period`` iterations and at the end (see :mod:`maskrcnn.engine.checkpoint`).
+
+Files in ``train.output_dir``: ``config.yaml`` (the resolved configuration), ``model_{iter:07d}.pth``,
+``model_final.pth``, ``last_checkpoint``, ``metrics.jsonl``, ``loss_curve.png``, ``metrics.json``
+(the summary returned by :func:`train`) and, with evaluation, ``eval_{iter:07d}/``.
+
+Iterations are counted as optimizer steps taken: the checkpoint ``model_0000100.pth`` and the log record
+with ``iteration`` 100 come after the 100th step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..config import Config, config_to_yaml
+from ..data.loader import build_train_dataset, build_train_loader
+from ..evaluation.coco_evaluator import evaluate
+from ..modeling.maskrcnn import build_model
+from ..structures import BitMasks, PolygonMasks
+from .checkpoint import (atomic_write, find_last_checkpoint, load_checkpoint, rng_of_this_rank, rng_state,
+                         save_checkpoint, set_rng_state)
+from .distributed import (all_gather_object, all_reduce_mean, all_true, barrier, cleanup, get_local_rank,
+                          get_rank, get_world_size, init_distributed, is_main_process)
+from .logger import MetricsLogger
+from .optim import build_lr_scheduler, build_optimizer
+
+_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def train(cfg: Config, *, resume: bool = False, model: Optional[nn.Module] = None) -> Dict:
+    """Train a Mask R-CNN as configured; returns the run's summary (also written to ``metrics.json``).
+
+    resume: continue from ``train.output_dir/last_checkpoint`` (model, optimizer, schedule, grad scaler,
+        iteration, RNG states and data position), reproducing the uninterrupted run; a fresh start when
+        there is no checkpoint yet.
+    model: a module following the :class:`maskrcnn.modeling.maskrcnn.MaskRCNN` contract to train instead
+        of ``build_model(cfg.model)`` (e.g. one initialised from converted weights); trained in place.
+
+    Under ``torchrun`` every process calls this; the process group is created here (and destroyed at the
+    end) unless the caller already made one. The summary holds ``iteration``, ``train_seconds`` (this
+    call's loop), ``train`` (the last training log record) and ``eval`` (the last evaluation metrics, or
+    None; only rank 0 has them).
+
+    Raises ``ValueError`` for an unusable configuration (device, precision, batch size, classes) and
+    ``FloatingPointError`` naming the iteration and loss term when a loss is not finite, after saving the
+    state from before that iteration as a checkpoint.
+    """
+    device = _resolve_device(cfg.train.device)
+    amp_dtype = _amp_dtype(cfg.train.precision, device)
+    owns_group = init_distributed(device.type)
+    try:
+        if device.type == "cuda":
+            device = torch.device("cuda", get_local_rank())
+        return _Run(cfg, device, amp_dtype, resume=resume, model=model).run()
+    finally:
+        if owns_group:
+            cleanup()
+
+
+class _Run:
+    """The state of one training run: built from the configuration in ``__init__``, advanced by ``run``."""
+
+    def __init__(self, cfg: Config, device: torch.device, amp_dtype: Optional[torch.dtype], *, resume: bool,
+                 model: Optional[nn.Module]):
+        self.cfg, self.device, self.amp_dtype = cfg, device, amp_dtype
+        self.rank, self.world_size = get_rank(), get_world_size()
+        self.output_dir = Path(cfg.train.output_dir)
+        solver = cfg.solver
+        if solver.ims_per_batch % self.world_size:
+            raise ValueError(f"solver.ims_per_batch={solver.ims_per_batch} is not divisible by the "
+                             f"{self.world_size} processes")
+        for key, value in (("solver.max_iter", solver.max_iter), ("train.log_period", cfg.train.log_period),
+                           ("train.checkpoint_period", cfg.train.checkpoint_period)):
+            if value <= 0:
+                raise ValueError(f"{key} must be positive, got {value}")
+        _seed_all(cfg.train.seed + self.rank)
+
+        self.dataset = build_train_dataset(cfg)
+        self.class_names = list(self.dataset.class_names)
+        if len(self.class_names) != cfg.model.roi_heads.num_classes:
+            raise ValueError(f"{cfg.data.train_ann} has {len(self.class_names)} categories but "
+                             f"model.roi_heads.num_classes is {cfg.model.roi_heads.num_classes}")
+
+        self.model = model if model is not None else build_model(cfg.model)
+        self.model.to(device)
+        if cfg.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if cfg.train.sync_bn and self.world_size > 1:
+            if cfg.model.backbone.norm != "bn" or device.type != "cuda":
+                raise ValueError(f"train.sync_bn needs backbone.norm=bn and CUDA, got backbone.norm="
+                                 f"{cfg.model.backbone.norm} on {device.type}")
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.optimizer = build_optimizer(self.model, solver)
+        self.scheduler = build_lr_scheduler(self.optimizer, solver)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+        self.start_iter = 0
+        self.resume_rng = None
+        last = find_last_checkpoint(self.output_dir) if resume else None
+        if last is not None:
+            checkpoint = load_checkpoint(last, self.model, self.optimizer, self.scheduler, self.scaler,
+                                         restore_rng=False)
+            self.start_iter = checkpoint["iteration"]
+            self.resume_rng = rng_of_this_rank(checkpoint)
+            if is_main_process():
+                print(f"resuming from {last} at iteration {self.start_iter}")
+
+        self.ddp_model = self.model
+        if self.world_size > 1:
+            self.ddp_model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False, find_unused_parameters=False)
+        self.batches = build_train_loader(
+            self.dataset, images_per_batch=solver.ims_per_batch, seed=cfg.train.seed, rank=self.rank,
+            world_size=self.world_size, start_iter=self.start_iter, num_workers=cfg.data.num_workers,
+            aspect_ratio_grouping=cfg.data.aspect_ratio_grouping)
+
+        self.logger = None
+        if is_main_process():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.output_dir / "config.yaml", lambda f: f.write(config_to_yaml(cfg).encode()))
+            self.logger = MetricsLogger(self.output_dir, start_iter=self.start_iter,
+                                        tensorboard=cfg.train.tensorboard)
+        self.last_record: Optional[Dict] = None
+        self.last_eval: Optional[Dict] = None
+
+    def run(self) -> Dict:
+        cfg, max_iter = self.cfg, self.cfg.solver.max_iter
+        self.ddp_model.train()
+        window = _Window()
+        start_time = time.perf_counter()
+        bar = tqdm(total=max_iter, initial=self.start_iter, desc="train", unit="it", dynamic_ncols=True,
+                   disable=not is_main_process())
+        try:
+            for iteration in range(self.start_iter, max_iter):
+                tic = time.perf_counter()
+                images, targets = next(self.batches)
+                if self.resume_rng is not None:
+                    # Restored after the first fetch: building the loader draws from the global RNG.
+                    set_rng_state(self.resume_rng)
+                    self.resume_rng = None
+                images = [image.to(self.device, non_blocking=True) for image in images]
+                targets = [_target_to(target, self.device) for target in targets]
+                data_time = time.perf_counter() - tic
+                rng_before = rng_state()
+
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    losses = self.ddp_model(images, targets)
+                total = sum(losses.values())
+                if not all_true(torch.isfinite(total)):
+                    self._stop(iteration, losses, rng_before)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(total).backward()
+                if cfg.solver.clip_grad_norm > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.solver.clip_grad_norm)
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+
+                done = iteration + 1
+                window.add(total, losses, data_time, time.perf_counter() - tic)
+                bar.update()
+                if done % cfg.train.log_period == 0 or done == max_iter:
+                    self._log(done, window, lr, bar)
+                    window = _Window()
+                if done % cfg.train.checkpoint_period == 0 and done < max_iter:
+                    self._save(f"model_{done:07d}.pth", done)
+                if cfg.train.eval_period > 0 and done % cfg.train.eval_period == 0 and done < max_iter:
+                    self._evaluate(done)
+        finally:
+            bar.close()
+        train_seconds = time.perf_counter() - start_time
+
+        self._save("model_final.pth", max_iter)
+        if cfg.train.eval_at_end or (cfg.train.eval_period > 0 and max_iter % cfg.train.eval_period == 0):
+            self._evaluate(max_iter)
+        summary = {"iteration": max_iter, "train_seconds": train_seconds, "train": self.last_record,
+                   "eval": self.last_eval}
+        if self.logger is not None:
+            atomic_write(self.output_dir / "metrics.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+            self.logger.close()
+        return summary
+
+    def _log(self, iteration: int, window: "_Window", lr: float, bar: tqdm) -> None:
+        """Average the window over processes; rank 0 appends the record and redraws the curve."""
+        record = {"iteration": iteration, **all_reduce_mean(window.means()), "lr": lr}
+        self.last_record = record
+        if self.logger is not None:
+            self.logger.log(record)
+            self.logger.plot()
+            bar.set_postfix(loss=f"{record['total_loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
+
+    def _save(self, name: str, iteration: int, rng: Optional[dict] = None) -> None:
+        """Every process hands in its RNG states; rank 0 writes the checkpoint."""
+        rng = rng if rng is not None else rng_state()
+        by_rank = all_gather_object(rng)
+        if is_main_process():
+            extra = {"rng_by_rank": by_rank} if self.world_size > 1 else {}
+            save_checkpoint(self.output_dir / name, model=self.model, optimizer=self.optimizer,
+                            scheduler=self.scheduler, scaler=self.scaler, iteration=iteration, config=self.cfg,
+                            class_names=self.class_names, rng=rng, **extra)
+
+    def _evaluate(self, iteration: int) -> None:
+        """COCO evaluation on the validation set, shared by all processes; rank 0 logs the metrics."""
+        precision = "bf16" if self.cfg.train.precision == "bf16" else "fp32"
+        metrics = evaluate(self.model, self.cfg.data.val_ann, self.cfg.data.val_images,
+                           output_dir=self.output_dir / f"eval_{iteration:07d}" if is_main_process() else None,
+                           device=self.device, precision=precision)
+        self.ddp_model.train()
+        if metrics is not None:
+            self.last_eval = metrics
+            self.logger.log({"iteration": iteration, **metrics})
+
+    def _stop(self, iteration: int, losses: Dict[str, Tensor], rng_before: dict) -> None:
+        """Save the state from before this iteration's step, then raise FloatingPointError naming the loss."""
+        bad = {name: float(value.detach()) for name, value in losses.items() if not torch.isfinite(value).all()}
+        name = f"model_{iteration:07d}.pth"
+        self._save(name, iteration, rng=rng_before)
+        barrier()
+        where = ", ".join(f"{k}={v}" for k, v in bad.items()) if bad else "a loss on another process"
+        raise FloatingPointError(
+            f"non-finite loss at iteration {iteration + 1} ({where}); training stopped. The state before this "
+            f"iteration is saved as {self.output_dir / name}; lower solver.lr or set solver.clip_grad_norm "
+            f"and resume")
+
+
+class _Window:
+    """Running sums since the last log step; loss sums stay on the device (no host sync per iteration)."""
+
+    def __init__(self):
+        self.names: List[str] = []
+        self.loss_sum: Optional[Tensor] = None
+        self.data_time = 0.0
+        self.time = 0.0
+        self.count = 0
+
+    def add(self, total: Tensor, losses: Dict[str, Tensor], data_time: float, iter_time: float) -> None:
+        values = torch.stack([total.detach()] + [v.detach() for v in losses.values()]).float()
+        if self.loss_sum is None:
+            self.names = ["total_loss", *losses]
+            self.loss_sum = values
+        else:
+            self.loss_sum += values
+        self.data_time += data_time
+        self.time += iter_time
+        self.count += 1
+
+    def means(self) -> Dict[str, Tensor | float]:
+        means = dict(zip(self.names, self.loss_sum / self.count))
+        return {**means, "time": self.time / self.count, "data_time": self.data_time / self.count}
+
+
+def _resolve_device(name: str) -> torch.device:
+    """``train.device`` ("auto", "cpu" or "cuda") as a device type; ValueError for CUDA without a GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def _amp_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``train.precision`` (None for fp32); ValueError where the device lacks it."""
+    if precision not in _PRECISIONS:
+        raise ValueError(f"train.precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs CUDA (it relies on a CUDA grad scaler); use bf16 on CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("train.precision=bf16 is not supported by this GPU; use fp16")
+    return _PRECISIONS[precision]
+
+
+def _seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (all CUDA devices included)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _target_to(target: Dict, device: torch.device) -> Dict:
+    """A target dict with its tensors and masks on ``device`` (other entries as they are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else
+            v.to(device) if isinstance(v, (BitMasks, PolygonMasks)) else v
+            for k, v in target.items()}

@@ -1,0 +1,205 @@
+"""COCO evaluation: run a model over a COCO-format dataset and score its results with pycocotools.
+
+    metrics = evaluate(model, "annotations/instances_val.json", "val/", output_dir="output/eval")
+    metrics["segm"]["AP"], metrics["bbox"]["per_category"]["circle"]
+
+Labels 1..K of the model are the dataset's categories in increasing id order (as
+:class:`~maskrcnn.data.coco.CocoDetection` numbers them).
+Under ``torch.distributed`` each process runs its share of the images (every world_size-th image, from its
+rank) and rank 0 gathers the results and scores them.
+
+The metrics dict holds, per IoU type ("bbox", "segm"), ``AP`` (IoU 0.50:0.95), ``AP50``, ``AP75``, ``APs``,
+``APm``, ``APl`` on pycocotools' 0-1 scale and ``per_category`` (category name -> AP). Where pycocotools
+has no ground truth to score (-1 in its summary, e.g. no small objects; NaN for a category without ground
+truth) the value is ``None`` (JSON null).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from maskrcnn.data.coco import CocoDetection
+from maskrcnn.data.loader import collate
+from maskrcnn.engine.checkpoint import atomic_write, unwrap_model
+from maskrcnn.engine.distributed import get_rank, get_world_size
+from maskrcnn.modeling.maskrcnn import MaskRCNN
+from maskrcnn.predictor import detect
+
+IOU_TYPES = ("bbox", "segm")
+SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six numbers of COCOeval.stats
+
+
+def load_coco(ann_file: Union[str, Path]) -> COCO:
+    """Read a COCO annotation file (quietly). Raises ``FileNotFoundError`` naming a missing file."""
+    ann_file = Path(ann_file)
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"annotation file not found: {ann_file}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(ann_file))
+
+
+def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: CocoDetection, *, batch_size: int = 2,
+                  device: Optional[Union[str, torch.device]] = None, precision: str = "fp32", with_masks: bool = True,
+                  num_workers: int = 0, progress: bool = True) -> Optional[List[dict]]:
+    """COCO result dicts of ``model`` on every image of ``dataset``.
+
+    model: a MaskRCNN (or its DDP wrapper); put in eval mode for the run, its training mode restored after.
+    dataset: the evaluation set, images at their file size (no transforms; the model resizes).
+    batch_size: images per forward pass; device: where images go (default: the model's device).
+    precision: "fp32" or "bf16" (autocast forward).
+    with_masks: add ``segmentation`` (COCO RLE encoded from each mask's box region, no full-image canvas).
+    Returns ``image_id``, ``category_id`` (the dataset's ids), ``bbox`` (x, y, w, h pixels), ``score`` (and
+    ``segmentation``) per detection, all images on rank 0; ``None`` on the other ranks.
+    """
+    model = unwrap_model(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    rank, world_size = get_rank(), get_world_size()
+    shard = Subset(dataset, range(rank, len(dataset), world_size))
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    was_training = model.training
+    model.eval()
+    results = []
+    try:
+        with tqdm(total=len(shard), desc="inference", unit="img", disable=not progress or rank != 0) as bar:
+            for images, targets in loader:
+                for image, target in zip(images, targets):
+                    if tuple(image.shape[1:]) != tuple(target["orig_size"]):
+                        raise ValueError(f"image id {target['image_id']}: the dataset returned a "
+                                         f"{image.shape[2]}x{image.shape[1]} image for a {target['orig_size'][1]}x"
+                                         f"{target['orig_size'][0]} file; evaluation needs untransformed images")
+                images = [image.to(device, non_blocking=True) for image in images]
+                detections = detect(model, images, class_names=dataset.class_names,
+                                    mask_format="rle" if with_masks else "none", precision=precision)
+                for target, instances in zip(targets, detections):
+                    results.extend(instances.to_coco(target["image_id"], dataset.label_to_cat_id))
+                bar.update(len(images))
+    finally:
+        model.train(was_training)
+    if world_size == 1:
+        return results
+    gathered = [None] * world_size if rank == 0 else None
+    dist.gather_object(results, gathered, dst=0)
+    if rank != 0:
+        return None
+    return [result for part in gathered for result in part]
+
+
+def _load_results(coco_gt: COCO, results: List[dict]) -> COCO:
+    """pycocotools' ``loadRes``, which fails on an empty list: no results become an empty result set."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        if results:
+            return coco_gt.loadRes(results)
+        coco_dt = COCO()
+        coco_dt.dataset = {"images": list(coco_gt.dataset["images"]),
+                           "categories": copy.deepcopy(coco_gt.dataset["categories"]), "annotations": []}
+        coco_dt.createIndex()
+        return coco_dt
+
+
+def _none_if_missing(value: float) -> Optional[float]:
+    """pycocotools marks 'nothing to score' as -1 (summary) or NaN (means over empty sets)."""
+    value = float(value)
+    return None if value < 0 or np.isnan(value) else value
+
+
+def format_per_category(per_category: Dict[str, Optional[float]], columns: int = 3) -> str:
+    """A text table of per-category AP (percent), ``columns`` categories per line; '-' for no ground truth."""
+    cells = [f"{name[:20]:<20} {'-' if ap is None else f'{100 * ap:5.1f}':>5}" for name, ap in per_category.items()]
+    return "\n".join("  ".join(cells[i:i + columns]) for i in range(0, len(cells), columns))
+
+
+def evaluate_results(coco_gt: COCO, results: List[dict], iou_types: Sequence[str] = IOU_TYPES, *,
+                     verbose: bool = True) -> Dict[str, dict]:
+    """Score COCO result dicts against ``coco_gt`` with pycocotools' COCOeval.
+
+    results: dicts with ``image_id``, ``category_id``, ``bbox`` (x, y, w, h), ``score`` and, for "segm",
+        ``segmentation`` (RLE); not modified. Images without results count as images with no detections;
+        crowd ground truth is handled as COCO defines it.
+    iou_types: any of "bbox", "segm". Mask AP uses mask areas for the small/medium/large ranges.
+    verbose: print pycocotools' 12-number summary and a per-category AP table for each IoU type.
+    Returns ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_category": {name: AP}}}``.
+    """
+    metrics = {}
+    for iou_type in iou_types:
+        if iou_type not in IOU_TYPES:
+            raise ValueError(f"iou_types must be among {IOU_TYPES}, got {iou_type!r}")
+        dets = copy.deepcopy(results)  # loadRes adds fields in place
+        if iou_type == "segm":
+            for det in dets:
+                if "segmentation" not in det:
+                    raise ValueError(f"result for image id {det['image_id']} has no 'segmentation' for segm evaluation")
+                # With a "bbox" present, loadRes would take the instance area from the box, not the mask.
+                det.pop("bbox", None)
+        evaluator = COCOeval(coco_gt, _load_results(coco_gt, dets), iou_type)
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator.evaluate()
+            evaluator.accumulate()
+        if verbose:
+            print(f"Evaluation of {iou_type}:")
+            evaluator.summarize()
+        else:
+            with contextlib.redirect_stdout(io.StringIO()):
+                evaluator.summarize()
+        # precision: (T IoU thresholds, R recall points, K categories, A area ranges, M max-dets); -1 = no data
+        precision = evaluator.eval["precision"]
+        per_category = {}
+        for k, cat_id in enumerate(evaluator.params.catIds):
+            p = precision[:, :, k, 0, -1]  # all areas, 100 detections
+            p = p[p > -1]
+            per_category[coco_gt.cats[cat_id]["name"]] = float(p.mean()) if p.size else None
+        metrics[iou_type] = {key: _none_if_missing(v) for key, v in zip(SUMMARY_KEYS, evaluator.stats[:6])}
+        metrics[iou_type]["per_category"] = per_category
+        if verbose:
+            print(f"Per-category {iou_type} AP:\n{format_per_category(per_category)}")
+    return metrics
+
+
+def save_json(path: Union[str, Path], obj) -> None:
+    """Atomically write ``obj`` as JSON (creating the folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(obj).encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
+
+
+def evaluate(model: Union[MaskRCNN, DistributedDataParallel], ann_file: Union[str, Path], image_dir: Union[str, Path],
+             output_dir: Optional[Union[str, Path]] = None, *, batch_size: int = 2,
+             device: Optional[Union[str, torch.device]] = None, precision: str = "fp32",
+             iou_types: Sequence[str] = IOU_TYPES, num_workers: int = 0, verbose: bool = True) -> Optional[dict]:
+    """Run ``model`` on a COCO dataset and score it; callable from training for periodic evaluation.
+
+    Returns (on rank 0; ``None`` on other ranks) the metrics of :func:`evaluate_results` plus ``images``
+    (number of images) and ``images_per_s`` (inference throughput, image reading and RLE encoding included).
+    output_dir: if given, rank 0 writes ``results.json`` (COCO results) and ``metrics.json`` there, atomically.
+    """
+    coco_gt = load_coco(ann_file)
+    dataset = CocoDetection(ann_file, image_dir)
+    start = time.perf_counter()
+    results = run_inference(model, dataset, batch_size=batch_size, device=device, precision=precision,
+                            with_masks="segm" in iou_types, num_workers=num_workers, progress=verbose)
+    elapsed = time.perf_counter() - start
+    if results is None:
+        return None
+    metrics = evaluate_results(coco_gt, results, iou_types, verbose=verbose)
+    num_images = len(coco_gt.getImgIds())
+    metrics["images"] = num_images
+    metrics["images_per_s"] = num_images / elapsed
+    if output_dir is not None:
+        save_json(Path(output_dir) / "results.json", results)
+        save_json(Path(output_dir) / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,83 @@
+"""ResNet trunk: stem + four stages, returning the stage outputs C2..C5.
+
+Shorthand: N images, Hp/Wp padded input size. Stage ``k`` (k = 2..5) has stride ``2**k``.
+
+The trunk reuses torchvision's ResNet building blocks (BasicBlock / Bottleneck), so its parameter
+names match torchvision's ``resnet*`` models. Normalisation is ``FrozenBatchNorm2d`` by default
+(statistics and affine parameters fixed, as detection fine-tuning uses at small batch sizes).
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet as tv_resnet
+from torchvision.ops import FrozenBatchNorm2d
+
+_RESNETS = {18: tv_resnet.resnet18, 34: tv_resnet.resnet34, 50: tv_resnet.resnet50, 101: tv_resnet.resnet101}
+_IMAGENET_WEIGHTS = {
+    18: tv_resnet.ResNet18_Weights.IMAGENET1K_V1,
+    34: tv_resnet.ResNet34_Weights.IMAGENET1K_V1,
+    50: tv_resnet.ResNet50_Weights.IMAGENET1K_V1,
+    101: tv_resnet.ResNet101_Weights.IMAGENET1K_V1,
+}
+_NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "syncbn": nn.SyncBatchNorm}
+
+
+class ResNet(nn.Module):
+    """ResNet-18/34/50/101 trunk.
+
+    Args:
+        depth: 18, 34, 50 or 101.
+        norm: "frozen_bn", "bn" or "syncbn".
+        freeze_at: number of leading parts whose parameters get no gradient: 0 none, 1 the stem,
+            2 the stem and res2 (the usual detection setting), ... 5 everything.
+        pretrained: load torchvision's ImageNet weights (needs network access the first time).
+
+    forward(x: (N, 3, Hp, Wp) float) -> [C2, C3, C4, C5], Ck of shape (N, out_channels[k-2], Hp/2**k, Wp/2**k).
+    """
+
+    def __init__(self, *, depth: int = 50, norm: str = "frozen_bn", freeze_at: int = 2, pretrained: bool = False):
+        super().__init__()
+        if depth not in _RESNETS:
+            raise ValueError(f"backbone.depth must be one of {sorted(_RESNETS)}, got {depth}")
+        if norm not in _NORMS:
+            raise ValueError(f"backbone.norm must be one of {sorted(_NORMS)}, got {norm!r}")
+        if not 0 <= freeze_at <= 5:
+            raise ValueError(f"backbone.freeze_at must be in 0..5, got {freeze_at}")
+        trunk = _RESNETS[depth](weights=None, norm_layer=_NORMS[norm])
+        if pretrained:
+            trunk.load_state_dict(_load_imagenet_state(depth))
+        self.conv1, self.bn1, self.relu, self.maxpool = trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4
+        width = 64 if depth < 50 else 256
+        self.out_channels = [width, width * 2, width * 4, width * 8]
+        self.freeze_at = freeze_at
+        parts = [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
+        for part in parts[:freeze_at]:
+            for module in part:
+                module.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c2, c3, c4, c5]
+
+
+def _load_imagenet_state(depth: int) -> dict:
+    """torchvision's ImageNet weights for the trunk (classifier dropped); clear error when offline."""
+    weights = _IMAGENET_WEIGHTS[depth]
+    try:
+        state = weights.get_state_dict(progress=False)
+    except Exception as exc:  # urllib/HTTP/OS errors all mean the same thing here
+        raise RuntimeError(
+            f"backbone.pretrained=true needs torchvision's ImageNet weights ({weights.url}), which could not be "
+            f"downloaded: {exc}. Download the file on a machine with network access into "
+            f"{torch.hub.get_dir()}/checkpoints/, or set backbone.pretrained=false."
+        ) from None
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}

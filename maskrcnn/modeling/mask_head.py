@@ -1,0 +1,83 @@
+"""Mask head: a small FCN on 14x14 RoI features predicting one 28x28 mask logit map per class.
+
+Shorthand: R RoIs, C feature channels, K object classes, S = 28 mask side.
+Naming: ``pred_mask_logits`` (R, K, S, S); ``gt_masks`` the ground-truth instance masks of one image;
+``mask_targets`` (R, S, S) in [0, 1], each positive RoI's ground-truth mask cropped to the RoI box and
+resampled to S x S.
+
+Training signal: for every positive RoI, binary cross-entropy between the S x S logits of its
+ground-truth class channel and its S x S target, averaged over R * S * S cells. The other K - 1
+channels get no gradient, so classes do not compete for a pixel (the classifier decides the class).
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MaskHead(nn.Module):
+    """Args:
+        in_channels: C.
+        conv_dim: channels of the 3x3 convolutions.
+        num_convs: number of 3x3 convolutions (4 in the standard head).
+        num_classes: K (background excluded).
+
+    forward(x: (R, C, 14, 14)) -> (R, K, 28, 28) logits.
+    """
+
+    def __init__(self, *, in_channels: int, conv_dim: int = 256, num_convs: int = 4, num_classes: int):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_channels if i == 0 else conv_dim, conv_dim, 3, padding=1) for i in range(num_convs)
+        )
+        last = conv_dim if num_convs else in_channels
+        self.deconv = nn.ConvTranspose2d(last, conv_dim, 2, stride=2)
+        self.predictor = nn.Conv2d(conv_dim, num_classes, 1)
+        for layer in [*self.convs, self.deconv]:
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+        # Small predictor weights start every mask logit near 0 (probability 0.5, BCE near log 2).
+        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.zeros_(self.predictor.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return self.predictor(F.relu(self.deconv(x)))
+
+
+@torch.no_grad()
+def mask_targets(gt_masks: List, proposals: List[Tensor], matched_idxs: List[Tensor], size: int) -> Tensor:
+    """Crop each positive RoI's matched ground-truth mask to the RoI and resample to ``size x size``.
+
+    gt_masks: per image a BitMasks / PolygonMasks; proposals: per image (Pi, 4) xyxy pixels of the
+    positive RoIs; matched_idxs: per image (Pi,) int64 index of the matched instance.
+    Returns (P, size, size) float in [0, 1], P = sum of Pi.
+    """
+    out = [masks.crop_and_resize(boxes, size, indices=idx)
+           for masks, boxes, idx in zip(gt_masks, proposals, matched_idxs) if len(boxes)]
+    if not out:
+        return proposals[0].new_zeros((0, size, size), dtype=torch.float32)
+    return torch.cat(out).to(proposals[0].device)
+
+
+def mask_loss(pred_mask_logits: Tensor, gt_classes: Tensor, targets: Tensor) -> Tensor:
+    """Per-pixel binary cross-entropy on the ground-truth class channel.
+
+    pred_mask_logits: (P, K, S, S); gt_classes: (P,) int64 labels in 1..K; targets: (P, S, S) in [0, 1].
+    Returns the mean over P * S * S cells; 0 (graph kept) when P == 0.
+    """
+    if targets.numel() == 0:
+        return pred_mask_logits.sum() * 0
+    logits = pred_mask_logits[torch.arange(len(gt_classes), device=gt_classes.device), gt_classes - 1]
+    return F.binary_cross_entropy_with_logits(logits.float(), targets)
+
+
+def mask_probs_of_class(pred_mask_logits: Tensor, classes: Tensor) -> Tensor:
+    """Sigmoid of each detection's own class channel: (D, K, S, S), (D,) labels 1..K -> (D, S, S) float."""
+    index = torch.arange(len(classes), device=classes.device)
+    return pred_mask_logits[index, classes - 1].float().sigmoid()

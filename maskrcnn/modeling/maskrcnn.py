@@ -1,0 +1,205 @@
+"""The assembled Mask R-CNN: preprocess -> backbone -> FPN -> RPN -> RoI heads -> postprocess.
+
+Shorthand: N images; image i is (3, Hi, Wi) float 0-1 RGB as given by the caller; M ground-truth
+instances of one image; K object classes (labels 1..K, 0 is background); D detections of one image.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..structures import BitMasks, ImageList, PolygonMasks
+from .anchors import AnchorGenerator
+from .backbone import ResNet
+from .box_coder import BoxCoder
+from .fpn import FPN
+from .mask_head import MaskHead
+from .matcher import Matcher
+from .poolers import MultiLevelRoIAlign
+from .postprocess import to_original_image
+from .roi_heads import BoxHead, BoxPredictor, RoIHeads
+from .rpn import RPN, RPNHead
+
+
+class MaskRCNN(nn.Module):
+    """Args:
+        backbone, fpn, rpn, roi_heads: the stages.
+        num_classes: K.
+        min_size, max_size: inference resize: shortest side to ``min_size``, longest at most ``max_size``.
+        pixel_mean, pixel_std: per-channel normalisation of 0-1 RGB input.
+        size_divisible: batched images are padded to a multiple of this.
+        mask_threshold: probability at which a pasted mask pixel is foreground.
+        paste_memory_mb: memory budget of the mask paste.
+
+    forward(images, targets=None):
+        images: list of N (3, Hi, Wi) float tensors, 0-1 RGB; sizes may differ.
+        training: targets is a list of N dicts with ``boxes`` (M, 4) float xyxy pixels of that image,
+            ``labels`` (M,) int64 in 1..K, ``masks`` (BitMasks or PolygonMasks of the image's size) and
+            optionally ``crowd_boxes`` (C, 4); images are used at their given size (resizing is data
+            augmentation). Returns a dict of scalar losses.
+        inference: images are resized as above; returns per image ``boxes`` (D, 4) xyxy in original pixels,
+            ``scores`` (D,), ``labels`` (D,) int64 and ``masks`` (D, Hi, Wi) bool at the original
+            resolution, or ``mask_probs`` (D, 28, 28) instead of ``masks`` when ``return_mask_probs`` is set.
+    """
+
+    def __init__(self, *, backbone: ResNet, fpn: FPN, rpn: RPN, roi_heads: RoIHeads, num_classes: int,
+                 min_size: int, max_size: int, pixel_mean, pixel_std, size_divisible: int = 32,
+                 mask_threshold: float = 0.5, paste_memory_mb: int = 256):
+        super().__init__()
+        self.backbone = backbone
+        self.fpn = fpn
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.num_classes = num_classes
+        self.min_size = min_size
+        self.max_size = max_size
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.size_divisible = size_divisible
+        self.mask_threshold = mask_threshold
+        self.paste_memory_mb = paste_memory_mb
+        self.return_mask_probs = False
+
+    def forward(self, images: List[Tensor], targets: Optional[List[dict]] = None):
+        check_images(images)
+        if self.training:
+            if targets is None or len(targets) != len(images):
+                raise ValueError("training needs one target dict per image")
+            check_targets(images, targets, self.num_classes)
+            targets = [{k: (v.to(images[i].device) if k in ("boxes", "labels", "crowd_boxes") else v)
+                        for k, v in t.items()} for i, t in enumerate(targets)]
+            batch = self.preprocess(images, resize=False)
+        else:
+            batch = self.preprocess(images, resize=True)
+        features = self.fpn(self.backbone(batch.tensor))
+        padded_size = tuple(batch.tensor.shape[-2:])
+        proposals, rpn_losses = self.rpn(batch.image_sizes, padded_size, features, targets)
+        if self.training:
+            return {**rpn_losses, **self.roi_heads(features, proposals, batch.image_sizes, targets)}
+        detections = self.roi_heads(features, proposals, batch.image_sizes)
+        return [
+            to_original_image(det, resized, tuple(img.shape[-2:]), paste=not self.return_mask_probs,
+                              mask_threshold=self.mask_threshold, memory_mb=self.paste_memory_mb)
+            for det, resized, img in zip(detections, batch.image_sizes, images)
+        ]
+
+    def preprocess(self, images: List[Tensor], *, resize: bool) -> ImageList:
+        """Normalise, optionally resize, and pad into one (N, 3, Hp, Wp) batch."""
+        out = []
+        for image in images:
+            image = (image - self.pixel_mean.to(image)) / self.pixel_std.to(image)
+            if resize:
+                image = resize_image(image, self.min_size, self.max_size)
+            out.append(image)
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in out]
+        stride = self.size_divisible
+        hp = int(math.ceil(max(s[0] for s in sizes) / stride) * stride)
+        wp = int(math.ceil(max(s[1] for s in sizes) / stride) * stride)
+        batch = out[0].new_zeros((len(out), 3, hp, wp))
+        for i, image in enumerate(out):
+            batch[i, :, : image.shape[1], : image.shape[2]].copy_(image)
+        return ImageList(batch, sizes)
+
+
+def resize_image(image: Tensor, min_size: int, max_size: int) -> Tensor:
+    """(3, H, W) -> (3, h, w) bilinear, with scale = min(min_size / min(H, W), max_size / max(H, W))."""
+    h, w = image.shape[-2:]
+    scale = min(min_size / min(h, w), max_size / max(h, w))
+    return F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
+                         align_corners=False)[0]
+
+
+def check_images(images) -> None:
+    """ValueError naming the offending image unless every image is a non-empty (3, H, W) float tensor."""
+    if not isinstance(images, (list, tuple)) or len(images) == 0:
+        raise ValueError("images must be a non-empty list of (3, H, W) float tensors")
+    for i, image in enumerate(images):
+        if not isinstance(image, Tensor):
+            raise ValueError(f"image {i}: expected a torch.Tensor, got {type(image).__name__}")
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"image {i}: expected shape (3, H, W), got {tuple(image.shape)}")
+        if not image.is_floating_point():
+            raise ValueError(f"image {i}: expected a float tensor with values in 0-1, got dtype {image.dtype}")
+        if image.shape[1] == 0 or image.shape[2] == 0:
+            raise ValueError(f"image {i}: empty image of shape {tuple(image.shape)}")
+
+
+def check_targets(images: List[Tensor], targets: List[dict], num_classes: int) -> None:
+    """ValueError naming the image and field for malformed training targets."""
+    for i, (image, target) in enumerate(zip(images, targets)):
+        name = f"target of image {i}" + (f" (image id {target['image_id']})" if "image_id" in target else "")
+        h, w = image.shape[-2:]
+        for key in ("boxes", "labels", "masks"):
+            if key not in target:
+                raise ValueError(f"{name}: missing '{key}'")
+        boxes, labels, masks = target["boxes"], target["labels"], target["masks"]
+        if boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"{name}: boxes must have shape (M, 4), got {tuple(boxes.shape)}")
+        if len(labels) != len(boxes) or len(masks) != len(boxes):
+            raise ValueError(f"{name}: {len(boxes)} boxes, {len(labels)} labels and {len(masks)} masks differ")
+        if len(boxes):
+            bad = torch.nonzero((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))[:, 0]
+            if len(bad):
+                raise ValueError(f"{name}: box {int(bad[0])} is degenerate (x2 <= x1 or y2 <= y1): "
+                                 f"{boxes[bad[0]].tolist()}")
+            tol = 1.0
+            outside = torch.nonzero((boxes[:, 0] < -tol) | (boxes[:, 1] < -tol) | (boxes[:, 2] > w + tol)
+                                    | (boxes[:, 3] > h + tol))[:, 0]
+            if len(outside):
+                raise ValueError(f"{name}: box {int(outside[0])} {boxes[outside[0]].tolist()} lies outside the "
+                                 f"{w}x{h} image")
+            if int(labels.min()) < 1 or int(labels.max()) > num_classes:
+                raise ValueError(f"{name}: labels must be in 1..{num_classes}, got {labels.tolist()}")
+        if not isinstance(masks, (BitMasks, PolygonMasks)):
+            raise ValueError(f"{name}: masks must be BitMasks or PolygonMasks, got {type(masks).__name__}")
+        if tuple(masks.image_size) != (h, w):
+            raise ValueError(f"{name}: masks are {masks.image_size[1]}x{masks.image_size[0]} but the image is "
+                             f"{w}x{h}")
+
+
+def build_model(cfg: ModelConfig) -> MaskRCNN:
+    """The one place where configuration becomes constructor arguments."""
+    b, a, r, h = cfg.backbone, cfg.anchors, cfg.rpn, cfg.roi_heads
+    if len(a.sizes) != 5:
+        raise ValueError(f"anchors.sizes needs one size per level P2..P6 (5 values), got {list(a.sizes)}")
+    backbone = ResNet(depth=b.depth, norm=b.norm, freeze_at=b.freeze_at, pretrained=b.pretrained)
+    fpn = FPN(in_channels=backbone.out_channels, out_channels=b.fpn_channels)
+    anchor_generator = AnchorGenerator(sizes=a.sizes, aspect_ratios=a.aspect_ratios)
+    rpn = RPN(
+        anchor_generator=anchor_generator,
+        head=RPNHead(in_channels=b.fpn_channels, num_anchors=anchor_generator.num_anchors_per_location),
+        box_coder=BoxCoder((1.0, 1.0, 1.0, 1.0)),
+        matcher=Matcher(high_threshold=r.fg_iou_thresh, low_threshold=r.bg_iou_thresh, allow_low_quality_matches=True),
+        pre_nms_topk=(r.pre_nms_topk_train, r.pre_nms_topk_test),
+        post_nms_topk=(r.post_nms_topk_train, r.post_nms_topk_test),
+        nms_thresh=r.nms_thresh, min_size=r.min_size, score_thresh=r.score_thresh,
+        batch_size_per_image=r.batch_size_per_image, positive_fraction=r.positive_fraction,
+    )
+    pooled_strides = FPN.strides[:4]
+    roi_heads = RoIHeads(
+        box_pooler=MultiLevelRoIAlign(output_size=h.box_pooler_resolution, strides=pooled_strides,
+                                      sampling_ratio=h.sampling_ratio, canonical_scale=h.canonical_scale,
+                                      canonical_level=h.canonical_level, fast=cfg.fast_roi_align),
+        box_head=BoxHead(in_features=b.fpn_channels * h.box_pooler_resolution ** 2, fc_dim=h.box_head_dim),
+        box_predictor=BoxPredictor(in_features=h.box_head_dim, num_classes=h.num_classes),
+        mask_pooler=MultiLevelRoIAlign(output_size=h.mask_pooler_resolution, strides=pooled_strides,
+                                       sampling_ratio=h.sampling_ratio, canonical_scale=h.canonical_scale,
+                                       canonical_level=h.canonical_level, fast=cfg.fast_roi_align),
+        mask_head=MaskHead(in_channels=b.fpn_channels, conv_dim=h.mask_head_dim, num_convs=h.mask_head_convs,
+                           num_classes=h.num_classes),
+        box_coder=BoxCoder(h.bbox_reg_weights),
+        matcher=Matcher(high_threshold=h.fg_iou_thresh, low_threshold=h.bg_iou_thresh,
+                        allow_low_quality_matches=False),
+        batch_size_per_image=h.batch_size_per_image, positive_fraction=h.positive_fraction,
+        score_thresh=h.score_thresh, nms_thresh=h.nms_thresh, detections_per_img=h.detections_per_img,
+    )
+    return MaskRCNN(backbone=backbone, fpn=fpn, rpn=rpn, roi_heads=roi_heads, num_classes=h.num_classes,
+                    min_size=cfg.input.min_size[-1], max_size=cfg.input.max_size, pixel_mean=cfg.input.pixel_mean,
+                    pixel_std=cfg.input.pixel_std, size_divisible=cfg.input.size_divisible,
+                    mask_threshold=h.mask_threshold, paste_memory_mb=cfg.paste_memory_mb)

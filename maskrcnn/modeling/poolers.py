@@ -1,0 +1,69 @@
+"""RoI pooling over the pyramid: assign each RoI to one level, RoIAlign it there.
+
+Shorthand: R RoIs over the whole batch, C channels, S output side (7 for boxes, 14 for masks).
+An RoI of side sqrt(w*h) = s goes to level floor(canonical_level + log2(s / canonical_scale)),
+clamped to the pooled levels (FPN paper, eq. 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_area
+from torchvision.ops import roi_align as tv_roi_align
+
+from .roi_align import roi_align as fast_roi_align
+
+
+def assign_levels(boxes: Tensor, *, min_level: int, max_level: int, canonical_scale: int,
+                  canonical_level: int) -> Tensor:
+    """boxes: (R, 4) xyxy pixels -> (R,) int64 level index counted from ``min_level``."""
+    scale = torch.sqrt(box_area(boxes))
+    levels = torch.floor(canonical_level + torch.log2(scale / canonical_scale) + 1e-6)
+    return (levels.clamp(min=min_level, max=max_level) - min_level).to(torch.int64)
+
+
+class MultiLevelRoIAlign(nn.Module):
+    """Args:
+        output_size: S.
+        strides: stride of each pooled level, e.g. (4, 8, 16, 32) for P2..P5.
+        sampling_ratio: bilinear samples per bin side.
+        canonical_scale, canonical_level: level assignment (224 at level 4).
+        fast: use the embedding_bag RoIAlign (same values as torchvision's kernel, faster on CPU).
+
+    forward(features: list of (N, C, Hi, Wi), boxes: list of N (Ri, 4) xyxy pixels of the resized input)
+    -> (R, C, S, S), RoIs in the order of the concatenated boxes.
+    """
+
+    def __init__(self, *, output_size: int, strides, sampling_ratio: int, canonical_scale: int = 224,
+                 canonical_level: int = 4, fast: bool = True):
+        super().__init__()
+        self.output_size = output_size
+        self.scales = [1.0 / s for s in strides]
+        self.min_level = int(round(math.log2(strides[0])))
+        self.max_level = int(round(math.log2(strides[-1])))
+        self.sampling_ratio = sampling_ratio
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+        self.fast = fast
+
+    def forward(self, features: List[Tensor], boxes: List[Tensor]) -> Tensor:
+        features = features[: len(self.scales)]
+        align = fast_roi_align if self.fast else tv_roi_align
+        concat = torch.cat(boxes)
+        batch_index = torch.cat([torch.full((len(b), 1), i, dtype=concat.dtype, device=concat.device)
+                                 for i, b in enumerate(boxes)])
+        rois = torch.cat([batch_index, concat], dim=1)  # (R, 5): image index, x1, y1, x2, y2
+        levels = assign_levels(concat, min_level=self.min_level, max_level=self.max_level,
+                               canonical_scale=self.canonical_scale, canonical_level=self.canonical_level)
+        size = (self.output_size, self.output_size)
+        out = features[0].new_zeros((len(rois), features[0].shape[1], *size))
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            index = torch.nonzero(levels == level)[:, 0]
+            if index.numel() == 0:
+                continue
+            out[index] = align(feature, rois[index], size, scale, self.sampling_ratio).to(out.dtype)
+        return out

@@ -1,0 +1,63 @@
+"""Inference post-processing: detection selection, and mapping detections back to the original image.
+
+Shorthand: R proposals of one image, K object classes, D detections, S = 28 mask side.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
+
+from .paste import paste_masks_in_image
+
+
+def select_detections(boxes: Tensor, scores: Tensor, image_size: Tuple[int, int], *, score_thresh: float,
+                      nms_thresh: float, topk: int) -> Dict[str, Tensor]:
+    """Per-class candidates -> final detections of one image.
+
+    boxes: (R, K, 4) per-class decoded boxes, xyxy pixels of the resized input; scores: (R, K+1) softmax
+    probabilities with background at index 0; image_size: (h, w) for clipping.
+    Every (proposal, class) pair scoring above ``score_thresh`` is a candidate; candidates under 0.01 px
+    are dropped; NMS runs per class; the ``topk`` best survive.
+    Returns ``boxes`` (D, 4), ``scores`` (D,), ``labels`` (D,) int64 in 1..K, highest score first.
+    """
+    num_classes = boxes.shape[1]
+    boxes = clip_boxes_to_image(boxes, image_size).reshape(-1, 4)  # (R, K, 4) -> (R*K, 4)
+    labels = torch.arange(1, num_classes + 1, device=boxes.device).repeat(len(scores))
+    scores = scores[:, 1:].reshape(-1)
+    keep = torch.nonzero(scores > score_thresh)[:, 0]
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = remove_small_boxes(boxes, min_size=1e-2)
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = batched_nms(boxes, scores, labels, nms_thresh)[:topk]
+    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+
+def rescale_boxes(boxes: Tensor, from_size: Tuple[int, int], to_size: Tuple[int, int]) -> Tensor:
+    """(D, 4) xyxy pixels of an image of ``from_size`` (h, w) -> pixels of an image of ``to_size``."""
+    ratio_h = torch.tensor(to_size[0], dtype=torch.float32) / torch.tensor(from_size[0], dtype=torch.float32)
+    ratio_w = torch.tensor(to_size[1], dtype=torch.float32) / torch.tensor(from_size[1], dtype=torch.float32)
+    scale = torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(boxes)
+    return boxes * scale
+
+
+def to_original_image(result: Dict[str, Tensor], resized_size: Tuple[int, int], original_size: Tuple[int, int],
+                      *, paste: bool, mask_threshold: float = 0.5, memory_mb: int = 256) -> Dict[str, Tensor]:
+    """Map one image's detections from the resized input back to the original image.
+
+    result: ``boxes`` (D, 4) in resized pixels, ``scores``, ``labels``, ``mask_probs`` (D, S, S).
+    Returns ``boxes`` in original pixels, ``scores``, ``labels`` and either ``masks`` (D, H, W) bool
+    (paste=True: each S x S map resized to its box and thresholded in the H x W canvas) or the
+    unpasted ``mask_probs``.
+    """
+    out = {"boxes": rescale_boxes(result["boxes"], resized_size, original_size),
+           "scores": result["scores"], "labels": result["labels"]}
+    if paste:
+        out["masks"] = paste_masks_in_image(result["mask_probs"], out["boxes"], original_size,
+                                            threshold=mask_threshold, memory_mb=memory_mb)
+    else:
+        out["mask_probs"] = result["mask_probs"]
+    return out

@@ -1,0 +1,172 @@
+"""RoI heads: proposal sampling, the box head and its losses, and the call into the mask head.
+
+Shorthand:
+    N   images;  R  sampled RoIs over the batch (training) or proposals (inference)
+    K   object classes (background excluded); class 0 of the classifier is background
+    C   feature channels;  D  detections of one image
+Naming: ``pred_class_logits`` (R, K+1), ``pred_proposal_deltas`` (R, 4K), ``gt_classes`` (R,) in 0..K.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .box_coder import BoxCoder
+from .mask_head import MaskHead, mask_loss, mask_probs_of_class, mask_targets
+from .matcher import Matcher, match_boxes, sample_balanced
+from .poolers import MultiLevelRoIAlign
+from .postprocess import select_detections
+
+
+class BoxHead(nn.Module):
+    """Two fully connected layers on flattened RoI features.
+
+    forward(x: (R, C, 7, 7)) -> (R, fc_dim).
+    """
+
+    def __init__(self, *, in_features: int, fc_dim: int = 1024):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, fc_dim)
+        self.fc2 = nn.Linear(fc_dim, fc_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc2(F.relu(self.fc1(x.flatten(1)))))
+
+
+class BoxPredictor(nn.Module):
+    """Classification over K+1 classes and class-specific box deltas for the K object classes.
+
+    forward(x: (R, fc_dim)) -> (pred_class_logits (R, K+1), pred_proposal_deltas (R, 4K)).
+    """
+
+    def __init__(self, *, in_features: int, num_classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(in_features, num_classes + 1)
+        self.bbox_pred = nn.Linear(in_features, num_classes * 4)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+def box_losses(pred_class_logits: Tensor, pred_proposal_deltas: Tensor, gt_classes: Tensor,
+               gt_deltas: Tensor) -> Dict[str, Tensor]:
+    """Cross-entropy over K+1 classes; smooth-L1 (beta 1/9) on the deltas of the ground-truth class
+    of foreground RoIs, summed and divided by the number of sampled RoIs.
+
+    gt_classes: (R,) int64 in 0..K; gt_deltas: (R, 4) regression targets (meaningful for foreground only).
+    """
+    loss_cls = F.cross_entropy(pred_class_logits.float(), gt_classes)
+    fg = torch.nonzero(gt_classes > 0)[:, 0]
+    deltas = pred_proposal_deltas.view(len(pred_proposal_deltas), -1, 4)[fg, gt_classes[fg] - 1]
+    loss_box = F.smooth_l1_loss(deltas.float(), gt_deltas[fg], beta=1 / 9, reduction="sum") / max(gt_classes.numel(), 1)
+    return {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+
+
+class RoIHeads(nn.Module):
+    """Args:
+        box_pooler, box_head, box_predictor, mask_pooler, mask_head: the submodules.
+        box_coder: proposal-delta coding (weights 10, 10, 5, 5).
+        matcher: proposal-to-ground-truth matcher (0.5 / 0.5, no low-quality matches).
+        batch_size_per_image, positive_fraction: RoI sampling for the losses.
+        score_thresh, nms_thresh, detections_per_img: detection selection at inference.
+
+    forward(features, proposals, image_sizes, targets) ->
+        training: dict of losses (loss_classifier, loss_box_reg, loss_mask);
+        inference: per image a dict with ``boxes`` (D, 4) xyxy pixels of the resized input, ``scores`` (D,),
+        ``labels`` (D,) in 1..K and ``mask_probs`` (D, 28, 28) float probabilities of the detected class.
+    """
+
+    def __init__(self, *, box_pooler: MultiLevelRoIAlign, box_head: BoxHead, box_predictor: BoxPredictor,
+                 mask_pooler: MultiLevelRoIAlign, mask_head: MaskHead, box_coder: BoxCoder, matcher: Matcher,
+                 batch_size_per_image: int, positive_fraction: float, score_thresh: float, nms_thresh: float,
+                 detections_per_img: int):
+        super().__init__()
+        self.box_pooler = box_pooler
+        self.box_head = box_head
+        self.box_predictor = box_predictor
+        self.mask_pooler = mask_pooler
+        self.mask_head = mask_head
+        self.box_coder = box_coder
+        self.matcher = matcher
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+
+    def forward(self, features: List[Tensor], proposals: List[Tensor], image_sizes: List[Tuple[int, int]],
+                targets=None):
+        if self.training:
+            return self.losses(features, proposals, targets)
+        return self.inference(features, proposals, image_sizes)
+
+    @torch.no_grad()
+    def sample_proposals(self, proposals: List[Tensor], targets: List[dict]):
+        """Append the ground-truth boxes to the proposals, match, and sample a balanced subset.
+
+        Returns per image: sampled boxes (Si, 4), gt_classes (Si,) in 0..K, matched instance index (Si,)
+        (meaningful where gt_classes > 0) and regression targets (Si, 4).
+        """
+        boxes_out, classes_out, idx_out, deltas_out = [], [], [], []
+        for boxes, target in zip(proposals, targets):
+            gt_boxes = target["boxes"].to(boxes.dtype)
+            boxes = torch.cat([boxes, gt_boxes])
+            matches = match_boxes(self.matcher, gt_boxes, boxes)
+            matched = matches.clamp(min=0)
+            classes = target["labels"][matched] if len(gt_boxes) else torch.zeros_like(matches)
+            classes = torch.where(matches >= 0, classes, torch.zeros_like(classes))
+            classes[matches == Matcher.BETWEEN] = -1
+            pos, neg = sample_balanced(classes, self.batch_size_per_image, self.positive_fraction)
+            keep = torch.cat([pos, neg])
+            boxes_out.append(boxes[keep])
+            classes_out.append(classes[keep])
+            idx_out.append(matched[keep])
+            deltas_out.append(self.box_coder.encode(gt_boxes[matched[keep]], boxes[keep]) if len(gt_boxes)
+                              else torch.zeros_like(boxes[keep]))
+        return boxes_out, classes_out, idx_out, deltas_out
+
+    def losses(self, features: List[Tensor], proposals: List[Tensor], targets: List[dict]) -> Dict[str, Tensor]:
+        boxes, gt_classes, matched, gt_deltas = self.sample_proposals(proposals, targets)
+        x = self.box_head(self.box_pooler(features, boxes))
+        pred_class_logits, pred_deltas = self.box_predictor(x)
+        losses = box_losses(pred_class_logits, pred_deltas, torch.cat(gt_classes), torch.cat(gt_deltas))
+
+        fg = [torch.nonzero(c > 0)[:, 0] for c in gt_classes]
+        fg_boxes = [b[i] for b, i in zip(boxes, fg)]
+        fg_classes = torch.cat([c[i] for c, i in zip(gt_classes, fg)])
+        targets_28 = mask_targets([t["masks"] for t in targets], fg_boxes, [m[i] for m, i in zip(matched, fg)],
+                                  2 * self.mask_pooler.output_size)
+        if len(fg_classes) == 0:
+            # No foreground RoI anywhere in the batch: keep the mask head in the graph with a zero loss.
+            losses["loss_mask"] = sum(p.sum() for p in self.mask_head.parameters()) * 0
+        else:
+            pred_mask_logits = self.mask_head(self.mask_pooler(features, fg_boxes))
+            losses["loss_mask"] = mask_loss(pred_mask_logits, fg_classes, targets_28)
+        return losses
+
+    def inference(self, features: List[Tensor], proposals: List[Tensor],
+                  image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+        x = self.box_head(self.box_pooler(features, proposals))
+        pred_class_logits, pred_deltas = self.box_predictor(x)
+        scores = F.softmax(pred_class_logits.float(), dim=-1)
+        concat = torch.cat(proposals)
+        boxes = self.box_coder.decode(pred_deltas.float(), concat)  # (R, K, 4)
+        counts = [len(p) for p in proposals]
+        results = [
+            select_detections(b, s, size, score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
+                              topk=self.detections_per_img)
+            for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes)
+        ]
+        det_boxes = [r["boxes"] for r in results]
+        if sum(len(b) for b in det_boxes):
+            logits = self.mask_head(self.mask_pooler(features, det_boxes))
+            probs = mask_probs_of_class(logits, torch.cat([r["labels"] for r in results]))
+        else:
+            probs = features[0].new_zeros((0, 28, 28), dtype=torch.float32)
+        for r, p in zip(results, probs.split([len(b) for b in det_boxes])):
+            r["mask_probs"] = p
+        return results

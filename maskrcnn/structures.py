@@ -1,0 +1,191 @@
+"""Small shared types: a padded image batch, and instance masks in two storage forms.
+
+Shorthand: N images, M instances of one image, R RoIs, S the side of a mask target (28).
+
+Instance masks of one image come as either
+- :class:`BitMasks`: a ``(M, H, W)`` bool tensor (from RLE or from arrays), or
+- :class:`PolygonMasks`: COCO polygons in image pixels, kept as polygons until the RoI crop, so that
+  no full-resolution bitmap per instance is ever built for polygon annotations.
+Both offer the same operations (``scale``, ``flip``, ``crop_and_resize``, indexing), so the data
+pipeline and the mask head never ask which one they hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import roi_align
+
+
+@dataclass
+class ImageList:
+    """A batch of images padded to one size.
+
+    tensor: ``(N, 3, Hp, Wp)`` float, normalised pixels; padding is zero on the bottom and right.
+    image_sizes: per image ``(h, w)`` of its unpadded content, in pixels of the resized input.
+    """
+
+    tensor: Tensor
+    image_sizes: List[Tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.image_sizes)
+
+
+class BitMasks:
+    """Instance masks as a ``(M, H, W)`` bool tensor in the pixels of one image."""
+
+    def __init__(self, tensor: Tensor):
+        if tensor.dim() != 3:
+            raise ValueError(f"BitMasks expects a (M, H, W) tensor, got shape {tuple(tensor.shape)}")
+        self.tensor = tensor.bool()
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        return int(self.tensor.shape[1]), int(self.tensor.shape[2])
+
+    def __len__(self) -> int:
+        return int(self.tensor.shape[0])
+
+    def __getitem__(self, index) -> "BitMasks":
+        if isinstance(index, int):
+            index = [index]
+        return BitMasks(self.tensor[index])
+
+    def to(self, device) -> "BitMasks":
+        return BitMasks(self.tensor.to(device))
+
+    def scale(self, new_size: Tuple[int, int]) -> "BitMasks":
+        """Resample (nearest) to ``new_size = (h, w)`` pixels."""
+        if len(self) == 0:
+            return BitMasks(self.tensor.new_zeros((0, *new_size)))
+        if tuple(new_size) == self.image_size:
+            return self
+        out = F.interpolate(self.tensor[:, None].float(), size=tuple(new_size), mode="nearest")[:, 0]
+        return BitMasks(out > 0.5)
+
+    def flip(self) -> "BitMasks":
+        """Mirror horizontally."""
+        return BitMasks(self.tensor.flip(-1))
+
+    def area(self) -> Tensor:
+        """``(M,)`` float pixel counts."""
+        return self.tensor.flatten(1).sum(1).float()
+
+    def crop_and_resize(self, boxes: Tensor, size: int, indices: Optional[Tensor] = None) -> Tensor:
+        """Crop masks to boxes and resample to ``size x size``.
+
+        boxes: ``(R, 4)`` float xyxy in this image's pixels.
+        indices: ``(R,)`` int64, the mask that each box crops; default ``arange(R)`` (index-aligned).
+        Returns ``(R, size, size)`` float in [0, 1] (bilinear RoIAlign of the 0/1 mask).
+        """
+        if len(boxes) == 0:
+            return boxes.new_zeros((0, size, size), dtype=torch.float32)
+        if indices is None:
+            indices = torch.arange(len(boxes), device=boxes.device)
+        masks = self.tensor.to(device=boxes.device, dtype=torch.float32)[:, None]
+        rois = torch.cat([indices.to(boxes.device, torch.float32)[:, None], boxes.float()], 1)
+        return roi_align(masks, rois, (size, size), 1.0)[:, 0]
+
+
+class PolygonMasks:
+    """Instance masks as COCO polygons: per instance, a list of ``(2P,)`` float64 arrays
+    ``x0, y0, x1, y1, ...`` in the pixels of an image of ``image_size = (h, w)``."""
+
+    def __init__(self, polygons: Sequence[Sequence[np.ndarray]], image_size: Tuple[int, int]):
+        self.polygons = [[np.asarray(p, dtype=np.float64).reshape(-1) for p in inst] for inst in polygons]
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+
+    def __len__(self) -> int:
+        return len(self.polygons)
+
+    def __getitem__(self, index) -> "PolygonMasks":
+        if isinstance(index, int):
+            index = [index]
+        if isinstance(index, Tensor):
+            index = index.tolist() if index.dtype != torch.bool else index.nonzero()[:, 0].tolist()
+        return PolygonMasks([self.polygons[i] for i in index], self.image_size)
+
+    def to(self, device) -> "PolygonMasks":
+        return self
+
+    def scale(self, new_size: Tuple[int, int]) -> "PolygonMasks":
+        """Rescale coordinates to an image of ``new_size = (h, w)`` pixels."""
+        sy = new_size[0] / self.image_size[0]
+        sx = new_size[1] / self.image_size[1]
+        out = []
+        for inst in self.polygons:
+            scaled = []
+            for p in inst:
+                p = p.copy()
+                p[0::2] *= sx
+                p[1::2] *= sy
+                scaled.append(p)
+            out.append(scaled)
+        return PolygonMasks(out, new_size)
+
+    def flip(self) -> "PolygonMasks":
+        """Mirror horizontally."""
+        width = self.image_size[1]
+        out = []
+        for inst in self.polygons:
+            flipped = []
+            for p in inst:
+                p = p.copy()
+                p[0::2] = width - p[0::2]
+                flipped.append(p)
+            out.append(flipped)
+        return PolygonMasks(out, self.image_size)
+
+    def area(self) -> Tensor:
+        """``(M,)`` float areas of the rasterised polygons (pixels)."""
+        h, w = self.image_size
+        areas = [float(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects([list(p) for p in inst], h, w))))
+                 if inst else 0.0 for inst in self.polygons]
+        return torch.tensor(areas, dtype=torch.float32)
+
+    def to_bitmasks(self) -> BitMasks:
+        """Rasterise at full image resolution (for display and tests, not the training path)."""
+        h, w = self.image_size
+        out = np.zeros((len(self), h, w), dtype=bool)
+        for i, inst in enumerate(self.polygons):
+            if inst:
+                rle = mask_utils.merge(mask_utils.frPyObjects([list(p) for p in inst], h, w))
+                out[i] = mask_utils.decode(rle).astype(bool)
+        return BitMasks(torch.from_numpy(out))
+
+    def crop_and_resize(self, boxes: Tensor, size: int, indices: Optional[Tensor] = None) -> Tensor:
+        """Rasterise polygons inside boxes on a ``size x size`` grid.
+
+        boxes: ``(R, 4)`` float xyxy in this image's pixels.
+        indices: ``(R,)`` int64, the instance that each box crops; default ``arange(R)`` (index-aligned).
+        Returns ``(R, size, size)`` float of 0/1 values.
+        """
+        if indices is None:
+            indices = torch.arange(len(boxes))
+        out = np.zeros((len(boxes), size, size), dtype=np.float32)
+        instances = [self.polygons[j] for j in indices.tolist()]
+        for i, (inst, box) in enumerate(zip(instances, boxes.detach().cpu().double().numpy())):
+            if not inst:
+                continue
+            x0, y0, x1, y1 = box
+            sx = size / max(x1 - x0, 0.1)
+            sy = size / max(y1 - y0, 0.1)
+            local = []
+            for p in inst:
+                q = p.copy()
+                q[0::2] = (q[0::2] - x0) * sx
+                q[1::2] = (q[1::2] - y0) * sy
+                local.append(list(q))
+            rle = mask_utils.merge(mask_utils.frPyObjects(local, size, size))
+            out[i] = mask_utils.decode(rle)
+        return torch.from_numpy(out).to(boxes.device)
+
+
+InstanceMasks = Union[BitMasks, PolygonMasks]

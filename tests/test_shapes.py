@@ -1,0 +1,139 @@
+import json
+import time
+from collections import Counter
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_utils
+import pytest
+from pycocotools.coco import COCO
+
+from maskrcnn.data.shapes import CATEGORIES, generate_shapes, mask_to_polygons, uncompressed_rle
+
+SMALL = dict(num_train=40, num_val=5, seed=0, min_size=64, max_size=112)
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    assert generate_shapes(out, **SMALL)
+    return out
+
+
+def _load(out, split="train"):
+    return json.loads((out / "annotations" / f"instances_{split}.json").read_text())
+
+
+def _kind(ann):
+    seg = ann["segmentation"]
+    if isinstance(seg, list):
+        return "polygon"
+    return "compressed_rle" if isinstance(seg["counts"], str) else "uncompressed_rle"
+
+
+def test_generation_is_deterministic_from_the_seed(shapes_dir, tmp_path):
+    again = tmp_path / "again"
+    generate_shapes(again, **SMALL)
+    assert _load(again) == _load(shapes_dir)
+    assert _load(again, "val") == _load(shapes_dir, "val")
+    for image in _load(shapes_dir)["images"]:
+        name = image["file_name"]
+        assert (again / "train" / name).read_bytes() == (shapes_dir / "train" / name).read_bytes()
+    other = tmp_path / "other"
+    generate_shapes(other, **dict(SMALL, seed=1))
+    assert _load(other)["annotations"] != _load(shapes_dir)["annotations"]
+
+
+def test_train_and_val_differ(shapes_dir):
+    train = (shapes_dir / "train" / "000001.jpg").read_bytes()
+    val = (shapes_dir / "val" / "000001.jpg").read_bytes()
+    assert train != val
+
+
+def test_writes_every_segmentation_form_crowds_and_empty_images(shapes_dir):
+    data = _load(shapes_dir)
+    kinds = Counter(_kind(a) for a in data["annotations"] if not a["iscrowd"])
+    assert kinds["polygon"] > kinds["compressed_rle"] > 0
+    assert kinds["uncompressed_rle"] > 0
+    assert any(len(a["segmentation"]) > 1 for a in data["annotations"] if _kind(a) == "polygon")
+    crowds = [a for a in data["annotations"] if a["iscrowd"]]
+    assert crowds and all(_kind(a) != "polygon" for a in crowds)
+    annotated = {a["image_id"] for a in data["annotations"]}
+    assert any(image["id"] not in annotated for image in data["images"])
+
+
+def test_categories_have_non_contiguous_ids(shapes_dir):
+    data = _load(shapes_dir)
+    assert [(c["id"], c["name"]) for c in data["categories"]] == [(1, "square"), (3, "circle"), (7, "triangle")]
+    assert {a["category_id"] for a in data["annotations"]} == {c["id"] for c in CATEGORIES}
+
+
+def test_pycocotools_decodes_masks_whose_tight_box_is_the_bbox(shapes_dir):
+    coco = COCO(str(shapes_dir / "annotations" / "instances_train.json"))
+    assert len(coco.getAnnIds()) == len(_load(shapes_dir)["annotations"])
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        mask = coco.annToMask(ann).astype(bool)
+        ys, xs = np.nonzero(mask)
+        x0, y0 = xs.min(), ys.min()
+        assert ann["bbox"] == [x0, y0, xs.max() + 1 - x0, ys.max() + 1 - y0]
+        assert ann["area"] == mask.sum()
+
+
+def test_later_shapes_occlude_earlier_ones(shapes_dir):
+    coco = COCO(str(shapes_dir / "annotations" / "instances_train.json"))
+    for image_id in coco.getImgIds():
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        if len(anns) > 1:
+            coverage = sum(coco.annToMask(a).astype(np.int32) for a in anns)
+            assert coverage.max() == 1, f"instances of image {image_id} overlap"
+
+
+def test_image_files_match_the_json_sizes(shapes_dir):
+    for split in ("train", "val"):
+        for image in _load(shapes_dir, split)["images"]:
+            pixels = cv2.imread(str(shapes_dir / split / image["file_name"]))
+            assert pixels.shape == (image["height"], image["width"], 3)
+            assert SMALL["min_size"] <= min(pixels.shape[:2]) <= max(pixels.shape[:2]) <= SMALL["max_size"]
+    sizes = {(i["height"], i["width"]) for i in _load(shapes_dir)["images"]}
+    assert any(h > w for h, w in sizes) and any(w > h for h, w in sizes)
+
+
+def test_rerun_with_same_options_reuses_the_output(shapes_dir):
+    ann_file = shapes_dir / "annotations" / "instances_train.json"
+    before = ann_file.stat().st_mtime_ns
+    assert not generate_shapes(shapes_dir, **SMALL)
+    assert ann_file.stat().st_mtime_ns == before
+
+
+def test_rerun_with_other_options_regenerates(tmp_path):
+    assert generate_shapes(tmp_path, **dict(SMALL, num_train=3, num_val=1))
+    assert generate_shapes(tmp_path, **dict(SMALL, num_train=4, num_val=1))
+    assert len(_load(tmp_path)["images"]) == 4
+    assert json.loads((tmp_path / "meta.json").read_text())["num_train"] == 4
+
+
+def test_uncompressed_rle_round_trips_through_pycocotools():
+    rng = np.random.default_rng(0)
+    for first_pixel in (False, True):
+        mask = rng.random((7, 9)) < 0.4
+        mask[0, 0] = first_pixel
+        rle = mask_utils.frPyObjects(uncompressed_rle(mask), 7, 9)
+        np.testing.assert_array_equal(mask_utils.decode(rle).astype(bool), mask)
+
+
+def test_polygons_rasterise_back_to_the_mask():
+    mask = np.zeros((40, 50), dtype=np.uint8)
+    cv2.circle(mask, (12, 15), 7, 1, -1)
+    cv2.fillPoly(mask, [np.array([[30, 5], [45, 20], [28, 33]], dtype=np.int32)], 1)
+    polygons = mask_to_polygons(mask.astype(bool))
+    assert len(polygons) == 2
+    decoded = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, 40, 50)))
+    np.testing.assert_array_equal(decoded, mask)
+
+
+def test_generation_speed(tmp_path):
+    start = time.perf_counter()
+    assert generate_shapes(tmp_path, num_train=200, num_val=0, seed=3, min_size=128, max_size=256)
+    elapsed = time.perf_counter() - start
+    print(f"\nshapes generation: {200 / elapsed:.0f} images/s (128-256 px)")
+    assert len(list((tmp_path / "train").glob("*.jpg"))) == 200

@@ -1,0 +1,148 @@
+"""Our Mask R-CNN against torchvision's, given the same weights: same detections, stage by stage.
+
+torchvision's model is built with seeded random weights (no download) whose scale is set so that the
+network is well conditioned: batch-norm statistics are calibrated on random images, pyramid outputs
+are scaled to unit spread and the prediction layers get a spread of scores, so that ranking and NMS
+are decided by margins far above float round-off rather than by ties.
+"""
+
+import pytest
+import torch
+import torchvision
+
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.mask_rcnn import MaskRCNN
+from torchvision.ops import FrozenBatchNorm2d
+
+from maskrcnn.config import Config
+from maskrcnn.convert import convert_torchvision_state_dict
+from maskrcnn.modeling.maskrcnn import build_model
+
+MIN_SIZE, MAX_SIZE = 320, 512
+
+
+def well_conditioned_torchvision_model(min_size=MIN_SIZE, max_size=MAX_SIZE):
+    torch.manual_seed(0)
+    tv = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, box_score_thresh=0.0, min_size=min_size, max_size=max_size)
+    with torch.no_grad():
+        calib = tv.transform([torch.rand(3, 160, 200), torch.rand(3, 200, 160)])[0].tensors
+        body = tv.backbone.body
+        for m in body.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None
+                m.reset_running_stats()
+        body.train()
+        body(calib)
+        body.eval()
+        features = tv.backbone(calib)
+        for conv, level in zip(tv.backbone.fpn.layer_blocks, ["0", "1", "2", "3"]):
+            std = features[level].std()
+            conv[0].weight /= std
+            conv[0].bias /= std
+        g = torch.Generator().manual_seed(1)
+        for layer, std in [(tv.rpn.head.cls_logits, 0.3), (tv.rpn.head.bbox_pred, 0.05),
+                           (tv.roi_heads.box_predictor.cls_score, 0.3),
+                           (tv.roi_heads.box_predictor.bbox_pred, 0.05),
+                           (tv.roi_heads.mask_predictor.mask_fcn_logits, 0.1)]:
+            layer.weight.normal_(0, std, generator=g)
+            layer.bias.normal_(0, std, generator=g)
+    # The same weights in torchvision's pretrained-model layout, with FrozenBatchNorm2d in the trunk.
+    trunk = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    frozen = MaskRCNN(_resnet_fpn_extractor(trunk, 3), num_classes=91, box_score_thresh=0.0, min_size=min_size,
+                      max_size=max_size)
+    frozen.load_state_dict(tv.state_dict())
+    return frozen.eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    tv = well_conditioned_torchvision_model()
+    cfg = Config()
+    cfg.model.input.min_size = [MIN_SIZE]
+    cfg.model.input.max_size = MAX_SIZE
+    cfg.model.roi_heads.score_thresh = 0.0
+    ours = build_model(cfg.model).eval()
+    ours.load_state_dict(convert_torchvision_state_dict(tv.state_dict()))
+    return tv, ours
+
+
+# Non-square, very small and very elongated images, run as one batch of mixed sizes.
+IMAGE_SIZES = [(200, 300), (37, 61), (40, 400), (300, 120)]
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(2)
+    return [torch.rand(3, h, w, generator=g) for h, w in IMAGE_SIZES]
+
+
+@pytest.fixture(scope="module")
+def outputs(models, images):
+    tv, ours = models
+    with torch.no_grad():
+        return tv(images), ours(images)
+
+
+def test_backbone_features_match(models, images):
+    tv, ours = models
+    with torch.no_grad():
+        tv_input, _ = tv.transform(images)
+        batch = ours.preprocess(images, resize=True)
+        assert [tuple(s) for s in tv_input.image_sizes] == batch.image_sizes
+        torch.testing.assert_close(batch.tensor, tv_input.tensors, rtol=0, atol=1e-6)
+        tv_features = list(tv.backbone(tv_input.tensors).values())
+        our_features = ours.fpn(ours.backbone(batch.tensor))
+    assert len(tv_features) == len(our_features) == 5
+    for level, (a, b) in enumerate(zip(tv_features, our_features)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=f"pyramid level P{level + 2} differs")
+
+
+def test_proposals_match(models, images):
+    tv, ours = models
+    with torch.no_grad():
+        tv_input, _ = tv.transform(images)
+        tv_proposals, _ = tv.rpn(tv_input, tv.backbone(tv_input.tensors))
+        batch = ours.preprocess(images, resize=True)
+        features = ours.fpn(ours.backbone(batch.tensor))
+        our_proposals, _ = ours.rpn(batch.image_sizes, tuple(batch.tensor.shape[-2:]), features)
+    for i, (a, b) in enumerate(zip(tv_proposals, our_proposals)):
+        assert a.shape == b.shape, f"image {i}: {len(b)} proposals, torchvision has {len(a)}"
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4, msg=f"image {i}: proposals differ")
+
+
+def test_detections_match(outputs):
+    tv_out, our_out = outputs
+    for i, (a, b) in enumerate(zip(tv_out, our_out)):
+        assert len(a["boxes"]) == len(b["boxes"]) == 100, f"image {i}"
+        assert torch.equal(a["labels"], b["labels"]), f"image {i}: labels differ"
+        torch.testing.assert_close(b["boxes"], a["boxes"], rtol=0, atol=1e-4, msg=f"image {i}: boxes differ")
+        torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=1e-4, msg=f"image {i}: scores differ")
+
+
+def test_masks_match_at_original_resolution(outputs, images):
+    tv_out, our_out = outputs
+    for i, (a, b, image) in enumerate(zip(tv_out, our_out, images)):
+        h, w = image.shape[-2:]
+        assert b["masks"].shape == (100, h, w) and b["masks"].dtype == torch.bool
+        tv_masks = a["masks"][:, 0] > 0.5
+        assert tv_masks.any(), "the oracle should produce non-empty masks"
+        agreement = (tv_masks == b["masks"]).flatten(1).float().mean(1)
+        assert agreement.min() >= 0.999, f"image {i}: worst mask agrees on {agreement.min():.5f} of pixels"
+
+
+def test_default_800px_input(models):
+    tv, ours = models
+    image = torch.rand(3, 480, 640, generator=torch.Generator().manual_seed(3))
+    tv.transform.min_size, tv.transform.max_size = (800,), 1333
+    ours.min_size, ours.max_size = 800, 1333
+    try:
+        with torch.no_grad():
+            a, b = tv([image])[0], ours([image])[0]
+    finally:
+        tv.transform.min_size, tv.transform.max_size = (MIN_SIZE,), MAX_SIZE
+        ours.min_size, ours.max_size = MIN_SIZE, MAX_SIZE
+    assert torch.equal(a["labels"], b["labels"])
+    torch.testing.assert_close(b["boxes"], a["boxes"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=1e-4)
+    assert ((a["masks"][:, 0] > 0.5) == b["masks"]).flatten(1).float().mean(1).min() >= 0.999

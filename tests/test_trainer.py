@@ -1,0 +1,193 @@
+"""The training loop end to end on a few tiny generated images: loss goes down, outputs are written,
+resume reproduces the uninterrupted run, a non-finite loss stops with the last good checkpoint."""
+
+import importlib.util
+import json
+import math
+import runpy
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+from maskrcnn.config import Config, load_config
+from maskrcnn.data.shapes import generate_shapes
+from maskrcnn.engine.checkpoint import find_last_checkpoint
+from maskrcnn.engine.logger import MetricsLogger
+from maskrcnn.engine.trainer import train
+from maskrcnn.modeling.maskrcnn import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(data_dir: Path, output_dir: Path, *overrides: str) -> List[str]:
+    """Settings of a small Mask R-CNN on the shapes data in ``data_dir``, fp32 on the CPU, logging every
+    iteration; ``overrides`` come last and win."""
+    return [
+        "model.backbone.depth=18", "model.backbone.fpn_channels=32", "model.roi_heads.box_head_dim=64",
+        "model.roi_heads.mask_head_dim=16", "model.roi_heads.mask_head_convs=1", "model.roi_heads.num_classes=3",
+        "model.rpn.batch_size_per_image=64", "model.rpn.pre_nms_topk_train=200", "model.rpn.post_nms_topk_train=100",
+        "model.rpn.pre_nms_topk_test=200", "model.rpn.post_nms_topk_test=50",
+        "model.roi_heads.batch_size_per_image=32", "model.input.min_size=[64]", "model.input.max_size=96",
+        f"data.train_ann={data_dir}/annotations/instances_train.json", f"data.train_images={data_dir}/train",
+        f"data.val_ann={data_dir}/annotations/instances_val.json", f"data.val_images={data_dir}/val",
+        "data.num_workers=0", "solver.ims_per_batch=2", "solver.lr=0.01", "solver.warmup_iters=2",
+        "solver.steps=[1000]", "train.device=cpu", "train.precision=fp32", f"train.output_dir={output_dir}",
+        "train.log_period=1", "train.checkpoint_period=1000", *overrides]
+
+
+def tiny_config(data_dir: Path, output_dir: Path, *overrides: str) -> Config:
+    return load_config(None, tiny_overrides(data_dir, output_dir, *overrides))
+
+
+def read_jsonl(path: Path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def shapes8(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes8")
+    generate_shapes(root, num_train=8, num_val=2, seed=0, min_size=64, max_size=96)
+    return root
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tmp_path_factory):
+    """30 iterations on the same two images (no flip): the loss must fall."""
+    data = tmp_path_factory.mktemp("shapes2")
+    generate_shapes(data, num_train=2, num_val=1, seed=0, min_size=64, max_size=96)
+    out = tmp_path_factory.mktemp("overfit")
+    cfg = tiny_config(data, out, "solver.max_iter=30", "solver.lr=0.02", "solver.clip_grad_norm=1.0", "data.flip_prob=0.0",
+                      "train.checkpoint_period=20")
+    summary = train(cfg)
+    return cfg, out, summary
+
+
+def test_loss_goes_down(overfit_run):
+    _, out, _ = overfit_run
+    losses = [r["total_loss"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+
+
+def test_run_writes_checkpoints_config_and_figures(overfit_run):
+    cfg, out, summary = overfit_run
+    assert load_config(out / "config.yaml") == cfg
+    assert sorted(p.name for p in out.glob("model_*.pth")) == ["model_0000020.pth", "model_final.pth"]
+    assert find_last_checkpoint(out) == out / "model_final.pth"
+    final = torch.load(out / "model_final.pth", weights_only=True)
+    assert final["iteration"] == 30 and final["class_names"] == ["square", "circle", "triangle"]
+    model = build_model(cfg.model)
+    model.load_state_dict(final["model"])
+    assert torch.load(out / "model_0000020.pth", weights_only=True)["iteration"] == 20
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "metrics.json").read_text()) == summary
+
+
+def test_metrics_log_has_every_term(overfit_run):
+    cfg, out, summary = overfit_run
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["iteration"] for r in records] == list(range(1, 31))
+    terms = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+    for r in records:
+        assert terms | {"iteration", "total_loss", "lr", "time", "data_time"} == set(r)
+        assert r["total_loss"] == pytest.approx(sum(r[k] for k in terms), rel=1e-5)
+    assert records[0]["lr"] == pytest.approx(cfg.solver.lr * cfg.solver.warmup_factor)
+    assert records[-1]["lr"] == pytest.approx(cfg.solver.lr)
+    assert summary["train"] == records[-1] and summary["eval"] is None
+
+
+def test_resume_reproduces_uninterrupted_run(shapes8, tmp_path, monkeypatch):
+    straight = tiny_config(shapes8, tmp_path / "straight", "solver.max_iter=6", "train.checkpoint_period=3")
+    train(straight)
+    expected = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+
+    interrupted = tiny_config(shapes8, tmp_path / "resumed", "solver.max_iter=6", "train.checkpoint_period=3")
+    original_plot = MetricsLogger.plot
+
+    def crash_after_iteration_4(logger):
+        original_plot(logger)
+        if logger.records[-1]["iteration"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetricsLogger, "plot", crash_after_iteration_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted)
+    monkeypatch.setattr(MetricsLogger, "plot", original_plot)
+    assert len(read_jsonl(tmp_path / "resumed" / "metrics.jsonl")) == 4
+    assert find_last_checkpoint(tmp_path / "resumed").name == "model_0000003.pth"
+
+    train(interrupted, resume=True)
+    resumed = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["iteration"] for r in resumed] == list(range(1, 7))
+    for a, b in zip(expected, resumed):
+        assert {k: v for k, v in a.items() if k.startswith(("loss", "total"))} == \
+               {k: v for k, v in b.items() if k.startswith(("loss", "total"))}
+    final_a = torch.load(tmp_path / "straight" / "model_final.pth", weights_only=True)["model"]
+    final_b = torch.load(tmp_path / "resumed" / "model_final.pth", weights_only=True)["model"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+class _NanAtCall(torch.nn.Module):
+    """A MaskRCNN whose ``loss_box_reg`` becomes NaN on its ``bad_call``-th training forward."""
+
+    def __init__(self, inner, bad_call):
+        super().__init__()
+        self.inner, self.bad_call, self.calls = inner, bad_call, 0
+
+    def forward(self, images, targets=None):
+        losses = self.inner(images, targets)
+        self.calls += 1
+        if self.calls == self.bad_call:
+            losses["loss_box_reg"] = losses["loss_box_reg"] * float("nan")
+        return losses
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_state(shapes8, tmp_path):
+    cfg = tiny_config(shapes8, tmp_path, "solver.max_iter=10")
+    model = _NanAtCall(build_model(cfg.model), bad_call=3)
+    initial = {k: v.clone() for k, v in model.inner.state_dict().items()}
+    with pytest.raises(FloatingPointError, match=r"iteration 3 .*loss_box_reg=nan"):
+        train(cfg, model=model)
+    path = find_last_checkpoint(tmp_path)
+    assert path.name == "model_0000002.pth"
+    saved = torch.load(path, weights_only=True)
+    assert saved["iteration"] == 2
+    state = {k.removeprefix("inner."): v for k, v in saved["model"].items()}
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert all(torch.equal(state[k], v) for k, v in model.inner.state_dict().items())
+    assert not all(torch.equal(state[k], initial[k]) for k in initial)
+    assert [r["iteration"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_bf16_autocast_trains_on_cpu(shapes8, tmp_path):
+    summary = train(tiny_config(shapes8, tmp_path, "solver.max_iter=2", "train.precision=bf16"))
+    assert summary["iteration"] == 2 and math.isfinite(summary["train"]["total_loss"])
+
+
+def test_unusable_settings_are_rejected(shapes8, tmp_path):
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        train(tiny_config(shapes8, tmp_path, "train.precision=fp16"))
+    with pytest.raises(ValueError, match="instances_train.json has 3 categories.*num_classes is 5"):
+        train(tiny_config(shapes8, tmp_path, "model.roi_heads.num_classes=5"))
+
+
+def test_tensorboard_without_package_is_a_clear_error(tmp_path):
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed")
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        MetricsLogger(tmp_path, tensorboard=True)
+
+
+def test_command_line_reads_file_then_overrides(shapes8, tmp_path, monkeypatch, capsys):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("solver:\n  max_iter: 2\ntrain:\n  log_period: 1\n")
+    out = tmp_path / "cli"
+    argv = ["train.py", "--config", str(config_file), *tiny_overrides(shapes8, out), "train.log_period=2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(REPO / "tools" / "train.py"), run_name="__main__")
+    assert [r["iteration"] for r in read_jsonl(out / "metrics.jsonl")] == [2]
+    assert json.loads(capsys.readouterr().out)["iteration"] == 2

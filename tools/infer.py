@@ -1,0 +1,60 @@
+"""Run a checkpoint on an image or a folder of images.
+
+    python tools/infer.py --checkpoint output/train/model_final.pth --input photos/ --output output/infer
+
+Writes, per image, ``<name>.png`` (masks, boxes and labels drawn over the image) and with
+``--label-map`` ``<name>_labels.png`` (pixels coloured by class, with a legend), plus ``results.json``:
+COCO result dicts for every image, whose ``image_id`` is the file name, or its number when the name is
+all digits (COCO style, ``000000397133.jpg`` -> 397133), and whose ``category_id`` is the model label.
+"""
+
+import argparse
+from pathlib import Path
+
+from tqdm import tqdm
+
+from maskrcnn.evaluation.coco_evaluator import save_json
+from maskrcnn.predictor import PRECISIONS, Predictor, read_image
+from maskrcnn.visualize import add_legend, draw_instances, label_map, save_png
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file written by training")
+    parser.add_argument("--input", required=True, help="an image file or a folder of images")
+    parser.add_argument("--output", required=True, help="folder for the PNGs and results.json")
+    parser.add_argument("--score-thresh", type=float, default=0.5, help="detections scoring below are dropped")
+    parser.add_argument("--device", default="cpu", help='"cpu", "cuda" or "cuda:N"')
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--label-map", action="store_true", help="also write a per-class label map per image")
+    args = parser.parse_args(argv)
+
+    source = Path(args.input)
+    if not source.exists():
+        raise FileNotFoundError(f"input not found: {source}")
+    paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else [source]
+    if not paths:
+        raise ValueError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision,
+                                          score_thresh=args.score_thresh)
+    num_classes = len(predictor.class_names)
+    output = Path(args.output)
+    results = []
+    for path in tqdm(paths, desc="inference", unit="img", disable=len(paths) == 1):
+        image = read_image(path)
+        instances = predictor(image)
+        save_png(output / f"{path.stem}.png", draw_instances(image, instances, score_thresh=args.score_thresh))
+        if args.label_map:
+            labels = sorted(set(instances.labels.tolist()))
+            classes = label_map(instances.masks, instances.labels, num_classes, scores=instances.scores)
+            save_png(output / f"{path.stem}_labels.png",
+                     add_legend(classes, labels, [predictor.class_names[label - 1] for label in labels]))
+        results.extend(instances.to_coco(int(path.stem) if path.stem.isdigit() else path.name))
+    save_json(output / "results.json", results)
+    print(f"{len(paths)} images, {len(results)} detections; written to {output}")
+
+
+if __name__ == "__main__":
+    main()
