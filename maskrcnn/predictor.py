@@ -58,13 +58,15 @@ def _array_to_tensor(array: np.ndarray, bgr: bool, name: str) -> Tensor:
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise ValueError(f"{name}: expected an H x W, H x W x 1, H x W x 3 or H x W x 4 array, got shape {array.shape}")
+        raise ValueError(f"{name}: expected an H x W, H x W x 1, H x W x 3 or H x W x 4 array, "
+                         f"got shape {array.shape}")
     if array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
     array = array[:, :, :3]  # RGBA / BGRA: drop alpha
     if bgr:
         array = array[:, :, ::-1]
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1).div_(255)  # (H, W, 3) -> (3, H, W)
+    pixels = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return pixels.permute(2, 0, 1).div_(255)  # (H, W, 3) -> (3, H, W)
 
 
 def _tensor_to_image(tensor: Tensor, name: str) -> Tensor:
@@ -72,7 +74,8 @@ def _tensor_to_image(tensor: Tensor, name: str) -> Tensor:
     if tensor.dim() == 2:
         tensor = tensor[None]
     if tensor.dim() != 3 or tensor.shape[0] not in (1, 3, 4):
-        raise ValueError(f"{name}: expected a 3 x H x W (or 1 x H x W, 4 x H x W, H x W) tensor, got shape {tuple(tensor.shape)}")
+        raise ValueError(f"{name}: expected a 3 x H x W (or 1 x H x W, 4 x H x W, H x W) tensor, "
+                         f"got shape {tuple(tensor.shape)}")
     tensor = tensor[:3].expand(3, -1, -1)  # grayscale (1, H, W) repeats, RGBA (4, H, W) drops alpha
     if tensor.dtype == torch.uint8:
         return tensor.float().div(255)
@@ -223,8 +226,9 @@ def detect(model: MaskRCNN, images: Sequence[Tensor], *, class_names: Sequence[s
             masks = paste_masks_in_image(probs, boxes, image_size, threshold=model.mask_threshold,
                                          memory_mb=model.paste_memory_mb).cpu()
         elif mask_format == "rle":
-            masks = encode_mask_regions(paste_mask_regions(probs, boxes, image_size, threshold=model.mask_threshold),
-                                        image_size)
+            regions = paste_mask_regions(probs, boxes, image_size, threshold=model.mask_threshold,
+                                         memory_mb=model.paste_memory_mb)
+            masks = encode_mask_regions(regions, image_size)
         else:
             masks = None
         labels = output["labels"].cpu()

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pycocotools.mask as mask_utils
 import pytest
 import torch
 import torch.distributed as dist
@@ -160,6 +159,14 @@ def test_segm_needs_segmentation(dataset_dir):
         evaluate_results(coco_gt, results, ("segm",), verbose=False)
 
 
+def test_results_for_unknown_images_or_categories_are_rejected(dataset_dir):
+    coco_gt = load_coco(dataset_dir / "ann.json")
+    with pytest.raises(ValueError, match=r"image_id values not in the ground truth: \[99\]"):
+        evaluate_results(coco_gt, [dict(_perfect_results()[0], image_id=99)], verbose=False)
+    with pytest.raises(ValueError, match=r"category_id values not in the ground truth: \[2\]"):
+        evaluate_results(coco_gt, [dict(_perfect_results()[0], category_id=2)], verbose=False)
+
+
 def test_summary_and_per_category_table_are_printed(dataset_dir, capsys):
     evaluate_results(load_coco(dataset_dir / "ann.json"), _perfect_results(), ("bbox",))
     out = capsys.readouterr().out
@@ -228,7 +235,8 @@ def test_distributed_inference_gathers_every_image_on_rank_zero(dataset_dir):
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_distributed_worker, args=(rank, 2, port, str(dataset_dir), queue)) for rank in range(2)]
+    procs = [ctx.Process(target=_distributed_worker, args=(rank, 2, port, str(dataset_dir), queue))
+             for rank in range(2)]
     for p in procs:
         p.start()
     returned = dict(queue.get(timeout=120) for _ in procs)

@@ -46,6 +46,15 @@ def read_jsonl(path: Path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The test machine's few cores are shared: one intra-op thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def shapes8(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shapes8")
@@ -106,17 +115,17 @@ def test_resume_reproduces_uninterrupted_run(shapes8, tmp_path, monkeypatch):
     expected = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
 
     interrupted = tiny_config(shapes8, tmp_path / "resumed", "solver.max_iter=6", "train.checkpoint_period=3")
-    original_plot = MetricsLogger.plot
+    original_log = MetricsLogger.log
 
-    def crash_after_iteration_4(logger):
-        original_plot(logger)
-        if logger.records[-1]["iteration"] == 4:
+    def crash_after_logging_iteration_4(logger, record):
+        original_log(logger, record)
+        if record["iteration"] == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(MetricsLogger, "plot", crash_after_iteration_4)
+    monkeypatch.setattr(MetricsLogger, "log", crash_after_logging_iteration_4)
     with pytest.raises(KeyboardInterrupt):
         train(interrupted)
-    monkeypatch.setattr(MetricsLogger, "plot", original_plot)
+    monkeypatch.setattr(MetricsLogger, "log", original_log)
     assert len(read_jsonl(tmp_path / "resumed" / "metrics.jsonl")) == 4
     assert find_last_checkpoint(tmp_path / "resumed").name == "model_0000003.pth"
 

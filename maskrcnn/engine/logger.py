@@ -83,13 +83,13 @@ class MetricsLogger:
         ax.set_yscale("log")
         ax.set_xlabel("iteration")
         ax.set_ylabel("loss")
-        ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, alpha=0.3)
         lr_ax = ax.twinx()
         lr_ax.plot(iterations, [r["lr"] for r in train], color="black", linestyle="--", linewidth=1.0, label="lr")
         lr_ax.set_ylabel("learning rate")
         lines = ax.get_lines() + lr_ax.get_lines()
         ax.legend(lines, [line.get_label() for line in lines], fontsize="small", loc="upper right")
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.09, right=0.89, top=0.97, bottom=0.1)
         atomic_write(self.output_dir / CURVE_FILE, lambda f: fig.savefig(f, format="png"))
 
     def close(self) -> None:

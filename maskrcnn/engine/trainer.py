@@ -4,7 +4,8 @@ One iteration: fetch a batch -> forward under autocast -> check the total loss i
 (scaled for fp16) -> optional gradient clipping -> optimizer step -> scheduler step. Every
 ``train.log_period`` iterations the loss means since the previous log step are averaged over processes
 and written by rank 0 (see :mod:`maskrcnn.engine.logger`); checkpoints are written every
-``train.checkpoint_period`` iterations and at the end (see :mod:`maskrcnn.engine.checkpoint`).
+``train.checkpoint_period`` iterations and at the end (see :mod:`maskrcnn.engine.checkpoint`). The loss
+curve is redrawn at log steps, at most every ``PLOT_INTERVAL_S`` seconds, and after the last iteration.
 
 Files in ``train.output_dir``: ``config.yaml`` (the resolved configuration), ``model_{iter:07d}.pth``,
 ``model_final.pth``, ``last_checkpoint``, ``metrics.jsonl``, ``loss_curve.png``, ``metrics.json``
@@ -17,6 +18,7 @@ with ``iteration`` 100 come after the 100th step.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -40,6 +42,9 @@ from .distributed import (all_gather_object, all_reduce_mean, all_true, barrier,
 from .logger import MetricsLogger
 from .optim import build_lr_scheduler, build_optimizer
 
+# The loss curve is redrawn at a log step only if this many seconds passed since the last redraw (and
+# always at the last iteration): drawing takes ~0.2 s, which at short log periods would slow training.
+PLOT_INTERVAL_S = 10.0
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -139,6 +144,7 @@ class _Run:
             self.logger = MetricsLogger(self.output_dir, start_iter=self.start_iter,
                                         tensorboard=cfg.train.tensorboard)
         self.last_record: Optional[Dict] = None
+        self.last_plot = -math.inf
         self.last_eval: Optional[Dict] = None
 
     def run(self) -> Dict:
@@ -206,7 +212,10 @@ class _Run:
         self.last_record = record
         if self.logger is not None:
             self.logger.log(record)
-            self.logger.plot()
+            now = time.perf_counter()
+            if now - self.last_plot >= PLOT_INTERVAL_S or iteration == self.cfg.solver.max_iter:
+                self.logger.plot()
+                self.last_plot = now
             bar.set_postfix(loss=f"{record['total_loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
 
     def _save(self, name: str, iteration: int, rng: Optional[dict] = None) -> None:
@@ -235,6 +244,9 @@ class _Run:
         bad = {name: float(value.detach()) for name, value in losses.items() if not torch.isfinite(value).all()}
         name = f"model_{iteration:07d}.pth"
         self._save(name, iteration, rng=rng_before)
+        if self.logger is not None:
+            self.logger.plot()
+            self.logger.close()
         barrier()
         where = ", ".join(f"{k}={v}" for k, v in bad.items()) if bad else "a loss on another process"
         raise FloatingPointError(

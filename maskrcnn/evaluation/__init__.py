@@ -1,1 +1,2 @@
-"""COCO evaluation (:mod:`~maskrcnn.evaluation.coco_evaluator`) and RLE mask encoding (:mod:`~maskrcnn.evaluation.rle`)."""
+"""COCO evaluation (:mod:`maskrcnn.evaluation.coco_evaluator`) and COCO RLE mask encoding
+(:mod:`maskrcnn.evaluation.rle`)."""

@@ -9,9 +9,9 @@ Under ``torch.distributed`` each process runs its share of the images (every wor
 rank) and rank 0 gathers the results and scores them.
 
 The metrics dict holds, per IoU type ("bbox", "segm"), ``AP`` (IoU 0.50:0.95), ``AP50``, ``AP75``, ``APs``,
-``APm``, ``APl`` on pycocotools' 0-1 scale and ``per_category`` (category name -> AP). Where pycocotools
-has no ground truth to score (-1 in its summary, e.g. no small objects; NaN for a category without ground
-truth) the value is ``None`` (JSON null).
+``APm``, ``APl`` on pycocotools' 0-1 scale and ``per_category`` (category name -> AP). Where there is no
+ground truth to score (-1 in pycocotools' summary, e.g. no small objects; a category without ground truth,
+which pycocotools would average to NaN) the value is ``None`` (JSON null).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from pycocotools.coco import COCO
@@ -112,9 +111,8 @@ def _load_results(coco_gt: COCO, results: List[dict]) -> COCO:
 
 
 def _none_if_missing(value: float) -> Optional[float]:
-    """pycocotools marks 'nothing to score' as -1 (summary) or NaN (means over empty sets)."""
-    value = float(value)
-    return None if value < 0 or np.isnan(value) else value
+    """pycocotools' summary marks 'no ground truth to score' as -1."""
+    return None if value < 0 else float(value)
 
 
 def format_per_category(per_category: Dict[str, Optional[float]], columns: int = 3) -> str:
@@ -134,6 +132,10 @@ def evaluate_results(coco_gt: COCO, results: List[dict], iou_types: Sequence[str
     verbose: print pycocotools' 12-number summary and a per-category AP table for each IoU type.
     Returns ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_category": {name: AP}}}``.
     """
+    for key, known in (("image_id", coco_gt.getImgIds()), ("category_id", coco_gt.getCatIds())):
+        unknown = sorted({r[key] for r in results} - set(known), key=str)
+        if unknown:
+            raise ValueError(f"results name {key} values not in the ground truth: {unknown[:10]}")
     metrics = {}
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:
@@ -187,7 +189,6 @@ def evaluate(model: Union[MaskRCNN, DistributedDataParallel], ann_file: Union[st
     (number of images) and ``images_per_s`` (inference throughput, image reading and RLE encoding included).
     output_dir: if given, rank 0 writes ``results.json`` (COCO results) and ``metrics.json`` there, atomically.
     """
-    coco_gt = load_coco(ann_file)
     dataset = CocoDetection(ann_file, image_dir)
     start = time.perf_counter()
     results = run_inference(model, dataset, batch_size=batch_size, device=device, precision=precision,
@@ -195,10 +196,9 @@ def evaluate(model: Union[MaskRCNN, DistributedDataParallel], ann_file: Union[st
     elapsed = time.perf_counter() - start
     if results is None:
         return None
-    metrics = evaluate_results(coco_gt, results, iou_types, verbose=verbose)
-    num_images = len(coco_gt.getImgIds())
-    metrics["images"] = num_images
-    metrics["images_per_s"] = num_images / elapsed
+    metrics = evaluate_results(load_coco(ann_file), results, iou_types, verbose=verbose)
+    metrics["images"] = len(dataset)
+    metrics["images_per_s"] = len(dataset) / elapsed
     if output_dir is not None:
         save_json(Path(output_dir) / "results.json", results)
         save_json(Path(output_dir) / "metrics.json", metrics)

@@ -1,0 +1,920 @@
+"""The learner's view: how Mask R-CNN turns one image and its instance masks into a training signal, and
+its 28x28 mask predictions into full-resolution masks, with figures and numbers from a real model run.
+
+Shorthand: H x W the training input (the image resized as training and inference resize it: shortest
+side ``model.min_size``, longest at most ``model.max_size``); K object classes; L pyramid levels; A anchors
+per location; T anchors of the image; P positive RoIs of the image; S = 28 the mask side; D detections;
+M ground-truth instances.
+
+Nothing here re-implements the model. One training-mode forward pass is recorded with forward hooks on
+``fpn`` (the pyramid), ``rpn.head`` (objectness logits and anchor deltas), ``rpn`` (proposals after NMS),
+``roi_heads.mask_pooler`` (the positive RoIs the mask loss used) and ``roi_heads.mask_head`` (their mask
+logits). The rest comes from the model's own functions: ``rpn.label_anchors`` and ``rpn.box_coder``, the
+RoI ``matcher`` (which instance each positive RoI crops), ``mask_targets``, ``mask_loss``,
+``mask_probs_of_class``, ``assign_levels``, and inference through :func:`maskrcnn.predictor.detect`,
+whose masks are ``paste_masks_in_image``'s.
+
+:func:`write_explanation` writes these figures (``docs/how-it-works.md`` refers to the names) and
+``explain.md``, a page tying them together with the numbers of the run:
+
+    input_gt.png        the input, its instance masks coloured by class and by instance
+    fpn_levels.png      a few channels of each pyramid level P2..P6, with strides
+    rpn_anchors.png     the anchors at one location; every anchor's training label, level by level
+    rpn_proposals.png   the highest-scoring proposals before and after NMS
+    mask_targets.png    per positive RoI: box, cropped mask, 28x28 target, prediction, per-cell BCE
+    mask_gradients.png  where the mask loss's gradient reaches the pyramid, through RoIAlign
+    paste.png           28x28 probabilities -> resized to the box -> placed in the image -> thresholded
+    final.png           all detections with scores, and the per-class label map
+    generalisation.png  the explained image vs a held-out one, training loss curve, validation AP
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from torch import Tensor, nn
+from torchvision.ops import box_area, box_iou, clip_boxes_to_image
+
+from maskrcnn.data.coco import CocoDetection
+from maskrcnn.data.transforms import ResizeShortestEdge
+from maskrcnn.engine.checkpoint import atomic_write
+from maskrcnn.evaluation.coco_evaluator import load_coco
+from maskrcnn.evaluation.rle import encode_masks
+from maskrcnn.modeling.mask_head import mask_loss, mask_probs_of_class, mask_targets
+from maskrcnn.modeling.maskrcnn import MaskRCNN
+from maskrcnn.modeling.matcher import match_boxes
+from maskrcnn.modeling.poolers import assign_levels
+from maskrcnn.predictor import Instances, Predictor, detect
+from maskrcnn.structures import BitMasks
+from maskrcnn.visualize import add_legend, colors, draw_instances, label_map
+
+FIGURES = ("input_gt.png", "fpn_levels.png", "rpn_anchors.png", "rpn_proposals.png", "mask_targets.png",
+           "mask_gradients.png", "paste.png", "final.png", "generalisation.png")
+PAGE = "explain.md"
+
+_POSITIVE, _IGNORED, _NEGATIVE = (0.2, 0.8, 0.3), (0.95, 0.75, 0.1), (0.15, 0.2, 0.35)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs: an annotated image, the training log, the evaluation metrics
+# ---------------------------------------------------------------------------------------------------------
+
+def locate_image(ann_file: Union[str, Path], image_path: Union[str, Path],
+                 image_id: Optional[int] = None) -> Tuple[int, Path]:
+    """The COCO id of the image file ``image_path`` in ``ann_file`` and the folder its ``file_name`` is
+    relative to. image_id: the id, when the file name alone does not identify the image; it is checked
+    against the file name."""
+    coco = load_coco(ann_file)
+    path = Path(image_path)
+    if image_id is None:
+        ids = [i for i, image in coco.imgs.items() if Path(image["file_name"]).name == path.name]
+        if len(ids) != 1:
+            found = "no image" if not ids else f"{len(ids)} images"
+            raise ValueError(f"{ann_file}: {found} with file name {path.name!r}; pass the image id explicitly")
+        image_id = ids[0]
+    if image_id not in coco.imgs:
+        raise ValueError(f"image id {image_id} is not in {ann_file}")
+    file_name = coco.imgs[image_id]["file_name"]
+    if Path(file_name).name != path.name:
+        raise ValueError(f"{ann_file}: image id {image_id} is the file {file_name!r}, not {path.name!r}")
+    return image_id, path.parents[len(Path(file_name).parts) - 1]
+
+
+def load_example(dataset: CocoDetection, image_id: Optional[int] = None, *,
+                 min_instances: int = 2) -> Tuple[Tensor, dict]:
+    """One image of ``dataset`` at its file size: ``(3, H, W)`` float 0-1 RGB and its target.
+
+    image_id: the COCO id; by default the first image with at least ``min_instances`` instances (else the
+    first with any). Raises ``ValueError`` naming the annotation file when the id is unknown or the image
+    has no (non-crowd) instance to explain.
+    """
+    if image_id is not None:
+        if image_id not in dataset.image_ids:
+            raise ValueError(f"image id {image_id} is not in {dataset.ann_file}")
+        image, target = dataset[dataset.image_ids.index(image_id)]
+        if len(target["boxes"]) == 0:
+            raise ValueError(f"image id {image_id} in {dataset.ann_file} has no instance annotation to explain")
+        return image, target
+    fallback = None
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        if len(target["boxes"]) >= min_instances:
+            return image, target
+        if fallback is None and len(target["boxes"]):
+            fallback = image, target
+    if fallback is None:
+        raise ValueError(f"{dataset.ann_file} has no image with an instance annotation to explain")
+    return fallback
+
+
+def read_training_log(path: Union[str, Path]) -> List[dict]:
+    """The records of a training ``metrics.jsonl`` (see :mod:`maskrcnn.engine.logger`), in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training log not found: {path}")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {number} is not JSON: {exc.msg}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
+            raise ValueError(f"{path}: line {number} is not a record with an integer 'iteration'")
+        records.append(record)
+    return records
+
+
+def read_eval_metrics(path: Union[str, Path]) -> Optional[dict]:
+    """Validation metrics ``{"bbox": {...}, "segm": {...}}`` from an evaluator ``metrics.json`` or from a
+    training summary ``metrics.json`` (its ``eval`` entry); ``None`` when the training ran no evaluation."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    if isinstance(data, dict) and isinstance(data.get("segm"), dict):
+        return data
+    if isinstance(data, dict) and "eval" in data and (data["eval"] is None or isinstance(data["eval"].get("segm"), dict)):
+        return data["eval"]
+    raise ValueError(f"{path}: expected evaluation metrics ('segm' and 'bbox' entries) or a training summary "
+                     "with an 'eval' entry")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training view: one traced training-mode forward pass
+# ---------------------------------------------------------------------------------------------------------
+
+def training_input(model: MaskRCNN, image: Tensor, target: dict) -> Tuple[Tensor, dict]:
+    """The image and target resized as the data pipeline resizes them for training (no flip).
+
+    image: ``(3, H0, W0)`` float 0-1 RGB at its file size; target: its dataset target.
+    Returns ``(3, H, W)`` float 0-1 and the target in the pixels of the resized image.
+    """
+    resize = ResizeShortestEdge([model.min_size], model.max_size)
+    pixels, target = resize(_to_uint8(image), target, np.random.default_rng(0))
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).float().div(255), target
+
+
+def trace_training_step(model: MaskRCNN, image: Tensor, target: dict, *, seed: int = 0) -> dict:
+    """One training-mode forward pass of ``model`` on one image, recorded by forward hooks.
+
+    image: ``(3, H, W)`` float 0-1 RGB training input, on the model's device; target: its training target.
+    seed: seeds the model's random sampling of anchors and RoIs; the caller's RNG state is restored after.
+    Normalisation layers stay in eval mode (one image's batch statistics are not the trained ones) and no
+    weight changes. Returns:
+        losses: name -> float, the model's own training losses for this image;
+        features: L detached ``(1, C, Hi, Wi)`` tensors, P2..P6;
+        feature_grads: ``(1, C, Hi, Wi)`` gradients of ``loss_mask`` with respect to each pooled level;
+        rpn_logits, rpn_deltas: per level ``(1, A, Hi, Wi)`` and ``(1, 4A, Hi, Wi)``;
+        proposals: ``(R, 4)`` xyxy proposals after NMS, highest objectness first;
+        padded_size: ``(Hp, Wp)`` of the padded batch;
+        positive_boxes: ``(P, 4)`` xyxy the positive RoIs the mask loss was computed on;
+        mask_logits: ``(P, K, S, S)`` the mask head's logits for them.
+    """
+    captured: Dict[str, object] = {}
+
+    def record(name, inputs=False):
+        def hook(module, args, output):
+            captured[name] = args if inputs else output
+        return hook
+
+    hooks = [model.backbone.register_forward_hook(record("backbone", inputs=True)),
+             model.fpn.register_forward_hook(record("features")),
+             model.rpn.head.register_forward_hook(record("rpn_head")),
+             model.rpn.register_forward_hook(record("rpn")),
+             model.roi_heads.mask_pooler.register_forward_hook(record("mask_pooler", inputs=True)),
+             model.roi_heads.mask_head.register_forward_hook(record("mask_head"))]
+    was_training = model.training
+    devices = [image.device.index or 0] if image.device.type == "cuda" else []
+    try:
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            torch.manual_seed(seed)
+            losses = model([image], [target])
+            pooled = captured["features"][: len(model.roi_heads.mask_pooler.scales)]
+            grads = torch.autograd.grad(losses["loss_mask"], pooled, materialize_grads=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    num_classes = model.num_classes
+    side = 2 * model.roi_heads.mask_pooler.output_size
+    if "mask_pooler" in captured:
+        positive_boxes = torch.cat(captured["mask_pooler"][1])
+        mask_logits = captured["mask_head"].detach()
+    else:  # no positive RoI: the mask head did not run
+        positive_boxes = image.new_zeros((0, 4))
+        mask_logits = image.new_zeros((0, num_classes, side, side))
+    logits, deltas = captured["rpn_head"]
+    return {
+        "losses": {name: float(value.detach()) for name, value in losses.items()},
+        "features": [f.detach() for f in captured["features"]],
+        "feature_grads": list(grads),
+        "rpn_logits": [x.detach() for x in logits],
+        "rpn_deltas": [x.detach() for x in deltas],
+        "proposals": captured["rpn"][0][0],
+        "padded_size": tuple(int(s) for s in captured["backbone"][0].shape[-2:]),
+        "positive_boxes": positive_boxes,
+        "mask_logits": mask_logits,
+    }
+
+
+def level_names(model: MaskRCNN) -> List[str]:
+    """``"P2"``, ..., ``"P6"``: pyramid level k has stride ``2**k``."""
+    return [f"P{int(np.log2(stride))}" for stride in model.fpn.strides]
+
+
+def fpn_view(model: MaskRCNN, trace: dict, *, channels: int = 4) -> List[dict]:
+    """Per pyramid level: ``name``, ``stride`` (input pixels per feature cell), ``shape`` (Hi, Wi) and the
+    ``channels`` most varied channels as ``maps`` ``(channels, Hi, Wi)`` float, with their ``indices``."""
+    out = []
+    for name, stride, feature in zip(level_names(model), model.fpn.strides, trace["features"]):
+        maps = feature[0].float().cpu()  # (1, C, Hi, Wi) -> (C, Hi, Wi)
+        indices = maps.flatten(1).var(dim=1).topk(min(channels, len(maps))).indices
+        out.append({"name": name, "stride": int(stride), "shape": tuple(maps.shape[-2:]),
+                    "indices": indices.tolist(), "maps": maps[indices].numpy()})
+    return out
+
+
+def anchor_view(model: MaskRCNN, trace: dict, target: dict) -> dict:
+    """Every anchor's training label, from the model's own ``rpn.label_anchors``.
+
+    target: the training target (boxes in training-input pixels). Returns:
+        levels: per level ``name``, ``stride``, ``anchor_size``, ``shape`` (Hi, Wi), ``positive``,
+            ``negative``, ``ignored`` counts and ``status`` ``(Hi, Wi)`` int: 1 where an anchor of the
+            location is positive, else -1 where one is ignored, else 0 (all negative);
+        total, positive, negative, ignored: anchor counts over all levels;
+        positive_anchors: ``(n, 4)`` xyxy;
+        location: the location whose anchor best overlaps the largest instance: ``instance``, ``level``
+            (index), ``cell`` (x, y) on that level, ``anchors`` ``(A, 4)``, ``labels`` ``(A,)`` in {1, 0, -1},
+            ``ious`` ``(A,)`` with the instance, ``aspect_ratios`` (height / width).
+    """
+    feature_shapes = [tuple(f.shape[-2:]) for f in trace["features"]]
+    device = trace["features"][0].device
+    anchors = model.rpn.anchor_generator(feature_shapes, trace["padded_size"], device)
+    all_anchors = torch.cat(anchors)
+    labels = model.rpn.label_anchors(all_anchors, [_on(target, device)])[0][0].cpu()  # (1, T) -> (T,)
+    per_location = model.rpn.anchor_generator.num_anchors_per_location
+    levels = []
+    for name, stride, size, (hi, wi), level_labels in zip(
+            level_names(model), model.fpn.strides, model.rpn.anchor_generator.sizes, feature_shapes,
+            labels.split([len(a) for a in anchors])):
+        grid = level_labels.view(hi, wi, per_location)  # (Hi*Wi*A,) -> (Hi, Wi, A), the order of anchors.py
+        status = torch.where((grid == 1).any(-1), 1, torch.where((grid == -1).any(-1), -1, 0))
+        levels.append({"name": name, "stride": int(stride), "anchor_size": int(size), "shape": (hi, wi),
+                       "positive": int((level_labels == 1).sum()), "negative": int((level_labels == 0).sum()),
+                       "ignored": int((level_labels == -1).sum()), "status": status.numpy()})
+    gt_boxes = target["boxes"].to(device)
+    instance = int(box_area(gt_boxes).argmax())
+    ious = box_iou(gt_boxes[instance:instance + 1], all_anchors)[0]
+    best = int(ious.argmax())
+    level = int(np.searchsorted(np.cumsum([len(a) for a in anchors]), best, side="right"))
+    cell = (best - sum(len(a) for a in anchors[:level])) // per_location
+    first = sum(len(a) for a in anchors[:level]) + cell * per_location
+    wi = feature_shapes[level][1]
+    return {
+        "levels": levels, "total": len(labels), "positive": int((labels == 1).sum()),
+        "negative": int((labels == 0).sum()), "ignored": int((labels == -1).sum()),
+        "positive_anchors": all_anchors[labels.to(device) == 1].cpu(),
+        "location": {"instance": instance, "level": level, "cell": (cell % wi, cell // wi),
+                     "anchors": all_anchors[first:first + per_location].cpu(),
+                     "labels": labels[first:first + per_location], "ious": ious[first:first + per_location].cpu(),
+                     "aspect_ratios": list(model.rpn.anchor_generator.aspect_ratios)},
+    }
+
+
+def proposal_view(model: MaskRCNN, trace: dict, image_size: Tuple[int, int], *, top: int = 20) -> dict:
+    """The ``top`` highest-objectness proposals before NMS (anchors decoded by ``rpn.box_coder``, clipped to
+    the image) and after it (the RPN's output); boxes ``(top, 4)`` xyxy training-input pixels. Also the
+    counts: ``anchors`` T, ``pre_nms`` candidates kept by the per-level top-k, ``post_nms`` proposals; and
+    the RPN's ``nms_thresh``."""
+    feature_shapes = [tuple(f.shape[-2:]) for f in trace["features"]]
+    device = trace["features"][0].device
+    anchors = model.rpn.anchor_generator(feature_shapes, trace["padded_size"], device)
+    # (1, A, Hi, Wi) -> (Hi, Wi, A) -> (Hi*Wi*A,): the anchor order of anchors.py
+    logits = torch.cat([x[0].permute(1, 2, 0).reshape(-1) for x in trace["rpn_logits"]])
+    # (1, 4A, Hi, Wi) -> (A, 4, Hi, Wi) -> (Hi, Wi, A, 4) -> (Hi*Wi*A, 4)
+    deltas = torch.cat([x[0].view(-1, 4, *x.shape[-2:]).permute(2, 3, 0, 1).reshape(-1, 4)
+                        for x in trace["rpn_deltas"]])
+    best = logits.topk(min(top, len(logits))).indices
+    before = model.rpn.box_coder.decode(deltas[best].float(), torch.cat(anchors)[best])[:, 0]  # (k, 1, 4) -> (k, 4)
+    pre_topk = model.rpn.pre_nms_topk[0]
+    return {"before_nms": clip_boxes_to_image(before, image_size).cpu(),
+            "before_scores": torch.sigmoid(logits[best].float()).cpu(),
+            "after_nms": trace["proposals"][:top].cpu(),
+            "anchors": len(logits), "pre_nms": sum(min(pre_topk, len(a)) for a in anchors),
+            "post_nms": len(trace["proposals"]), "nms_thresh": float(model.rpn.nms_thresh)}
+
+
+def mask_view(model: MaskRCNN, trace: dict, target: dict) -> dict:
+    """The mask head's training signal for every positive RoI of the traced step.
+
+    Each positive RoI crops the instance the RoI ``matcher`` assigns it (``match_boxes``), and
+    ``mask_targets`` turns the crop into an ``S x S`` target. Returns:
+        mask_rois: per positive RoI ``box`` (4,) xyxy, ``instance`` index, ``label`` 1..K, ``iou`` with the
+            instance's box, ``level`` (pyramid level k of Pk that RoIAlign read), ``target`` ``(S, S)``
+            float 0-1, ``logits`` ``(S, S)`` of the instance's class channel, ``probs`` their sigmoid,
+            ``bce`` ``(S, S)`` per-cell binary cross-entropy, ``loss`` its mean, ``cells`` S * S;
+        mask_loss: ``mask_loss`` on all of them (equals the model's ``loss_mask``);
+        mask_matched, mask_classes: ``(P,)`` int64 instance index and label of each RoI.
+    """
+    boxes = trace["positive_boxes"]
+    logits = trace["mask_logits"]
+    gt_boxes = target["boxes"].to(boxes)
+    matched = match_boxes(model.roi_heads.matcher, gt_boxes, boxes)  # (P,), >= 0: positives match by definition
+    classes = target["labels"].to(boxes.device)[matched]
+    targets = mask_targets([target["masks"]], [boxes], [matched], logits.shape[-1])
+    loss = float(mask_loss(logits, classes, targets))
+    pooler = model.roi_heads.mask_pooler
+    levels = assign_levels(boxes, min_level=pooler.min_level, max_level=pooler.max_level,
+                           canonical_scale=pooler.canonical_scale, canonical_level=pooler.canonical_level)
+    class_logits = logits[torch.arange(len(classes), device=classes.device), classes - 1]  # (P, K, S, S) -> (P, S, S)
+    probs = mask_probs_of_class(logits, classes)
+    bce = F.binary_cross_entropy_with_logits(class_logits.float(), targets, reduction="none")
+    ious = box_iou(boxes, gt_boxes)[torch.arange(len(boxes), device=boxes.device), matched]
+    rois = [{"box": boxes[i].cpu(), "instance": int(matched[i]), "label": int(classes[i]), "iou": float(ious[i]),
+             "level": int(levels[i]) + pooler.min_level, "target": targets[i].cpu(), "logits": class_logits[i].cpu(),
+             "probs": probs[i].cpu(), "bce": bce[i].cpu(), "loss": float(bce[i].double().mean()),
+             "cells": int(bce[i].numel())} for i in range(len(boxes))]
+    return {"mask_rois": rois, "mask_loss": loss, "mask_matched": matched.cpu(), "mask_classes": classes.cpu()}
+
+
+def pick_rois(rois: List[dict], count: int) -> List[int]:
+    """Indices of up to ``count`` RoIs to show: for each instance in turn, its positive RoI of lowest IoU
+    (the most offset box still trained as that instance), then the rest by decreasing IoU."""
+    chosen = []
+    for instance in sorted({r["instance"] for r in rois}):
+        candidates = [i for i, r in enumerate(rois) if r["instance"] == instance]
+        chosen.append(min(candidates, key=lambda i: rois[i]["iou"]))
+    rest = sorted((i for i in range(len(rois)) if i not in chosen), key=lambda i: -rois[i]["iou"])
+    return (chosen + rest)[:count]
+
+
+def gradient_view(model: MaskRCNN, trace: dict, rois: List[dict]) -> List[dict]:
+    """Per pooled level: ``name``, ``stride``, ``magnitude`` ``(Hi, Wi)`` the channel sum of
+    |d loss_mask / d Pk|, and ``rois`` the indices of the positive RoIs that RoIAlign read from it."""
+    out = []
+    for name, stride, grad in zip(level_names(model), model.fpn.strides, trace["feature_grads"]):
+        level = int(name[1:])
+        out.append({"name": name, "stride": int(stride), "magnitude": grad[0].abs().sum(0).float().cpu().numpy(),
+                    "rois": [i for i, r in enumerate(rois) if r["level"] == level]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The inference view
+# ---------------------------------------------------------------------------------------------------------
+
+def inference_view(model: MaskRCNN, image: Tensor, target: dict, *, class_names: Sequence[str],
+                   score_thresh: float) -> dict:
+    """Inference on one image at its file size, as :func:`maskrcnn.predictor.detect` runs it.
+
+    image: ``(3, H, W)`` float 0-1 RGB on the model's device; target: its dataset target (file pixels).
+    Returns ``image`` ``(H, W, 3)`` uint8, ``instances`` (:class:`Instances`, masks pasted), ``mask_probs``
+    ``(D, S, S)`` the head's probabilities (recorded on ``roi_heads``) in the order of ``instances``,
+    ``gt_masks`` ``(M, H, W)`` bool, ``gt_labels`` ``(M,)``, ``best_iou`` ``(M,)``: per instance, the
+    highest mask IoU (pycocotools) with a detection scoring at least ``score_thresh``, ``image_id``.
+    """
+    captured = {}
+    hook = model.roi_heads.register_forward_hook(lambda module, args, output: captured.update(output=output))
+    was_training = model.training
+    try:
+        model.eval()
+        instances = detect(model, [image], class_names=class_names)[0]
+    finally:
+        hook.remove()
+        model.train(was_training)
+    gt_masks = _bitmaps(target["masks"])
+    kept = instances.filter(score_thresh)
+    if len(kept) and len(gt_masks):
+        ious = mask_utils.iou(encode_masks(kept.masks), encode_masks(gt_masks), [0] * len(gt_masks))
+        best_iou = np.asarray(ious).reshape(len(kept), len(gt_masks)).max(axis=0)
+    else:
+        best_iou = np.zeros(len(gt_masks))
+    return {"image": _to_uint8(image), "instances": instances, "mask_probs": captured["output"][0]["mask_probs"].cpu(),
+            "gt_masks": gt_masks, "gt_labels": target["labels"].cpu(), "best_iou": best_iou,
+            "image_id": target.get("image_id")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Everything for one image
+# ---------------------------------------------------------------------------------------------------------
+
+def explain(model: MaskRCNN, image: Tensor, target: dict, *, class_names: Sequence[str],
+            heldout: Optional[Tuple[Tensor, dict]] = None, log_records: Sequence[dict] = (),
+            eval_metrics: Optional[dict] = None, score_thresh: float = 0.5, num_rois: int = 4,
+            seed: int = 0, image_label: str = "explained image") -> dict:
+    """All the numbers the figures show, for one annotated image.
+
+    model: the trained model (left unchanged, in the mode it came in). image: ``(3, H0, W0)`` float 0-1
+    RGB at its file size; target: its dataset target (see :class:`maskrcnn.data.coco.CocoDetection`).
+    heldout: an image and target the model never trained on (e.g. from the validation split).
+    log_records: the training ``metrics.jsonl`` records; eval_metrics: validation metrics (``segm``, ``bbox``).
+    score_thresh: detections drawn and matched to instances score at least this.
+    num_rois: positive RoIs shown in the mask-target figure. seed: seeds the RoI and anchor sampling.
+    image_label: how the figures name the explained image (e.g. "training image").
+
+    Returns a dict with ``input`` (the training input: ``image`` (H, W, 3) uint8, ``size``, ``boxes``,
+    ``labels``, ``masks`` (M, H, W) bool), ``losses`` (the model's training losses on it), ``fpn``
+    (:func:`fpn_view`), ``anchors`` (:func:`anchor_view`), ``proposals`` (:func:`proposal_view`), the
+    :func:`mask_view` entries, ``shown_rois`` (:func:`pick_rois`), ``counts`` (``positive_rois`` P,
+    ``mask_cells`` P * S * S, ``dense_cells`` H * W * K), ``gradients`` (:func:`gradient_view`),
+    ``inference`` and ``heldout`` (:func:`inference_view`, ``heldout`` None without one),
+    ``curve`` (training records with ``total_loss``) and ``validation`` (latest validation metrics or None).
+    """
+    if len(target["boxes"]) == 0:
+        raise ValueError(f"image id {target.get('image_id')} has no instance annotation to explain")
+    if len(class_names) != model.num_classes:
+        raise ValueError(f"got {len(class_names)} class names for a model of {model.num_classes} classes")
+    device = next(model.parameters()).device
+    train_image, train_target = training_input(model, image, target)
+    train_image = train_image.to(device)
+    trace = trace_training_step(model, train_image, train_target, seed=seed)
+    height, width = train_image.shape[-2:]
+    result = {
+        "class_names": list(class_names), "image_id": target.get("image_id"),
+        "original_size": tuple(int(s) for s in image.shape[-2:]),
+        "input": {"image": _to_uint8(train_image), "size": (int(height), int(width)),
+                  "boxes": train_target["boxes"].cpu(), "labels": train_target["labels"].cpu(),
+                  "masks": _bitmaps(train_target["masks"])},
+        "losses": trace["losses"],
+        "fpn": fpn_view(model, trace),
+        "anchors": anchor_view(model, trace, train_target),
+        "proposals": proposal_view(model, trace, (int(height), int(width))),
+        **mask_view(model, trace, train_target),
+    }
+    side = trace["mask_logits"].shape[-1]
+    result["shown_rois"] = pick_rois(result["mask_rois"], num_rois)
+    result["counts"] = {"positive_rois": len(result["mask_rois"]), "mask_side": int(side),
+                        "mask_cells": len(result["mask_rois"]) * side * side,
+                        "dense_cells": int(height) * int(width) * model.num_classes}
+    result["gradients"] = gradient_view(model, trace, result["mask_rois"])
+    result["inference"] = inference_view(model, image.to(device), target, class_names=class_names,
+                                         score_thresh=score_thresh)
+    result["heldout"] = (inference_view(model, heldout[0].to(device), heldout[1], class_names=class_names,
+                                        score_thresh=score_thresh) if heldout is not None else None)
+    result["score_thresh"] = score_thresh
+    result["image_label"] = image_label
+    result["mask_threshold"] = float(model.mask_threshold)
+    result["curve"] = [r for r in log_records if "total_loss" in r]
+    evals = [r for r in log_records if isinstance(r.get("segm"), dict)]
+    result["validation"] = eval_metrics if eval_metrics is not None else (evals[-1] if evals else None)
+    return result
+
+
+def explain_checkpoint(checkpoint: Union[str, Path], *, ann_file: Union[str, Path], image_dir: Union[str, Path],
+                       output_dir: Union[str, Path], image_id: Optional[int] = None,
+                       heldout_ann: Optional[Union[str, Path]] = None,
+                       heldout_images: Optional[Union[str, Path]] = None, heldout_image_id: Optional[int] = None,
+                       log: Optional[Union[str, Path]] = None, metrics: Optional[Union[str, Path]] = None,
+                       device: str = "cpu", score_thresh: float = 0.5, num_rois: int = 4, seed: int = 0,
+                       image_label: str = "explained image") -> dict:
+    """Load a training checkpoint and an annotated image, :func:`explain` it, write the figures and page.
+
+    ann_file, image_dir, image_id: the explained image (default: the first with two or more instances).
+    heldout_ann, heldout_images, heldout_image_id: a held-out image (needs both paths; optional).
+    log: training ``metrics.jsonl``; metrics: validation ``metrics.json`` (evaluator or training summary).
+    device, score_thresh, num_rois, seed, image_label: as for :func:`explain`.
+    Returns the :func:`explain` result, with ``files`` the paths written.
+    """
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, score_thresh=None)
+    dataset = CocoDetection(ann_file, image_dir)
+    image, target = load_example(dataset, image_id)
+    heldout = None
+    if (heldout_ann is None) != (heldout_images is None):
+        raise ValueError("a held-out image needs both an annotation file and an image folder")
+    if heldout_ann is not None:
+        heldout = load_example(CocoDetection(heldout_ann, heldout_images), heldout_image_id)
+    result = explain(predictor.model, image, target, class_names=predictor.class_names, heldout=heldout,
+                     log_records=read_training_log(log) if log is not None else (),
+                     eval_metrics=read_eval_metrics(metrics) if metrics is not None else None,
+                     score_thresh=score_thresh, num_rois=num_rois, seed=seed, image_label=image_label)
+    result["files"] = write_explanation(result, output_dir)
+    return result
+
+
+def _on(target: dict, device) -> dict:
+    """The target with its box tensors on ``device``."""
+    return {k: (v.to(device) if k in ("boxes", "labels", "crowd_boxes") else v) for k, v in target.items()}
+
+
+def _bitmaps(masks) -> Tensor:
+    """BitMasks / PolygonMasks -> ``(M, H, W)`` bool tensor on the CPU."""
+    return (masks if isinstance(masks, BitMasks) else masks.to_bitmasks()).tensor.cpu()
+
+
+def _to_uint8(image: Tensor) -> np.ndarray:
+    """``(3, H, W)`` float 0-1 -> ``(H, W, 3)`` uint8."""
+    return (image.detach().permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Figures and the page
+# ---------------------------------------------------------------------------------------------------------
+
+def write_explanation(result: dict, output_dir: Union[str, Path]) -> List[Path]:
+    """Write the figures named in :data:`FIGURES` and ``explain.md`` for an :func:`explain` result to
+    ``output_dir`` (created if missing); returns the paths written."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    drawers = {"input_gt.png": _draw_input, "fpn_levels.png": _draw_fpn, "rpn_anchors.png": _draw_anchors,
+               "rpn_proposals.png": _draw_proposals, "mask_targets.png": _draw_mask_targets,
+               "mask_gradients.png": _draw_gradients, "paste.png": _draw_paste, "final.png": _draw_final,
+               "generalisation.png": _draw_generalisation}
+    paths = []
+    for name in FIGURES:
+        fig = drawers[name](result)
+        path = output_dir / name
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+        paths.append(path)
+    page = output_dir / PAGE
+    text = explanation_page(result).encode("utf-8")
+    atomic_write(page, lambda f: f.write(text))
+    return paths + [page]
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _show(ax, image, title: str, **kwargs) -> None:
+    ax.imshow(image, **kwargs)
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _box(ax, box, color, *, linewidth: float = 1.2, linestyle: str = "-", scale: float = 1.0) -> None:
+    """Outline an xyxy box given in pixels (divided by ``scale`` for a feature map); pixel i of an image
+    drawn by imshow spans [i - 0.5, i + 0.5]."""
+    x0, y0, x1, y1 = (float(v) / scale for v in box)
+    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=color,
+                           linewidth=linewidth, linestyle=linestyle))
+
+
+def _note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, wrap=True, transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def _class_map(masks, labels, class_names: Sequence[str], scores=None, image_size=None) -> np.ndarray:
+    """Per-class label map with a legend of the classes present."""
+    present = sorted(set(torch.as_tensor(labels).tolist()))
+    image = label_map(masks, labels, len(class_names), scores=scores, image_size=image_size)
+    return add_legend(image, present, [class_names[c - 1] for c in present])
+
+
+def _draw_input(result: dict) -> Figure:
+    inp, names = result["input"], result["class_names"]
+    labels = inp["labels"].tolist()
+    ids = list(range(1, len(labels) + 1))
+    by_instance = add_legend(label_map(inp["masks"], ids, len(ids)), ids,
+                             [f"#{i} {names[c - 1]}" for i, c in zip(ids, labels)])
+    height, width = inp["size"]
+    fig = _figure(12, 4.2)
+    axes = fig.subplots(1, 3)
+    _show(axes[0], inp["image"], f"training input {width}x{height} px (file {result['original_size'][1]}x"
+                                 f"{result['original_size'][0]})")
+    for box in inp["boxes"]:
+        _box(axes[0], box, "white")
+    _show(axes[1], _class_map(inp["masks"], inp["labels"], names), "ground-truth masks, colour = class")
+    _show(axes[2], by_instance, f"{len(ids)} instances, colour = instance")
+    return fig
+
+
+def _draw_fpn(result: dict) -> Figure:
+    levels = result["fpn"]
+    cols = max(len(level["indices"]) for level in levels)
+    fig = _figure(2.3 * cols, 2.0 * len(levels))
+    axes = fig.subplots(len(levels), cols, squeeze=False)
+    for row, level in enumerate(levels):
+        for col in range(cols):
+            if col >= len(level["indices"]):
+                axes[row][col].set_axis_off()
+                continue
+            head = f"{level['name']}: stride {level['stride']}, {level['shape'][1]}x{level['shape'][0]}\n" if col == 0 else "\n"
+            _show(axes[row][col], level["maps"][col], f"{head}channel {level['indices'][col]}", cmap="viridis")
+    fig.suptitle("Feature pyramid: the most varied channels of each level (one cell = stride x stride input pixels)",
+                 fontsize=9)
+    return fig
+
+
+def _status_image(status: np.ndarray) -> np.ndarray:
+    """``(Hi, Wi)`` location status 1 / -1 / 0 -> ``(Hi, Wi, 3)`` float RGB."""
+    out = np.empty((*status.shape, 3))
+    out[status == 1], out[status == -1], out[status == 0] = _POSITIVE, _IGNORED, _NEGATIVE
+    return out
+
+
+def _draw_anchors(result: dict) -> Figure:
+    anchors, inp = result["anchors"], result["input"]
+    location = anchors["location"]
+    chosen = anchors["levels"][location["level"]]
+    height, width = inp["size"]
+    fig = _figure(12, 7.5)
+    grid = fig.add_gridspec(2, 2 * len(anchors["levels"]), height_ratios=[2.2, 1])
+    ax = fig.add_subplot(grid[0, : len(anchors["levels"])])
+    _show(ax, inp["image"], f"the {len(location['anchors'])} anchors at one {chosen['name']} location "
+                            f"(stride {chosen['stride']}, size {chosen['anchor_size']} px)\n"
+                            f"dashed: instance #{location['instance'] + 1}")
+    palette = colors(range(len(location["anchors"]))) / 255
+    kinds = {1: "positive", 0: "negative", -1: "ignored"}
+    for color, box, label, iou, ratio in zip(palette, location["anchors"], location["labels"].tolist(),
+                                             location["ious"].tolist(), location["aspect_ratios"]):
+        _box(ax, box, color, linewidth=1.6)
+        ax.plot([], [], color=color, label=f"h/w {ratio:g}: IoU {iou:.2f}, {kinds[label]}")
+    _box(ax, inp["boxes"][location["instance"]], "white", linestyle="--")
+    boxes = location["anchors"]
+    ax.set_xlim(min(-0.5, float(boxes[:, 0].min()) - 1), max(width - 0.5, float(boxes[:, 2].max()) + 1))
+    ax.set_ylim(max(height - 0.5, float(boxes[:, 3].max()) + 1), min(-0.5, float(boxes[:, 1].min()) - 1))
+    ax.legend(fontsize=7, loc="lower right")
+    ax = fig.add_subplot(grid[0, len(anchors["levels"]):])
+    _show(ax, inp["image"], f"positive anchors (green): {anchors['positive']} positive, {anchors['negative']} "
+                            f"negative, {anchors['ignored']} ignored of {anchors['total']}")
+    for box in anchors["positive_anchors"]:
+        _box(ax, box, _POSITIVE, linewidth=0.8)
+    for box in inp["boxes"]:
+        _box(ax, box, "white", linestyle="--")
+    for i, level in enumerate(anchors["levels"]):
+        ax = fig.add_subplot(grid[1, 2 * i: 2 * i + 2])
+        _show(ax, _status_image(level["status"]),
+              f"{level['name']} {level['shape'][1]}x{level['shape'][0]}, size {level['anchor_size']}\n"
+              f"+{level['positive']}  ?{level['ignored']}  -{level['negative']}")
+        if i == location["level"]:
+            x, y = location["cell"]
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+    fig.suptitle("RPN training labels from rpn.label_anchors; per location: green = a positive anchor, "
+                 "yellow = ignored (IoU between the thresholds), dark = all negative", fontsize=9)
+    return fig
+
+
+def _draw_proposals(result: dict) -> Figure:
+    proposals, inp = result["proposals"], result["input"]
+    fig = _figure(10, 4.8)
+    axes = fig.subplots(1, 2)
+    panels = [(proposals["before_nms"], f"top {len(proposals['before_nms'])} of {proposals['pre_nms']} candidates "
+                                        f"before NMS\n(decoded anchors, highest objectness first)"),
+              (proposals["after_nms"], f"top {len(proposals['after_nms'])} of {proposals['post_nms']} proposals after "
+                                       f"NMS (IoU {proposals['nms_thresh']:g})")]
+    for ax, (boxes, title) in zip(axes, panels):
+        _show(ax, inp["image"], title)
+        for rank, box in enumerate(boxes):
+            _box(ax, box, (1.0, 0.3, 0.2, 1.0 - 0.8 * rank / max(len(boxes), 1)), linewidth=1.0)
+    fig.suptitle(f"{proposals['anchors']} anchors -> per-level top-k -> NMS; brighter = higher objectness", fontsize=9)
+    return fig
+
+
+def mask_caption(result: dict) -> str:
+    """One line: what the mask loss of this image covers, against a dense per-pixel, per-class loss."""
+    counts = result["counts"]
+    height, width = result["input"]["size"]
+    side = counts["mask_side"]
+    return (f"loss_mask {result['mask_loss']:.4f} = mean per-cell BCE over {counts['positive_rois']} positive RoIs x "
+            f"{side}x{side} = {counts['mask_cells']} cells, one class channel each; not H x W x K = {height}x{width}x"
+            f"{len(result['class_names'])} = {counts['dense_cells']}")
+
+
+def _draw_mask_targets(result: dict) -> Figure:
+    rois, shown, inp, names = result["mask_rois"], result["shown_rois"], result["input"], result["class_names"]
+    if not shown:
+        fig = _figure(8, 2)
+        _note(fig.subplots(), "no positive RoI on this image: the mask loss is 0 and the mask head gets no gradient")
+        return fig
+    side = result["counts"]["mask_side"]
+    fig = _figure(12, 2.4 * len(shown) + 0.6)
+    axes = fig.subplots(len(shown), 5, squeeze=False)
+    palette = colors(range(len(shown))) / 255
+    for row, (index, color) in enumerate(zip(shown, palette)):
+        roi = rois[index]
+        name = names[roi["label"] - 1]
+        mask = inp["masks"][roi["instance"]].numpy()
+        ax = axes[row]
+        _show(ax[0], inp["image"], f"RoI {index}: {name} #{roi['instance'] + 1}, IoU {roi['iou']:.2f}, "
+                                   f"from P{roi['level']}")
+        ax[0].contour(mask, levels=[0.5], colors="white", linewidths=0.8)
+        _box(ax[0], roi["box"], color, linewidth=1.6)
+        x0, y0, x1, y1 = roi["box"].tolist()
+        left, top = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
+        right, bottom = min(int(np.ceil(x1)), mask.shape[1]), min(int(np.ceil(y1)), mask.shape[0])
+        _show(ax[1], mask[top:bottom, left:right], f"mask in the RoI ({right - left}x{bottom - top} px)",
+              cmap="gray", vmin=0, vmax=1)
+        _box(ax[1], (x0 - left, y0 - top, x1 - left, y1 - top), color, linewidth=1.2)
+        _show(ax[2], roi["target"], f"{side}x{side} target (mask_targets)", cmap="gray", vmin=0, vmax=1)
+        _show(ax[3], roi["probs"], f"predicted p({name})", cmap="viridis", vmin=0, vmax=1)
+        _show(ax[4], roi["bce"], f"per-cell BCE, mean {roi['loss']:.4f}", cmap="magma", vmin=0)
+    fig.suptitle(mask_caption(result), fontsize=9)
+    return fig
+
+
+def _draw_gradients(result: dict) -> Figure:
+    gradients, rois, inp = result["gradients"], result["mask_rois"], result["input"]
+    fig = _figure(3.0 * (len(gradients) + 1), 3.6)
+    axes = fig.subplots(1, len(gradients) + 1)
+    palette = colors(range(len(gradients))) / 255
+    _show(axes[0], inp["image"], f"{len(rois)} positive RoIs, colour = pyramid level")
+    for color, level in zip(palette, gradients):
+        for i in level["rois"]:
+            _box(axes[0], rois[i]["box"], color, linewidth=0.8)
+        axes[0].plot([], [], color=color, label=level["name"])
+    axes[0].legend(fontsize=7, loc="lower right")
+    for ax, color, level in zip(axes[1:], palette, gradients):
+        _show(ax, level["magnitude"], f"|d loss_mask / d {level['name']}| (stride {level['stride']})\n"
+                                      f"{len(level['rois'])} RoIs read here, max {level['magnitude'].max():.2e}",
+              cmap="inferno")
+        for i in level["rois"]:
+            _box(ax, rois[i]["box"], color, linewidth=0.8, scale=level["stride"])
+    fig.suptitle("The mask loss reaches the pyramid only through RoIAlign: its gradient lands on the feature cells "
+                 "each positive RoI sampled, on the level it was assigned to", fontsize=9)
+    return fig
+
+
+def _draw_paste(result: dict) -> Figure:
+    inference, names = result["inference"], result["class_names"]
+    instances, probs, image = inference["instances"], inference["mask_probs"], inference["image"]
+    rows = min(3, len(instances))
+    if rows == 0:
+        fig = _figure(8, 2)
+        _note(fig.subplots(), "no detection on this image")
+        return fig
+    height, width = image.shape[:2]
+    side = probs.shape[-1]
+    fig = _figure(12, 3.0 * rows + 0.5)
+    axes = fig.subplots(rows, 4, squeeze=False)
+    for row in range(rows):
+        box = instances.boxes[row]
+        x0, y0, x1, y1 = box.tolist()
+        box_w, box_h = max(int(round(x1 - x0)), 1), max(int(round(y1 - y0)), 1)
+        # (S, S) -> (box_h, box_w): the same probabilities at the box's size in pixels
+        resized = F.interpolate(probs[row][None, None].float(), size=(box_h, box_w), mode="bilinear",
+                                align_corners=False)[0, 0].numpy()
+        canvas = np.zeros((height, width), dtype=np.float32)
+        left, top = int(round(x0)), int(round(y0))
+        right, bottom = min(left + box_w, width), min(top + box_h, height)
+        canvas[max(top, 0):bottom, max(left, 0):right] = resized[max(-top, 0):bottom - top, max(-left, 0):right - left]
+        label = f"{names[int(instances.labels[row]) - 1]} {float(instances.scores[row]):.2f}"
+        ax = axes[row]
+        _show(ax[0], probs[row].numpy(), f"{label}: {side}x{side} p(class)", cmap="viridis", vmin=0, vmax=1)
+        _show(ax[1], resized, f"resized to the box ({box_w}x{box_h} px)", cmap="viridis", vmin=0, vmax=1)
+        _show(ax[2], canvas, f"placed in the {width}x{height} image", cmap="viridis", vmin=0, vmax=1)
+        _box(ax[2], box, "white", linewidth=0.8)
+        mask = instances.masks[row].numpy()
+        _show(ax[3], image, f"pasted, p > {result['mask_threshold']:g}: {int(mask.sum())} pixels")
+        ax[3].imshow(np.ma.masked_where(~mask, mask), cmap="autumn", alpha=0.6, vmin=0, vmax=1)
+    fig.suptitle("From the mask head's 28x28 output to a full-resolution mask (the highest-scoring detections)",
+                 fontsize=9)
+    return fig
+
+
+def _final_view(inference: dict, score_thresh: float) -> np.ndarray:
+    return draw_instances(inference["image"], inference["instances"], score_thresh=score_thresh, class_colors=True)
+
+
+def _draw_final(result: dict) -> Figure:
+    inference, names, thresh = result["inference"], result["class_names"], result["score_thresh"]
+    kept = inference["instances"].filter(thresh)
+    fig = _figure(11, 4.8)
+    axes = fig.subplots(1, 2)
+    _show(axes[0], _final_view(inference, thresh), f"{len(kept)} detections scoring >= {thresh:g}")
+    _show(axes[1], _class_map(kept.masks, kept.labels, names, scores=kept.scores, image_size=kept.image_size),
+          "per-class label map")
+    return fig
+
+
+def _draw_generalisation(result: dict) -> Figure:
+    thresh = result["score_thresh"]
+    fig = _figure(11, 9)
+    axes = fig.subplots(2, 2)
+    heldout = result["heldout"]
+    views = [(result["inference"], f"{result['image_label']} (id {result['image_id']})"),
+             (heldout, f"held-out image (id {heldout['image_id']})" if heldout is not None else "")]
+    for ax, (view, title) in zip(axes[0], views):
+        if view is None:
+            _note(ax, "no held-out image given")
+            continue
+        best = view["best_iou"]
+        _show(ax, _final_view(view, thresh),
+              f"{title}\nmean best mask IoU per instance {best.mean():.2f} ({len(best)} instances)")
+    ax = axes[1][0]
+    curve = result["curve"]
+    if curve:
+        iterations = [r["iteration"] for r in curve]
+        for name in ("total_loss", "loss_mask"):
+            ax.plot(iterations, [r.get(name, float("nan")) for r in curve], label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("training loss")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("training loss (seen images)", fontsize=9)
+    else:
+        _note(ax, "no training log given")
+    ax = axes[1][1]
+    validation = result["validation"]
+    if validation is not None:
+        keys = [("segm", "AP"), ("segm", "AP50"), ("segm", "AP75"), ("bbox", "AP"), ("bbox", "AP50")]
+        values = [validation[kind][key] or 0.0 for kind, key in keys]
+        bars = ax.bar([f"{'mask' if kind == 'segm' else 'box'} {key}" for kind, key in keys], values,
+                      color=["tab:blue"] * 3 + ["tab:gray"] * 2)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title("validation AP (held-out images; AP = mean over IoU 0.50:0.95)", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    else:
+        _note(ax, "no validation metrics given")
+    return fig
+
+
+def explanation_page(result: dict) -> str:
+    """``explain.md``: the figures in pipeline order, each with the numbers of this run."""
+    names = result["class_names"]
+    inp, counts, anchors, proposals = result["input"], result["counts"], result["anchors"], result["proposals"]
+    height, width = inp["size"]
+    side = counts["mask_side"]
+    labels = inp["labels"].tolist()
+    lines = [f"# Mask R-CNN on image {result['image_id']}: from instance masks to a training signal and back",
+             "",
+             "Every number below comes from one run of the model on this image: a training-mode forward pass "
+             "(recorded with forward hooks, weights unchanged) and an inference pass.",
+             "",
+             "## 1. The data", "", "![input and ground truth](input_gt.png)", "",
+             f"The {result['image_label']} is {result['original_size'][1]}x{result['original_size'][0]} pixels; "
+             f"training sees it resized to {width}x{height}. It holds {len(labels)} instances "
+             f"({', '.join(f'#{i + 1} {names[c - 1]}' for i, c in enumerate(labels))}), each with a box, a class "
+             "and its own mask.",
+             "",
+             "## 2. Backbone and feature pyramid", "", "![pyramid levels](fpn_levels.png)", "",
+             "| level | stride (px per cell) | size (W x H cells) |", "|---|---|---|"]
+    lines += [f"| {lv['name']} | {lv['stride']} | {lv['shape'][1]} x {lv['shape'][0]} |" for lv in result["fpn"]]
+    location = anchors["location"]
+    chosen = anchors["levels"][location["level"]]
+    lines += ["", "## 3. Region proposals", "", "![anchors and their labels](rpn_anchors.png)", "",
+              f"{anchors['total']} anchors ({len(location['anchors'])} aspect ratios per location, one size per "
+              f"level). `rpn.label_anchors` marks {anchors['positive']} positive, {anchors['negative']} negative and "
+              f"{anchors['ignored']} ignored; the RPN loss samples up to 256 of the labelled ones. The best anchor for "
+              f"instance #{location['instance'] + 1} sits on {chosen['name']} (anchor size {chosen['anchor_size']} "
+              f"px); IoUs of its location's anchors: "
+              + ", ".join(f"h/w {r:g}: {iou:.2f}" for r, iou in zip(location["aspect_ratios"], location["ious"].tolist()))
+              + ".", "",
+              "![proposals before and after NMS](rpn_proposals.png)", "",
+              f"Per-level top-k keeps {proposals['pre_nms']} decoded anchors; NMS at IoU {proposals['nms_thresh']:g} "
+              f"leaves {proposals['post_nms']} proposals.", "",
+              "## 4. Mask targets and the mask loss", "", "![mask targets](mask_targets.png)", "",
+              "| RoI | class | instance | IoU | level | mask loss |", "|---|---|---|---|---|---|"]
+    lines += [f"| {i} | {names[r['label'] - 1]} | #{r['instance'] + 1} | {r['iou']:.2f} | P{r['level']} | {r['loss']:.4f} |"
+              for i, r in ((i, result["mask_rois"][i]) for i in result["shown_rois"])]
+    dense = counts["dense_cells"]
+    share = f" ({100 * counts['mask_cells'] / dense:.1f}% of that)" if dense else ""
+    lines += ["", f"The mask loss is per pixel, but only on the {side}x{side} grid of each positive RoI and only on "
+              f"the channel of the RoI's ground-truth class: {counts['positive_rois']} RoIs x {side * side} cells = "
+              f"{counts['mask_cells']} binary cross-entropy terms, against H x W x K = {height} x {width} x "
+              f"{len(names)} = {dense} for a dense per-class mask{share}. Their mean is loss_mask = "
+              f"{result['mask_loss']:.4f} (the model reported {result['losses']['loss_mask']:.4f}).", "",
+              "![mask loss gradients](mask_gradients.png)", "",
+              "Backpropagation: the gradient of the mask loss reaches the pyramid only through RoIAlign's bilinear "
+              "sampling weights, so it lands on the cells under the positive RoIs, on the level each was assigned to "
+              "(" + ", ".join(f"{g['name']}: {len(g['rois'])} RoIs" for g in result["gradients"]) + ").", "",
+              "Training losses of this image:", "", "| loss | value |", "|---|---|"]
+    lines += [f"| {name} | {value:.4f} |" for name, value in result["losses"].items()]
+    inference = result["inference"]
+    kept = inference["instances"].filter(result["score_thresh"])
+    lines += ["", "## 5. From 28x28 to the image", "", "![paste](paste.png)", "", "![final result](final.png)", "",
+              f"Inference gives {len(inference['instances'])} detections; {len(kept)} score at least "
+              f"{result['score_thresh']:g}. Each {side}x{side} probability map is resized to its box, placed in the "
+              f"{result['original_size'][1]}x{result['original_size'][0]} image and thresholded at "
+              f"{result['mask_threshold']:g}.", "",
+              "## 6. Seen and unseen images", "", "![generalisation](generalisation.png)", ""]
+    views = [(result["image_label"], inference)] + ([("held-out image", result["heldout"])] if result["heldout"] else [])
+    lines += [f"- {label} (id {view['image_id']}): mean best mask IoU per instance {view['best_iou'].mean():.3f} "
+              f"over {len(view['best_iou'])} instances" for label, view in views]
+    if result["curve"]:
+        first, last = result["curve"][0], result["curve"][-1]
+        lines.append(f"- training loss: {first['total_loss']:.4f} at iteration {first['iteration']}, "
+                     f"{last['total_loss']:.4f} at iteration {last['iteration']}")
+    validation = result["validation"]
+    if validation is not None:
+        segm, bbox = validation["segm"], validation["bbox"]
+        lines.append(f"- validation: mask AP {_percent(segm['AP'])}, AP50 {_percent(segm['AP50'])}, "
+                     f"AP75 {_percent(segm['AP75'])}; box AP {_percent(bbox['AP'])}")
+    return "\n".join(lines) + "\n"
+
+
+def _percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"

@@ -1,0 +1,219 @@
+"""The assembled model on a tiny configuration: training losses and gradients, images without objects,
+inference outputs at the original resolution, input validation, and backbone freezing."""
+
+import numpy as np
+import pytest
+import torch
+
+from maskrcnn.config import ModelConfig
+from maskrcnn.modeling.backbone import ResNet
+from maskrcnn.modeling.maskrcnn import build_model
+from maskrcnn.structures import BitMasks, PolygonMasks
+
+NUM_CLASSES = 3
+LOSS_NAMES = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+
+
+def tiny_config():
+    cfg = ModelConfig()
+    cfg.backbone.depth = 18
+    cfg.backbone.fpn_channels = 32
+    cfg.roi_heads.box_head_dim = 64
+    cfg.roi_heads.mask_head_dim = 16
+    cfg.roi_heads.mask_head_convs = 1
+    cfg.roi_heads.num_classes = NUM_CLASSES
+    cfg.roi_heads.batch_size_per_image = 16
+    cfg.rpn.batch_size_per_image = 32
+    cfg.rpn.pre_nms_topk_train = cfg.rpn.pre_nms_topk_test = 100
+    cfg.rpn.post_nms_topk_train = cfg.rpn.post_nms_topk_test = 30
+    cfg.input.min_size = [64]
+    cfg.input.max_size = 96
+    return cfg
+
+
+def tiny_model(cfg=None):
+    torch.manual_seed(0)
+    return build_model(cfg or tiny_config())
+
+
+def rectangle_target(size, boxes, labels, polygons=False):
+    """Target dict for an image of ``size`` (h, w) whose instances fill their boxes."""
+    h, w = size
+    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    if polygons:
+        masks = PolygonMasks([[np.array([x0, y0, x1, y0, x1, y1, x0, y1], dtype=np.float64)]
+                              for x0, y0, x1, y1 in boxes.tolist()], (h, w))
+    else:
+        bits = torch.zeros(len(boxes), h, w, dtype=torch.bool)
+        for i, (x0, y0, x1, y1) in enumerate(boxes.round().int().tolist()):
+            bits[i, y0:y1, x0:x1] = True
+        masks = BitMasks(bits)
+    return {"boxes": boxes, "labels": torch.tensor(labels, dtype=torch.int64), "masks": masks}
+
+
+def images_of(*sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, h, w, generator=g) for h, w in sizes]
+
+
+def test_training_losses_are_named_finite_and_reach_every_trainable_parameter():
+    model = tiny_model().train()
+    images = images_of((64, 96), (72, 80))
+    targets = [rectangle_target((64, 96), [[10, 8, 50, 40], [55, 20, 90, 60]], [1, 3]),
+               rectangle_target((72, 80), [[5, 5, 40, 70]], [2], polygons=True)]
+    targets[0]["crowd_boxes"] = torch.tensor([[0.0, 40.0, 30.0, 64.0]])
+    losses = model(images, targets)
+    assert set(losses) == LOSS_NAMES
+    for name, value in losses.items():
+        assert value.dim() == 0 and torch.isfinite(value), name
+    sum(losses.values()).backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.grad is not None for p in trainable.values()), [n for n, p in trainable.items() if p.grad is None]
+    groups = ["backbone.layer2", "backbone.layer3", "backbone.layer4", "fpn.lateral_convs", "fpn.output_convs",
+              "rpn.head.conv", "rpn.head.objectness_logits", "rpn.head.anchor_deltas", "roi_heads.box_head",
+              "roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred", "roi_heads.mask_head"]
+    for group in groups:
+        grads = [p.grad.abs().sum() for n, p in trainable.items() if n.startswith(group + ".")]
+        assert grads and sum(grads) > 0, group
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1")) for n in frozen)
+
+
+def empty_target(size):
+    return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+            "masks": BitMasks(torch.zeros(0, *size, dtype=torch.bool))}
+
+
+def test_image_without_objects_is_valid_training_input():
+    model = tiny_model().train()
+    images = images_of((64, 96), (64, 64))
+    targets = [rectangle_target((64, 96), [[10, 8, 50, 40]], [2]), empty_target((64, 64))]
+    losses = model(images, targets)
+    assert set(losses) == LOSS_NAMES and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+
+def test_batch_without_objects_gives_zero_mask_loss_and_backward_works():
+    model = tiny_model().train()
+    images = images_of((64, 96), (70, 60))
+    losses = model(images, [empty_target((64, 96)), empty_target((70, 60))])
+    assert losses["loss_mask"].item() == 0.0
+    assert losses["loss_rpn_box_reg"].item() == 0.0 and losses["loss_box_reg"].item() == 0.0
+    assert losses["loss_objectness"].item() > 0 and losses["loss_classifier"].item() > 0
+    sum(losses.values()).backward()
+    mask_grads = [p.grad for p in model.roi_heads.mask_head.parameters()]
+    assert all(g is not None and g.abs().sum() == 0 for g in mask_grads)
+
+
+@pytest.fixture(scope="module")
+def eval_model():
+    cfg = tiny_config()
+    cfg.roi_heads.score_thresh = 0.0  # random weights: keep every candidate so that detections exist
+    return tiny_model(cfg).eval()
+
+
+EVAL_SIZES = [(50, 70), (80, 40), (33, 120)]
+
+
+def test_inference_outputs_at_the_original_resolution(eval_model):
+    images = images_of(*EVAL_SIZES, seed=1)
+    with torch.no_grad():
+        results = eval_model(images)
+    assert len(results) == len(images)
+    for (h, w), result in zip(EVAL_SIZES, results):
+        assert set(result) == {"boxes", "scores", "labels", "masks"}
+        d = len(result["boxes"])
+        assert 0 < d <= eval_model.roi_heads.detections_per_img
+        assert result["boxes"].shape == (d, 4) and result["boxes"].dtype == torch.float32
+        assert result["scores"].shape == (d,) and result["scores"].dtype == torch.float32
+        assert result["labels"].shape == (d,) and result["labels"].dtype == torch.int64
+        assert result["masks"].shape == (d, h, w) and result["masks"].dtype == torch.bool
+        assert ((result["labels"] >= 1) & (result["labels"] <= NUM_CLASSES)).all()
+        assert (result["scores"][:-1] >= result["scores"][1:]).all()
+        boxes = result["boxes"]
+        assert (boxes[:, 0] >= -1e-3).all() and (boxes[:, 1] >= -1e-3).all()
+        assert (boxes[:, 2] <= w + 1e-3).all() and (boxes[:, 3] <= h + 1e-3).all()
+
+
+def test_return_mask_probs_gives_probabilities_instead_of_masks(eval_model):
+    images = images_of(*EVAL_SIZES[:2], seed=1)
+    eval_model.return_mask_probs = True
+    try:
+        with torch.no_grad():
+            results = eval_model(images)
+    finally:
+        eval_model.return_mask_probs = False
+    for result in results:
+        assert "masks" not in result
+        probs = result["mask_probs"]
+        assert probs.shape == (len(result["boxes"]), 28, 28) and probs.dtype == torch.float32
+        assert len(probs) > 0 and ((probs >= 0) & (probs <= 1)).all()
+
+
+@pytest.mark.parametrize("image, message", [
+    (torch.rand(1, 32, 32), r"image 0: expected shape \(3, H, W\)"),
+    (torch.rand(32, 32), r"image 0: expected shape \(3, H, W\)"),
+    (torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8), "image 0: expected a float tensor"),
+    (torch.rand(3, 0, 32), "image 0: empty image"),
+])
+def test_bad_images_are_refused(eval_model, image, message):
+    with pytest.raises(ValueError, match=message):
+        eval_model([image])
+
+
+def test_empty_image_list_is_refused(eval_model):
+    with pytest.raises(ValueError, match="non-empty list"):
+        eval_model([])
+
+
+def corrupt(target, field, value):
+    target = dict(target)
+    if value is None:
+        del target[field]
+    else:
+        target[field] = value
+    return target
+
+
+GOOD = rectangle_target((64, 96), [[10, 8, 50, 40], [55, 20, 90, 60]], [1, 3])
+BAD_TARGETS = [
+    (corrupt(GOOD, "boxes", torch.tensor([[10.0, 8.0, 10.0, 40.0], [55.0, 20.0, 90.0, 60.0]])), "box 0 is degenerate"),
+    (corrupt(GOOD, "boxes", torch.tensor([[10.0, 8.0, 50.0, 40.0], [55.0, 20.0, 90.0, 30.0]]).flip(1)),
+     "degenerate"),
+    (corrupt(GOOD, "boxes", torch.tensor([[10.0, 8.0, 50.0, 40.0], [55.0, 20.0, 130.0, 60.0]])), "box 1 .* outside"),
+    (corrupt(GOOD, "boxes", torch.tensor([[-8.0, 8.0, 50.0, 40.0], [55.0, 20.0, 90.0, 60.0]])), "box 0 .* outside"),
+    (corrupt(GOOD, "labels", torch.tensor([0, 1])), r"labels must be in 1\.\.3"),
+    (corrupt(GOOD, "labels", torch.tensor([1, 4])), r"labels must be in 1\.\.3"),
+    (corrupt(GOOD, "labels", torch.tensor([1])), "2 boxes, 1 labels and 2 masks"),
+    (corrupt(GOOD, "masks", BitMasks(torch.zeros(2, 64, 95, dtype=torch.bool))), "masks are 95x64 but the image is 96x64"),
+    (corrupt(GOOD, "masks", torch.zeros(2, 64, 96, dtype=torch.bool)), "BitMasks or PolygonMasks"),
+    (corrupt(GOOD, "boxes", None), "missing 'boxes'"),
+    (corrupt(GOOD, "labels", None), "missing 'labels'"),
+    (corrupt(GOOD, "masks", None), "missing 'masks'"),
+]
+
+
+@pytest.mark.parametrize("target, message", BAD_TARGETS)
+def test_bad_targets_are_refused_naming_the_image(target, message):
+    model = tiny_model().train()
+    images = images_of((64, 96), (64, 96))
+    with pytest.raises(ValueError, match="target of image 1: .*" + message):
+        model(images, [GOOD, target])
+
+
+def test_training_without_targets_is_refused():
+    model = tiny_model().train()
+    with pytest.raises(ValueError, match="one target dict per image"):
+        model(images_of((64, 96)))
+
+
+@pytest.mark.parametrize("freeze_at, frozen_parts", [
+    (0, []),
+    (1, ["conv1", "bn1"]),
+    (2, ["conv1", "bn1", "layer1"]),
+    (5, ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]),
+])
+def test_freeze_at_turns_off_gradients_of_the_leading_stages(freeze_at, frozen_parts):
+    trunk = ResNet(depth=18, norm="bn", freeze_at=freeze_at)
+    for name, param in trunk.named_parameters():
+        assert param.requires_grad == (name.split(".")[0] not in frozen_parts), name
