@@ -180,3 +180,39 @@ def config_from_dict(data: dict) -> Config:
 def config_to_dict(cfg: Config) -> dict:
     """A plain dict of every field, for storing in a checkpoint."""
     return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def config_reference_markdown() -> str:
+    """A Markdown table of every configuration field: key, default and the comment beside it in this file.
+
+    The README's configuration reference is this text, so the two cannot drift apart (a test checks it).
+    """
+    import dataclasses
+    import inspect
+    import tokenize
+    from io import StringIO
+
+    comments = {}
+    for cls in (InputConfig, BackboneConfig, AnchorConfig, RPNConfig, RoIHeadsConfig, ModelConfig, DataConfig,
+                SolverConfig, TrainConfig):
+        source = inspect.getsource(cls)
+        for tok in tokenize.generate_tokens(StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                line = source.splitlines()[tok.start[0] - 1].strip()
+                comments[(cls.__name__, line.split(":")[0].strip())] = tok.string.lstrip("# ").strip()
+
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            else:
+                shown = str(value).replace("'", "") if not isinstance(value, str) else f'"{value}"'
+                meaning = comments.get((type(obj).__name__, f.name), "")
+                rows.append(f"| `{key}` | `{shown}` | {meaning} |")
+
+    walk(Config(), "")
+    return "\n".join(rows) + "\n"

@@ -263,7 +263,8 @@ def anchor_view(model: MaskRCNN, trace: dict, target: dict) -> dict:
         positive_anchors: ``(n, 4)`` xyxy;
         location: the location whose anchor best overlaps the largest instance: ``instance``, ``level``
             (index), ``cell`` (x, y) on that level, ``anchors`` ``(A, 4)``, ``labels`` ``(A,)`` in {1, 0, -1},
-            ``ious`` ``(A,)`` with the instance, ``aspect_ratios`` (height / width).
+            ``ious`` ``(A,)`` the highest IoU of each anchor with any instance, ``instances`` ``(A,)`` that
+            instance, ``aspect_ratios`` (height / width).
     """
     feature_shapes = [tuple(f.shape[-2:]) for f in trace["features"]]
     device = trace["features"][0].device
@@ -288,14 +289,15 @@ def anchor_view(model: MaskRCNN, trace: dict, target: dict) -> dict:
     cell = (best - sum(len(a) for a in anchors[:level])) // per_location
     first = sum(len(a) for a in anchors[:level]) + cell * per_location
     wi = feature_shapes[level][1]
+    best_ious, best_instances = box_iou(gt_boxes, all_anchors[first:first + per_location]).max(dim=0)  # (M, A) -> (A,)
     return {
         "levels": levels, "total": len(labels), "positive": int((labels == 1).sum()),
         "negative": int((labels == 0).sum()), "ignored": int((labels == -1).sum()),
         "positive_anchors": all_anchors[labels.to(device) == 1].cpu(),
         "location": {"instance": instance, "level": level, "cell": (cell % wi, cell // wi),
                      "anchors": all_anchors[first:first + per_location].cpu(),
-                     "labels": labels[first:first + per_location], "ious": ious[first:first + per_location].cpu(),
-                     "aspect_ratios": list(model.rpn.anchor_generator.aspect_ratios)},
+                     "labels": labels[first:first + per_location], "ious": best_ious.cpu(),
+                     "instances": best_instances.cpu(), "aspect_ratios": list(model.rpn.anchor_generator.aspect_ratios)},
     }
 
 
@@ -332,6 +334,7 @@ def mask_view(model: MaskRCNN, trace: dict, target: dict) -> dict:
             float 0-1, ``logits`` ``(S, S)`` of the instance's class channel, ``probs`` their sigmoid,
             ``bce`` ``(S, S)`` per-cell binary cross-entropy, ``loss`` its mean, ``cells`` S * S;
         mask_loss: ``mask_loss`` on all of them (equals the model's ``loss_mask``);
+        mask_logits: ``(P, K, S, S)`` the mask head's logits, as ``mask_loss`` received them;
         mask_matched, mask_classes: ``(P,)`` int64 instance index and label of each RoI.
     """
     boxes = trace["positive_boxes"]
@@ -352,7 +355,8 @@ def mask_view(model: MaskRCNN, trace: dict, target: dict) -> dict:
              "level": int(levels[i]) + pooler.min_level, "target": targets[i].cpu(), "logits": class_logits[i].cpu(),
              "probs": probs[i].cpu(), "bce": bce[i].cpu(), "loss": float(bce[i].double().mean()),
              "cells": int(bce[i].numel())} for i in range(len(boxes))]
-    return {"mask_rois": rois, "mask_loss": loss, "mask_matched": matched.cpu(), "mask_classes": classes.cpu()}
+    return {"mask_rois": rois, "mask_loss": loss, "mask_logits": logits.cpu(), "mask_matched": matched.cpu(),
+            "mask_classes": classes.cpu()}
 
 
 def pick_rois(rois: List[dict], count: int) -> List[int]:
@@ -637,10 +641,11 @@ def _draw_anchors(result: dict) -> Figure:
                             f"dashed: instance #{location['instance'] + 1}")
     palette = colors(range(len(location["anchors"]))) / 255
     kinds = {1: "positive", 0: "negative", -1: "ignored"}
-    for color, box, label, iou, ratio in zip(palette, location["anchors"], location["labels"].tolist(),
-                                             location["ious"].tolist(), location["aspect_ratios"]):
+    for color, box, label, iou, instance, ratio in zip(palette, location["anchors"], location["labels"].tolist(),
+                                                       location["ious"].tolist(), location["instances"].tolist(),
+                                                       location["aspect_ratios"]):
         _box(ax, box, color, linewidth=1.6)
-        ax.plot([], [], color=color, label=f"h/w {ratio:g}: IoU {iou:.2f}, {kinds[label]}")
+        ax.plot([], [], color=color, label=f"h/w {ratio:g}: IoU {iou:.2f} with #{instance + 1}, {kinds[label]}")
     _box(ax, inp["boxes"][location["instance"]], "white", linestyle="--")
     boxes = location["anchors"]
     ax.set_xlim(min(-0.5, float(boxes[:, 0].min()) - 1), max(width - 0.5, float(boxes[:, 2].max()) + 1))
@@ -810,8 +815,10 @@ def _draw_generalisation(result: dict) -> Figure:
             _note(ax, "no held-out image given")
             continue
         best = view["best_iou"]
-        _show(ax, _final_view(view, thresh),
-              f"{title}\nmean best mask IoU per instance {best.mean():.2f} ({len(best)} instances)")
+        _show(ax, _final_view(view, thresh), f"{title}, white = ground truth\n"
+                                             f"mean best mask IoU per instance {best.mean():.2f} ({len(best)} instances)")
+        for mask in view["gt_masks"].numpy():
+            ax.contour(mask, levels=[0.5], colors="white", linewidths=0.8)
     ax = axes[1][0]
     curve = result["curve"]
     if curve:
@@ -870,8 +877,9 @@ def explanation_page(result: dict) -> str:
               f"level). `rpn.label_anchors` marks {anchors['positive']} positive, {anchors['negative']} negative and "
               f"{anchors['ignored']} ignored; the RPN loss samples up to 256 of the labelled ones. The best anchor for "
               f"instance #{location['instance'] + 1} sits on {chosen['name']} (anchor size {chosen['anchor_size']} "
-              f"px); IoUs of its location's anchors: "
-              + ", ".join(f"h/w {r:g}: {iou:.2f}" for r, iou in zip(location["aspect_ratios"], location["ious"].tolist()))
+              f"px); the anchors at its location: "
+              + ", ".join(f"h/w {r:g} IoU {iou:.2f} with #{j + 1}" for r, iou, j in
+                          zip(location["aspect_ratios"], location["ious"].tolist(), location["instances"].tolist()))
               + ".", "",
               "![proposals before and after NMS](rpn_proposals.png)", "",
               f"Per-level top-k keeps {proposals['pre_nms']} decoded anchors; NMS at IoU {proposals['nms_thresh']:g} "

@@ -177,6 +177,26 @@ def test_bf16_autocast_trains_on_cpu(shapes8, tmp_path):
     assert summary["iteration"] == 2 and math.isfinite(summary["train"]["total_loss"])
 
 
+def test_periodic_and_final_evaluation_are_logged(shapes8, tmp_path):
+    summary = train(tiny_config(shapes8, tmp_path, "solver.max_iter=2", "train.eval_period=1",
+                                "train.eval_at_end=true"))
+    evaluations = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "bbox" in r]
+    assert [r["iteration"] for r in evaluations] == [1, 2]
+    assert all(0.0 <= r[kind]["AP50"] <= 1.0 for r in evaluations for kind in ("bbox", "segm"))
+    assert summary["eval"] == {k: v for k, v in evaluations[-1].items() if k != "iteration"}
+    assert json.loads((tmp_path / "eval_0000002" / "metrics.json").read_text()) == summary["eval"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_on_cuda(shapes8, tmp_path, precision):
+    summary = train(tiny_config(shapes8, tmp_path, "solver.max_iter=3", "train.device=cuda",
+                                f"train.precision={precision}"))
+    assert math.isfinite(summary["train"]["total_loss"])
+    scaler = torch.load(tmp_path / "model_final.pth", weights_only=True)["scaler"]
+    assert ("scale" in scaler) == (precision == "fp16")
+
+
 def test_unusable_settings_are_rejected(shapes8, tmp_path):
     with pytest.raises(ValueError, match="fp16 needs CUDA"):
         train(tiny_config(shapes8, tmp_path, "train.precision=fp16"))

@@ -131,7 +131,7 @@ class _Run:
         if self.world_size > 1:
             self.ddp_model = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False, find_unused_parameters=False)
+                find_unused_parameters=False)
         self.batches = build_train_loader(
             self.dataset, images_per_batch=solver.ims_per_batch, seed=cfg.train.seed, rank=self.rank,
             world_size=self.world_size, start_iter=self.start_iter, num_workers=cfg.data.num_workers,

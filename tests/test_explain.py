@@ -1,0 +1,200 @@
+import json
+import runpy
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_iou
+
+from maskrcnn.config import Config, config_to_dict
+from maskrcnn.data import CocoDetection, ResizeShortestEdge, generate_shapes
+from maskrcnn.engine.logger import MetricsLogger
+from maskrcnn.explain import (FIGURES, PAGE, explain, load_example, locate_image, read_eval_metrics,
+                              read_training_log)
+from maskrcnn.modeling.mask_head import mask_loss, mask_targets
+from maskrcnn.modeling.maskrcnn import build_model
+from maskrcnn.modeling.paste import paste_masks_in_image
+from maskrcnn.predictor import Predictor
+
+CLASS_NAMES = ["square", "circle", "triangle"]
+TOOL = Path(__file__).parents[1] / "tools" / "explain.py"
+
+
+def tiny_config() -> Config:
+    cfg = Config()
+    m = cfg.model
+    m.backbone.depth = 18
+    m.backbone.fpn_channels = 32
+    m.input.min_size = [64]
+    m.input.max_size = 96
+    m.roi_heads.num_classes = 3
+    m.roi_heads.box_head_dim = 64
+    m.roi_heads.mask_head_dim = 16
+    m.roi_heads.mask_head_convs = 1
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explain")
+    generate_shapes(root / "shapes", num_train=3, num_val=2, min_size=64, max_size=96)
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    torch.save({"model": build_model(cfg.model).state_dict(), "config": config_to_dict(cfg),
+                "class_names": CLASS_NAMES, "iteration": 0}, root / "model.pth")
+    logger = MetricsLogger(root / "train")
+    for iteration, loss in [(10, 2.5), (20, 1.8), (30, 1.4)]:
+        logger.log({"iteration": iteration, "total_loss": loss, "loss_mask": loss / 4, "lr": 0.01})
+    logger.log({"iteration": 30, "bbox": {"AP": 0.2, "AP50": 0.4, "AP75": 0.1},
+                "segm": {"AP": 0.15, "AP50": 0.35, "AP75": 0.05}})
+    logger.close()
+    return root
+
+
+@pytest.fixture(scope="module")
+def predictor(workdir):
+    return Predictor.from_checkpoint(workdir / "model.pth", score_thresh=None)
+
+
+@pytest.fixture(scope="module")
+def train_set(workdir):
+    return CocoDetection(workdir / "shapes" / "annotations" / "instances_train.json", workdir / "shapes" / "train")
+
+
+@pytest.fixture(scope="module")
+def result(predictor, train_set, workdir):
+    image, target = load_example(train_set)
+    before = {k: v.clone() for k, v in predictor.model.state_dict().items()}
+    heldout = load_example(CocoDetection(workdir / "shapes" / "annotations" / "instances_val.json",
+                                         workdir / "shapes" / "val"), min_instances=1)
+    out = explain(predictor.model, image, target, class_names=CLASS_NAMES, heldout=heldout,
+                  log_records=read_training_log(workdir / "train" / "metrics.jsonl"))
+    out["state_unchanged"] = all(torch.equal(before[k], v) for k, v in predictor.model.state_dict().items())
+    return out
+
+
+@pytest.fixture(scope="module")
+def tool_output(workdir):
+    out = workdir / "figures"
+    runpy.run_path(str(TOOL))["main"](["--checkpoint", str(workdir / "model.pth"), "--shapes", "--shapes-dir",
+                                       str(workdir / "shapes"), "--output", str(out),
+                                       "--log", str(workdir / "train" / "metrics.jsonl")])
+    return out
+
+
+def training_target(train_set, image_id):
+    """The training target of an image, resized here as the data pipeline resizes it."""
+    image, target = train_set[train_set.image_ids.index(image_id)]
+    pixels = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    return ResizeShortestEdge([64], 96)(pixels, target, np.random.default_rng(0))[1]
+
+
+def test_tool_writes_every_figure_and_the_page(tool_output, result):
+    for name in FIGURES:
+        picture = cv2.imread(str(tool_output / name))
+        assert picture is not None and picture.shape[0] > 100 and picture.shape[1] > 100, name
+    page = (tool_output / PAGE).read_text()
+    for name in FIGURES:
+        assert f"]({name})" in page
+    counts = result["counts"]
+    assert counts["positive_rois"] > 0
+    assert f"{counts['positive_rois']} RoIs x 784 cells = {counts['mask_cells']}" in page
+    height, width = result["input"]["size"]
+    assert counts["dense_cells"] == height * width * 3
+
+
+def test_per_roi_losses_average_to_the_mask_loss(result):
+    rois = result["mask_rois"]
+    weighted = sum(r["loss"] * r["cells"] for r in rois) / sum(r["cells"] for r in rois)
+    targets = torch.stack([r["target"] for r in rois])
+    expected = mask_loss(result["mask_logits"], result["mask_classes"], targets)
+    assert weighted == pytest.approx(float(expected), rel=1e-6)
+    assert result["mask_loss"] == pytest.approx(float(expected), rel=1e-6)
+    assert result["losses"]["loss_mask"] == pytest.approx(float(expected), rel=1e-6)  # the model's own number
+
+
+def test_roi_loss_equals_binary_cross_entropy_on_its_class_channel(result):
+    index = result["shown_rois"][0]
+    roi = result["mask_rois"][index]
+    logits = result["mask_logits"][index, roi["label"] - 1]
+    assert torch.equal(roi["logits"], logits)
+    assert roi["loss"] == pytest.approx(float(F.binary_cross_entropy_with_logits(logits, roi["target"])), rel=1e-6)
+    assert torch.allclose(roi["probs"], torch.sigmoid(logits))
+
+
+def test_shown_targets_are_mask_targets_of_the_matched_instance(result, train_set):
+    target = training_target(train_set, result["image_id"])
+    boxes = torch.stack([r["box"] for r in result["mask_rois"]])
+    matched = box_iou(boxes, target["boxes"]).argmax(dim=1)
+    assert matched.tolist() == [r["instance"] for r in result["mask_rois"]]
+    assert [r["label"] for r in result["mask_rois"]] == target["labels"][matched].tolist()
+    expected = mask_targets([target["masks"]], [boxes], [matched], 28)
+    assert torch.equal(torch.stack([r["target"] for r in result["mask_rois"]]), expected)
+
+
+def test_mask_loss_gradient_stays_under_the_rois_of_each_level(result):
+    rois = result["mask_rois"]
+    assert sum(len(level["rois"]) for level in result["gradients"]) == len(rois)
+    for level in result["gradients"]:
+        magnitude = level["magnitude"]
+        if not level["rois"]:
+            assert not magnitude.any(), level["name"]
+            continue
+        assert magnitude.max() > 0, level["name"]
+        footprint = np.zeros_like(magnitude, dtype=bool)
+        for i in level["rois"]:
+            x0, y0, x1, y1 = (rois[i]["box"] / level["stride"]).tolist()
+            footprint[max(int(y0) - 1, 0):int(np.ceil(y1)) + 2, max(int(x0) - 1, 0):int(np.ceil(x1)) + 2] = True
+        assert not magnitude[~footprint].any(), level["name"]
+
+
+def test_pasted_masks_are_the_recorded_probabilities_pasted(result):
+    inference = result["inference"]
+    instances = inference["instances"]
+    assert len(instances) > 0
+    pasted = paste_masks_in_image(inference["mask_probs"], instances.boxes, instances.image_size)
+    assert torch.equal(pasted, instances.masks)
+
+
+def test_anchor_label_counts_cover_every_anchor(result):
+    anchors = result["anchors"]
+    assert anchors["positive"] + anchors["negative"] + anchors["ignored"] == anchors["total"]
+    assert anchors["positive"] == sum(level["positive"] for level in anchors["levels"]) == len(anchors["positive_anchors"])
+    assert anchors["total"] == result["proposals"]["anchors"]
+    location = anchors["location"]
+    centres = (location["anchors"][:, :2] + location["anchors"][:, 2:]) / 2
+    assert torch.allclose(centres, centres[:1].expand_as(centres))  # one location, every aspect ratio
+
+
+def test_explain_leaves_the_model_unchanged(result, predictor):
+    assert result["state_unchanged"]
+    assert not predictor.model.training
+
+
+def test_unknown_image_id_names_the_annotation_file(train_set):
+    with pytest.raises(ValueError, match="image id 999 .*instances_train.json"):
+        load_example(train_set, 999)
+
+
+def test_locate_image_checks_the_file_name(workdir):
+    ann = workdir / "shapes" / "annotations" / "instances_train.json"
+    image_id, folder = locate_image(ann, workdir / "shapes" / "train" / "000002.jpg")
+    assert (image_id, folder) == (2, workdir / "shapes" / "train")
+    with pytest.raises(ValueError, match="image id 1 is the file '000001.jpg', not '000002.jpg'"):
+        locate_image(ann, workdir / "shapes" / "train" / "000002.jpg", image_id=1)
+
+
+def test_bad_log_line_and_metrics_name_the_file(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"iteration": 1, "total_loss": 1.0}\n{"iteration": 2,\n')
+    with pytest.raises(ValueError, match="metrics.jsonl: line 2 is not JSON"):
+        read_training_log(log)
+    summary = tmp_path / "metrics.json"
+    summary.write_text(json.dumps({"iteration": 10, "eval": None}))
+    assert read_eval_metrics(summary) is None
+    summary.write_text(json.dumps({"iteration": 10}))
+    with pytest.raises(ValueError, match="metrics.json: expected evaluation metrics"):
+        read_eval_metrics(summary)
