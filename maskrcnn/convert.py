@@ -83,7 +83,8 @@ def coco_category_names() -> List[str]:
 
 def convert_torchvision_checkpoint(src: str | Path, dst: str | Path, class_names: Optional[List[str]] = None) -> Config:
     """Read a torchvision Mask R-CNN ``.pth`` (a state dict, or a dict holding one under ``model``) and write
-    a maskrcnn checkpoint ``{"model", "config", "class_names", "iteration"}`` atomically. Returns the config."""
+    a maskrcnn checkpoint ``{"model", "config", "class_names", "iteration", "label_to_cat_id"}`` atomically.
+    Returns the config."""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise FileNotFoundError(f"checkpoint not found: {src}")
@@ -91,11 +92,13 @@ def convert_torchvision_checkpoint(src: str | Path, dst: str | Path, class_names
     if "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     cfg = config_for_torchvision_state(state)
+    k = cfg.model.roi_heads.num_classes
     if class_names is None:
-        k = cfg.model.roi_heads.num_classes
         class_names = coco_category_names() if k == 90 else [f"class_{i}" for i in range(1, k + 1)]
     payload = {"model": convert_torchvision_state_dict(state), "config": config_to_dict(cfg),
-               "class_names": class_names, "iteration": 0}
+               "class_names": class_names, "iteration": 0,
+               # torchvision's COCO labels are the category ids themselves
+               "label_to_cat_id": {i: i for i in range(1, k + 1)}}
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     torch.save(payload, tmp)

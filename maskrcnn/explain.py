@@ -722,9 +722,9 @@ def _draw_mask_targets(result: dict) -> Figure:
         _show(ax[1], mask[top:bottom, left:right], f"mask in the RoI ({right - left}x{bottom - top} px)",
               cmap="gray", vmin=0, vmax=1)
         _box(ax[1], (x0 - left, y0 - top, x1 - left, y1 - top), color, linewidth=1.2)
-        _show(ax[2], roi["target"], f"{side}x{side} target (mask_targets)", cmap="gray", vmin=0, vmax=1)
-        _show(ax[3], roi["probs"], f"predicted p({name})", cmap="viridis", vmin=0, vmax=1)
-        _show(ax[4], roi["bce"], f"per-cell BCE, mean {roi['loss']:.4f}", cmap="magma", vmin=0)
+        _show(ax[2], roi["target"].numpy(), f"{side}x{side} target (mask_targets)", cmap="gray", vmin=0, vmax=1)
+        _show(ax[3], roi["probs"].numpy(), f"predicted p({name})", cmap="viridis", vmin=0, vmax=1)
+        _show(ax[4], roi["bce"].numpy(), f"per-cell BCE, mean {roi['loss']:.4f}", cmap="magma", vmin=0)
     fig.suptitle(mask_caption(result), fontsize=9)
     return fig
 

@@ -54,13 +54,16 @@ def load_coco(ann_file: Union[str, Path]) -> COCO:
 
 def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: CocoDetection, *, batch_size: int = 2,
                   device: Optional[Union[str, torch.device]] = None, precision: str = "fp32", with_masks: bool = True,
-                  num_workers: int = 0, progress: bool = True) -> Optional[List[dict]]:
+                  num_workers: int = 0, progress: bool = True,
+                  label_to_cat_id: Optional[dict] = None) -> Optional[List[dict]]:
     """COCO result dicts of ``model`` on every image of ``dataset``.
 
     model: a MaskRCNN (or its DDP wrapper); put in eval mode for the run, its training mode restored after.
     dataset: the evaluation set, images at their file size (no transforms; the model resizes).
     batch_size: images per forward pass; device: where images go (default: the model's device).
     precision: "fp32" or "bf16" (autocast forward).
+    label_to_cat_id: model label -> category id; default the dataset's own mapping (right for models trained
+        on it; converted torchvision COCO weights predict category ids directly and bring an identity map).
     with_masks: add ``segmentation`` (COCO RLE encoded from each mask's box region, no full-image canvas).
     Returns ``image_id``, ``category_id`` (the dataset's ids), ``bbox`` (x, y, w, h pixels), ``score`` (and
     ``segmentation``) per detection, all images on rank 0; ``None`` on the other ranks.
@@ -85,7 +88,7 @@ def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: Coco
                 detections = detect(model, images, class_names=dataset.class_names,
                                     mask_format="rle" if with_masks else "none", precision=precision)
                 for target, instances in zip(targets, detections):
-                    results.extend(instances.to_coco(target["image_id"], dataset.label_to_cat_id))
+                    results.extend(instances.to_coco(target["image_id"], label_to_cat_id or dataset.label_to_cat_id))
                 bar.update(len(images))
     finally:
         model.train(was_training)
@@ -182,17 +185,20 @@ def save_json(path: Union[str, Path], obj) -> None:
 def evaluate(model: Union[MaskRCNN, DistributedDataParallel], ann_file: Union[str, Path], image_dir: Union[str, Path],
              output_dir: Optional[Union[str, Path]] = None, *, batch_size: int = 2,
              device: Optional[Union[str, torch.device]] = None, precision: str = "fp32",
-             iou_types: Sequence[str] = IOU_TYPES, num_workers: int = 0, verbose: bool = True) -> Optional[dict]:
+             iou_types: Sequence[str] = IOU_TYPES, num_workers: int = 0, verbose: bool = True,
+             label_to_cat_id: Optional[dict] = None) -> Optional[dict]:
     """Run ``model`` on a COCO dataset and score it; callable from training for periodic evaluation.
 
     Returns (on rank 0; ``None`` on other ranks) the metrics of :func:`evaluate_results` plus ``images``
     (number of images) and ``images_per_s`` (inference throughput, image reading and RLE encoding included).
+    label_to_cat_id: as in :func:`run_inference`.
     output_dir: if given, rank 0 writes ``results.json`` (COCO results) and ``metrics.json`` there, atomically.
     """
     dataset = CocoDetection(ann_file, image_dir)
     start = time.perf_counter()
     results = run_inference(model, dataset, batch_size=batch_size, device=device, precision=precision,
-                            with_masks="segm" in iou_types, num_workers=num_workers, progress=verbose)
+                            with_masks="segm" in iou_types, num_workers=num_workers, progress=verbose,
+                            label_to_cat_id=label_to_cat_id)
     elapsed = time.perf_counter() - start
     if results is None:
         return None
