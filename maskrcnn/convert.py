@@ -29,7 +29,10 @@ _RULES = [
     (r"^roi_heads\.box_head\.fc7\.(weight|bias)$", r"roi_heads.box_head.fc2.\1"),
     (r"^roi_heads\.box_predictor\.cls_score\.(weight|bias)$", r"roi_heads.box_predictor.cls_score.\1"),
     (r"^roi_heads\.box_predictor\.bbox_pred\.(weight|bias)$", r"roi_heads.box_predictor.bbox_pred.\1"),
-    (r"^roi_heads\.mask_head\.(?:mask_fcn)?(\d+)\.(?:0\.)?(weight|bias)$", r"roi_heads.mask_head.convs.\1.\2"),
+    (r"^roi_heads\.mask_head\.(\d+)\.0\.(weight|bias)$", r"roi_heads.mask_head.convs.\1.\2"),
+    # pre-0.13 layout: mask_fcn1..4 are convs 0..3
+    (r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$",
+     lambda m: f"roi_heads.mask_head.convs.{int(m.group(1)) - 1}.{m.group(2)}"),
     (r"^roi_heads\.mask_predictor\.conv5_mask\.(weight|bias)$", r"roi_heads.mask_head.deconv.\1"),
     (r"^roi_heads\.mask_predictor\.mask_fcn_logits\.(weight|bias)$", r"roi_heads.mask_head.predictor.\1"),
 ]
@@ -95,6 +98,8 @@ def convert_torchvision_checkpoint(src: str | Path, dst: str | Path, class_names
     k = cfg.model.roi_heads.num_classes
     if class_names is None:
         class_names = coco_category_names() if k == 90 else [f"class_{i}" for i in range(1, k + 1)]
+    if len(class_names) != k:
+        raise ValueError(f"{src}: the model has {k} classes but {len(class_names)} class names were given")
     payload = {"model": convert_torchvision_state_dict(state), "config": config_to_dict(cfg),
                "class_names": class_names, "iteration": 0,
                # torchvision's COCO labels are the category ids themselves

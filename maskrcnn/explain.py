@@ -259,6 +259,8 @@ def anchor_view(model: MaskRCNN, trace: dict, target: dict) -> dict:
         levels: per level ``name``, ``stride``, ``anchor_size``, ``shape`` (Hi, Wi), ``positive``,
             ``negative``, ``ignored`` counts and ``status`` ``(Hi, Wi)`` int: 1 where an anchor of the
             location is positive, else -1 where one is ignored, else 0 (all negative);
+        sampled, positive_fraction: how many labelled anchors the RPN loss samples, and at most which share
+            of them positive;
         total, positive, negative, ignored: anchor counts over all levels;
         positive_anchors: ``(n, 4)`` xyxy;
         location: the location whose anchor best overlaps the largest instance: ``instance``, ``level``
@@ -291,6 +293,7 @@ def anchor_view(model: MaskRCNN, trace: dict, target: dict) -> dict:
     wi = feature_shapes[level][1]
     best_ious, best_instances = box_iou(gt_boxes, all_anchors[first:first + per_location]).max(dim=0)  # (M, A) -> (A,)
     return {
+        "sampled": model.rpn.batch_size_per_image, "positive_fraction": model.rpn.positive_fraction,
         "levels": levels, "total": len(labels), "positive": int((labels == 1).sum()),
         "negative": int((labels == 0).sum()), "ignored": int((labels == -1).sum()),
         "positive_anchors": all_anchors[labels.to(device) == 1].cpu(),
@@ -683,7 +686,8 @@ def _draw_proposals(result: dict) -> Figure:
         _show(ax, inp["image"], title)
         for rank, box in enumerate(boxes):
             _box(ax, box, (1.0, 0.3, 0.2, 1.0 - 0.8 * rank / max(len(boxes), 1)), linewidth=1.0)
-    fig.suptitle(f"{proposals['anchors']} anchors -> per-level top-k -> NMS; brighter = higher objectness", fontsize=9)
+    fig.suptitle(f"{proposals['anchors']} anchors -> per-level top-k -> NMS; more opaque = higher objectness",
+                 fontsize=9)
     return fig
 
 
@@ -875,7 +879,8 @@ def explanation_page(result: dict) -> str:
     lines += ["", "## 3. Region proposals", "", "![anchors and their labels](rpn_anchors.png)", "",
               f"{anchors['total']} anchors ({len(location['anchors'])} aspect ratios per location, one size per "
               f"level). `rpn.label_anchors` marks {anchors['positive']} positive, {anchors['negative']} negative and "
-              f"{anchors['ignored']} ignored; the RPN loss samples up to 256 of the labelled ones. The best anchor for "
+              f"{anchors['ignored']} ignored; the RPN loss samples up to {anchors['sampled']} of the labelled ones, at "
+              f"most {100 * anchors['positive_fraction']:g}% positive. The best anchor for "
               f"instance #{location['instance'] + 1} sits on {chosen['name']} (anchor size {chosen['anchor_size']} "
               f"px); the anchors at its location: "
               + ", ".join(f"h/w {r:g} IoU {iou:.2f} with #{j + 1}" for r, iou, j in

@@ -83,7 +83,8 @@ class BitMasks:
 
         boxes: ``(R, 4)`` float xyxy in this image's pixels.
         indices: ``(R,)`` int64, the mask that each box crops; default ``arange(R)`` (index-aligned).
-        Returns ``(R, size, size)`` float in [0, 1] (bilinear RoIAlign of the 0/1 mask).
+        Returns ``(R, size, size)`` float in [0, 1]: bilinear RoIAlign of the 0/1 mask with pixel ``i``
+        covering ``[i, i + 1)`` (aligned), the same geometry as the polygon rasterisation.
         """
         if len(boxes) == 0:
             return boxes.new_zeros((0, size, size), dtype=torch.float32)
@@ -91,7 +92,7 @@ class BitMasks:
             indices = torch.arange(len(boxes), device=boxes.device)
         masks = self.tensor.to(device=boxes.device, dtype=torch.float32)[:, None]
         rois = torch.cat([indices.to(boxes.device, torch.float32)[:, None], boxes.float()], 1)
-        return roi_align(masks, rois, (size, size), 1.0)[:, 0]
+        return roi_align(masks, rois, (size, size), 1.0, sampling_ratio=0, aligned=True)[:, 0]
 
 
 class PolygonMasks:

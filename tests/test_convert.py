@@ -96,8 +96,6 @@ def test_old_key_layout_is_what_torchvision_upgrades(tv_model):
     assert torch.equal(fresh.roi_heads.mask_head[0][0].weight, tv_model.roi_heads.mask_head[0][0].weight)
 
 
-@pytest.mark.xfail(strict=True, reason="maskrcnn/convert.py maps the pre-0.13 mask_fcn1..4 to convs.1..4 "
-                                       "instead of convs.0..3 (torchvision renames mask_fcn{i+1} to {i}.0)")
 def test_old_key_layout_converts_like_the_new_one(tv_model):
     new = convert_torchvision_state_dict(tv_model.state_dict())
     old = convert_torchvision_state_dict(old_layout(tv_model.state_dict()))
@@ -138,8 +136,6 @@ def test_missing_source_file_is_named(tmp_path):
         convert_torchvision_checkpoint(tmp_path / "absent.pth", tmp_path / "out.pth")
 
 
-@pytest.mark.xfail(strict=True, reason="maskrcnn/convert.py convert_torchvision_checkpoint writes a checkpoint "
-                                       "whose class_names length differs from num_classes without complaint")
 def test_class_name_count_must_match(tv_file, tmp_path):
     with pytest.raises(ValueError, match="class"):
         convert_torchvision_checkpoint(tv_file, tmp_path / "out.pth", class_names=["a", "b"])

@@ -33,9 +33,7 @@ def iou(a, b):
 
 
 # A 40 x 20 rectangle; and one of 12 x 8 pixels, where half a pixel is almost half a target cell.
-RECTANGLES = [(20, 10, 60, 30), pytest.param((30, 40, 42, 48), marks=pytest.mark.xfail(
-    strict=True, reason="maskrcnn/structures.py BitMasks.crop_and_resize samples with aligned=False (pixel i at "
-                        "coordinate i), PolygonMasks rasterise pixel i as [i, i + 1): half a pixel apart"))]
+RECTANGLES = [(20, 10, 60, 30), (30, 40, 42, 48)]
 
 
 def test_polygon_rectangle_cropped_by_itself_is_all_ones():
@@ -43,9 +41,6 @@ def test_polygon_rectangle_cropped_by_itself_is_all_ones():
     assert torch.equal(target, torch.ones(1, S, S))
 
 
-@pytest.mark.xfail(strict=True, reason="maskrcnn/structures.py BitMasks.crop_and_resize uses roi_align with "
-                                       "aligned=False: the last row and column of the crop fall half a pixel "
-                                       "outside the mask (values 0.36 and 0.68)")
 def test_bitmask_rectangle_cropped_by_itself_is_all_ones():
     bits = rectangle_polygon(20, 10, 60, 30).to_bitmasks()
     assert bits.tensor.sum() == 40 * 20

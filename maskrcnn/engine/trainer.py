@@ -148,63 +148,69 @@ class _Run:
         self.last_eval: Optional[Dict] = None
 
     def run(self) -> Dict:
+        bar = tqdm(total=self.cfg.solver.max_iter, initial=self.start_iter, desc="train", unit="it",
+                   dynamic_ncols=True, mininterval=1.0, disable=not is_main_process())
+        try:
+            start_time = time.perf_counter()
+            self._loop(bar)
+            train_seconds = time.perf_counter() - start_time
+            bar.close()
+            max_iter, eval_period = self.cfg.solver.max_iter, self.cfg.train.eval_period
+            self._save("model_final.pth", max_iter)
+            if self.cfg.train.eval_at_end or (eval_period > 0 and max_iter % eval_period == 0):
+                self._evaluate(max_iter)
+            summary = {"iteration": max_iter, "train_seconds": train_seconds, "train": self.last_record,
+                       "eval": self.last_eval}
+            if is_main_process():
+                atomic_write(self.output_dir / "metrics.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+            return summary
+        finally:
+            bar.close()
+            if self.logger is not None:
+                self.logger.close()
+
+    def _loop(self, bar: tqdm) -> None:
+        """Iterations ``start_iter`` .. ``max_iter - 1`` with logging, checkpoints and periodic evaluation."""
         cfg, max_iter = self.cfg, self.cfg.solver.max_iter
         self.ddp_model.train()
         window = _Window()
-        start_time = time.perf_counter()
-        bar = tqdm(total=max_iter, initial=self.start_iter, desc="train", unit="it", dynamic_ncols=True,
-                   disable=not is_main_process())
-        try:
-            for iteration in range(self.start_iter, max_iter):
-                tic = time.perf_counter()
-                images, targets = next(self.batches)
-                if self.resume_rng is not None:
-                    # Restored after the first fetch: building the loader draws from the global RNG.
-                    set_rng_state(self.resume_rng)
-                    self.resume_rng = None
-                images = [image.to(self.device, non_blocking=True) for image in images]
-                targets = [_target_to(target, self.device) for target in targets]
-                data_time = time.perf_counter() - tic
-                rng_before = rng_state()
+        for iteration in range(self.start_iter, max_iter):
+            tic = time.perf_counter()
+            images, targets = next(self.batches)
+            if self.resume_rng is not None:
+                # Restored after the first fetch: building the loader draws from the global RNG.
+                set_rng_state(self.resume_rng)
+                self.resume_rng = None
+            images = [image.to(self.device, non_blocking=True) for image in images]
+            targets = [_target_to(target, self.device) for target in targets]
+            data_time = time.perf_counter() - tic
+            rng_before = rng_state()
 
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    losses = self.ddp_model(images, targets)
-                total = sum(losses.values())
-                if not all_true(torch.isfinite(total)):
-                    self._stop(iteration, losses, rng_before)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(total).backward()
-                if cfg.solver.clip_grad_norm > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.params, cfg.solver.clip_grad_norm)
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                losses = self.ddp_model(images, targets)
+            total = sum(losses.values())
+            if not all_true(torch.isfinite(total)):
+                self._stop(iteration, losses, rng_before)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            if cfg.solver.clip_grad_norm > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.solver.clip_grad_norm)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
 
-                done = iteration + 1
-                window.add(total, losses, data_time, time.perf_counter() - tic)
-                bar.update()
-                if done % cfg.train.log_period == 0 or done == max_iter:
-                    self._log(done, window, lr, bar)
-                    window = _Window()
-                if done % cfg.train.checkpoint_period == 0 and done < max_iter:
-                    self._save(f"model_{done:07d}.pth", done)
-                if cfg.train.eval_period > 0 and done % cfg.train.eval_period == 0 and done < max_iter:
-                    self._evaluate(done)
-        finally:
-            bar.close()
-        train_seconds = time.perf_counter() - start_time
-
-        self._save("model_final.pth", max_iter)
-        if cfg.train.eval_at_end or (cfg.train.eval_period > 0 and max_iter % cfg.train.eval_period == 0):
-            self._evaluate(max_iter)
-        summary = {"iteration": max_iter, "train_seconds": train_seconds, "train": self.last_record,
-                   "eval": self.last_eval}
-        if self.logger is not None:
-            atomic_write(self.output_dir / "metrics.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
-            self.logger.close()
-        return summary
+            done = iteration + 1
+            window.add(total, losses, data_time, time.perf_counter() - tic)
+            bar.update()
+            if done % cfg.train.log_period == 0 or done == max_iter:
+                self._log(done, window, lr, bar)
+                window = _Window()
+            if done % cfg.train.checkpoint_period == 0 and done < max_iter:
+                self._save(f"model_{done:07d}.pth", done)
+            if cfg.train.eval_period > 0 and done % cfg.train.eval_period == 0 and done < max_iter:
+                self._evaluate(done)
 
     def _log(self, iteration: int, window: "_Window", lr: float, bar: tqdm) -> None:
         """Average the window over processes; rank 0 appends the record and redraws the curve."""
@@ -234,7 +240,6 @@ class _Run:
         metrics = evaluate(self.model, self.cfg.data.val_ann, self.cfg.data.val_images,
                            output_dir=self.output_dir / f"eval_{iteration:07d}" if is_main_process() else None,
                            device=self.device, precision=precision)
-        self.ddp_model.train()
         if metrics is not None:
             self.last_eval = metrics
             self.logger.log({"iteration": iteration, **metrics})
@@ -246,7 +251,6 @@ class _Run:
         self._save(name, iteration, rng=rng_before)
         if self.logger is not None:
             self.logger.plot()
-            self.logger.close()
         barrier()
         where = ", ".join(f"{k}={v}" for k, v in bad.items()) if bad else "a loss on another process"
         raise FloatingPointError(
