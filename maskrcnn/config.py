@@ -216,3 +216,16 @@ def config_reference_markdown() -> str:
 
     walk(Config(), "")
     return "\n".join(rows) + "\n"
+
+
+def readme_with_config_reference(readme: str) -> str:
+    """``readme`` with the text between its ``config-reference`` markers replaced by the generated table."""
+    start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+    if start not in readme or end not in readme:
+        raise ValueError(f"README has no {start} ... {end} section")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    body = ("\n## Configuration reference\n\nEvery field of `maskrcnn/config.py`, with its default. A YAML file in "
+            "`configs/` lists only what it changes; `key.sub=value` arguments override both.\n\n"
+            + config_reference_markdown())
+    return f"{head}{start}{body}{end}{tail}"

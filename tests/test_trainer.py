@@ -68,8 +68,8 @@ def overfit_run(tmp_path_factory):
     data = tmp_path_factory.mktemp("shapes2")
     generate_shapes(data, num_train=2, num_val=1, seed=0, min_size=64, max_size=96)
     out = tmp_path_factory.mktemp("overfit")
-    cfg = tiny_config(data, out, "solver.max_iter=30", "solver.lr=0.02", "solver.clip_grad_norm=1.0", "data.flip_prob=0.0",
-                      "train.checkpoint_period=20")
+    cfg = tiny_config(data, out, "solver.max_iter=30", "solver.lr=0.02", "solver.clip_grad_norm=1.0",
+                      "data.flip_prob=0.0", "train.checkpoint_period=20")
     summary = train(cfg)
     return cfg, out, summary
 

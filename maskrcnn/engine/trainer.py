@@ -162,7 +162,8 @@ class _Run:
             summary = {"iteration": max_iter, "train_seconds": train_seconds, "train": self.last_record,
                        "eval": self.last_eval}
             if is_main_process():
-                atomic_write(self.output_dir / "metrics.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+                text = json.dumps(summary, indent=1)
+                atomic_write(self.output_dir / "metrics.json", lambda f: f.write(text.encode()))
             return summary
         finally:
             bar.close()

@@ -9,7 +9,8 @@ names match torchvision's ``resnet*`` models. Normalisation is ``FrozenBatchNorm
 
 from __future__ import annotations
 
-from typing import List
+import copy
+from typing import Iterator, List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +68,47 @@ class ResNet(nn.Module):
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
         return [c2, c3, c4, c5]
+
+
+@torch.no_grad()
+def fold_batchnorm(trunk: ResNet) -> ResNet:
+    """An inference copy of ``trunk`` with each normalisation folded into the convolution before it.
+
+    Every normalisation of the trunk directly follows a convolution, so ``norm(conv(x))``, an affine map
+    per channel once the statistics are fixed (``FrozenBatchNorm2d``, or ``BatchNorm2d`` in eval mode),
+    equals ``conv'(x)`` with weights ``W * scale`` (one scale per output channel) and a bias. The copy
+    computes the same function to float rounding, without the per-pixel normalisation pass. Its parameter
+    names differ (the ``bn*`` entries are gone, the convolutions gain biases): keep the original for
+    checkpoints. Raises ValueError for a BatchNorm2d trunk in training mode (its statistics are not fixed).
+    """
+    folded = copy.deepcopy(trunk)
+    for parent, conv_name, norm_name in _conv_norm_pairs(folded):
+        conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training:
+            raise ValueError("fold_batchnorm needs fixed statistics: put the model in eval mode first")
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # (C_out,)
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                          padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+                          device=conv.weight.device, dtype=conv.weight.dtype)
+        fused.weight.copy_(conv.weight * scale[:, None, None, None])
+        conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+        fused.bias.copy_(norm.bias + (conv_bias - norm.running_mean) * scale)
+        fused.requires_grad_(conv.weight.requires_grad)
+        setattr(parent, conv_name, fused)
+        setattr(parent, norm_name, nn.Identity())
+    return folded
+
+
+def _conv_norm_pairs(trunk: ResNet) -> Iterator[Tuple[nn.Module, str, str]]:
+    """``(parent module, convolution name, normalisation name)`` of every convolution + norm pair."""
+    yield trunk, "conv1", "bn1"
+    for layer in (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4):
+        for block in layer:
+            for k in (1, 2, 3):
+                if hasattr(block, f"conv{k}"):
+                    yield block, f"conv{k}", f"bn{k}"
+            if block.downsample is not None:
+                yield block.downsample, "0", "1"
 
 
 def _load_imagenet_state(depth: int) -> dict:

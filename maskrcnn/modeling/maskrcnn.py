@@ -6,6 +6,7 @@ instances of one image; K object classes (labels 1..K, 0 is background); D detec
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..structures import BitMasks, ImageList, PolygonMasks
 from .anchors import AnchorGenerator
-from .backbone import ResNet
+from .backbone import ResNet, fold_batchnorm
 from .box_coder import BoxCoder
 from .fpn import FPN
 from .mask_head import MaskHead
@@ -105,6 +106,21 @@ class MaskRCNN(nn.Module):
         for i, image in enumerate(out):
             batch[i, :, : image.shape[1], : image.shape[2]].copy_(image)
         return ImageList(batch, sizes)
+
+
+def prepare_for_inference(model: MaskRCNN, *, channels_last: bool = True) -> MaskRCNN:
+    """An eval-mode copy of ``model`` set up for fast inference; ``model`` itself is left as it is.
+
+    The trunk's normalisations are folded into its convolutions (:func:`fold_batchnorm`) and, with
+    ``channels_last``, the convolution weights are stored channels-last, the layout in which oneDNN (CPU)
+    and cuDNN convolutions run without reordering their inputs. Outputs equal the model's to float
+    rounding. The copy's state dict differs from the model's (no ``bn`` entries): save the original.
+    """
+    fast = copy.deepcopy(model).eval()
+    fast.backbone = fold_batchnorm(fast.backbone)
+    if channels_last:
+        fast.to(memory_format=torch.channels_last)
+    return fast
 
 
 def resize_image(image: Tensor, min_size: int, max_size: int) -> Tensor:

@@ -13,10 +13,12 @@ The geometry is torchvision's (``roi_heads.paste_masks_in_image`` with ``padding
 4. its pixels inside the image are thresholded (``prob > threshold``).
 
 torchvision builds a full-image float canvas per mask. Here only the pixels of each box's clipped
-extent are sampled, separably (columns, then rows), from the same bilinear weights that
-``F.interpolate`` uses; detections are sampled in chunks padded to the chunk's largest extent and
-bounded by a memory budget, then written into a preallocated bool output or handed out region by
-region (for RLE encoding without a full canvas).
+extent are sampled, separably (columns, then rows), as two batched matrix products with the
+bilinear weights that ``F.interpolate`` uses; detections are sampled in chunks padded to the
+chunk's largest extent and bounded by a memory budget, then written into a preallocated bool output
+or handed out region by region (for RLE encoding without a full canvas). The result equals
+torchvision's up to float rounding of probabilities that sit on the threshold (with TF32 matmuls
+enabled on CUDA, that rounding is coarser).
 """
 
 from __future__ import annotations

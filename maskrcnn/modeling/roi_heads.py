@@ -150,23 +150,30 @@ class RoIHeads(nn.Module):
 
     def inference(self, features: List[Tensor], proposals: List[Tensor],
                   image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+        return self.predict_masks(features, self.detect_boxes(features, proposals, image_sizes))
+
+    def detect_boxes(self, features: List[Tensor], proposals: List[Tensor],
+                     image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+        """Box head and detection selection: per image ``boxes`` (D, 4), ``scores`` (D,), ``labels`` (D,)."""
         x = self.box_head(self.box_pooler(features, proposals))
         pred_class_logits, pred_deltas = self.box_predictor(x)
         scores = F.softmax(pred_class_logits.float(), dim=-1)
         concat = torch.cat(proposals)
         boxes = self.box_coder.decode(pred_deltas.float(), concat)  # (R, K, 4)
         counts = [len(p) for p in proposals]
-        results = [
+        return [
             select_detections(b, s, size, score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
                               topk=self.detections_per_img)
             for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes)
         ]
-        det_boxes = [r["boxes"] for r in results]
+
+    def predict_masks(self, features: List[Tensor], detections: List[Dict[str, Tensor]]) -> List[Dict[str, Tensor]]:
+        """Mask head on the detected boxes: each image's detections with ``mask_probs`` (D, 28, 28) float
+        added, the mask probabilities of the detected class."""
+        det_boxes = [r["boxes"] for r in detections]
         if sum(len(b) for b in det_boxes):
             logits = self.mask_head(self.mask_pooler(features, det_boxes))
-            probs = mask_probs_of_class(logits, torch.cat([r["labels"] for r in results]))
+            probs = mask_probs_of_class(logits, torch.cat([r["labels"] for r in detections]))
         else:
             probs = features[0].new_zeros((0, 28, 28), dtype=torch.float32)
-        for r, p in zip(results, probs.split([len(b) for b in det_boxes])):
-            r["mask_probs"] = p
-        return results
+        return [{**r, "mask_probs": p} for r, p in zip(detections, probs.split([len(b) for b in det_boxes]))]
