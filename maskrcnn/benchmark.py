@@ -44,12 +44,13 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste_masks_in_image
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, masks_to_boxes
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .config import Config, ModelConfig, load_config
 from .convert import convert_torchvision_state_dict
-from .data.shapes import render_image
+from .data.shapes import CATEGORIES, render_image
+from .data.transforms import ResizeShortestEdge
 from .modeling.maskrcnn import MaskRCNN, build_model, prepare_for_inference
 from .modeling.paste import paste_masks_in_image
 from .modeling.postprocess import to_original_image
@@ -387,52 +388,57 @@ def benchmark_paste(mask_probs: Tensor, boxes: Tensor, image_size: Tuple[int, in
 # Training
 
 
-def training_batch(num_images: int, min_size: int, max_size: int, device: torch.device, seed: int = 0
+def training_batch(num_images: int, size: int, max_size: int, device: torch.device, seed: int = 0
                    ) -> Tuple[List[Tensor], List[dict], List[dict]]:
-    """A synthetic shapes batch: images (3, H, W) float 0-1 with sides in [min_size, max_size], our
-    targets (``boxes``, ``labels`` in 1..3, ``masks`` as BitMasks) and the same targets in torchvision's
-    form (``masks`` a (M, H, W) uint8 tensor). Crowd regions are left out (torchvision has no use for
-    them); every image holds at least one instance."""
+    """A synthetic shapes batch as the training data pipeline delivers it at input size ``size``.
+
+    Images are drawn with sides in ``[size, 2 size]`` and resized so that the shorter side is ``size``
+    (the longer at most ``max_size``). Returns the images, (3, H, W) float 0-1 RGB, our targets
+    (``boxes`` (M, 4) xyxy pixels, ``labels`` in 1..3, ``masks`` as BitMasks) and the same targets in
+    torchvision's form (``masks`` a (M, H, W) uint8 tensor). Crowd regions are left out (torchvision has
+    no use for them); every image holds at least one instance.
+    """
     rng = np.random.default_rng(seed)
+    resize = ResizeShortestEdge([size], max_size)
     images, ours, tv = [], [], []
-    labels_of = {1: 1, 3: 2, 7: 3}
+    labels_of = {category["id"]: label for label, category in enumerate(CATEGORIES, start=1)}
     while len(images) < num_images:
-        pixels, instances = render_image(rng, min_size=min_size, max_size=max_size)
+        pixels, instances = render_image(rng, min_size=size, max_size=2 * size)
         instances = [inst for inst in instances if not inst[3]]
         if not instances:
             continue
         masks = torch.from_numpy(np.stack([inst[1] for inst in instances]))
-        ys, xs = masks.any(2), masks.any(1)
-        boxes = torch.stack([
-            torch.tensor([x.nonzero()[0, 0], y.nonzero()[0, 0], x.nonzero()[-1, 0] + 1, y.nonzero()[-1, 0] + 1])
-            for x, y in zip(xs, ys)]).float()
-        labels = torch.tensor([labels_of[inst[0]] for inst in instances], dtype=torch.int64)
+        target = {"boxes": masks_to_boxes(masks), "crowd_boxes": torch.zeros((0, 4)), "masks": BitMasks(masks)}
+        pixels, target = resize(pixels, target, rng)
+        labels = torch.tensor([labels_of[inst[0]] for inst in instances], dtype=torch.int64, device=device)
+        boxes, masks = target["boxes"].to(device), target["masks"].tensor.to(device)
         images.append(torch.from_numpy(pixels).permute(2, 0, 1).float().div(255).to(device))
-        ours.append({"boxes": boxes.to(device), "labels": labels.to(device), "masks": BitMasks(masks.to(device))})
-        tv.append({"boxes": boxes.to(device), "labels": labels.to(device), "masks": masks.to(device, torch.uint8)})
+        ours.append({"boxes": boxes, "labels": labels, "masks": BitMasks(masks)})
+        tv.append({"boxes": boxes, "labels": labels, "masks": masks.to(torch.uint8)})
     return images, ours, tv
 
 
-def benchmark_train_step(cfg: ModelConfig, *, num_images: int, min_size: int, max_size: int, mode: str,
-                         repeats: int, device: torch.device, seed: int = 0) -> Dict[str, float]:
+def benchmark_train_step(cfg: ModelConfig, *, num_images: int, mode: str, repeats: int, device: torch.device,
+                         seed: int = 0) -> Dict[str, float]:
     """One training step (forward + backward + SGD step) of ours and torchvision's model at ``cfg``.
 
-    Both start from the same seeded weights and train on the same batch; torchvision resizes its inputs
-    to ``cfg.input.min_size`` inside its forward (its transform runs in training too), so the batch is
-    drawn at that size already. bf16: autocast, both in channels-last. Keys: ``ours_s``, ``tv_s``,
-    ``speedup``, ``mem_ours_mb``, ``mem_tv_mb``.
+    Both start from the same seeded weights and train on the same batch of ``num_images`` images at input
+    size ``cfg.input.min_size[-1]``; torchvision's transform, which resizes in training too, then keeps
+    that size. Ours runs channels-last as the trainer runs it; torchvision in its default layout for
+    fp32 and channels-last under bf16 autocast. Keys: ``ours_s``, ``tv_s``, ``speedup``, ``mem_ours_mb``,
+    ``mem_tv_mb``.
     """
     sync = _synchronizer(device)
     torch.manual_seed(seed)
     norm = FrozenBatchNorm2d if cfg.backbone.norm == "frozen_bn" else nn.BatchNorm2d
+    size = cfg.input.min_size[-1]
     tv = torchvision_model(cfg, norm_layer=norm).to(device)
+    tv.transform.min_size = (size,)
     ours = our_model_from(tv, cfg).to(device)
-    tv.transform.min_size = (min_size,)
-    tv.transform.max_size = max(max_size, cfg.input.max_size)
     ours.to(memory_format=torch.channels_last)  # as the trainer runs it (train.channels_last)
     if mode == "bf16":
         tv.to(memory_format=torch.channels_last)
-    images, our_targets, tv_targets = training_batch(num_images, min_size, max_size, device, seed)
+    images, our_targets, tv_targets = training_batch(num_images, size, cfg.input.max_size, device, seed)
 
     def step(model, targets):
         params = [p for p in model.parameters() if p.requires_grad]

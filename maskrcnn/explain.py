@@ -53,7 +53,7 @@ from maskrcnn.modeling.mask_head import mask_loss, mask_probs_of_class, mask_tar
 from maskrcnn.modeling.maskrcnn import MaskRCNN
 from maskrcnn.modeling.matcher import match_boxes
 from maskrcnn.modeling.poolers import assign_levels
-from maskrcnn.predictor import Instances, Predictor, detect
+from maskrcnn.predictor import Predictor, detect
 from maskrcnn.structures import BitMasks
 from maskrcnn.visualize import add_legend, colors, draw_instances, label_map
 
@@ -147,7 +147,8 @@ def read_eval_metrics(path: Union[str, Path]) -> Optional[dict]:
         raise ValueError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
     if isinstance(data, dict) and isinstance(data.get("segm"), dict):
         return data
-    if isinstance(data, dict) and "eval" in data and (data["eval"] is None or isinstance(data["eval"].get("segm"), dict)):
+    if isinstance(data, dict) and "eval" in data and (
+            data["eval"] is None or isinstance(data["eval"], dict) and isinstance(data["eval"].get("segm"), dict)):
         return data["eval"]
     raise ValueError(f"{path}: expected evaluation metrics ('segm' and 'bbox' entries) or a training summary "
                      "with an 'eval' entry")
@@ -171,7 +172,8 @@ def training_input(model: MaskRCNN, image: Tensor, target: dict) -> Tuple[Tensor
 def trace_training_step(model: MaskRCNN, image: Tensor, target: dict, *, seed: int = 0) -> dict:
     """One training-mode forward pass of ``model`` on one image, recorded by forward hooks.
 
-    image: ``(3, H, W)`` float 0-1 RGB training input, on the model's device; target: its training target.
+    image: ``(3, H, W)`` float 0-1 RGB training input, on the model's device; target: its training target,
+    with at least one instance (its box is always a positive RoI, so the mask head runs).
     seed: seeds the model's random sampling of anchors and RoIs; the caller's RNG state is restored after.
     Normalisation layers stay in eval mode (one image's batch statistics are not the trained ones) and no
     weight changes. Returns:
@@ -184,6 +186,8 @@ def trace_training_step(model: MaskRCNN, image: Tensor, target: dict, *, seed: i
         positive_boxes: ``(P, 4)`` xyxy the positive RoIs the mask loss was computed on;
         mask_logits: ``(P, K, S, S)`` the mask head's logits for them.
     """
+    if len(target["boxes"]) == 0:
+        raise ValueError(f"image id {target.get('image_id')} has no instance annotation to explain")
     captured: Dict[str, object] = {}
 
     def record(name, inputs=False):
@@ -213,14 +217,6 @@ def trace_training_step(model: MaskRCNN, image: Tensor, target: dict, *, seed: i
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    num_classes = model.num_classes
-    side = 2 * model.roi_heads.mask_pooler.output_size
-    if "mask_pooler" in captured:
-        positive_boxes = torch.cat(captured["mask_pooler"][1])
-        mask_logits = captured["mask_head"].detach()
-    else:  # no positive RoI: the mask head did not run
-        positive_boxes = image.new_zeros((0, 4))
-        mask_logits = image.new_zeros((0, num_classes, side, side))
     logits, deltas = captured["rpn_head"]
     return {
         "losses": {name: float(value.detach()) for name, value in losses.items()},
@@ -230,8 +226,8 @@ def trace_training_step(model: MaskRCNN, image: Tensor, target: dict, *, seed: i
         "rpn_deltas": [x.detach() for x in deltas],
         "proposals": captured["rpn"][0][0],
         "padded_size": tuple(int(s) for s in captured["backbone"][0].shape[-2:]),
-        "positive_boxes": positive_boxes,
-        "mask_logits": mask_logits,
+        "positive_boxes": torch.cat(captured["mask_pooler"][1]),
+        "mask_logits": captured["mask_head"].detach(),
     }
 
 
@@ -287,9 +283,10 @@ def anchor_view(model: MaskRCNN, trace: dict, target: dict) -> dict:
     instance = int(box_area(gt_boxes).argmax())
     ious = box_iou(gt_boxes[instance:instance + 1], all_anchors)[0]
     best = int(ious.argmax())
-    level = int(np.searchsorted(np.cumsum([len(a) for a in anchors]), best, side="right"))
-    cell = (best - sum(len(a) for a in anchors[:level])) // per_location
-    first = sum(len(a) for a in anchors[:level]) + cell * per_location
+    offsets = np.cumsum([0] + [len(a) for a in anchors])  # first anchor index of each level
+    level = int(np.searchsorted(offsets, best, side="right")) - 1
+    cell = (best - int(offsets[level])) // per_location
+    first = int(offsets[level]) + cell * per_location
     wi = feature_shapes[level][1]
     best_ious, best_instances = box_iou(gt_boxes, all_anchors[first:first + per_location]).max(dim=0)  # (M, A) -> (A,)
     return {
@@ -300,7 +297,8 @@ def anchor_view(model: MaskRCNN, trace: dict, target: dict) -> dict:
         "location": {"instance": instance, "level": level, "cell": (cell % wi, cell // wi),
                      "anchors": all_anchors[first:first + per_location].cpu(),
                      "labels": labels[first:first + per_location], "ious": best_ious.cpu(),
-                     "instances": best_instances.cpu(), "aspect_ratios": list(model.rpn.anchor_generator.aspect_ratios)},
+                     "instances": best_instances.cpu(),
+                     "aspect_ratios": list(model.rpn.anchor_generator.aspect_ratios)},
     }
 
 
@@ -378,7 +376,7 @@ def gradient_view(model: MaskRCNN, trace: dict, rois: List[dict]) -> List[dict]:
     |d loss_mask / d Pk|, and ``rois`` the indices of the positive RoIs that RoIAlign read from it."""
     out = []
     for name, stride, grad in zip(level_names(model), model.fpn.strides, trace["feature_grads"]):
-        level = int(name[1:])
+        level = int(np.log2(stride))
         out.append({"name": name, "stride": int(stride), "magnitude": grad[0].abs().sum(0).float().cpu().numpy(),
                     "rois": [i for i, r in enumerate(rois) if r["level"] == level]})
     return out
@@ -393,10 +391,11 @@ def inference_view(model: MaskRCNN, image: Tensor, target: dict, *, class_names:
     """Inference on one image at its file size, as :func:`maskrcnn.predictor.detect` runs it.
 
     image: ``(3, H, W)`` float 0-1 RGB on the model's device; target: its dataset target (file pixels).
-    Returns ``image`` ``(H, W, 3)`` uint8, ``instances`` (:class:`Instances`, masks pasted), ``mask_probs``
-    ``(D, S, S)`` the head's probabilities (recorded on ``roi_heads``) in the order of ``instances``,
-    ``gt_masks`` ``(M, H, W)`` bool, ``gt_labels`` ``(M,)``, ``best_iou`` ``(M,)``: per instance, the
-    highest mask IoU (pycocotools) with a detection scoring at least ``score_thresh``, ``image_id``.
+    Returns ``image`` ``(H, W, 3)`` uint8, ``instances`` (:class:`maskrcnn.predictor.Instances`, masks
+    pasted), ``mask_probs`` ``(D, S, S)`` the head's probabilities (recorded on ``roi_heads``) in the order
+    of ``instances``, ``gt_masks`` ``(M, H, W)`` bool, ``gt_labels`` ``(M,)``, ``best_iou`` ``(M,)``: per
+    instance, the highest mask IoU (pycocotools) with a detection scoring at least ``score_thresh``, and
+    ``image_id``.
     """
     captured = {}
     hook = model.roi_heads.register_forward_hook(lambda module, args, output: captured.update(output=output))
@@ -445,8 +444,6 @@ def explain(model: MaskRCNN, image: Tensor, target: dict, *, class_names: Sequen
     ``inference`` and ``heldout`` (:func:`inference_view`, ``heldout`` None without one),
     ``curve`` (training records with ``total_loss``) and ``validation`` (latest validation metrics or None).
     """
-    if len(target["boxes"]) == 0:
-        raise ValueError(f"image id {target.get('image_id')} has no instance annotation to explain")
     if len(class_names) != model.num_classes:
         raise ValueError(f"got {len(class_names)} class names for a model of {model.num_classes} classes")
     device = next(model.parameters()).device
@@ -609,16 +606,14 @@ def _draw_input(result: dict) -> Figure:
 
 def _draw_fpn(result: dict) -> Figure:
     levels = result["fpn"]
-    cols = max(len(level["indices"]) for level in levels)
+    cols = len(levels[0]["indices"])  # every level has the same channels
     fig = _figure(2.3 * cols, 2.0 * len(levels))
     axes = fig.subplots(len(levels), cols, squeeze=False)
     for row, level in enumerate(levels):
-        for col in range(cols):
-            if col >= len(level["indices"]):
-                axes[row][col].set_axis_off()
-                continue
-            head = f"{level['name']}: stride {level['stride']}, {level['shape'][1]}x{level['shape'][0]}\n" if col == 0 else "\n"
-            _show(axes[row][col], level["maps"][col], f"{head}channel {level['indices'][col]}", cmap="viridis")
+        height, width = level["shape"]
+        for col, (channel, feature_map) in enumerate(zip(level["indices"], level["maps"])):
+            head = f"{level['name']}: stride {level['stride']}, {width}x{height}\n" if col == 0 else "\n"
+            _show(axes[row][col], feature_map, f"{head}channel {channel}", cmap="viridis")
     fig.suptitle("Feature pyramid: the most varied channels of each level (one cell = stride x stride input pixels)",
                  fontsize=9)
     return fig
@@ -703,10 +698,6 @@ def mask_caption(result: dict) -> str:
 
 def _draw_mask_targets(result: dict) -> Figure:
     rois, shown, inp, names = result["mask_rois"], result["shown_rois"], result["input"], result["class_names"]
-    if not shown:
-        fig = _figure(8, 2)
-        _note(fig.subplots(), "no positive RoI on this image: the mask loss is 0 and the mask head gets no gradient")
-        return fig
     side = result["counts"]["mask_side"]
     fig = _figure(12, 2.4 * len(shown) + 0.6)
     axes = fig.subplots(len(shown), 5, squeeze=False)
@@ -819,8 +810,8 @@ def _draw_generalisation(result: dict) -> Figure:
             _note(ax, "no held-out image given")
             continue
         best = view["best_iou"]
-        _show(ax, _final_view(view, thresh), f"{title}, white = ground truth\n"
-                                             f"mean best mask IoU per instance {best.mean():.2f} ({len(best)} instances)")
+        _show(ax, _final_view(view, thresh), f"{title}, white = ground truth\nmean best mask IoU per instance "
+                                             f"{best.mean():.2f} ({len(best)} instances)")
         for mask in view["gt_masks"].numpy():
             ax.contour(mask, levels=[0.5], colors="white", linewidths=0.8)
     ax = axes[1][0]
@@ -891,8 +882,10 @@ def explanation_page(result: dict) -> str:
               f"leaves {proposals['post_nms']} proposals.", "",
               "## 4. Mask targets and the mask loss", "", "![mask targets](mask_targets.png)", "",
               "| RoI | class | instance | IoU | level | mask loss |", "|---|---|---|---|---|---|"]
-    lines += [f"| {i} | {names[r['label'] - 1]} | #{r['instance'] + 1} | {r['iou']:.2f} | P{r['level']} | {r['loss']:.4f} |"
-              for i, r in ((i, result["mask_rois"][i]) for i in result["shown_rois"])]
+    for i in result["shown_rois"]:
+        roi = result["mask_rois"][i]
+        lines.append(f"| {i} | {names[roi['label'] - 1]} | #{roi['instance'] + 1} | {roi['iou']:.2f} | P{roi['level']} "
+                     f"| {roi['loss']:.4f} |")
     dense = counts["dense_cells"]
     share = f" ({100 * counts['mask_cells'] / dense:.1f}% of that)" if dense else ""
     lines += ["", f"The mask loss is per pixel, but only on the {side}x{side} grid of each positive RoI and only on "
@@ -914,7 +907,9 @@ def explanation_page(result: dict) -> str:
               f"{result['original_size'][1]}x{result['original_size'][0]} image and thresholded at "
               f"{result['mask_threshold']:g}.", "",
               "## 6. Seen and unseen images", "", "![generalisation](generalisation.png)", ""]
-    views = [(result["image_label"], inference)] + ([("held-out image", result["heldout"])] if result["heldout"] else [])
+    views = [(result["image_label"], inference)]
+    if result["heldout"] is not None:
+        views.append(("held-out image", result["heldout"]))
     lines += [f"- {label} (id {view['image_id']}): mean best mask IoU per instance {view['best_iou'].mean():.3f} "
               f"over {len(view['best_iou'])} instances" for label, view in views]
     if result["curve"]:

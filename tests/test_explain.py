@@ -162,7 +162,8 @@ def test_pasted_masks_are_the_recorded_probabilities_pasted(result):
 def test_anchor_label_counts_cover_every_anchor(result):
     anchors = result["anchors"]
     assert anchors["positive"] + anchors["negative"] + anchors["ignored"] == anchors["total"]
-    assert anchors["positive"] == sum(level["positive"] for level in anchors["levels"]) == len(anchors["positive_anchors"])
+    assert anchors["positive"] == sum(level["positive"] for level in anchors["levels"])
+    assert anchors["positive"] == len(anchors["positive_anchors"])
     assert anchors["total"] == result["proposals"]["anchors"]
     location = anchors["location"]
     centres = (location["anchors"][:, :2] + location["anchors"][:, 2:]) / 2

@@ -1,7 +1,7 @@
 """Show, from a trained checkpoint and one annotated image, how Mask R-CNN learns masks.
 
-    python tools/explain.py --checkpoint output/train/model_final.pth --shapes --output docs/figures \
-        --log output/train/metrics.jsonl --metrics output/train/metrics.json
+    python tools/explain.py --checkpoint output/shapes_small/model_final.pth --shapes --output docs/figures
+        [--log output/shapes_small/metrics.jsonl] [--metrics output/shapes_small/eval/metrics.json]
     python tools/explain.py --checkpoint model.pth --image val/000042.jpg --ann instances_val.json --output out
 
 Writes the figures input_gt.png, fpn_levels.png, rpn_anchors.png, rpn_proposals.png, mask_targets.png,
