@@ -19,7 +19,7 @@ from maskrcnn.data.coco import CocoDetection
 from maskrcnn.evaluation.coco_evaluator import evaluate, evaluate_results, load_coco, run_inference
 from maskrcnn.evaluation.rle import encode_masks
 from maskrcnn.modeling.maskrcnn import build_model
-from test_predictor import tiny_config
+from tiny import tiny_config
 
 CATEGORIES = [{"id": 1, "name": "square"}, {"id": 3, "name": "circle"}, {"id": 7, "name": "triangle"}]
 IMAGES = [{"id": 1, "file_name": "a.png", "height": 60, "width": 90},

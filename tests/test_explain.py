@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-from maskrcnn.config import Config, config_to_dict
+from maskrcnn.config import config_to_dict
 from maskrcnn.data import CocoDetection, ResizeShortestEdge, generate_shapes
 from maskrcnn.engine.logger import MetricsLogger
 from maskrcnn.explain import (FIGURES, PAGE, explain, load_example, locate_image, read_eval_metrics,
@@ -19,22 +19,10 @@ from maskrcnn.modeling.maskrcnn import build_model
 from maskrcnn.modeling.paste import paste_masks_in_image
 from maskrcnn.predictor import Predictor
 
+from tiny import tiny_config
+
 CLASS_NAMES = ["square", "circle", "triangle"]
 TOOL = Path(__file__).parents[1] / "tools" / "explain.py"
-
-
-def tiny_config() -> Config:
-    cfg = Config()
-    m = cfg.model
-    m.backbone.depth = 18
-    m.backbone.fpn_channels = 32
-    m.input.min_size = [64]
-    m.input.max_size = 96
-    m.roi_heads.num_classes = 3
-    m.roi_heads.box_head_dim = 64
-    m.roi_heads.mask_head_dim = 16
-    m.roi_heads.mask_head_convs = 1
-    return cfg
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from maskrcnn.config import ModelConfig
+from tiny import tiny_config
 from maskrcnn.modeling.backbone import ResNet
 from maskrcnn.modeling.maskrcnn import build_model
 from maskrcnn.modeling.paste import paste_masks_in_image
@@ -15,26 +15,17 @@ NUM_CLASSES = 3
 LOSS_NAMES = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
 
 
-def tiny_config():
-    cfg = ModelConfig()
-    cfg.backbone.depth = 18
-    cfg.backbone.fpn_channels = 32
-    cfg.roi_heads.box_head_dim = 64
-    cfg.roi_heads.mask_head_dim = 16
-    cfg.roi_heads.mask_head_convs = 1
+def tiny_model_config():
+    cfg = tiny_config().model
     cfg.roi_heads.num_classes = NUM_CLASSES
-    cfg.roi_heads.batch_size_per_image = 16
-    cfg.rpn.batch_size_per_image = 32
     cfg.rpn.pre_nms_topk_train = cfg.rpn.pre_nms_topk_test = 100
     cfg.rpn.post_nms_topk_train = cfg.rpn.post_nms_topk_test = 30
-    cfg.input.min_size = [64]
-    cfg.input.max_size = 96
     return cfg
 
 
 def tiny_model(cfg=None):
     torch.manual_seed(0)
-    return build_model(cfg or tiny_config())
+    return build_model(cfg or tiny_model_config())
 
 
 def rectangle_target(size, boxes, labels, polygons=False):
@@ -108,7 +99,7 @@ def test_batch_without_objects_gives_zero_mask_loss_and_backward_works():
 
 @pytest.fixture(scope="module")
 def eval_model():
-    cfg = tiny_config()
+    cfg = tiny_model_config()
     cfg.roi_heads.score_thresh = 0.0  # random weights: keep every candidate so that detections exist
     return tiny_model(cfg).eval()
 

@@ -9,29 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from maskrcnn.config import Config, config_to_dict
+from maskrcnn.config import config_to_dict
 from maskrcnn.evaluation.rle import encode_masks
 from maskrcnn.modeling.maskrcnn import build_model
 from maskrcnn.predictor import Instances, Predictor, to_image_tensor
 
+from tiny import tiny_config
+
 CLASS_NAMES = ["square", "circle", "triangle"]
-
-
-def tiny_config() -> Config:
-    """A small random-weight Mask R-CNN configuration that runs in well under a second on a CPU."""
-    cfg = Config()
-    m = cfg.model
-    m.backbone.depth = 18
-    m.backbone.fpn_channels = 32
-    m.input.min_size = [64]
-    m.input.max_size = 128
-    m.roi_heads.num_classes = 3
-    m.roi_heads.box_head_dim = 64
-    m.roi_heads.mask_head_dim = 16
-    m.rpn.pre_nms_topk_test = 200
-    m.rpn.post_nms_topk_test = 100
-    m.roi_heads.detections_per_img = 20
-    return cfg
 
 
 @pytest.fixture(scope="module")
