@@ -18,8 +18,9 @@ on CPU the peak resident set size above the resident size before the call (sampl
 by a background thread, after returning freed heap memory to the system).
 
 Precision modes: ``fp32``, and ``bf16``: torchvision under ``torch.autocast(bfloat16)`` with
-channels-last weights and inputs (its best CPU setting), ours in :func:`prepare_for_inference` form
-(inference) or channels-last as the trainer runs it (training), under the same autocast.
+channels-last weights and inputs (its best CPU setting), ours under the same autocast, in
+:func:`~maskrcnn.modeling.maskrcnn.prepare_for_inference` form for inference and with channels-last
+weights (as the trainer runs it) for training.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -70,7 +71,8 @@ def torchvision_model(cfg: ModelConfig, *, norm_layer: Callable[..., nn.Module])
     """
     b, a, r, h = cfg.backbone, cfg.anchors, cfg.rpn, cfg.roi_heads
     trunk = getattr(torchvision.models, f"resnet{b.depth}")(weights=None, norm_layer=norm_layer)
-    # What torchvision's _resnet_fpn_extractor does, with the pyramid width as a parameter.
+    # What torchvision's _resnet_fpn_extractor does, with the pyramid width as a parameter: its
+    # trainable_layers is 5 - freeze_at, and at 5 the stem's norm trains too.
     trainable = ["layer4", "layer3", "layer2", "layer1", "conv1", "bn1"][: 5 - b.freeze_at + (b.freeze_at == 0)]
     for name, parameter in trunk.named_parameters():
         if not any(name.startswith(prefix) for prefix in trainable):
@@ -149,8 +151,9 @@ def well_conditioned_torchvision_model(cfg: ModelConfig, *, seed: int = 0) -> tv
 
 
 def our_model_from(tv: tv_mask_rcnn.MaskRCNN, cfg: ModelConfig) -> MaskRCNN:
-    """``build_model(cfg)`` carrying the weights of the torchvision model ``tv`` (built at the same ``cfg``)."""
-    ours = build_model(cfg)
+    """``build_model(cfg)`` carrying the weights of the torchvision model ``tv`` (built at the same ``cfg``),
+    on ``tv``'s device and in its training mode."""
+    ours = build_model(cfg).to(next(tv.parameters()).device)
     ours.load_state_dict(convert_torchvision_state_dict(tv.state_dict()))
     return ours.train(tv.training)
 
@@ -320,6 +323,8 @@ def benchmark_inference(tv: tv_mask_rcnn.MaskRCNN, ours: MaskRCNN, images: List[
                         repeats: int, device: torch.device) -> Dict[str, float]:
     """Stage, end-to-end and memory figures of the two eval-mode models on ``images`` in precision ``mode``.
 
+    End-to-end times are medians of ``repeats`` runs, stage times of ``(repeats + 1) // 2`` runs.
+
     ``tv`` runs as given in fp32 and channels-last under bf16 autocast; ``ours`` runs in
     :func:`prepare_for_inference` form. Keys: ``{stage}_ours_s``, ``{stage}_tv_s``, ``{stage}_speedup``
     for every stage and ``e2e``, ``mem_ours_mb``, ``mem_tv_mb``.
@@ -327,7 +332,7 @@ def benchmark_inference(tv: tv_mask_rcnn.MaskRCNN, ours: MaskRCNN, images: List[
     sync = _synchronizer(device)
     if mode == "bf16":
         tv = copy.deepcopy(tv).to(memory_format=torch.channels_last)
-    ours = prepare_for_inference(ours, channels_last=True)
+    ours = prepare_for_inference(ours)
 
     def staged(model, stages):
         def run():
@@ -348,7 +353,7 @@ def benchmark_inference(tv: tv_mask_rcnn.MaskRCNN, ours: MaskRCNN, images: List[
     e2e = _interleaved_medians(runs, repeats, sync)
     stage_runs = {"ours": staged(ours, _our_stages), "tv": staged(tv, _torchvision_stages)}
     stage_times: Dict[str, List[Dict[str, float]]] = {"ours": [], "tv": []}
-    for _ in range(repeats):
+    for _ in range((repeats + 1) // 2):
         for name, run in stage_runs.items():
             stage_times[name].append(run())
     figures = {}
@@ -392,11 +397,12 @@ def training_batch(num_images: int, size: int, max_size: int, device: torch.devi
                    ) -> Tuple[List[Tensor], List[dict], List[dict]]:
     """A synthetic shapes batch as the training data pipeline delivers it at input size ``size``.
 
-    Images are drawn with sides in ``[size, 2 size]`` and resized so that the shorter side is ``size``
-    (the longer at most ``max_size``). Returns the images, (3, H, W) float 0-1 RGB, our targets
-    (``boxes`` (M, 4) xyxy pixels, ``labels`` in 1..3, ``masks`` as BitMasks) and the same targets in
-    torchvision's form (``masks`` a (M, H, W) uint8 tensor). Crowd regions are left out (torchvision has
-    no use for them); every image holds at least one instance.
+    Images are drawn with sides in ``[size, 2 size]``, turned to landscape (as the trainer's aspect-ratio
+    grouping batches them) and resized so that the shorter side is ``size`` (the longer at most
+    ``max_size``). Returns the images, (3, H, W) float 0-1 RGB, our targets (``boxes`` (M, 4) xyxy
+    pixels, ``labels`` in 1..3, ``masks`` as BitMasks) and the same targets in torchvision's form
+    (``masks`` a (M, H, W) uint8 tensor). Crowd regions are left out (torchvision has no use for them);
+    every image holds at least one instance.
     """
     rng = np.random.default_rng(seed)
     resize = ResizeShortestEdge([size], max_size)
@@ -407,9 +413,13 @@ def training_batch(num_images: int, size: int, max_size: int, device: torch.devi
         instances = [inst for inst in instances if not inst[3]]
         if not instances:
             continue
-        masks = torch.from_numpy(np.stack([inst[1] for inst in instances]))
-        target = {"boxes": masks_to_boxes(masks), "crowd_boxes": torch.zeros((0, 4)), "masks": BitMasks(masks)}
-        pixels, target = resize(pixels, target, rng)
+        masks = torch.from_numpy(np.stack([inst[1] for inst in instances]))  # (M, H, W) bool
+        if pixels.shape[0] > pixels.shape[1]:
+            pixels, masks = np.ascontiguousarray(pixels.transpose(1, 0, 2)), masks.transpose(1, 2).contiguous()
+        # Boxes enclose the mask pixels: x2, y2 one past the last column and row.
+        boxes = masks_to_boxes(masks) + torch.tensor([0.0, 0.0, 1.0, 1.0])
+        pixels, target = resize(pixels, {"boxes": boxes, "crowd_boxes": torch.zeros((0, 4)),
+                                         "masks": BitMasks(masks)}, rng)
         labels = torch.tensor([labels_of[inst[0]] for inst in instances], dtype=torch.int64, device=device)
         boxes, masks = target["boxes"].to(device), target["masks"].tensor.to(device)
         images.append(torch.from_numpy(pixels).permute(2, 0, 1).float().div(255).to(device))
@@ -457,3 +467,103 @@ def benchmark_train_step(cfg: ModelConfig, *, num_images: int, mode: str, repeat
     t = _interleaved_medians(runs, repeats, sync)
     return {"ours_s": t["ours"], "tv_s": t["tv"], "speedup": t["tv"] / t["ours"],
             "mem_ours_mb": peak_memory_mb(runs["ours"], device), "mem_tv_mb": peak_memory_mb(runs["tv"], device)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole benchmark
+
+
+def train_configs(small_config: str | Path) -> Dict[str, Tuple[ModelConfig, int]]:
+    """The training benchmarks: name -> (model configuration, images per step).
+
+    ``r50``: the default R50-FPN at 512 px, 2 images; ``small``: the model of ``small_config`` at its own
+    input size and ``solver.ims_per_batch``.
+    """
+    r50 = Config().model
+    r50.input.min_size = [512]
+    small = load_config(small_config)
+    return {"r50": (r50, 2), "small": (small.model, small.solver.ims_per_batch)}
+
+
+def run_benchmark(*, modes: Sequence[str] = MODES, quick: bool = False, device: str = "cpu", size: int = 800,
+                  detections: int = 100, train_config: str | Path = "configs/maskrcnn_R18_FPN_small.yaml",
+                  progress: Callable[[str], None] = lambda message: None) -> Dict[str, object]:
+    """Every figure of the benchmark, as one flat dict.
+
+    modes: precisions to run, from ("fp32", "bf16"). quick: 2 timed repetitions instead of 5.
+    size: inference images are ``size`` x ``1.5 size`` pixels (resized by both models to shortest side
+    ``size``), with ``detections`` detections each. train_config: the YAML of the small training model.
+    Keys (per mode m): ``{m}_{stage}_{ours|tv}_s`` and ``{m}_{stage}_speedup`` for every stage and
+    ``e2e``, ``e2e_{m}_speedup``, ``e2e_{m}_s`` (our seconds per image), ``{m}_mem_{ours|tv}_mb``;
+    ``paste_s``, ``paste_tv_s``, ``write_s``, ``paste_speedup``, ``paste_vs_write``;
+    ``train_{m}_{name}_{ours_s|tv_s|speedup|mem_ours_mb|mem_tv_mb}`` per training configuration and
+    ``train_{m}_speedup``, the geometric mean of their speedups; and ``device``, ``threads``,
+    ``image_size``, ``detections``, ``repeats``.
+    """
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no CUDA device is available")
+    repeats = 2 if quick else 5
+    cfg = inference_config(size, detections)
+    images = benchmark_images(size, dev)
+    height, width = images[0].shape[-2:]
+    figures: Dict[str, object] = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "threads": torch.get_num_threads(), "image_size": f"{height}x{width}", "detections": detections,
+        "repeats": repeats,
+    }
+    progress("building the models")
+    tv = well_conditioned_torchvision_model(cfg).to(dev)
+    ours = our_model_from(tv, cfg)
+    for mode in modes:
+        progress(f"inference, {mode}")
+        result = benchmark_inference(tv, ours, images, mode=mode, repeats=repeats, device=dev)
+        figures.update({f"{mode}_{key}": value for key, value in result.items()})
+        figures[f"e2e_{mode}_speedup"] = result["e2e_speedup"]
+        figures[f"e2e_{mode}_s"] = result["e2e_ours_s"] / len(images)
+    progress("mask paste")
+    fast = prepare_for_inference(ours)
+    fast.return_mask_probs = True
+    with torch.no_grad():
+        detected = fast(images[:1])[0]
+    figures.update(benchmark_paste(detected["mask_probs"], detected["boxes"], (height, width), repeats=3 * repeats,
+                                   device=dev))
+    del tv, ours, fast
+    for name, (train_cfg, num_images) in train_configs(train_config).items():
+        for mode in modes:
+            progress(f"training step, {name}, {mode}")
+            result = benchmark_train_step(train_cfg, num_images=num_images, mode=mode, repeats=repeats, device=dev)
+            figures.update({f"train_{mode}_{name}_{key}": value for key, value in result.items()})
+    for mode in modes:
+        speedups = [figures[f"train_{mode}_{name}_speedup"] for name in train_configs(train_config)]
+        figures[f"train_{mode}_speedup"] = math.prod(speedups) ** (1 / len(speedups))
+    return figures
+
+
+def format_report(figures: Dict[str, object]) -> str:
+    """The figures of :func:`run_benchmark` as text tables: seconds, torchvision / ours, memory."""
+    lines = [f"device {figures['device']}; images {figures['image_size']}, {figures['detections']} detections; "
+             f"medians of {figures['repeats']} runs; speedup = torchvision time / our time"]
+    modes = [m for m in MODES if f"e2e_{m}_speedup" in figures]
+    for mode in modes:
+        lines += ["", f"inference {mode}    {'ours ms':>9} {'tv ms':>9} {'speedup':>8}"]
+        for stage in (*STAGES, "e2e"):
+            lines.append(f"  {stage:<16} {figures[f'{mode}_{stage}_ours_s'] * 1e3:9.1f} "
+                         f"{figures[f'{mode}_{stage}_tv_s'] * 1e3:9.1f} {figures[f'{mode}_{stage}_speedup']:8.2f}")
+        lines.append(f"  peak memory MB   {figures[f'{mode}_mem_ours_mb']:9.0f} {figures[f'{mode}_mem_tv_mb']:9.0f}")
+    lines += ["", f"mask paste: ours {figures['paste_s'] * 1e3:.1f} ms, torchvision {figures['paste_tv_s'] * 1e3:.1f} "
+              f"ms (speedup {figures['paste_speedup']:.1f}); writing the bool output alone "
+              f"{figures['write_s'] * 1e3:.1f} ms (paste / write {figures['paste_vs_write']:.2f})"]
+    names = sorted({key.split("_")[2] for key in figures if key.startswith("train_") and key.endswith("_ours_s")})
+    for mode in modes:
+        lines += ["", f"training step {mode}  {'ours ms':>9} {'tv ms':>9} {'speedup':>8} {'ours MB':>8} {'tv MB':>8}"]
+        for name in names:
+            key = f"train_{mode}_{name}"
+            lines.append(f"  {name:<18} {figures[key + '_ours_s'] * 1e3:9.0f} {figures[key + '_tv_s'] * 1e3:9.0f} "
+                         f"{figures[key + '_speedup']:8.2f} {figures[key + '_mem_ours_mb']:8.0f} "
+                         f"{figures[key + '_mem_tv_mb']:8.0f}")
+        lines.append(f"  geometric mean {'':>22} {figures[f'train_{mode}_speedup']:8.2f}")
+    return "\n".join(lines)

@@ -22,7 +22,7 @@ from maskrcnn.data.shapes import generate_shapes
 from maskrcnn.engine.trainer import train
 from maskrcnn.modeling.maskrcnn import build_model
 from maskrcnn.structures import BitMasks
-from test_trainer import read_jsonl, tiny_config
+from test_trainer import one_thread, read_jsonl, tiny_config  # noqa: F401 (one_thread: autouse fixture)
 
 WORLD_SIZE = 2
 
@@ -98,13 +98,8 @@ def ddp_run(tmp_path_factory):
 
 def test_two_processes_match_one_process_with_the_same_global_batch(ddp_run, tmp_path):
     data, out = ddp_run
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        train(_per_image_config(data, tmp_path), model=PerImageModel(3))
-    finally:
-        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    train(_per_image_config(data, tmp_path), model=PerImageModel(3))
     single = torch.load(tmp_path / "model_final.pth", weights_only=True)["model"]
     ddp = torch.load(out / "per_image_ddp" / "model_final.pth", weights_only=True)["model"]
     assert set(ddp) == set(single)

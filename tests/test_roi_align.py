@@ -116,4 +116,5 @@ def test_cuda_values_and_gradients_match_torchvision(aligned):
     expected_out, expected_grad = _values_and_feature_grads(torchvision.ops.roi_align, *args)
     assert out.is_cuda
     assert (out - expected_out).abs().max().item() < 1e-5
-    assert (grad - expected_grad).abs().max().item() < 1e-5
+    # Both CUDA backwards sum in a thread-dependent order: compare relative to the gradient's size.
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)

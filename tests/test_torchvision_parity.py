@@ -1,19 +1,16 @@
 """Our Mask R-CNN against torchvision's, given the same weights: same detections, stage by stage.
 
 torchvision's model is built with seeded random weights (no download) whose scale is set so that the
-network is well conditioned: batch-norm statistics are calibrated on random images, pyramid outputs
-are scaled to unit spread and the prediction layers get a spread of scores, so that ranking and NMS
-are decided by margins far above float round-off rather than by ties.
+network is well conditioned (``maskrcnn.benchmark.well_conditioned_torchvision_model``): batch-norm
+statistics are calibrated on random images, pyramid outputs are scaled to unit spread and the prediction
+layers get a spread of scores, so that ranking and NMS are decided by margins far above float round-off
+rather than by ties.
 """
 
 import pytest
 import torch
-import torchvision
 
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-from torchvision.models.detection.mask_rcnn import MaskRCNN
-from torchvision.ops import FrozenBatchNorm2d
-
+from maskrcnn.benchmark import well_conditioned_torchvision_model
 from maskrcnn.config import Config
 from maskrcnn.convert import convert_torchvision_state_dict
 from maskrcnn.modeling.maskrcnn import build_model
@@ -21,47 +18,13 @@ from maskrcnn.modeling.maskrcnn import build_model
 MIN_SIZE, MAX_SIZE = 320, 512
 
 
-def well_conditioned_torchvision_model(min_size=MIN_SIZE, max_size=MAX_SIZE):
-    torch.manual_seed(0)
-    tv = torchvision.models.detection.maskrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, box_score_thresh=0.0, min_size=min_size, max_size=max_size)
-    with torch.no_grad():
-        calib = tv.transform([torch.rand(3, 160, 200), torch.rand(3, 200, 160)])[0].tensors
-        body = tv.backbone.body
-        for m in body.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.momentum = None
-                m.reset_running_stats()
-        body.train()
-        body(calib)
-        body.eval()
-        features = tv.backbone(calib)
-        for conv, level in zip(tv.backbone.fpn.layer_blocks, ["0", "1", "2", "3"]):
-            std = features[level].std()
-            conv[0].weight /= std
-            conv[0].bias /= std
-        g = torch.Generator().manual_seed(1)
-        for layer, std in [(tv.rpn.head.cls_logits, 0.3), (tv.rpn.head.bbox_pred, 0.05),
-                           (tv.roi_heads.box_predictor.cls_score, 0.3),
-                           (tv.roi_heads.box_predictor.bbox_pred, 0.05),
-                           (tv.roi_heads.mask_predictor.mask_fcn_logits, 0.1)]:
-            layer.weight.normal_(0, std, generator=g)
-            layer.bias.normal_(0, std, generator=g)
-    # The same weights in torchvision's pretrained-model layout, with FrozenBatchNorm2d in the trunk.
-    trunk = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
-    frozen = MaskRCNN(_resnet_fpn_extractor(trunk, 3), num_classes=91, box_score_thresh=0.0, min_size=min_size,
-                      max_size=max_size)
-    frozen.load_state_dict(tv.state_dict())
-    return frozen.eval()
-
-
 @pytest.fixture(scope="module")
 def models():
-    tv = well_conditioned_torchvision_model()
     cfg = Config()
     cfg.model.input.min_size = [MIN_SIZE]
     cfg.model.input.max_size = MAX_SIZE
     cfg.model.roi_heads.score_thresh = 0.0
+    tv = well_conditioned_torchvision_model(cfg.model)
     ours = build_model(cfg.model).eval()
     ours.load_state_dict(convert_torchvision_state_dict(tv.state_dict()))
     return tv, ours

@@ -4,7 +4,9 @@ Shorthand: N images, Hp/Wp padded input size. Stage ``k`` (k = 2..5) has stride 
 
 The trunk reuses torchvision's ResNet building blocks (BasicBlock / Bottleneck), so its parameter
 names match torchvision's ``resnet*`` models. Normalisation is ``FrozenBatchNorm2d`` by default
-(statistics and affine parameters fixed, as detection fine-tuning uses at small batch sizes).
+(statistics and affine parameters fixed, as detection fine-tuning uses at small batch sizes). The
+forward runs each convolution + normalisation pair through :func:`conv_norm`; :func:`fold_batchnorm`
+makes an inference copy with the normalisations folded into the convolutions.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import copy
 from typing import Iterator, List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops import FrozenBatchNorm2d
@@ -51,7 +54,7 @@ class ResNet(nn.Module):
         trunk = _RESNETS[depth](weights=None, norm_layer=_NORMS[norm])
         if pretrained:
             trunk.load_state_dict(_load_imagenet_state(depth))
-        self.conv1, self.bn1, self.relu, self.maxpool = trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool
+        self.conv1, self.bn1, self.maxpool = trunk.conv1, trunk.bn1, trunk.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4
         width = 64 if depth < 50 else 256
         self.out_channels = [width, width * 2, width * 4, width * 8]
@@ -62,38 +65,74 @@ class ResNet(nn.Module):
                 module.requires_grad_(False)
 
     def forward(self, x: Tensor) -> List[Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c2 = self.layer1(x)
-        c3 = self.layer2(c2)
-        c4 = self.layer3(c3)
-        c5 = self.layer4(c4)
-        return [c2, c3, c4, c5]
+        x = self.maxpool(F.relu(conv_norm(self.conv1, self.bn1, x), inplace=True))
+        outputs = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                x = residual_block(block, x)
+            outputs.append(x)
+        return outputs
+
+
+def residual_block(block: nn.Module, x: Tensor) -> Tensor:
+    """The forward of torchvision's ``BasicBlock`` / ``Bottleneck`` with every convolution + norm pair run
+    by :func:`conv_norm`. x: (N, C_in, H, W) -> (N, C_out, H / stride, W / stride)."""
+    identity = x if block.downsample is None else conv_norm(block.downsample[0], block.downsample[1], x)
+    out = F.relu(conv_norm(block.conv1, block.bn1, x), inplace=True)
+    if isinstance(block, tv_resnet.Bottleneck):
+        out = F.relu(conv_norm(block.conv2, block.bn2, out), inplace=True)
+        out = conv_norm(block.conv3, block.bn3, out)
+    else:
+        out = conv_norm(block.conv2, block.bn2, out)
+    return F.relu(out.add_(identity), inplace=True)
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm(conv(x))``; x: (N, C_in, H, W) -> (N, C_out, H', W').
+
+    A normalisation with fixed statistics (``FrozenBatchNorm2d``, or ``BatchNorm2d`` in eval mode) is the
+    per-channel affine map ``y * scale + shift``, ``scale = gamma / sqrt(var + eps)`` and
+    ``shift = beta - mean * scale``, applied here in place on the convolution's output in the output's
+    dtype: in float32 the same arithmetic as ``FrozenBatchNorm2d`` (same results), under bfloat16
+    autocast without its float32 output. A ``BatchNorm2d`` using batch statistics runs as it is; an
+    ``nn.Identity`` norm is one folded into the convolution by :func:`fold_batchnorm`.
+    """
+    y = conv(x)
+    if isinstance(norm, nn.Identity):
+        return y
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm) and (norm.training or not norm.track_running_stats):
+        return norm(y)
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # (C_out,)
+    shift = norm.bias - norm.running_mean * scale
+    return y.mul_(scale.to(y.dtype)[:, None, None]).add_(shift.to(y.dtype)[:, None, None])
 
 
 @torch.no_grad()
 def fold_batchnorm(trunk: ResNet) -> ResNet:
     """An inference copy of ``trunk`` with each normalisation folded into the convolution before it.
 
-    Every normalisation of the trunk directly follows a convolution, so ``norm(conv(x))``, an affine map
-    per channel once the statistics are fixed (``FrozenBatchNorm2d``, or ``BatchNorm2d`` in eval mode),
-    equals ``conv'(x)`` with weights ``W * scale`` (one scale per output channel) and a bias. The copy
-    computes the same function to float rounding, without the per-pixel normalisation pass. Its parameter
-    names differ (the ``bn*`` entries are gone, the convolutions gain biases): keep the original for
-    checkpoints. Raises ValueError for a BatchNorm2d trunk in training mode (its statistics are not fixed).
+    ``norm(conv(x))`` with fixed statistics equals one convolution with weights ``W * scale`` (one scale
+    per output channel) and bias ``shift + b * scale`` (see :func:`conv_norm`), which saves the
+    normalisation's two passes over the activations. Outputs equal the trunk's to float rounding (the
+    products are rounded in another order). The norms become ``nn.Identity``, so the copy's parameter
+    names differ: keep the original for checkpoints. Raises ValueError for a ``BatchNorm2d`` using batch
+    statistics (training mode).
     """
     folded = copy.deepcopy(trunk)
     for parent, conv_name, norm_name in _conv_norm_pairs(folded):
         conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
-        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training:
-            raise ValueError("fold_batchnorm needs fixed statistics: put the model in eval mode first")
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and (norm.training or not norm.track_running_stats):
+            raise ValueError("fold_batchnorm needs fixed normalisation statistics: put the model in eval mode")
         scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # (C_out,)
+        bias = norm.bias - norm.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias * scale
         fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                           padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
                           device=conv.weight.device, dtype=conv.weight.dtype)
         fused.weight.copy_(conv.weight * scale[:, None, None, None])
-        conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
-        fused.bias.copy_(norm.bias + (conv_bias - norm.running_mean) * scale)
-        fused.requires_grad_(conv.weight.requires_grad)
+        fused.bias.copy_(bias)
+        fused.requires_grad_(False)
         setattr(parent, conv_name, fused)
         setattr(parent, norm_name, nn.Identity())
     return folded

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -36,8 +37,45 @@ class FPN(nn.Module):
         top_down = self.lateral_convs[-1](features[-1])
         outputs = [self.output_convs[-1](top_down)]
         for level in range(len(features) - 2, -1, -1):
-            lateral = self.lateral_convs[level](features[level])
-            top_down = lateral + F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
+            top_down = add_upsampled(self.lateral_convs[level](features[level]), top_down)
             outputs.insert(0, self.output_convs[level](top_down))
         outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
         return outputs
+
+
+def add_upsampled(lateral: Tensor, top_down: Tensor) -> Tensor:
+    """``lateral + F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")``.
+
+    lateral: (N, C, H, W); top_down: (N, C, h, w). When H, W = 2h, 2w (always, for inputs padded to a
+    multiple of 32) nearest upsampling repeats each top-down pixel over a 2 x 2 block, and the sum is
+    accumulated into ``lateral`` in place (see :class:`_AddUpsampled2x`) without building the upsampled
+    map; other sizes take ``F.interpolate``.
+    """
+    h, w = top_down.shape[-2:]
+    if tuple(lateral.shape[-2:]) != (2 * h, 2 * w):
+        return lateral + F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
+    return _AddUpsampled2x.apply(lateral, top_down)
+
+
+class _AddUpsampled2x(torch.autograd.Function):
+    """``lateral += top_down`` repeated 2 x 2, in place; lateral (N, C, 2h, 2w), top_down (N, C, h, w).
+
+    Forward: one pass over ``lateral`` through its (N, C, h, 2, w, 2) view, several times faster than
+    interpolating then adding (in channels-last memory). Backward: ``lateral`` passes the gradient
+    through; each top-down pixel gets the sum of its 2 x 2 block, added up from four strided slices
+    in float32 (autograd's own reduction over the broadcast view is an order of magnitude slower).
+    """
+
+    @staticmethod
+    def forward(ctx, lateral: Tensor, top_down: Tensor) -> Tensor:
+        h, w = top_down.shape[-2:]
+        # (N, C, 2h, 2w) -> (N, C, h, 2, w, 2) += (N, C, h, 1, w, 1)
+        lateral.unflatten(3, (w, 2)).unflatten(2, (h, 2)).add_(top_down[:, :, :, None, :, None])
+        ctx.mark_dirty(lateral)
+        return lateral
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        block_sum = (grad[:, :, 0::2, 0::2].float() + grad[:, :, 1::2, 0::2]
+                     + grad[:, :, 0::2, 1::2] + grad[:, :, 1::2, 1::2])  # (N, C, h, w)
+        return grad, block_sum.to(grad.dtype)

@@ -27,6 +27,8 @@ class MaskHead(nn.Module):
         num_classes: K (background excluded).
 
     forward(x: (R, C, 14, 14)) -> (R, K, 28, 28) logits.
+    class_logits(x: (R, C, 14, 14), classes: (R,) int64 in 1..K) -> (R, 28, 28) logits of each RoI's own
+        class, the only channel inference reads.
     """
 
     def __init__(self, *, in_channels: int, conv_dim: int = 256, num_convs: int = 4, num_classes: int):
@@ -45,9 +47,20 @@ class MaskHead(nn.Module):
         nn.init.zeros_(self.predictor.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.predictor(self.upsampled_features(x))
+
+    def class_logits(self, x: Tensor, classes: Tensor) -> Tensor:
+        """The predictor's 1x1 convolution evaluated for one class per RoI: a weighted channel sum."""
+        features = self.upsampled_features(x)  # (R, D, 28, 28)
+        weight = self.predictor.weight[classes - 1, :, 0, 0].to(features.dtype)  # (R, D)
+        bias = self.predictor.bias[classes - 1].to(features.dtype)  # (R,)
+        return torch.einsum("rdhw,rd->rhw", features, weight) + bias[:, None, None]
+
+    def upsampled_features(self, x: Tensor) -> Tensor:
+        """(R, C, 14, 14) -> (R, D, 28, 28), D = conv_dim: the convolutions and the 2x deconvolution."""
         for conv in self.convs:
-            x = F.relu(conv(x))
-        return self.predictor(F.relu(self.deconv(x)))
+            x = F.relu(conv(x), inplace=True)
+        return F.relu(self.deconv(x), inplace=True)
 
 
 @torch.no_grad()

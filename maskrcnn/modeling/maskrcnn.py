@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -108,19 +108,17 @@ class MaskRCNN(nn.Module):
         return ImageList(batch, sizes)
 
 
-def prepare_for_inference(model: MaskRCNN, *, channels_last: bool = True) -> MaskRCNN:
-    """An eval-mode copy of ``model`` set up for fast inference; ``model`` itself is left as it is.
+def prepare_for_inference(model: MaskRCNN) -> MaskRCNN:
+    """A fast eval-mode copy of ``model`` for inference; ``model`` itself is left as it is.
 
-    The trunk's normalisations are folded into its convolutions (:func:`fold_batchnorm`) and, with
-    ``channels_last``, the convolution weights are stored channels-last, the layout in which oneDNN (CPU)
-    and cuDNN convolutions run without reordering their inputs. Outputs equal the model's to float
-    rounding. The copy's state dict differs from the model's (no ``bn`` entries): save the original.
+    The trunk's normalisations are folded into its convolutions (:func:`fold_batchnorm`) and the weights
+    are stored channels-last, the layout in which oneDNN (CPU) and cuDNN convolutions run without
+    reordering their inputs. Outputs equal the model's to float rounding. The copy's state dict differs
+    from the model's (no ``bn`` entries): save the original.
     """
     fast = copy.deepcopy(model).eval()
     fast.backbone = fold_batchnorm(fast.backbone)
-    if channels_last:
-        fast.to(memory_format=torch.channels_last)
-    return fast
+    return fast.to(memory_format=torch.channels_last)
 
 
 def resize_image(image: Tensor, min_size: int, max_size: int) -> Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .box_coder import BoxCoder
-from .mask_head import MaskHead, mask_loss, mask_probs_of_class, mask_targets
+from .mask_head import MaskHead, mask_loss, mask_targets
 from .matcher import Matcher, match_boxes, sample_balanced
 from .poolers import MultiLevelRoIAlign
 from .postprocess import select_detections
@@ -172,8 +172,9 @@ class RoIHeads(nn.Module):
         added, the mask probabilities of the detected class."""
         det_boxes = [r["boxes"] for r in detections]
         if sum(len(b) for b in det_boxes):
-            logits = self.mask_head(self.mask_pooler(features, det_boxes))
-            probs = mask_probs_of_class(logits, torch.cat([r["labels"] for r in detections]))
+            logits = self.mask_head.class_logits(self.mask_pooler(features, det_boxes),
+                                                 torch.cat([r["labels"] for r in detections]))
+            probs = logits.float().sigmoid()
         else:
             probs = features[0].new_zeros((0, 28, 28), dtype=torch.float32)
         return [{**r, "mask_probs": p} for r, p in zip(detections, probs.split([len(b) for b in det_boxes]))]

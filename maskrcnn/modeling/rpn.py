@@ -42,7 +42,7 @@ class RPNHead(nn.Module):
     def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
         logits, deltas = [], []
         for x in features:
-            t = F.relu(self.conv(x))
+            t = F.relu(self.conv(x), inplace=True)
             logits.append(self.objectness_logits(t))
             deltas.append(self.anchor_deltas(t))
         return logits, deltas
@@ -122,9 +122,8 @@ class RPN(nn.Module):
         ], dim=1)
         all_anchors = torch.cat(anchors)
         with torch.no_grad():
-            proposals = self.box_coder.decode(pred_deltas.detach().reshape(-1, 4).float(),
-                                              all_anchors.repeat(n, 1)).view(n, -1, 4)
-            boxes = self.select_proposals(proposals, pred_logits.detach().float(), image_sizes, num_per_level)
+            boxes = self.select_proposals(pred_deltas.detach(), pred_logits.detach().float(), all_anchors,
+                                          image_sizes, num_per_level)
         losses = {}
         if self.training:
             gt_labels, gt_deltas = self.label_anchors(all_anchors, targets)
@@ -133,11 +132,12 @@ class RPN(nn.Module):
                                 positive_fraction=self.positive_fraction)
         return boxes, losses
 
-    def select_proposals(self, proposals: Tensor, logits: Tensor, image_sizes: List[Tuple[int, int]],
-                         num_per_level: List[int]) -> List[Tensor]:
-        """Top-k per level, clip, drop small and low-scoring, per-level NMS, top-k per image.
+    def select_proposals(self, pred_deltas: Tensor, logits: Tensor, anchors: Tensor,
+                         image_sizes: List[Tuple[int, int]], num_per_level: List[int]) -> List[Tensor]:
+        """Top-k per level, decode, clip, drop small and low-scoring, per-level NMS, top-k per image.
 
-        proposals: (N, T, 4) decoded boxes; logits: (N, T) objectness logits.
+        pred_deltas: (N, T, 4) anchor deltas; logits: (N, T) objectness logits; anchors: (T, 4) xyxy
+        pixels of the padded input. Only the anchors that survive the per-level top-k are decoded.
         """
         pre_topk = self.pre_nms_topk[0 if self.training else 1]
         post_topk = self.post_nms_topk[0 if self.training else 1]
@@ -150,9 +150,12 @@ class RPN(nn.Module):
             offset += count
         index = torch.cat(index, dim=1)
         levels = torch.cat(levels)
-        batch = torch.arange(len(proposals), device=logits.device)[:, None]
+        n = len(logits)
+        batch = torch.arange(n, device=logits.device)[:, None]
         scores = torch.sigmoid(logits[batch, index])
-        proposals = proposals[batch, index]
+        # (N, k, 4) deltas of the selected anchors -> (N*k, 1, 4) boxes -> (N, k, 4)
+        proposals = self.box_coder.decode(pred_deltas[batch, index].reshape(-1, 4).float(),
+                                          anchors[index].reshape(-1, 4)).view(n, -1, 4)
         out = []
         for boxes, prob, size in zip(proposals, scores, image_sizes):
             boxes = clip_boxes_to_image(boxes, size)
