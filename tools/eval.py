@@ -36,7 +36,7 @@ def main(argv=None) -> None:
         predictor = Predictor.from_checkpoint(args.checkpoint, device=device, score_thresh=None)
         label_to_cat_id = torch.load(args.checkpoint, map_location="cpu", weights_only=True).get("label_to_cat_id")
         output = Path(args.output) if args.output else Path(args.checkpoint).parent / "eval"
-        metrics = evaluate(predictor.model, args.ann, args.images, output, batch_size=args.batch_size,
+        metrics = evaluate(predictor.inference_model, args.ann, args.images, output, batch_size=args.batch_size,
                            precision=args.precision, num_workers=args.num_workers, label_to_cat_id=label_to_cat_id)
     finally:
         if owns_group:
