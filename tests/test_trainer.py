@@ -93,7 +93,7 @@ def test_run_writes_checkpoints_config_and_figures(overfit_run):
     model.load_state_dict(final["model"])
     assert torch.load(out / "model_0000020.pth", weights_only=True)["iteration"] == 20
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((out / "metrics.json").read_text()) == summary
+    assert json.loads((out / "train_summary.json").read_text()) == summary
 
 
 def test_metrics_log_has_every_term(overfit_run):

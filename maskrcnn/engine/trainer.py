@@ -8,7 +8,7 @@ and written by rank 0 (see :mod:`maskrcnn.engine.logger`); checkpoints are writt
 curve is redrawn at log steps, at most every ``PLOT_INTERVAL_S`` seconds, and after the last iteration.
 
 Files in ``train.output_dir``: ``config.yaml`` (the resolved configuration), ``model_{iter:07d}.pth``,
-``model_final.pth``, ``last_checkpoint``, ``metrics.jsonl``, ``loss_curve.png``, ``metrics.json``
+``model_final.pth``, ``last_checkpoint``, ``metrics.jsonl``, ``loss_curve.png``, ``train_summary.json``
 (the summary returned by :func:`train`) and, with evaluation, ``eval_{iter:07d}/``.
 
 Iterations are counted as optimizer steps taken: the checkpoint ``model_0000100.pth`` and the log record
@@ -49,7 +49,7 @@ _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def train(cfg: Config, *, resume: bool = False, model: Optional[nn.Module] = None) -> Dict:
-    """Train a Mask R-CNN as configured; returns the run's summary (also written to ``metrics.json``).
+    """Train a Mask R-CNN as configured; returns the run's summary (also written to ``train_summary.json``).
 
     resume: continue from ``train.output_dir/last_checkpoint`` (model, optimizer, schedule, grad scaler,
         iteration, RNG states and data position), reproducing the uninterrupted run; a fresh start when
@@ -163,7 +163,7 @@ class _Run:
                        "eval": self.last_eval}
             if is_main_process():
                 text = json.dumps(summary, indent=1)
-                atomic_write(self.output_dir / "metrics.json", lambda f: f.write(text.encode()))
+                atomic_write(self.output_dir / "train_summary.json", lambda f: f.write(text.encode()))
             return summary
         finally:
             bar.close()
