@@ -212,3 +212,16 @@ def test_freeze_at_turns_off_gradients_of_the_leading_stages(freeze_at, frozen_p
     trunk = ResNet(depth=18, norm="bn", freeze_at=freeze_at)
     for name, param in trunk.named_parameters():
         assert param.requires_grad == (name.split(".")[0] not in frozen_parts), name
+
+
+def test_pretrained_backbone_without_network_names_the_file(monkeypatch):
+    import urllib.error
+
+    import torchvision.models._api as weights_api
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(weights_api, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match=r"resnet18-.*\.pth.*pretrained=false"):
+        ResNet(depth=18, pretrained=True)
