@@ -125,4 +125,4 @@ def test_maskrcnn_processes_stay_in_sync(ddp_run):
     assert not any(name.startswith("module.") for name in saved["model"])
     records = read_jsonl(out / "maskrcnn_ddp" / "metrics.jsonl")
     assert [r["iteration"] for r in records] == [1, 2]
-    assert json.loads((out / "maskrcnn_ddp" / "metrics.json").read_text())["iteration"] == 2
+    assert json.loads((out / "maskrcnn_ddp" / "train_summary.json").read_text())["iteration"] == 2
