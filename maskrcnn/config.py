@@ -30,6 +30,7 @@ class BackboneConfig:
     norm: str = "frozen_bn"  # "frozen_bn" (statistics and affine fixed), "bn" or "syncbn"
     freeze_at: int = 2  # stages frozen from the stem: 0 none, 1 stem, 2 stem+res2, ... 5 all
     fpn_channels: int = 256  # channels of every pyramid level
+    fpn_norm: str = ""  # normalisation after the FPN convolutions: "" none, "bn" or "gn"
     pretrained: bool = False  # initialise the trunk from torchvision's ImageNet weights (downloads)
 
 
@@ -65,10 +66,12 @@ class RoIHeadsConfig:
     box_head_dim: int = 1024  # width of the two fully connected layers of the box head
     mask_head_dim: int = 256  # channels of the mask head convolutions
     mask_head_convs: int = 4  # number of 3x3 convolutions in the mask head
+    mask_head_norm: str = ""  # normalisation after the mask head convolutions: "" none, "bn" or "gn"
     fg_iou_thresh: float = 0.5  # proposal IoU at or above which it is foreground
     bg_iou_thresh: float = 0.5  # proposal IoU below which it is background
     batch_size_per_image: int = 512  # RoIs sampled per image for the box and mask losses
     positive_fraction: float = 0.25  # at most this fraction of the sampled RoIs is foreground
+    mask_rois_per_image: int = 0  # foreground RoIs per image the mask loss uses (random subset); 0 all of them
     bbox_reg_weights: List[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])  # (wx, wy, ww, wh)
     score_thresh: float = 0.05  # detections scoring below this are dropped
     nms_thresh: float = 0.5  # per-class NMS IoU threshold

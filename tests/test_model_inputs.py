@@ -225,3 +225,55 @@ def test_pretrained_backbone_without_network_names_the_file(monkeypatch):
     monkeypatch.setattr(weights_api, "load_state_dict_from_url", offline)
     with pytest.raises(RuntimeError, match=r"resnet18-.*\.pth.*pretrained=false"):
         ResNet(depth=18, pretrained=True)
+
+
+def mask_head_batch_sizes(model, images, targets):
+    """Rows of the RoI feature batch the mask head received in one training forward."""
+    sizes = []
+    hook = model.roi_heads.mask_head.register_forward_hook(lambda m, args, out: sizes.append(len(args[0])))
+    try:
+        model(images, targets)
+    finally:
+        hook.remove()
+    return sizes
+
+
+def test_mask_rois_per_image_caps_the_mask_loss_batch():
+    images = images_of((64, 96), (72, 80))
+    targets = [rectangle_target((64, 96), [[10, 8, 50, 40], [55, 20, 90, 60]], [1, 3]),
+               rectangle_target((72, 80), [[5, 5, 40, 70], [42, 10, 78, 50]], [2, 1])]
+    cfg = tiny_model_config()
+    torch.manual_seed(1)
+    [all_fg] = mask_head_batch_sizes(tiny_model(cfg).train(), images, targets)
+    cfg.roi_heads.mask_rois_per_image = 2
+    torch.manual_seed(1)
+    [capped] = mask_head_batch_sizes(tiny_model(cfg).train(), images, targets)
+    # Each image has at least its two ground-truth boxes among the proposals, so at least 2 positives.
+    assert all_fg > 4 and capped == 4
+
+
+@pytest.mark.parametrize("fpn_norm, mask_head_norm", [("gn", "bn"), ("bn", "gn")])
+def test_normalised_fpn_and_mask_head_train_and_infer(fpn_norm, mask_head_norm):
+    cfg = tiny_model_config()
+    cfg.backbone.fpn_norm, cfg.roi_heads.mask_head_norm = fpn_norm, mask_head_norm
+    model = tiny_model(cfg).train()
+    images = images_of((64, 96), (72, 80))
+    targets = [rectangle_target((64, 96), [[10, 8, 50, 40]], [1]), rectangle_target((72, 80), [[5, 5, 40, 70]], [2])]
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    for group in ("fpn.lateral_norms", "fpn.output_norms", "roi_heads.mask_head.norms"):
+        grads = [p.grad.abs().sum() for n, p in model.named_parameters() if n.startswith(group + ".")]
+        assert grads and sum(grads) > 0, group
+    assert model.fpn.output_convs[0].bias is None and model.roi_heads.mask_head.convs[0].bias is None
+    cfg.roi_heads.score_thresh = 0.0
+    model.eval()
+    with torch.no_grad():
+        out = model(images_of((50, 70)))
+    assert out[0]["masks"].shape[-2:] == (50, 70)
+
+
+def test_unknown_norm_is_refused():
+    cfg = tiny_model_config()
+    cfg.roi_heads.mask_head_norm = "layer"
+    with pytest.raises(ValueError, match='norm must be "", "bn" or "gn"'):
+        build_model(cfg)

@@ -13,34 +13,50 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .mask_head import make_norm
+
 
 class FPN(nn.Module):
     """Args:
         in_channels: channels of C2..C5.
         out_channels: channels of every output level.
+        norm: normalisation after each lateral and output convolution: "" (none, the standard FPN), "bn"
+            or "gn" (see :func:`~maskrcnn.modeling.mask_head.make_norm`); with a norm the convolutions
+            have no bias.
 
     forward([C2, C3, C4, C5]) -> [P2, P3, P4, P5, P6].
     """
 
     strides = (4, 8, 16, 32, 64)
 
-    def __init__(self, *, in_channels: Sequence[int], out_channels: int = 256):
+    def __init__(self, *, in_channels: Sequence[int], out_channels: int = 256, norm: str = ""):
         super().__init__()
-        self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
-        self.output_convs = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
+        bias = not norm
+        self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1, bias=bias) for c in in_channels)
+        self.output_convs = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias)
+                                          for _ in in_channels)
+        self.lateral_norms = nn.ModuleList(make_norm(norm, out_channels) for _ in in_channels)
+        self.output_norms = nn.ModuleList(make_norm(norm, out_channels) for _ in in_channels)
         self.out_channels = out_channels
         for conv in [*self.lateral_convs, *self.output_convs]:
             nn.init.kaiming_uniform_(conv.weight, a=1)
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
 
     def forward(self, features: List[Tensor]) -> List[Tensor]:
-        top_down = self.lateral_convs[-1](features[-1])
-        outputs = [self.output_convs[-1](top_down)]
+        top_down = self.lateral(len(features) - 1, features[-1])
+        outputs = [self.output(len(features) - 1, top_down)]
         for level in range(len(features) - 2, -1, -1):
-            top_down = add_upsampled(self.lateral_convs[level](features[level]), top_down)
-            outputs.insert(0, self.output_convs[level](top_down))
+            top_down = add_upsampled(self.lateral(level, features[level]), top_down)
+            outputs.insert(0, self.output(level, top_down))
         outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
         return outputs
+
+    def lateral(self, level: int, x: Tensor) -> Tensor:
+        return self.lateral_norms[level](self.lateral_convs[level](x))
+
+    def output(self, level: int, x: Tensor) -> Tensor:
+        return self.output_norms[level](self.output_convs[level](x))
 
 
 def add_upsampled(lateral: Tensor, top_down: Tensor) -> Tensor:

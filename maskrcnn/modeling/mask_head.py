@@ -25,23 +25,29 @@ class MaskHead(nn.Module):
         conv_dim: channels of the 3x3 convolutions.
         num_convs: number of 3x3 convolutions (4 in the standard head).
         num_classes: K (background excluded).
+        norm: normalisation after each 3x3 convolution: "" (none, the standard head), "bn" (batch norm
+            over the RoIs) or "gn" (group norm, 32 groups); with a norm the convolutions have no bias.
 
     forward(x: (R, C, 14, 14)) -> (R, K, 28, 28) logits.
     class_logits(x: (R, C, 14, 14), classes: (R,) int64 in 1..K) -> (R, 28, 28) logits of each RoI's own
         class, the only channel inference reads.
     """
 
-    def __init__(self, *, in_channels: int, conv_dim: int = 256, num_convs: int = 4, num_classes: int):
+    def __init__(self, *, in_channels: int, conv_dim: int = 256, num_convs: int = 4, num_classes: int,
+                 norm: str = ""):
         super().__init__()
         self.convs = nn.ModuleList(
-            nn.Conv2d(in_channels if i == 0 else conv_dim, conv_dim, 3, padding=1) for i in range(num_convs)
+            nn.Conv2d(in_channels if i == 0 else conv_dim, conv_dim, 3, padding=1, bias=not norm)
+            for i in range(num_convs)
         )
+        self.norms = nn.ModuleList(make_norm(norm, conv_dim) for _ in range(num_convs))
         last = conv_dim if num_convs else in_channels
         self.deconv = nn.ConvTranspose2d(last, conv_dim, 2, stride=2)
         self.predictor = nn.Conv2d(conv_dim, num_classes, 1)
         for layer in [*self.convs, self.deconv]:
             nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(layer.bias)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
         # Small predictor weights start every mask logit near 0 (probability 0.5, BCE near log 2).
         nn.init.normal_(self.predictor.weight, std=0.001)
         nn.init.zeros_(self.predictor.bias)
@@ -58,9 +64,24 @@ class MaskHead(nn.Module):
 
     def upsampled_features(self, x: Tensor) -> Tensor:
         """(R, C, 14, 14) -> (R, D, 28, 28), D = conv_dim: the convolutions and the 2x deconvolution."""
-        for conv in self.convs:
-            x = F.relu(conv(x), inplace=True)
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.relu(norm(conv(x)), inplace=True)
         return F.relu(self.deconv(x), inplace=True)
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """The normalisation layer named by ``kind`` for ``channels`` channels: "" -> Identity, "bn" ->
+    BatchNorm2d, "gn" -> GroupNorm with 32 groups (fewer when ``channels`` is not a multiple of 32)."""
+    if kind == "":
+        return nn.Identity()
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "gn":
+        groups = 32
+        while channels % groups:
+            groups //= 2
+        return nn.GroupNorm(groups, channels)
+    raise ValueError(f'norm must be "", "bn" or "gn", got {kind!r}')
 
 
 @torch.no_grad()

@@ -183,7 +183,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     if len(a.sizes) != 5:
         raise ValueError(f"anchors.sizes needs one size per level P2..P6 (5 values), got {list(a.sizes)}")
     backbone = ResNet(depth=b.depth, norm=b.norm, freeze_at=b.freeze_at, pretrained=b.pretrained)
-    fpn = FPN(in_channels=backbone.out_channels, out_channels=b.fpn_channels)
+    fpn = FPN(in_channels=backbone.out_channels, out_channels=b.fpn_channels, norm=b.fpn_norm)
     anchor_generator = AnchorGenerator(sizes=a.sizes, aspect_ratios=a.aspect_ratios)
     rpn = RPN(
         anchor_generator=anchor_generator,
@@ -206,12 +206,13 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
                                        sampling_ratio=h.sampling_ratio, canonical_scale=h.canonical_scale,
                                        canonical_level=h.canonical_level, fast=cfg.fast_roi_align),
         mask_head=MaskHead(in_channels=b.fpn_channels, conv_dim=h.mask_head_dim, num_convs=h.mask_head_convs,
-                           num_classes=h.num_classes),
+                           num_classes=h.num_classes, norm=h.mask_head_norm),
         box_coder=BoxCoder(h.bbox_reg_weights),
         matcher=Matcher(high_threshold=h.fg_iou_thresh, low_threshold=h.bg_iou_thresh,
                         allow_low_quality_matches=False),
         batch_size_per_image=h.batch_size_per_image, positive_fraction=h.positive_fraction,
         score_thresh=h.score_thresh, nms_thresh=h.nms_thresh, detections_per_img=h.detections_per_img,
+        mask_rois_per_image=h.mask_rois_per_image,
     )
     return MaskRCNN(backbone=backbone, fpn=fpn, rpn=rpn, roi_heads=roi_heads, num_classes=h.num_classes,
                     min_size=cfg.input.min_size[-1], max_size=cfg.input.max_size, pixel_mean=cfg.input.pixel_mean,

@@ -72,6 +72,9 @@ class RoIHeads(nn.Module):
         box_coder: proposal-delta coding (weights 10, 10, 5, 5).
         matcher: proposal-to-ground-truth matcher (0.5 / 0.5, no low-quality matches).
         batch_size_per_image, positive_fraction: RoI sampling for the losses.
+        mask_rois_per_image: the mask loss uses at most this many of each image's foreground RoIs (a
+            random subset); 0 uses them all (the standard). The mask head is the costliest part of a
+            training step and its cost grows with the foreground RoIs, several per object.
         score_thresh, nms_thresh, detections_per_img: detection selection at inference.
 
     forward(features, proposals, image_sizes, targets) ->
@@ -83,7 +86,7 @@ class RoIHeads(nn.Module):
     def __init__(self, *, box_pooler: MultiLevelRoIAlign, box_head: BoxHead, box_predictor: BoxPredictor,
                  mask_pooler: MultiLevelRoIAlign, mask_head: MaskHead, box_coder: BoxCoder, matcher: Matcher,
                  batch_size_per_image: int, positive_fraction: float, score_thresh: float, nms_thresh: float,
-                 detections_per_img: int):
+                 detections_per_img: int, mask_rois_per_image: int = 0):
         super().__init__()
         self.box_pooler = box_pooler
         self.box_head = box_head
@@ -97,6 +100,7 @@ class RoIHeads(nn.Module):
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
+        self.mask_rois_per_image = mask_rois_per_image
 
     def forward(self, features: List[Tensor], proposals: List[Tensor], image_sizes: List[Tuple[int, int]],
                 targets=None):
@@ -135,7 +139,9 @@ class RoIHeads(nn.Module):
         pred_class_logits, pred_deltas = self.box_predictor(x)
         losses = box_losses(pred_class_logits, pred_deltas, torch.cat(gt_classes), torch.cat(gt_deltas))
 
-        fg = [torch.nonzero(c > 0)[:, 0] for c in gt_classes]
+        # The sampled positives come first and in random order, so a prefix is a random subset.
+        cap = self.mask_rois_per_image or None
+        fg = [torch.nonzero(c > 0)[:cap, 0] for c in gt_classes]
         fg_boxes = [b[i] for b, i in zip(boxes, fg)]
         fg_classes = torch.cat([c[i] for c, i in zip(gt_classes, fg)])
         targets_28 = mask_targets([t["masks"] for t in targets], fg_boxes, [m[i] for m, i in zip(matched, fg)],
