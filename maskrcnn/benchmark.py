@@ -477,11 +477,13 @@ def train_configs(small_config: str | Path) -> Dict[str, Tuple[ModelConfig, int]
     """The training benchmarks: name -> (model configuration, images per step).
 
     ``r50``: the default R50-FPN at 512 px, 2 images; ``small``: the model of ``small_config`` at its own
-    input size and ``solver.ims_per_batch``.
+    input size and ``solver.ims_per_batch``, with the mask loss on every foreground RoI as torchvision
+    computes it (``mask_rois_per_image`` 0), so that both models do the same work.
     """
     r50 = Config().model
     r50.input.min_size = [512]
     small = load_config(small_config)
+    small.model.roi_heads.mask_rois_per_image = 0
     return {"r50": (r50, 2), "small": (small.model, small.solver.ims_per_batch)}
 
 
