@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .mask_head import make_norm
+from .backbone import make_norm
 
 
 class FPN(nn.Module):
@@ -21,7 +21,7 @@ class FPN(nn.Module):
         in_channels: channels of C2..C5.
         out_channels: channels of every output level.
         norm: normalisation after each lateral and output convolution: "" (none, the standard FPN), "bn"
-            or "gn" (see :func:`~maskrcnn.modeling.mask_head.make_norm`); with a norm the convolutions
+            or "gn" (see :func:`~maskrcnn.modeling.backbone.make_norm`); with a norm the convolutions
             have no bias.
 
     forward([C2, C3, C4, C5]) -> [P2, P3, P4, P5, P6].

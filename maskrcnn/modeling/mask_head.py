@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backbone import make_norm
+
 
 class MaskHead(nn.Module):
     """Args:
@@ -67,21 +69,6 @@ class MaskHead(nn.Module):
         for conv, norm in zip(self.convs, self.norms):
             x = F.relu(norm(conv(x)), inplace=True)
         return F.relu(self.deconv(x), inplace=True)
-
-
-def make_norm(kind: str, channels: int) -> nn.Module:
-    """The normalisation layer named by ``kind`` for ``channels`` channels: "" -> Identity, "bn" ->
-    BatchNorm2d, "gn" -> GroupNorm with 32 groups (fewer when ``channels`` is not a multiple of 32)."""
-    if kind == "":
-        return nn.Identity()
-    if kind == "bn":
-        return nn.BatchNorm2d(channels)
-    if kind == "gn":
-        groups = 32
-        while channels % groups:
-            groups //= 2
-        return nn.GroupNorm(groups, channels)
-    raise ValueError(f'norm must be "", "bn" or "gn", got {kind!r}')
 
 
 @torch.no_grad()
