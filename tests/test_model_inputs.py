@@ -272,8 +272,17 @@ def test_normalised_fpn_and_mask_head_train_and_infer(fpn_norm, mask_head_norm):
     assert out[0]["masks"].shape[-2:] == (50, 70)
 
 
-def test_unknown_norm_is_refused():
+@pytest.mark.parametrize("key", ["backbone.fpn_norm", "roi_heads.mask_head_norm"])
+def test_unknown_norm_is_refused_naming_the_key(key):
     cfg = tiny_model_config()
-    cfg.roi_heads.mask_head_norm = "layer"
-    with pytest.raises(ValueError, match='norm must be "", "bn" or "gn"'):
+    section, field = key.split(".")
+    setattr(getattr(cfg, section), field, "layer")
+    with pytest.raises(ValueError, match=f'{key}: norm must be "", "bn" or "gn"'):
+        build_model(cfg)
+
+
+def test_negative_mask_rois_per_image_is_refused():
+    cfg = tiny_model_config()
+    cfg.roi_heads.mask_rois_per_image = -1
+    with pytest.raises(ValueError, match="roi_heads.mask_rois_per_image must be >= 0"):
         build_model(cfg)

@@ -182,6 +182,9 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     b, a, r, h = cfg.backbone, cfg.anchors, cfg.rpn, cfg.roi_heads
     if len(a.sizes) != 5:
         raise ValueError(f"anchors.sizes needs one size per level P2..P6 (5 values), got {list(a.sizes)}")
+    for key, norm in (("backbone.fpn_norm", b.fpn_norm), ("roi_heads.mask_head_norm", h.mask_head_norm)):
+        if norm not in ("", "bn", "gn"):
+            raise ValueError(f'{key}: norm must be "", "bn" or "gn", got {norm!r}')
     backbone = ResNet(depth=b.depth, norm=b.norm, freeze_at=b.freeze_at, pretrained=b.pretrained)
     fpn = FPN(in_channels=backbone.out_channels, out_channels=b.fpn_channels, norm=b.fpn_norm)
     anchor_generator = AnchorGenerator(sizes=a.sizes, aspect_ratios=a.aspect_ratios)

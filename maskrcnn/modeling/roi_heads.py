@@ -88,6 +88,9 @@ class RoIHeads(nn.Module):
                  batch_size_per_image: int, positive_fraction: float, score_thresh: float, nms_thresh: float,
                  detections_per_img: int, mask_rois_per_image: int = 0):
         super().__init__()
+        if mask_rois_per_image < 0:
+            raise ValueError(f"roi_heads.mask_rois_per_image must be >= 0 (0 uses every foreground RoI), "
+                             f"got {mask_rois_per_image}")
         self.box_pooler = box_pooler
         self.box_head = box_head
         self.box_predictor = box_predictor
