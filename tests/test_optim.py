@@ -53,6 +53,7 @@ def test_weight_decay_reaches_only_weights(name):
     optimizer.step()
     expected_type = torch.optim.SGD if name == "sgd" else torch.optim.AdamW
     assert type(optimizer) is expected_type
+    assert optimizer.defaults["fused"]  # parameters on the CPU: one fused kernel per step
     assert (model.conv.weight < 1).all() and (model.fc.weight < 1).all()
     for p in (model.conv.bias, model.bn.weight, model.bn.bias, model.gn.bias, model.fc.bias, model.frozen.weight):
         assert torch.equal(p, torch.ones_like(p))
