@@ -107,19 +107,24 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
     return y.mul_(scale.to(y.dtype)[:, None, None]).add_(shift.to(y.dtype)[:, None, None])
 
 
+# The normalisations :func:`make_norm` builds for the FPN and the mask head.
+HEAD_NORMS = ("", "bn", "gn")
+
+
 def make_norm(kind: str, channels: int) -> nn.Module:
-    """The normalisation layer named by ``kind`` for ``channels`` channels: "" -> Identity, "bn" ->
-    BatchNorm2d, "gn" -> GroupNorm with 32 groups (fewer when ``channels`` is not a multiple of 32)."""
+    """The normalisation layer named by ``kind`` (one of :data:`HEAD_NORMS`) for ``channels`` channels:
+    "" -> Identity, "bn" -> BatchNorm2d, "gn" -> GroupNorm with 32 groups (fewer when ``channels`` is not
+    a multiple of 32)."""
+    if kind not in HEAD_NORMS:
+        raise ValueError(f'norm must be "", "bn" or "gn", got {kind!r}')
     if kind == "":
         return nn.Identity()
     if kind == "bn":
         return nn.BatchNorm2d(channels)
-    if kind == "gn":
-        groups = 32
-        while channels % groups:
-            groups //= 2
-        return nn.GroupNorm(groups, channels)
-    raise ValueError(f'norm must be "", "bn" or "gn", got {kind!r}')
+    groups = 32
+    while channels % groups:
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
 
 
 @torch.no_grad()

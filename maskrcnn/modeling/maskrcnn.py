@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..structures import BitMasks, ImageList, PolygonMasks
 from .anchors import AnchorGenerator
-from .backbone import ResNet, fold_batchnorm
+from .backbone import HEAD_NORMS, ResNet, fold_batchnorm
 from .box_coder import BoxCoder
 from .fpn import FPN
 from .mask_head import MaskHead
@@ -183,7 +183,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     if len(a.sizes) != 5:
         raise ValueError(f"anchors.sizes needs one size per level P2..P6 (5 values), got {list(a.sizes)}")
     for key, norm in (("backbone.fpn_norm", b.fpn_norm), ("roi_heads.mask_head_norm", h.mask_head_norm)):
-        if norm not in ("", "bn", "gn"):
+        if norm not in HEAD_NORMS:
             raise ValueError(f'{key}: norm must be "", "bn" or "gn", got {norm!r}')
     backbone = ResNet(depth=b.depth, norm=b.norm, freeze_at=b.freeze_at, pretrained=b.pretrained)
     fpn = FPN(in_channels=backbone.out_channels, out_channels=b.fpn_channels, norm=b.fpn_norm)
