@@ -16,8 +16,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 
-from maskrcnn.engine.checkpoint import atomic_write
-from maskrcnn.predictor import Instances
+from maskrcnn.fileio import atomic_write
+from maskrcnn.structures import Instances
 
 _GOLDEN = 0.618033988749895
 _FONT = cv2.FONT_HERSHEY_SIMPLEX

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, box_iou
 
-from maskrcnn.benchmark import benchmark_images, our_model_from, well_conditioned_torchvision_model
+from maskrcnn.reference import our_model_from, sample_images, well_conditioned_torchvision_model
 from maskrcnn.config import Config
 from maskrcnn.modeling.backbone import ResNet, fold_batchnorm
 from maskrcnn.modeling.fpn import add_upsampled
@@ -145,7 +145,7 @@ def models():
 
 @pytest.fixture(scope="module")
 def images():
-    return benchmark_images(200, torch.device("cpu"), count=2, seed=7)
+    return sample_images(200, torch.device("cpu"), count=2, seed=7)
 
 
 def _detect(model, images, bf16=False):
@@ -162,13 +162,13 @@ def _box_and_mask_stages(model, images, bf16, proposals=None, detections=None):
         batch = model.preprocess(images, resize=True)
         features = model.fpn(model.backbone(batch.tensor))
         if proposals is None:
-            proposals, _ = model.rpn(batch.image_sizes, tuple(batch.tensor.shape[-2:]), features)
+            proposals, _ = model.rpn(features, batch.image_sizes, tuple(batch.tensor.shape[-2:]))
         heads = model.roi_heads
         logits, deltas = heads.box_predictor(heads.box_head(heads.box_pooler(features, proposals)))
         if detections is None:
             detections = heads.detect_boxes(features, proposals, batch.image_sizes)
         with_masks = heads.predict_masks(features, detections)
-    masks = [to_original_image(d, size, tuple(image.shape[-2:]), paste=True)["masks"]
+    masks = [to_original_image(d, size, tuple(image.shape[-2:]))["masks"]
              for d, size, image in zip(with_masks, batch.image_sizes, images)]
     return (proposals, logits.float().softmax(-1), heads.box_coder.decode(deltas.float(), torch.cat(proposals)),
             detections, masks)

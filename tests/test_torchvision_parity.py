@@ -1,7 +1,7 @@
 """Our Mask R-CNN against torchvision's, given the same weights: same detections, stage by stage.
 
 torchvision's model is built with seeded random weights (no download) whose scale is set so that the
-network is well conditioned (``maskrcnn.benchmark.well_conditioned_torchvision_model``): batch-norm
+network is well conditioned (``maskrcnn.reference.well_conditioned_torchvision_model``): batch-norm
 statistics are calibrated on random images, pyramid outputs are scaled to unit spread and the prediction
 layers get a spread of scores, so that ranking and NMS are decided by margins far above float round-off
 rather than by ties.
@@ -10,7 +10,7 @@ rather than by ties.
 import pytest
 import torch
 
-from maskrcnn.benchmark import well_conditioned_torchvision_model
+from maskrcnn.reference import well_conditioned_torchvision_model
 from maskrcnn.config import Config
 from maskrcnn.convert import convert_torchvision_state_dict
 from maskrcnn.modeling.maskrcnn import build_model
@@ -68,7 +68,7 @@ def test_proposals_match(models, images):
         tv_proposals, _ = tv.rpn(tv_input, tv.backbone(tv_input.tensors))
         batch = ours.preprocess(images, resize=True)
         features = ours.fpn(ours.backbone(batch.tensor))
-        our_proposals, _ = ours.rpn(batch.image_sizes, tuple(batch.tensor.shape[-2:]), features)
+        our_proposals, _ = ours.rpn(features, batch.image_sizes, tuple(batch.tensor.shape[-2:]))
     for i, (a, b) in enumerate(zip(tv_proposals, our_proposals)):
         assert a.shape == b.shape, f"image {i}: {len(b)} proposals, torchvision has {len(a)}"
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4, msg=f"image {i}: proposals differ")

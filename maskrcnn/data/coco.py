@@ -75,6 +75,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.class_names: List[str] = [categories[cat_id] for cat_id in sorted_ids]
         self.cat_id_to_label: Dict[int, int] = {cat_id: i + 1 for i, cat_id in enumerate(sorted_ids)}
         self.label_to_cat_id: Dict[int, int] = {label: cat_id for cat_id, label in self.cat_id_to_label.items()}
+        self.categories: List[dict] = [{"id": cat_id, "name": categories[cat_id]} for cat_id in sorted_ids]
 
         images = _read_images(data["images"], self.ann_file)
         instances: Dict[int, list] = {image_id: [] for image_id in images}

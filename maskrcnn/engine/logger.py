@@ -18,7 +18,7 @@ from typing import Dict, List
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .checkpoint import atomic_write
+from ..fileio import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss_curve.png"

@@ -35,9 +35,10 @@ from ..data.loader import build_train_dataset, build_train_loader
 from ..evaluation.coco_evaluator import evaluate
 from ..modeling.maskrcnn import build_model
 from ..structures import BitMasks, PolygonMasks
-from .checkpoint import (atomic_write, find_last_checkpoint, load_checkpoint, rng_of_this_rank, rng_state,
+from ..fileio import atomic_write
+from .checkpoint import (find_last_checkpoint, load_checkpoint, rng_of_this_rank, rng_state,
                          save_checkpoint, set_rng_state)
-from .distributed import (all_gather_object, all_reduce_mean, all_true, barrier, cleanup, get_local_rank,
+from ..distributed import (all_gather_object, all_reduce_mean, all_true, barrier, cleanup, get_local_rank,
                           get_rank, get_world_size, init_distributed, is_main_process)
 from .logger import MetricsLogger
 from .optim import build_lr_scheduler, build_optimizer
@@ -231,6 +232,7 @@ class _Run:
         by_rank = all_gather_object(rng)
         if is_main_process():
             extra = {"rng_by_rank": by_rank} if self.world_size > 1 else {}
+            extra["label_to_cat_id"] = dict(self.dataset.label_to_cat_id)
             save_checkpoint(self.output_dir / name, model=self.model, optimizer=self.optimizer,
                             scheduler=self.scheduler, scaler=self.scaler, iteration=iteration, config=self.cfg,
                             class_names=self.class_names, rng=rng, **extra)
@@ -240,7 +242,8 @@ class _Run:
         precision = "bf16" if self.cfg.train.precision == "bf16" else "fp32"
         metrics = evaluate(self.model, self.cfg.data.val_ann, self.cfg.data.val_images,
                            output_dir=self.output_dir / f"eval_{iteration:07d}" if is_main_process() else None,
-                           device=self.device, precision=precision)
+                           device=self.device, precision=precision, class_names=self.class_names,
+                           label_to_cat_id=self.dataset.label_to_cat_id)
         if metrics is not None:
             self.last_eval = metrics
             self.logger.log({"iteration": iteration, **metrics})

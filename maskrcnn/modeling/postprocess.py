@@ -11,7 +11,10 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
-from .paste import paste_masks_in_image
+from ..rle import encode_mask_regions
+from .paste import paste_mask_regions, paste_masks_in_image
+
+MASK_FORMATS = ("bitmap", "rle", "probs", "none")
 
 
 def select_detections(boxes: Tensor, scores: Tensor, image_size: Tuple[int, int], *, score_thresh: float,
@@ -65,19 +68,32 @@ def rescale_boxes(boxes: Tensor, from_size: Tuple[int, int], to_size: Tuple[int,
 
 
 def to_original_image(result: Dict[str, Tensor], resized_size: Tuple[int, int], original_size: Tuple[int, int],
-                      *, paste: bool, mask_threshold: float = 0.5, memory_mb: int = 256) -> Dict[str, Tensor]:
+                      *, mask_format: str = "bitmap", mask_threshold: float = 0.5,
+                      memory_mb: int = 256) -> Dict[str, object]:
     """Map one image's detections from the resized input back to the original image.
 
     result: ``boxes`` (D, 4) in resized pixels, ``scores``, ``labels``, ``mask_probs`` (D, S, S).
-    Returns ``boxes`` in original pixels, ``scores``, ``labels`` and either ``masks`` (D, H, W) bool
-    (paste=True: each S x S map resized to its box and thresholded in the H x W canvas) or the
-    unpasted ``mask_probs``.
+    mask_format: what becomes of the S x S mask probabilities, each resized to its box in the H x W
+        original image and thresholded at ``mask_threshold``:
+        "bitmap": ``masks`` (D, H, W) bool;
+        "rle": ``masks`` as D COCO RLE dicts, encoded from each box's region (no full-image canvas);
+        "probs": the unpasted ``mask_probs`` (D, S, S) float;
+        "none": no mask entry.
+    memory_mb: budget of the chunked paste.
+    Returns ``boxes`` (D, 4) xyxy in original pixels, ``scores``, ``labels`` and the mask entry.
     """
+    if mask_format not in MASK_FORMATS:
+        raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
     out = {"boxes": rescale_boxes(result["boxes"], resized_size, original_size),
            "scores": result["scores"], "labels": result["labels"]}
-    if paste:
-        out["masks"] = paste_masks_in_image(result["mask_probs"], out["boxes"], original_size,
-                                            threshold=mask_threshold, memory_mb=memory_mb)
-    else:
-        out["mask_probs"] = result["mask_probs"]
+    probs = result["mask_probs"]
+    if mask_format == "bitmap":
+        out["masks"] = paste_masks_in_image(probs, out["boxes"], original_size, threshold=mask_threshold,
+                                            memory_mb=memory_mb)
+    elif mask_format == "rle":
+        regions = paste_mask_regions(probs, out["boxes"], original_size, threshold=mask_threshold,
+                                     memory_mb=memory_mb)
+        out["masks"] = encode_mask_regions(regions, original_size)
+    elif mask_format == "probs":
+        out["mask_probs"] = probs
     return out
