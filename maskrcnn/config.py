@@ -1,6 +1,7 @@
 """Typed configuration: one dataclass field per knob, loaded from YAML and ``key.sub=value`` overrides.
 
-The defaults reproduce torchvision's ``maskrcnn_resnet50_fpn`` (v1). A YAML file only lists what it
+The defaults reproduce torchvision's ``maskrcnn_resnet50_fpn`` (v1); ``configs/maskrcnn_R50_FPN_v2.yaml``
+sets the head depths and normalisations of its ``maskrcnn_resnet50_fpn_v2``. A YAML file only lists what it
 changes; :func:`load_config` merges it over these defaults, then applies command-line overrides, and
 rejects unknown keys and values of the wrong type with the offending key in the message.
 """
@@ -27,7 +28,7 @@ class InputConfig:
 @dataclass
 class BackboneConfig:
     depth: int = 50  # ResNet depth: 18, 34, 50 or 101
-    norm: str = "frozen_bn"  # "frozen_bn" (statistics and affine fixed), "bn" or "syncbn"
+    norm: str = "frozen_bn"  # trunk normalisation: "frozen_bn" (statistics and affine fixed), "bn" or "syncbn"
     freeze_at: int = 2  # stages frozen from the stem: 0 none, 1 stem, 2 stem+res2, ... 5 all
     fpn_channels: int = 256  # channels of every pyramid level
     fpn_norm: str = ""  # normalisation after the FPN convolutions: "" none, "bn" or "gn"
@@ -53,6 +54,7 @@ class RPNConfig:
     bg_iou_thresh: float = 0.3  # anchor IoU below which it is negative
     batch_size_per_image: int = 256  # anchors sampled per image for the RPN losses
     positive_fraction: float = 0.5  # at most this fraction of the sampled anchors is positive
+    head_convs: int = 1  # 3x3 convolutions of the RPN head: 1 (torchvision v1) or 2 (v2)
 
 
 @dataclass
@@ -63,7 +65,11 @@ class RoIHeadsConfig:
     sampling_ratio: int = 2  # bilinear samples per RoIAlign bin side
     canonical_scale: int = 224  # RoI side mapped to canonical_level
     canonical_level: int = 4  # pyramid level of an RoI of canonical_scale
-    box_head_dim: int = 1024  # width of the two fully connected layers of the box head
+    box_head_convs: int = 0  # 3x3 convolutions of the box head before its fully connected layers: 0 (v1) or 4 (v2)
+    box_head_conv_dim: int = 256  # channels of the box head convolutions
+    box_head_norm: str = ""  # normalisation after the box head convolutions: "" none, "bn" or "gn"
+    box_head_fcs: int = 2  # fully connected layers of the box head: 2 (v1) or 1 (v2)
+    box_head_dim: int = 1024  # width of the fully connected layers of the box head
     mask_head_dim: int = 256  # channels of the mask head convolutions
     mask_head_convs: int = 4  # number of 3x3 convolutions in the mask head
     mask_head_norm: str = ""  # normalisation after the mask head convolutions: "" none, "bn" or "gn"
@@ -135,7 +141,7 @@ class TrainConfig:
     eval_period: int = 0  # evaluate on the validation set this often; 0 evaluates only at the end if asked
     eval_at_end: bool = False  # evaluate on the validation set after training
     tensorboard: bool = False  # also write TensorBoard event files
-    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP (needs backbone.norm == "bn")
+    sync_bn: bool = False  # convert every BatchNorm (trunk, FPN, heads) to SyncBatchNorm under DDP on CUDA
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""torchvision Mask R-CNN state dicts -> maskrcnn checkpoints: the command-line round trip, the
-pre-0.13 key layout, and the inputs that must be refused."""
+"""torchvision Mask R-CNN state dicts -> maskrcnn checkpoints: the command-line round trip of v1 and v2
+models, the pre-0.13 key layout, the architecture read from the keys, and the inputs that must be refused."""
 
 import subprocess
 import sys
@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from torchvision.ops import FrozenBatchNorm2d
 
-from maskrcnn.config import config_from_dict
+from maskrcnn.config import Config, config_from_dict
 from maskrcnn.convert import (config_for_torchvision_state, convert_torchvision_checkpoint,
                               convert_torchvision_state_dict)
 from maskrcnn.modeling.maskrcnn import build_model
+from maskrcnn.reference import torchvision_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TV_NUM_CLASSES = 5  # torchvision counts background: 4 object classes
@@ -124,11 +126,64 @@ def test_unexpected_key_is_named(tv_model):
         convert_torchvision_state_dict(state)
 
 
-def test_v2_state_dict_is_rejected():
+@pytest.fixture(scope="module")
+def tv_v2_file(tmp_path_factory):
     torch.manual_seed(0)
-    v2 = torchvision.models.detection.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None)
-    with pytest.raises(ValueError, match="v2"):
-        convert_torchvision_state_dict(v2.state_dict())
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None,
+                                                                  num_classes=TV_NUM_CLASSES)
+    path = tmp_path_factory.mktemp("torchvision_v2") / "tv_v2.pth"
+    torch.save(model.state_dict(), path)
+    return model.state_dict(), path
+
+
+def test_v2_cli_round_trip_reads_the_architecture_and_loads_strictly(tv_v2_file, tmp_path):
+    tv, src = tv_v2_file
+    dst = tmp_path / "converted_v2.pth"
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_torchvision.py"), str(src), str(dst)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert "ResNet-50 (bn), FPN norm bn, RPN head 2 conv, box head 4 conv (bn) + 1 fc" in run.stdout
+
+    ckpt = torch.load(dst, map_location="cpu", weights_only=True)
+    m = config_from_dict(ckpt["config"]).model
+    assert (m.backbone.norm, m.backbone.fpn_norm, m.rpn.head_convs) == ("bn", "bn", 2)
+    h = m.roi_heads
+    assert (h.box_head_convs, h.box_head_conv_dim, h.box_head_norm, h.box_head_fcs, h.box_head_dim) == \
+        (4, 256, "bn", 1, 1024)
+    assert (h.mask_head_convs, h.mask_head_norm, h.num_classes) == (4, "bn", 4)
+    model = build_model(m)
+    model.load_state_dict(ckpt["model"], strict=True)
+
+    ours = model.state_dict()
+    for mine, theirs in [("fpn.lateral_norms.2.running_mean", "backbone.fpn.inner_blocks.2.1.running_mean"),
+                         ("fpn.output_norms.3.weight", "backbone.fpn.layer_blocks.3.1.weight"),
+                         ("rpn.head.conv.weight", "rpn.head.conv.0.0.weight"),
+                         ("rpn.head.extra_convs.0.bias", "rpn.head.conv.1.0.bias"),
+                         ("roi_heads.box_head.convs.3.weight", "roi_heads.box_head.3.0.weight"),
+                         ("roi_heads.box_head.norms.1.running_var", "roi_heads.box_head.1.1.running_var"),
+                         ("roi_heads.box_head.fc1.weight", "roi_heads.box_head.5.weight"),
+                         ("roi_heads.mask_head.norms.0.bias", "roi_heads.mask_head.0.1.bias"),
+                         ("backbone.layer4.2.bn3.running_var", "backbone.body.layer4.2.bn3.running_var")]:
+        assert torch.equal(ours[mine], tv[theirs]), mine
+    assert torch.equal(ours["roi_heads.box_predictor.bbox_pred.weight"], tv["roi_heads.box_predictor.bbox_pred.weight"][4:])
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_other_head_depths_and_norms_are_read_from_the_state_dict(norm):
+    """torchvision models built at other settings of the same knobs convert to the configuration they were
+    built at (head depths, widths and normalisations, including GroupNorm)."""
+    cfg = Config().model
+    b, h = cfg.backbone, cfg.roi_heads
+    b.depth, b.norm, b.fpn_channels, b.fpn_norm = 18, "frozen_bn", 64, norm
+    cfg.rpn.head_convs = 3
+    h.num_classes, h.box_head_convs, h.box_head_conv_dim, h.box_head_norm = 2, 2, 32, norm
+    h.box_head_fcs, h.box_head_dim = 2, 128
+    h.mask_head_convs, h.mask_head_dim, h.mask_head_norm = 2, 16, norm
+    torch.manual_seed(0)
+    state = torchvision_model(cfg, norm_layer=FrozenBatchNorm2d).state_dict()
+    read = config_for_torchvision_state(state).model
+    assert read.backbone == b and read.rpn == cfg.rpn and read.roi_heads == h
+    build_model(read).load_state_dict(convert_torchvision_state_dict(state), strict=True)
 
 
 def test_missing_source_file_is_named(tmp_path):

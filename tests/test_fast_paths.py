@@ -1,4 +1,4 @@
-"""The fast paths give the answers of the plain ones: folded normalisation, channels-last inference,
+"""The fast paths give the answers of the plain ones: folded normalisation (trunk, FPN and heads), channels-last inference,
 bfloat16 autocast, class-selected mask logits, the in-place pyramid sum and top-k-first class NMS."""
 
 import pytest
@@ -8,12 +8,14 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, box_iou
 
+from tiny import tiny_config
 from maskrcnn.reference import our_model_from, sample_images, well_conditioned_torchvision_model
 from maskrcnn.config import Config
-from maskrcnn.modeling.backbone import ResNet, fold_batchnorm
+from maskrcnn.modeling.backbone import ResNet
+from maskrcnn.modeling.layers import fold_batchnorm
 from maskrcnn.modeling.fpn import add_upsampled
 from maskrcnn.modeling.mask_head import MaskHead
-from maskrcnn.modeling.maskrcnn import prepare_for_inference
+from maskrcnn.modeling.maskrcnn import build_model, prepare_for_inference
 from maskrcnn.modeling.postprocess import to_original_image, top_class_nms
 
 TOP = 10  # the most confident detections, compared between precisions
@@ -226,3 +228,47 @@ def test_bf16_detections_agree_with_fp32(models, images):
         ious[a["labels"][:TOP, None] != b["labels"][None, :]] = 0
         assert ious.max(dim=1).values.min() >= 0.5, f"image {i}"
         assert abs(float(a["scores"][0] - b["scores"][0])) <= 0.06
+
+
+def _normalised_tiny_model(norm: str) -> nn.Module:
+    """A tiny model whose trunk, FPN, box head and mask head all carry normalisations (batch norm in the
+    trunk; ``norm`` elsewhere), with a two-convolution RPN head, in eval mode with non-trivial statistics."""
+    cfg = tiny_config().model
+    cfg.backbone.norm, cfg.backbone.freeze_at, cfg.backbone.fpn_norm = "bn", 0, norm
+    cfg.rpn.head_convs = 2
+    h = cfg.roi_heads
+    h.box_head_convs, h.box_head_conv_dim, h.box_head_norm, h.box_head_fcs = 2, 16, norm, 1
+    h.mask_head_convs, h.mask_head_norm = 2, norm
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    _random_statistics(model, seed=8)
+    return model
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_prepared_model_folds_every_batchnorm_and_computes_the_same(norm):
+    """prepare_for_inference folds the batch norms of the trunk, the FPN and both heads (GroupNorm, which
+    normalises each input by its own statistics, stays), and every stage's output is unchanged: pyramid
+    levels, RPN logits and deltas, box head features on the same RoIs and mask logits."""
+    plain = _normalised_tiny_model(norm)
+    fast = prepare_for_inference(plain)
+    head_norms = 8 + 2 + 2  # FPN lateral and output, box head, mask head
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fast.modules())
+    assert sum(isinstance(m, nn.GroupNorm) for m in fast.modules()) == (0 if norm == "bn" else head_norms)
+    trunk_norms = 20  # ResNet-18: stem, two per block, three downsamples
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules()) == \
+        trunk_norms + (head_norms if norm == "bn" else 0), "the original keeps its norms"
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, 64, 96, generator=g)
+    rois = [torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 10.0, 90.0, 60.0]]), torch.tensor([[0.0, 0.0, 96.0, 64.0]])]
+    with torch.no_grad():
+        outputs = []
+        for model in (plain, fast):
+            features = model.fpn(model.backbone(x.contiguous(memory_format=torch.channels_last)))
+            logits, deltas = model.rpn.head(features)
+            heads = model.roi_heads
+            box = heads.box_head(heads.box_pooler(features, rois))
+            mask = heads.mask_head(heads.mask_pooler(features, rois))
+            outputs.append([*features, *logits, *deltas, box, mask])
+    for i, (a, b) in enumerate(zip(*outputs)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item(), msg=f"output {i}")

@@ -1,26 +1,62 @@
-"""Our Mask R-CNN against torchvision's, given the same weights: same detections, stage by stage.
+"""Our Mask R-CNN against torchvision's, given the same weights: same detections, stage by stage, for both
+of torchvision's architectures: ``maskrcnn_resnet50_fpn`` (v1, the default configuration) and
+``maskrcnn_resnet50_fpn_v2`` (``configs/maskrcnn_R50_FPN_v2.yaml``: batch norm in the FPN and heads, a
+two-convolution RPN head, a convolutional box head).
 
 torchvision's model is built with seeded random weights (no download) whose scale is set so that the
 network is well conditioned (``maskrcnn.reference.well_conditioned_torchvision_model``): batch-norm
 statistics are calibrated on random images, pyramid outputs are scaled to unit spread and the prediction
 layers get a spread of scores, so that ranking and NMS are decided by margins far above float round-off
-rather than by ties.
+rather than by ties. For v2 the FPN's and heads' batch norms are calibrated too (on the RoIs of the
+model's own proposals), and the model is run as torchvision builds it: batch norm, not frozen, in the trunk.
 """
+
+from pathlib import Path
 
 import pytest
 import torch
+import torchvision
+from torch import nn
 
-from maskrcnn.reference import well_conditioned_torchvision_model
-from maskrcnn.config import Config
-from maskrcnn.convert import convert_torchvision_state_dict
+from maskrcnn.reference import torchvision_model, well_conditioned_torchvision_model
+from maskrcnn.config import Config, load_config
+from maskrcnn.convert import config_for_torchvision_state, convert_torchvision_state_dict
 from maskrcnn.modeling.maskrcnn import build_model
 
 MIN_SIZE, MAX_SIZE = 320, 512
+V2_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "maskrcnn_R50_FPN_v2.yaml"
 
 
-@pytest.fixture(scope="module")
-def models():
-    cfg = Config()
+def architecture_config(arch: str) -> Config:
+    """The default (v1) configuration, or the v2 file's model with torchvision's 90 COCO label slots and no
+    ImageNet download."""
+    if arch == "v1":
+        return Config()
+    cfg = load_config(V2_CONFIG, ["model.backbone.pretrained=false", "model.roi_heads.num_classes=90"])
+    cfg.model.input.min_size = [800]
+    return cfg
+
+
+def test_v2_reference_is_torchvisions_v2_architecture():
+    """The oracle built at the v2 configuration has the modules, parameter names and shapes of
+    torchvision's own ``maskrcnn_resnet50_fpn_v2`` builder, and the v2 configuration is what the converter
+    reads from that builder's state dict."""
+    cfg = architecture_config("v2").model
+    ours = torchvision_model(cfg, norm_layer=nn.BatchNorm2d)
+    builder = torchvision.models.detection.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in builder.state_dict().items()}
+    for name in ("backbone", "rpn", "roi_heads"):
+        assert repr(getattr(ours, name)) == repr(getattr(builder, name)), name
+    assert repr(ours.transform) == repr(builder.transform)
+    read = config_for_torchvision_state(builder.state_dict()).model
+    for section in ("rpn", "roi_heads"):
+        assert getattr(read, section) == getattr(cfg, section), section
+    assert (read.backbone.norm, read.backbone.fpn_norm) == (cfg.backbone.norm, cfg.backbone.fpn_norm) == ("bn", "bn")
+
+
+@pytest.fixture(scope="module", params=["v1", "v2"])
+def models(request):
+    cfg = architecture_config(request.param)
     cfg.model.input.min_size = [MIN_SIZE]
     cfg.model.input.max_size = MAX_SIZE
     cfg.model.roi_heads.score_thresh = 0.0

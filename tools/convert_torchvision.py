@@ -1,9 +1,11 @@
-"""Convert a torchvision Mask R-CNN (v1) ``.pth`` into a maskrcnn checkpoint.
+"""Convert a torchvision Mask R-CNN ``.pth`` (``maskrcnn_resnet50_fpn`` or ``_v2``) into a maskrcnn checkpoint.
 
     python tools/convert_torchvision.py maskrcnn_resnet50_fpn_coco.pth output/torchvision_coco.pth
+    python tools/convert_torchvision.py maskrcnn_resnet50_fpn_v2_coco.pth output/torchvision_v2_coco.pth
     python tools/convert_torchvision.py my_tv_model.pth output/converted.pth --class-names names.txt
 
-The ResNet depth and the class count are read from the state dict. ``--class-names`` is a text file
+The architecture (v1 or v2 heads, ResNet depth, normalisations) and the class count are read from the
+state dict and stored as the checkpoint's config. ``--class-names`` is a text file
 with one name per line, for labels 1..K in order; without it a 90-class model gets torchvision's COCO
 names and any other model ``class_1 .. class_K``.
 """
@@ -30,7 +32,10 @@ def main(argv=None) -> None:
 
     class_names = read_class_names(args.class_names) if args.class_names else None
     cfg = convert_torchvision_checkpoint(args.src, args.dst, class_names=class_names)
-    print(f"ResNet-{cfg.model.backbone.depth}, {cfg.model.roi_heads.num_classes} classes; written to {args.dst}")
+    b, r, h = cfg.model.backbone, cfg.model.rpn, cfg.model.roi_heads
+    box_head = f"{h.box_head_convs} conv ({h.box_head_norm or 'no norm'}) + {h.box_head_fcs} fc"
+    print(f"ResNet-{b.depth} ({b.norm}), FPN norm {b.fpn_norm or 'none'}, RPN head {r.head_convs} conv, box head "
+          f"{box_head}, mask head norm {h.mask_head_norm or 'none'}, {h.num_classes} classes; written to {args.dst}")
 
 
 if __name__ == "__main__":

@@ -108,9 +108,12 @@ class _Run:
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if cfg.train.sync_bn and self.world_size > 1:
-            if cfg.model.backbone.norm != "bn" or device.type != "cuda":
-                raise ValueError(f"train.sync_bn needs backbone.norm=bn and CUDA, got backbone.norm="
-                                 f"{cfg.model.backbone.norm} on {device.type}")
+            m = cfg.model
+            if device.type != "cuda" or not any(isinstance(x, nn.BatchNorm2d) for x in self.model.modules()):
+                raise ValueError(f"train.sync_bn needs CUDA and a batch norm (backbone.norm, backbone.fpn_norm, "
+                                 f"roi_heads.box_head_norm or roi_heads.mask_head_norm = bn), got device "
+                                 f"{device.type}, norms {m.backbone.norm}, {m.backbone.fpn_norm or 'none'}, "
+                                 f"{m.roi_heads.box_head_norm or 'none'}, {m.roi_heads.mask_head_norm or 'none'}")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.optimizer = build_optimizer(self.model, solver)
         self.scheduler = build_lr_scheduler(self.optimizer, solver)

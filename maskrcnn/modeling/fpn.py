@@ -7,13 +7,13 @@ kernel 1), used by the RPN only.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Iterator, List, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import make_norm
+from .layers import ConvNormPair, make_norm, paired_lists
 
 
 class FPN(nn.Module):
@@ -21,7 +21,7 @@ class FPN(nn.Module):
         in_channels: channels of C2..C5.
         out_channels: channels of every output level.
         norm: normalisation after each lateral and output convolution: "" (none, the standard FPN), "bn"
-            or "gn" (see :func:`~maskrcnn.modeling.backbone.make_norm`); with a norm the convolutions
+            or "gn" (see :func:`~maskrcnn.modeling.layers.make_norm`); with a norm the convolutions
             have no bias.
 
     forward([C2, C3, C4, C5]) -> [P2, P3, P4, P5, P6].
@@ -51,6 +51,11 @@ class FPN(nn.Module):
             outputs.insert(0, self.output(level, top_down))
         outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
         return outputs
+
+    def conv_norm_pairs(self) -> Iterator[ConvNormPair]:
+        """Each convolution with the normalisation after it (see :mod:`~maskrcnn.modeling.layers`)."""
+        yield from paired_lists(self.lateral_convs, self.lateral_norms)
+        yield from paired_lists(self.output_convs, self.output_norms)
 
     def lateral(self, level: int, x: Tensor) -> Tensor:
         return self.lateral_norms[level](self.lateral_convs[level](x))

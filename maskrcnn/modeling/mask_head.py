@@ -12,13 +12,13 @@ channels get no gradient, so classes do not compete for a pixel (the classifier 
 
 from __future__ import annotations
 
-from typing import List
+from typing import Iterator, List
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import make_norm
+from .layers import ConvNormPair, make_norm, paired_lists
 
 
 class MaskHead(nn.Module):
@@ -56,6 +56,10 @@ class MaskHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.predictor(self.upsampled_features(x))
+
+    def conv_norm_pairs(self) -> Iterator[ConvNormPair]:
+        """Each 3x3 convolution with the normalisation after it (see :mod:`~maskrcnn.modeling.layers`)."""
+        return paired_lists(self.convs, self.norms)
 
     def class_logits(self, x: Tensor, classes: Tensor) -> Tensor:
         """The predictor's 1x1 convolution evaluated for one class per RoI: a weighted channel sum."""

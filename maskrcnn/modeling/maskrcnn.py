@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..structures import BitMasks, ImageList, PolygonMasks
 from .anchors import AnchorGenerator
-from .backbone import HEAD_NORMS, ResNet, fold_batchnorm
+from .backbone import ResNet
 from .box_coder import BoxCoder
 from .fpn import FPN
+from .layers import HEAD_NORMS, fold_batchnorm_
 from .mask_head import MaskHead
 from .matcher import Matcher
 from .poolers import MultiLevelRoIAlign
@@ -128,13 +129,13 @@ class MaskRCNN(nn.Module):
 def prepare_for_inference(model: MaskRCNN) -> MaskRCNN:
     """A fast eval-mode copy of ``model`` for inference; ``model`` itself is left as it is.
 
-    The trunk's normalisations are folded into its convolutions (:func:`fold_batchnorm`) and the weights
-    are stored channels-last, the layout in which oneDNN (CPU) and cuDNN convolutions run without
+    Every batch norm with fixed statistics (the trunk's, and the FPN's and heads' when they have one) is
+    folded into the convolution before it (:func:`~maskrcnn.modeling.layers.fold_batchnorm`) and the
+    weights are stored channels-last, the layout in which oneDNN (CPU) and cuDNN convolutions run without
     reordering their inputs. Outputs equal the model's to float rounding. The copy's state dict differs
     from the model's (no ``bn`` entries): save the original.
     """
-    fast = copy.deepcopy(model).eval()
-    fast.backbone = fold_batchnorm(fast.backbone)
+    fast = fold_batchnorm_(copy.deepcopy(model).eval())
     return fast.to(memory_format=torch.channels_last)
 
 
@@ -199,7 +200,8 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     b, a, r, h = cfg.backbone, cfg.anchors, cfg.rpn, cfg.roi_heads
     if len(a.sizes) != 5:
         raise ValueError(f"anchors.sizes needs one size per level P2..P6 (5 values), got {list(a.sizes)}")
-    for key, norm in (("backbone.fpn_norm", b.fpn_norm), ("roi_heads.mask_head_norm", h.mask_head_norm)):
+    for key, norm in (("backbone.fpn_norm", b.fpn_norm), ("roi_heads.box_head_norm", h.box_head_norm),
+                      ("roi_heads.mask_head_norm", h.mask_head_norm)):
         if norm not in HEAD_NORMS:
             raise ValueError(f'{key}: norm must be "", "bn" or "gn", got {norm!r}')
     backbone = ResNet(depth=b.depth, norm=b.norm, freeze_at=b.freeze_at, pretrained=b.pretrained)
@@ -207,7 +209,8 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     anchor_generator = AnchorGenerator(sizes=a.sizes, aspect_ratios=a.aspect_ratios)
     rpn = RPN(
         anchor_generator=anchor_generator,
-        head=RPNHead(in_channels=b.fpn_channels, num_anchors=anchor_generator.num_anchors_per_location),
+        head=RPNHead(in_channels=b.fpn_channels, num_anchors=anchor_generator.num_anchors_per_location,
+                     num_convs=r.head_convs),
         box_coder=BoxCoder((1.0, 1.0, 1.0, 1.0)),
         matcher=Matcher(high_threshold=r.fg_iou_thresh, low_threshold=r.bg_iou_thresh, allow_low_quality_matches=True),
         pre_nms_topk=(r.pre_nms_topk_train, r.pre_nms_topk_test),
@@ -220,7 +223,9 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         box_pooler=MultiLevelRoIAlign(output_size=h.box_pooler_resolution, strides=pooled_strides,
                                       sampling_ratio=h.sampling_ratio, canonical_scale=h.canonical_scale,
                                       canonical_level=h.canonical_level, fast=cfg.fast_roi_align),
-        box_head=BoxHead(in_features=b.fpn_channels * h.box_pooler_resolution ** 2, fc_dim=h.box_head_dim),
+        box_head=BoxHead(in_channels=b.fpn_channels, resolution=h.box_pooler_resolution, num_convs=h.box_head_convs,
+                         conv_dim=h.box_head_conv_dim, norm=h.box_head_norm, num_fcs=h.box_head_fcs,
+                         fc_dim=h.box_head_dim),
         box_predictor=BoxPredictor(in_features=h.box_head_dim, num_classes=h.num_classes),
         mask_pooler=MultiLevelRoIAlign(output_size=h.mask_pooler_resolution, strides=pooled_strides,
                                        sampling_ratio=h.sampling_ratio, canonical_scale=h.canonical_scale,

@@ -9,13 +9,14 @@ Naming: ``pred_class_logits`` (R, K+1), ``pred_proposal_deltas`` (R, 4K), ``gt_c
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .box_coder import BoxCoder
+from .layers import ConvNormPair, make_norm, paired_lists
 from .mask_head import MaskHead, mask_loss, mask_targets
 from .matcher import Matcher, match_boxes, sample_balanced
 from .poolers import MultiLevelRoIAlign
@@ -23,18 +24,53 @@ from .postprocess import select_detections
 
 
 class BoxHead(nn.Module):
-    """Two fully connected layers on flattened RoI features.
+    """3x3 convolutions (each followed by a normalisation and a ReLU), then fully connected layers (each
+    followed by a ReLU) on the flattened result.
 
-    forward(x: (R, C, 7, 7)) -> (R, fc_dim).
+    Args:
+        in_channels: C.
+        resolution: side of the pooled RoI features (7).
+        num_convs: 3x3 convolutions: 0 in torchvision's v1 head (two fully connected layers on the
+            pooled features), 4 in its v2 head.
+        conv_dim: channels of the convolutions.
+        norm: normalisation after each convolution: "" none, "bn" (batch norm over the RoIs) or "gn"
+            (see :func:`~maskrcnn.modeling.layers.make_norm`); with a norm the convolutions have no bias.
+        num_fcs: fully connected layers, ``fc1`` .. ``fc{num_fcs}``: 2 in v1, 1 in v2.
+        fc_dim: their width.
+
+    forward(x: (R, C, resolution, resolution)) -> (R, fc_dim).
     """
 
-    def __init__(self, *, in_features: int, fc_dim: int = 1024):
+    def __init__(self, *, in_channels: int, resolution: int, num_convs: int = 0, conv_dim: int = 256,
+                 norm: str = "", num_fcs: int = 2, fc_dim: int = 1024):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, fc_dim)
-        self.fc2 = nn.Linear(fc_dim, fc_dim)
+        if num_convs < 0 or num_fcs < 1:
+            raise ValueError(f"the box head needs num_convs >= 0 and num_fcs >= 1, got {num_convs} and {num_fcs}")
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_channels if i == 0 else conv_dim, conv_dim, 3, padding=1, bias=not norm)
+            for i in range(num_convs)
+        )
+        self.norms = nn.ModuleList(make_norm(norm, conv_dim) for _ in range(num_convs))
+        for conv in self.convs:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+        features = (conv_dim if num_convs else in_channels) * resolution ** 2
+        self.num_fcs = num_fcs
+        for k in range(1, num_fcs + 1):
+            self.add_module(f"fc{k}", nn.Linear(features if k == 1 else fc_dim, fc_dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.fc2(F.relu(self.fc1(x.flatten(1)))))
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.relu(norm(conv(x)), inplace=True)
+        x = x.flatten(1)
+        for k in range(1, self.num_fcs + 1):
+            x = F.relu(getattr(self, f"fc{k}")(x), inplace=True)
+        return x
+
+    def conv_norm_pairs(self) -> Iterator[ConvNormPair]:
+        """Each convolution with the normalisation after it (see :mod:`~maskrcnn.modeling.layers`)."""
+        return paired_lists(self.convs, self.norms)
 
 
 class BoxPredictor(nn.Module):

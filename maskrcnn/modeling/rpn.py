@@ -25,17 +25,28 @@ from .matcher import Matcher, ignore_crowd, match_boxes, sample_balanced
 
 
 class RPNHead(nn.Module):
-    """A 3x3 conv shared by all levels, then 1x1 convs for objectness and box deltas.
+    """3x3 convolutions (each followed by a ReLU) shared by all levels, then 1x1 convs for objectness and
+    box deltas.
+
+    Args:
+        in_channels: C, channels of every pyramid level (kept by the 3x3 convolutions).
+        num_anchors: A.
+        num_convs: number of 3x3 convolutions: 1 (torchvision's v1 head) or more (2 in its v2 model). The
+            first is ``conv`` and the others ``extra_convs``, so that one-convolution checkpoints load.
 
     forward(features: list of L (N, C, Hi, Wi)) -> (list of (N, A, Hi, Wi) logits, list of (N, 4A, Hi, Wi) deltas).
     """
 
-    def __init__(self, *, in_channels: int, num_anchors: int):
+    def __init__(self, *, in_channels: int, num_anchors: int, num_convs: int = 1):
         super().__init__()
+        if num_convs < 1:
+            raise ValueError(f"rpn.head_convs must be at least 1, got {num_convs}")
         self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        self.extra_convs = nn.ModuleList(nn.Conv2d(in_channels, in_channels, 3, padding=1)
+                                         for _ in range(num_convs - 1))
         self.objectness_logits = nn.Conv2d(in_channels, num_anchors, 1)
         self.anchor_deltas = nn.Conv2d(in_channels, num_anchors * 4, 1)
-        for layer in (self.conv, self.objectness_logits, self.anchor_deltas):
+        for layer in (self.conv, *self.extra_convs, self.objectness_logits, self.anchor_deltas):
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.zeros_(layer.bias)
 
@@ -43,6 +54,8 @@ class RPNHead(nn.Module):
         logits, deltas = [], []
         for x in features:
             t = F.relu(self.conv(x), inplace=True)
+            for conv in self.extra_convs:
+                t = F.relu(conv(t), inplace=True)
             logits.append(self.objectness_logits(t))
             deltas.append(self.anchor_deltas(t))
         return logits, deltas
