@@ -2,10 +2,13 @@
 
     python tools/benchmark.py                     # fp32 and bf16, 800 x 1200 images, 100 detections
     python tools/benchmark.py --mode bf16 --quick --json
+    python tools/benchmark.py --architecture configs/maskrcnn_R50_FPN_v2.yaml --quick   # the v2 model
 
 Prints, per inference stage and end to end, the median time of both models and their ratio
 (torchvision / ours), peak memory, the mask paste against torchvision's and against writing the output,
-and one training step of R50-FPN (2 images, 512 px) and of the small configuration. ``--json`` prints
+and one training step of R50-FPN (2 images, 512 px) and of the small configuration. The R50-FPN is
+torchvision's v1 architecture unless ``--architecture`` names a config file whose model section sets
+another (``configs/maskrcnn_R50_FPN_v2.yaml``: torchvision's ``maskrcnn_resnet50_fpn_v2``). ``--json`` prints
 all figures as one JSON line instead. See :mod:`maskrcnn.diagnostics.benchmark` for what is measured and how.
 """
 
@@ -28,6 +31,8 @@ def main(argv=None) -> None:
     parser.add_argument("--detections", type=int, default=100, help="detections per image (score threshold 0)")
     parser.add_argument("--train-config", default="configs/maskrcnn_R18_FPN_small.yaml",
                         help="YAML of the small model whose training step is measured")
+    parser.add_argument("--architecture", default=None,
+                        help="config YAML whose model section is the R50-FPN measured (default: torchvision's v1)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
 
@@ -36,6 +41,7 @@ def main(argv=None) -> None:
     modes = MODES if args.mode == "both" else (args.mode,)
     figures = run_benchmark(modes=modes, quick=args.quick, device=args.device, size=args.size,
                             detections=args.detections, train_config=args.train_config,
+                            architecture=args.architecture,
                             progress=lambda message: print(f"[benchmark] {message}", file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in figures.items()}))

@@ -190,10 +190,18 @@ def _torchvision_stages(model: tv_mask_rcnn.MaskRCNN, images: List[Tensor], cloc
     return out
 
 
-def inference_config(size: int, detections: int) -> ModelConfig:
-    """The default (R50-FPN) model configuration at inference size ``size``, keeping ``detections``
-    detections per image at score threshold 0 (so that the mask path is fully loaded)."""
-    cfg = Config().model
+def model_config(architecture: str | Path | None = None) -> ModelConfig:
+    """The model configuration of the YAML file ``architecture`` (None: the defaults, torchvision's v1
+    R50-FPN), with the ImageNet trunk download switched off (the benchmark's weights are random)."""
+    cfg = load_config(architecture).model if architecture is not None else Config().model
+    cfg.backbone.pretrained = False
+    return cfg
+
+
+def inference_config(size: int, detections: int, architecture: str | Path | None = None) -> ModelConfig:
+    """The model of ``architecture`` (see :func:`model_config`) at inference size ``size``, keeping
+    ``detections`` detections per image at score threshold 0 (so that the mask path is fully loaded)."""
+    cfg = model_config(architecture)
     cfg.input.min_size = [size]
     cfg.input.max_size = max(cfg.input.max_size, 2 * size)
     cfg.roi_heads.score_thresh = 0.0
@@ -355,14 +363,16 @@ def benchmark_train_step(cfg: ModelConfig, *, num_images: int, mode: str, repeat
 # The whole benchmark
 
 
-def train_configs(small_config: str | Path) -> Dict[str, Tuple[ModelConfig, int]]:
+def train_configs(small_config: str | Path, architecture: str | Path | None = None
+                  ) -> Dict[str, Tuple[ModelConfig, int]]:
     """The training benchmarks: name -> (model configuration, images per step).
 
-    ``r50``: the default R50-FPN at 512 px, 2 images; ``small``: the model of ``small_config`` at its own
-    input size and ``solver.ims_per_batch``, with the mask loss on every foreground RoI as torchvision
-    computes it (``mask_rois_per_image`` 0), so that both models do the same work.
+    ``r50``: the R50-FPN of ``architecture`` (see :func:`model_config`) at 512 px, 2 images; ``small``: the
+    model of ``small_config`` at its own input size and ``solver.ims_per_batch``, with the mask loss on
+    every foreground RoI as torchvision computes it (``mask_rois_per_image`` 0), so that both models do the
+    same work.
     """
-    r50 = Config().model
+    r50 = model_config(architecture)
     r50.input.min_size = [512]
     small = load_config(small_config)
     small.model.roi_heads.mask_rois_per_image = 0
@@ -371,18 +381,22 @@ def train_configs(small_config: str | Path) -> Dict[str, Tuple[ModelConfig, int]
 
 def run_benchmark(*, modes: Sequence[str] = MODES, quick: bool = False, device: str = "cpu", size: int = 800,
                   detections: int = 100, train_config: str | Path = "configs/maskrcnn_R18_FPN_small.yaml",
+                  architecture: str | Path | None = None,
                   progress: Callable[[str], None] = lambda message: None) -> Dict[str, object]:
     """Every figure of the benchmark, as one flat dict.
 
     modes: precisions to run, from ("fp32", "bf16"). quick: 2 timed repetitions instead of 5.
     size: inference images are ``size`` x ``1.5 size`` pixels (resized by both models to shortest side
     ``size``), with ``detections`` detections each. train_config: the YAML of the small training model.
+    architecture: the YAML whose model section is the R50-FPN measured in inference and in the ``r50``
+    training step, e.g. ``configs/maskrcnn_R50_FPN_v2.yaml`` against torchvision's
+    ``maskrcnn_resnet50_fpn_v2`` architecture; None: the default configuration, torchvision's v1.
     Keys (per mode m): ``{m}_{stage}_{ours|tv}_s`` and ``{m}_{stage}_speedup`` for every stage and
     ``e2e``, ``e2e_{m}_speedup``, ``e2e_{m}_s`` (our seconds per image), ``{m}_mem_{ours|tv}_mb``;
     ``paste_s``, ``paste_tv_s``, ``write_s``, ``paste_speedup``, ``paste_vs_write``;
     ``train_{m}_{name}_{ours_s|tv_s|speedup|mem_ours_mb|mem_tv_mb}`` per training configuration and
     ``train_{m}_speedup``, the geometric mean of their speedups; and ``device``, ``threads``,
-    ``image_size``, ``detections``, ``repeats``.
+    ``image_size``, ``detections``, ``repeats``, ``architecture``.
     """
     for mode in modes:
         if mode not in MODES:
@@ -391,13 +405,13 @@ def run_benchmark(*, modes: Sequence[str] = MODES, quick: bool = False, device: 
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda requested but no CUDA device is available")
     repeats = 2 if quick else 5
-    cfg = inference_config(size, detections)
+    cfg = inference_config(size, detections, architecture)
     images = sample_images(size, dev)
     height, width = images[0].shape[-2:]
     figures: Dict[str, object] = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "threads": torch.get_num_threads(), "image_size": f"{height}x{width}", "detections": detections,
-        "repeats": repeats,
+        "repeats": repeats, "architecture": str(architecture) if architecture is not None else "default (v1)",
     }
     progress("building the models")
     tv = well_conditioned_torchvision_model(cfg).to(dev)
@@ -415,7 +429,7 @@ def run_benchmark(*, modes: Sequence[str] = MODES, quick: bool = False, device: 
     figures.update(benchmark_paste(detected["mask_probs"], detected["boxes"], (height, width), repeats=3 * repeats,
                                    device=dev))
     del tv, ours, fast
-    for name, (train_cfg, num_images) in train_configs(train_config).items():
+    for name, (train_cfg, num_images) in train_configs(train_config, architecture).items():
         for mode in modes:
             progress(f"training step, {name}, {mode}")
             result = benchmark_train_step(train_cfg, num_images=num_images, mode=mode, repeats=repeats, device=dev)
@@ -428,7 +442,7 @@ def run_benchmark(*, modes: Sequence[str] = MODES, quick: bool = False, device: 
 
 def format_report(figures: Dict[str, object]) -> str:
     """The figures of :func:`run_benchmark` as text tables: seconds, torchvision / ours, memory."""
-    lines = [f"device {figures['device']}; images {figures['image_size']}, {figures['detections']} detections; "
+    lines = [f"R50-FPN architecture {figures['architecture']}; device {figures['device']}; images {figures['image_size']}, {figures['detections']} detections; "
              f"medians of {figures['repeats']} runs; speedup = torchvision time / our time"]
     modes = [m for m in MODES if f"e2e_{m}_speedup" in figures]
     for mode in modes:
