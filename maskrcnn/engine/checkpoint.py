@@ -57,8 +57,10 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     scheduler=None, scaler: Optional[torch.amp.GradScaler] = None, iteration: int,
-                    config: Config, class_names: List[str], rng: Optional[dict] = None, **extra) -> Path:
-    """Atomically write a checkpoint to ``path`` and point ``path.parent/last_checkpoint`` at it.
+                    config: Config, class_names: List[str], rng: Optional[dict] = None, update_last: bool = True,
+                    **extra) -> Path:
+    """Atomically write a checkpoint to ``path`` and (``update_last``) point ``path.parent/last_checkpoint``
+    at it.
 
     model: saved without a ``DistributedDataParallel`` wrapper (keys have no ``module.`` prefix).
     optimizer / scheduler / scaler: their ``state_dict()``, or None when not given.
@@ -80,7 +82,8 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Optional[t
         **extra,
     }
     atomic_write(path, lambda f: torch.save(checkpoint, f))
-    atomic_write(path.parent / LAST_CHECKPOINT, lambda f: f.write(path.name.encode()))
+    if update_last:
+        atomic_write(path.parent / LAST_CHECKPOINT, lambda f: f.write(path.name.encode()))
     return path
 
 

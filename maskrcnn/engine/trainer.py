@@ -116,6 +116,7 @@ class _Run:
         self.scheduler = build_lr_scheduler(self.optimizer, solver)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.buffers = list(self.model.buffers())
 
         self.start_iter = 0
         self.resume_rng = None
@@ -187,17 +188,29 @@ class _Run:
             targets = [_target_to(target, self.device) for target in targets]
             data_time = time.perf_counter() - tic
             rng_before = rng_state()
+            # The forward updates BatchNorm running statistics: kept so that a stop saves the state before it.
+            buffers_before = [b.detach().clone() for b in self.buffers]
 
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 losses = self.ddp_model(images, targets)
             total = sum(losses.values())
             if not all_true(torch.isfinite(total)):
-                self._stop(iteration, losses, rng_before)
+                bad = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v).all()}
+                where = ", ".join(f"{k}={v}" for k, v in bad.items()) if bad else "a loss on another process"
+                self._stop(iteration, f"non-finite loss ({where})", rng_before, buffers_before)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
+            grad_norm = None
             if cfg.solver.clip_grad_norm > 0:
                 self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.solver.clip_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.solver.clip_grad_norm)
+            if not self.scaler.is_enabled():
+                # (fp16's grad scaler skips steps with non-finite gradients by itself and lowers its scale.)
+                if grad_norm is None:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+                if not all_true(torch.isfinite(grad_norm)):
+                    self._stop(iteration, f"non-finite gradient (norm {float(grad_norm)}) of a finite loss "
+                                          f"({float(total):.4g})", rng_before, buffers_before)
             lr = self.optimizer.param_groups[0]["lr"]
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -226,7 +239,7 @@ class _Run:
                 self.last_plot = now
             bar.set_postfix(loss=f"{record['total_loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
 
-    def _save(self, name: str, iteration: int, rng: Optional[dict] = None) -> None:
+    def _save(self, name: str, iteration: int, rng: Optional[dict] = None, update_last: bool = True) -> None:
         """Every process hands in its RNG states; rank 0 writes the checkpoint."""
         rng = rng if rng is not None else rng_state()
         by_rank = all_gather_object(rng)
@@ -235,7 +248,7 @@ class _Run:
             extra["label_to_cat_id"] = dict(self.dataset.label_to_cat_id)
             save_checkpoint(self.output_dir / name, model=self.model, optimizer=self.optimizer,
                             scheduler=self.scheduler, scaler=self.scaler, iteration=iteration, config=self.cfg,
-                            class_names=self.class_names, rng=rng, **extra)
+                            class_names=self.class_names, rng=rng, update_last=update_last, **extra)
 
     def _evaluate(self, iteration: int) -> None:
         """COCO evaluation on the validation set, shared by all processes; rank 0 logs the metrics."""
@@ -248,19 +261,27 @@ class _Run:
             self.last_eval = metrics
             self.logger.log({"iteration": iteration, **metrics})
 
-    def _stop(self, iteration: int, losses: Dict[str, Tensor], rng_before: dict) -> None:
-        """Save the state from before this iteration's step, then raise FloatingPointError naming the loss."""
-        bad = {name: float(value.detach()) for name, value in losses.items() if not torch.isfinite(value).all()}
-        name = f"model_{iteration:07d}.pth"
-        self._save(name, iteration, rng=rng_before)
+    def _stop(self, iteration: int, what: str, rng_before: dict, buffers_before: List[Tensor]) -> None:
+        """Put back the buffers this iteration's forward changed, save that state (the one before the
+        iteration) under a name of its own, and raise FloatingPointError saying ``what`` went wrong.
+
+        No optimizer step has been taken, so parameters, optimizer and schedule are still those of the
+        iteration before; the last good checkpoint and ``last_checkpoint`` are left as they are.
+        """
+        with torch.no_grad():
+            for buffer, before in zip(self.buffers, buffers_before):
+                buffer.copy_(before)
+        self.optimizer.zero_grad(set_to_none=True)
+        name = f"stopped_before_iteration_{iteration + 1:07d}.pth"
+        self._save(name, iteration, rng=rng_before, update_last=False)
         if self.logger is not None:
             self.logger.plot()
         barrier()
-        where = ", ".join(f"{k}={v}" for k, v in bad.items()) if bad else "a loss on another process"
+        last = find_last_checkpoint(self.output_dir)
+        kept = f"the last good checkpoint {last} is unchanged" if last is not None else "no earlier checkpoint"
         raise FloatingPointError(
-            f"non-finite loss at iteration {iteration + 1} ({where}); training stopped. The state before this "
-            f"iteration is saved as {self.output_dir / name}; lower solver.lr or set solver.clip_grad_norm "
-            f"and resume")
+            f"{what} at iteration {iteration + 1}; training stopped. The state before this iteration is saved "
+            f"as {self.output_dir / name} and {kept}; lower solver.lr or set solver.clip_grad_norm and resume")
 
 
 class _Window:
