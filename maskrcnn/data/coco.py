@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from maskrcnn.rle import compressed_run_lengths
 from maskrcnn.structures import BitMasks, InstanceMasks, PolygonMasks
 
 BOUNDS_TOLERANCE = 1.0  # boxes and polygons may exceed the image by this many pixels; they are clipped
@@ -295,8 +296,16 @@ def _parse_segmentation(segmentation, height: int, width: int, where: str):
                                       f"summing to {height * width}", "malformed segmentation")
             return mask_utils.frPyObjects(segmentation, height, width)
         if isinstance(counts, str):
-            counts = counts.encode("ascii")
+            counts = counts.encode("utf-8")
         if isinstance(counts, bytes):
+            try:
+                total = int(compressed_run_lengths(counts).sum())
+            except ValueError as exc:
+                raise AnnotationError(f"{where}: compressed RLE counts do not decode: {exc}",
+                                      "malformed segmentation") from None
+            if total != height * width:
+                raise AnnotationError(f"{where}: compressed RLE runs cover {total} pixels, the {width}x{height} "
+                                      f"image has {height * width}", "malformed segmentation")
             return {"size": [height, width], "counts": counts}
     raise AnnotationError(f"{where}: segmentation is neither a list of polygons nor an RLE object",
                           "malformed segmentation")
