@@ -19,12 +19,16 @@ USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryEr
 
 
 def one_line(exc: BaseException) -> str:
-    """The exception's message on one line: its lines joined with '; '. An error re-raised from a data
-    loader worker carries the worker's traceback in its message; only the original message is kept."""
+    """The exception's message on one line: its lines joined with '; ' (with a space after a line ending in
+    a colon). An error re-raised from a data loader worker carries the worker's traceback in its message;
+    only the original message is kept."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if lines and lines[0].startswith("Caught ") and "worker process" in lines[0]:
         lines = [lines[-1].split(": ", 1)[-1]]
-    return "; ".join(lines) or type(exc).__name__
+    text = lines[0] if lines else type(exc).__name__
+    for previous, line in zip(lines, lines[1:]):
+        text += (" " if previous.endswith(":") else "; ") + line
+    return text
 
 
 def run(main: Callable[[Optional[List[str]]], object], argv: Optional[List[str]] = None) -> None:

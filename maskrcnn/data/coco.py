@@ -33,6 +33,7 @@ import pycocotools.mask as mask_utils
 import torch
 from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 
 from maskrcnn.rle import compressed_run_lengths
 from maskrcnn.structures import BitMasks, InstanceMasks, PolygonMasks
@@ -137,18 +138,22 @@ class CocoDetection(torch.utils.data.Dataset):
         image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
         return image, target
 
-    def check_images(self) -> None:
+    def check_images(self, *, progress: bool = False) -> None:
         """Check that every image file exists, is a readable image and has the size the json gives.
 
-        Reads only file headers. Raises ``ValueError`` listing every bad file (with its image id).
+        Reads only file headers (a progress bar with ``progress``). Raises ``FileNotFoundError`` when
+        every problem is a missing file and ``ValueError`` otherwise, listing every bad file with its image id.
         """
         problems = []
-        for index in range(len(self)):
+        missing = 0
+        for index in tqdm(range(len(self)), desc="checking images", unit="img", disable=not progress,
+                          mininterval=1.0):
             record = self._records[index]
             path = self.image_dir / record["file_name"]
             where = f"image id {record['image_id']} in {self.ann_file}"
             if not path.is_file():
                 problems.append(f"image file {path} not found ({where})")
+                missing += 1
                 continue
             try:
                 with Image.open(path) as img:
@@ -161,7 +166,8 @@ class CocoDetection(torch.utils.data.Dataset):
         if problems:
             shown = "\n  ".join(problems[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise ValueError(f"{len(problems)} bad image files:\n  {shown}{more}")
+            error = FileNotFoundError if missing == len(problems) else ValueError
+            raise error(f"{len(problems)} bad image file{'s' if len(problems) > 1 else ''}:\n  {shown}{more}")
 
     def _read_image(self, record: dict) -> np.ndarray:
         """The image file as ``(H, W, 3)`` uint8 RGB, raw pixel order (EXIF orientation ignored, as COCO)."""

@@ -98,6 +98,7 @@ class _Run:
         _seed_all(cfg.train.seed + self.rank)
 
         self.dataset = build_train_dataset(cfg)
+        self.dataset.check_images(progress=is_main_process())  # a bad file fails now, not mid-training
         self.class_names = list(self.dataset.class_names)
         if len(self.class_names) != cfg.model.roi_heads.num_classes:
             raise ValueError(f"{cfg.data.train_ann} has {len(self.class_names)} categories but "
@@ -150,6 +151,12 @@ class _Run:
         self.last_eval: Optional[Dict] = None
 
     def run(self) -> Dict:
+        summary_path = self.output_dir / "train_summary.json"
+        if self.start_iter >= self.cfg.solver.max_iter and summary_path.is_file():
+            # Resumed after the end: nothing to train; the finished run's summary stays as it was.
+            if is_main_process():
+                print(f"training already finished at iteration {self.start_iter}; see {summary_path}")
+            return json.loads(summary_path.read_text())
         bar = tqdm(total=self.cfg.solver.max_iter, initial=self.start_iter, desc="train", unit="it",
                    dynamic_ncols=True, mininterval=1.0, disable=not is_main_process())
         try:
@@ -165,7 +172,7 @@ class _Run:
                        "eval": self.last_eval}
             if is_main_process():
                 text = json.dumps(summary, indent=1)
-                atomic_write(self.output_dir / "train_summary.json", lambda f: f.write(text.encode()))
+                atomic_write(summary_path, lambda f: f.write(text.encode()))
             return summary
         finally:
             bar.close()
