@@ -5,6 +5,9 @@ STAMP := $(VENV)/.installed
 DEMO := output/demo
 SHAPES := data/shapes
 DEMO_CONFIG := configs/maskrcnn_R18_FPN_small.yaml
+# A smaller or longer demo: make demo SHAPES_OPTS="--num-train 200 --num-val 50" DEMO_OVERRIDES="solver.max_iter=100"
+SHAPES_OPTS ?=
+DEMO_OVERRIDES ?=
 
 .PHONY: setup test demo figures clean
 
@@ -24,8 +27,8 @@ test: setup
 # Generate the shapes data (reused when present), train the small model (resumed when a checkpoint
 # exists), evaluate it and draw validation overlays.
 demo: setup
-	$(PY) tools/make_shapes.py --out $(SHAPES)
-	$(PY) tools/train.py --config $(DEMO_CONFIG) --resume train.output_dir=$(DEMO)
+	$(PY) tools/make_shapes.py --out $(SHAPES) $(SHAPES_OPTS)
+	$(PY) tools/train.py --config $(DEMO_CONFIG) --resume train.output_dir=$(DEMO) $(DEMO_OVERRIDES)
 	$(PY) tools/eval.py --checkpoint $(DEMO)/model_final.pth --ann $(SHAPES)/annotations/instances_val.json \
 		--images $(SHAPES)/val --output $(DEMO)
 	$(PY) tools/infer.py --checkpoint $(DEMO)/model_final.pth --input $(SHAPES)/val --output $(DEMO)/overlays \

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d, batched_nms, box_iou
+from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from maskrcnn.reference import our_model_from, sample_images, well_conditioned_torchvision_model
 from maskrcnn.config import Config
