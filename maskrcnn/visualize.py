@@ -8,16 +8,18 @@ instances gets distinct, stable colours. Label maps and ``class_colors=True`` ov
 from __future__ import annotations
 
 import colorsys
+import json
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 
+from maskrcnn.data.check import ground_truth
 from maskrcnn.engine.checkpoint import atomic_write
-from maskrcnn.predictor import Instances
+from maskrcnn.predictor import Instances, read_image
 
 _GOLDEN = 0.618033988749895
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -87,6 +89,37 @@ def draw_instances(image: np.ndarray, result: Instances, *, score_thresh: float 
         cv2.rectangle(out, (x0, top), (x0 + tw + 2, top + label_h - 1), color, -1)
         cv2.putText(out, text, (x0 + 1, top + th + 1), _FONT, _FONT_SCALE, (0, 0, 0), 1, cv2.LINE_AA)
     return out
+
+
+def draw_ground_truth(image: np.ndarray, *, boxes, labels: Sequence[int], class_names: Sequence[str],
+                      masks: list) -> np.ndarray:
+    """Overlay annotations (not detections) on an image, coloured by class, labelled with the class name.
+
+    image: ``(H, W, 3)`` uint8 RGB. boxes: ``(M, 4)`` xyxy pixels. labels: M class labels (any non-negative
+    ints, used for the colours). class_names: M names. masks: M COCO RLE dicts of the image's size.
+    Returns a new ``(H, W, 3)`` uint8 RGB array.
+    """
+    count = len(labels)
+    result = Instances(boxes=torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4),
+                       scores=torch.ones(count), labels=torch.as_tensor(list(labels), dtype=torch.int64),
+                       class_names=list(class_names), masks=list(masks), image_size=image.shape[:2])
+    return draw_instances(image, result, score_thresh=0.0, class_colors=True)
+
+
+def write_ground_truth_overlays(ann_file: Union[str, Path], image_dir: Union[str, Path], out_dir: Union[str, Path],
+                                *, count: int, skip_image_ids=()) -> List[Path]:
+    """Write :func:`draw_ground_truth` overlays of the first ``count`` images of a COCO json (those in
+    ``skip_image_ids`` left out) as ``out_dir/<stem>_<image id>.png``; returns the files written."""
+    data = json.loads(Path(ann_file).read_text(encoding="utf-8"))
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    files = []
+    for image in [im for im in data["images"] if im.get("id") not in set(skip_image_ids)][:count]:
+        boxes, category_ids, rles = ground_truth(data, image["id"])
+        overlay = draw_ground_truth(read_image(Path(image_dir) / image["file_name"]), boxes=boxes,
+                                    labels=category_ids, class_names=[names[c] for c in category_ids], masks=rles)
+        files.append(Path(out_dir) / f"{Path(image['file_name']).stem}_{image['id']}.png")
+        save_png(files[-1], overlay)
+    return files
 
 
 def label_map(masks: Union[torch.Tensor, np.ndarray, list], labels: Sequence[int], num_classes: int, *,
