@@ -19,14 +19,13 @@ copied exactly; BatchNorm's ``num_batches_tracked`` counters are the only except
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from ..convert import coco_category_names, convert_torchvision_state_dict
+from .checkpoint import read_checkpoint
 
 # parameter name -> (rows per class, leading rows of no class): the first dimension holds those leading
 # rows (the background logit) and then K blocks of rows, one per class
@@ -47,13 +46,7 @@ def read_weights(path: str | Path) -> Tuple[Dict[str, Tensor], List[str], str]:
     ``backbone.body.*``; class names COCO's for 90 classes, else ``class_1`` ...). Raises
     FileNotFoundError / ValueError naming the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.weights: file not found: {path}")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"model.weights: {path} is not a readable weights file: {exc}") from None
+    loaded = read_checkpoint(path)
     if not isinstance(loaded, dict):
         raise ValueError(f"model.weights: {path} holds a {type(loaded).__name__}, not a state dict")
     state = loaded["model"] if isinstance(loaded.get("model"), dict) else loaded
