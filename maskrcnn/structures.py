@@ -1,4 +1,5 @@
-"""Small shared types: a padded image batch, and instance masks in two storage forms.
+"""Small shared types: a padded image batch, instance masks in two storage forms, and the detections of
+one image (:class:`Instances`).
 
 Shorthand: N images, M instances of one image, R RoIs, S the side of a mask target (28).
 
@@ -13,7 +14,7 @@ pipeline and the mask head never ask which one they hold.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
+
+from .rle import encode_masks
 
 
 @dataclass
@@ -83,8 +86,13 @@ class BitMasks:
 
         boxes: ``(R, 4)`` float xyxy in this image's pixels.
         indices: ``(R,)`` int64, the mask that each box crops; default ``arange(R)`` (index-aligned).
-        Returns ``(R, size, size)`` float in [0, 1]: bilinear RoIAlign of the 0/1 mask with pixel ``i``
-        covering ``[i, i + 1)`` (aligned), the same geometry as the polygon rasterisation.
+        Returns ``(R, size, size)`` float of 0/1 values: bilinear RoIAlign of the 0/1 mask with pixel ``i``
+        covering ``[i, i + 1)`` (aligned), the same geometry as the polygon rasterisation, thresholded at 0.5.
+
+        Mask targets are hard 0/1 whichever way an instance is stored (Detectron2's convention, not
+        torchvision's soft RoIAlign values): a polygon is rasterised on the grid, so a bitmap is thresholded
+        too, and the same shape gets the same target whether the dataset stored it as a polygon or as RLE.
+        The loss then asks for the decision the inference paste makes at probability 0.5.
         """
         if len(boxes) == 0:
             return boxes.new_zeros((0, size, size), dtype=torch.float32)
@@ -92,7 +100,8 @@ class BitMasks:
             indices = torch.arange(len(boxes), device=boxes.device)
         masks = self.tensor.to(device=boxes.device, dtype=torch.float32)[:, None]
         rois = torch.cat([indices.to(boxes.device, torch.float32)[:, None], boxes.float()], 1)
-        return roi_align(masks, rois, (size, size), 1.0, sampling_ratio=0, aligned=True)[:, 0]
+        soft = roi_align(masks, rois, (size, size), 1.0, sampling_ratio=0, aligned=True)[:, 0]
+        return (soft >= 0.5).float()
 
 
 class PolygonMasks:
@@ -190,3 +199,78 @@ class PolygonMasks:
 
 
 InstanceMasks = Union[BitMasks, PolygonMasks]
+
+
+class Instances:
+    """Detections in one image, sorted as the model returned them (by score, highest first).
+
+    boxes: ``(N, 4)`` float32 xyxy in pixels of the original image.
+    scores: ``(N,)`` float32 class probabilities in [0, 1].
+    labels: ``(N,)`` int64 class labels in 1..K.
+    class_names: N strings, the name of each detection's label.
+    masks: ``(N, H, W)`` bool tensor (bitmap), a list of N COCO RLE dicts (rle), or None.
+    image_size: ``(H, W)`` of the original image (pixels).
+    label_to_cat_id: the model's label -> dataset category id map, used by :meth:`to_coco`; None: the
+        label is the category id.
+    """
+
+    def __init__(self, *, boxes: Tensor, scores: Tensor, labels: Tensor, class_names: List[str],
+                 masks: Union[Tensor, List[dict], None], image_size: tuple,
+                 label_to_cat_id: Optional[Dict[int, int]] = None):
+        self.boxes = boxes
+        self.scores = scores
+        self.labels = labels
+        self.class_names = class_names
+        self.masks = masks
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.label_to_cat_id = label_to_cat_id
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def __getitem__(self, index) -> "Instances":
+        """An int, a slice, a ``(N,)`` bool mask or an int64 index tensor selects detections."""
+        positions = torch.arange(len(self))[index]
+        if positions.dim() == 0:
+            positions = positions[None]
+        kept = positions.tolist()
+        masks = self.masks
+        if isinstance(masks, Tensor):
+            masks = masks[positions]
+        elif masks is not None:
+            masks = [masks[i] for i in kept]
+        return Instances(boxes=self.boxes[positions], scores=self.scores[positions], labels=self.labels[positions],
+                         class_names=[self.class_names[i] for i in kept], masks=masks, image_size=self.image_size,
+                         label_to_cat_id=self.label_to_cat_id)
+
+    def filter(self, score_thresh: float) -> "Instances":
+        """The detections scoring at least ``score_thresh``."""
+        return self[self.scores >= score_thresh]
+
+    def to_coco(self, image_id, label_to_cat_id: Optional[Dict[int, int]] = None) -> List[dict]:
+        """COCO result dicts: ``image_id``, ``category_id``, ``bbox`` (x, y, w, h pixels), ``score`` and,
+        when masks are present, ``segmentation`` (RLE with string counts).
+
+        label_to_cat_id: maps labels 1..K to dataset category ids (default: the map these detections carry,
+            see :func:`maskrcnn.inference.match_categories`); detections of labels it does not map have no
+            category in the dataset and are left out. Without any map the label is the category id.
+        """
+        mapping = self.label_to_cat_id if label_to_cat_id is None else label_to_cat_id
+        kept = self if mapping is None else self[torch.tensor([label in mapping for label in self.labels.tolist()],
+                                                              dtype=torch.bool)]
+        labels = kept.labels.tolist()
+        category_ids = labels if mapping is None else [mapping[label] for label in labels]
+        xywh = kept.boxes.clone()
+        xywh[:, 2:] -= xywh[:, :2]
+        segmentations = encode_masks(kept.masks) if isinstance(kept.masks, Tensor) else kept.masks
+        results = []
+        for i, (box, score, category_id) in enumerate(zip(xywh.tolist(), kept.scores.tolist(), category_ids)):
+            result = {"image_id": image_id, "category_id": int(category_id), "bbox": box, "score": score}
+            if segmentations is not None:
+                result["segmentation"] = segmentations[i]
+            results.append(result)
+        return results
+
+    def __repr__(self) -> str:
+        mask_kind = "none" if self.masks is None else "rle" if isinstance(self.masks, list) else "bitmap"
+        return f"Instances(num={len(self)}, image_size={self.image_size}, masks={mask_kind})"

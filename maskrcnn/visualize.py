@@ -18,8 +18,8 @@ import pycocotools.mask as mask_utils
 import torch
 
 from maskrcnn.data.check import ground_truth
-from maskrcnn.engine.checkpoint import atomic_write
-from maskrcnn.predictor import Instances, read_image
+from maskrcnn.fileio import atomic_write, read_image
+from maskrcnn.structures import Instances
 
 _GOLDEN = 0.618033988749895
 _FONT = cv2.FONT_HERSHEY_SIMPLEX

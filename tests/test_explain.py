@@ -12,8 +12,8 @@ from torchvision.ops import box_iou
 from maskrcnn.config import config_to_dict
 from maskrcnn.data import CocoDetection, ResizeShortestEdge, generate_shapes
 from maskrcnn.engine.logger import MetricsLogger
-from maskrcnn.explain import (FIGURES, PAGE, explain, load_example, locate_image, read_eval_metrics,
-                              read_training_log)
+from maskrcnn.diagnostics.figures import FIGURES, PAGE
+from maskrcnn.diagnostics.trace import explain, load_example, locate_image, read_eval_metrics, read_training_log
 from maskrcnn.modeling.mask_head import mask_loss, mask_targets
 from maskrcnn.modeling.maskrcnn import build_model
 from maskrcnn.modeling.paste import paste_masks_in_image

@@ -8,13 +8,13 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d, batched_nms, box_iou
 
-from maskrcnn.benchmark import benchmark_images, our_model_from, well_conditioned_torchvision_model
+from maskrcnn.reference import our_model_from, sample_images, well_conditioned_torchvision_model
 from maskrcnn.config import Config
 from maskrcnn.modeling.backbone import ResNet, fold_batchnorm
 from maskrcnn.modeling.fpn import add_upsampled
 from maskrcnn.modeling.mask_head import MaskHead
 from maskrcnn.modeling.maskrcnn import prepare_for_inference
-from maskrcnn.modeling.postprocess import to_original_image, top_class_nms
+from maskrcnn.modeling.postprocess import to_original_image
 
 TOP = 10  # the most confident detections, compared between precisions
 
@@ -118,20 +118,6 @@ def test_add_upsampled_handles_odd_sizes():
     assert torch.equal(add_upsampled(lateral.clone(), top_down), expected)
 
 
-@pytest.mark.parametrize("topk", [1, 5, 40, 500])
-def test_top_class_nms_equals_batched_nms(topk):
-    g = torch.Generator().manual_seed(topk)
-    # Clustered boxes over few classes: most candidates are suppressed, so the search must grow.
-    centres = torch.rand(30, 2, generator=g) * 200
-    boxes = centres.repeat(40, 1) + torch.randn(1200, 2, generator=g) * 4
-    sizes = 20 + torch.rand(1200, 2, generator=g) * 10
-    boxes = torch.cat([boxes - sizes / 2, boxes + sizes / 2], dim=1)
-    scores = torch.rand(1200, generator=g)
-    labels = torch.randint(1, 4, (1200,), generator=g)
-    expected = batched_nms(boxes, scores, labels, 0.5)[:topk]
-    assert torch.equal(top_class_nms(boxes, scores, labels, 0.5, topk), expected)
-
-
 @pytest.fixture(scope="module")
 def models():
     """A well-conditioned R18-FPN torchvision model's weights in ours: plain and prepared for inference."""
@@ -145,7 +131,7 @@ def models():
 
 @pytest.fixture(scope="module")
 def images():
-    return benchmark_images(200, torch.device("cpu"), count=2, seed=7)
+    return sample_images(200, torch.device("cpu"), count=2, seed=7)
 
 
 def _detect(model, images, bf16=False):
@@ -162,13 +148,13 @@ def _box_and_mask_stages(model, images, bf16, proposals=None, detections=None):
         batch = model.preprocess(images, resize=True)
         features = model.fpn(model.backbone(batch.tensor))
         if proposals is None:
-            proposals, _ = model.rpn(batch.image_sizes, tuple(batch.tensor.shape[-2:]), features)
+            proposals, _ = model.rpn(features, batch.image_sizes, tuple(batch.tensor.shape[-2:]))
         heads = model.roi_heads
         logits, deltas = heads.box_predictor(heads.box_head(heads.box_pooler(features, proposals)))
         if detections is None:
             detections = heads.detect_boxes(features, proposals, batch.image_sizes)
         with_masks = heads.predict_masks(features, detections)
-    masks = [to_original_image(d, size, tuple(image.shape[-2:]), paste=True)["masks"]
+    masks = [to_original_image(d, size, tuple(image.shape[-2:]))["masks"]
              for d, size, image in zip(with_masks, batch.image_sizes, images)]
     return (proposals, logits.float().softmax(-1), heads.box_coder.decode(deltas.float(), torch.cat(proposals)),
             detections, masks)

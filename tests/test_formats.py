@@ -12,6 +12,7 @@ import pycocotools.mask as mask_utils
 import pytest
 from PIL import Image
 
+from maskrcnn.cli import run
 from maskrcnn.data.coco import CocoDetection
 from maskrcnn.data.formats import read_cvat, read_labelme, read_yolo, split_coco, to_coco, write_coco
 from maskrcnn.data.formats.labelme import CIRCLE_VERTICES
@@ -289,8 +290,8 @@ def test_split_is_a_seeded_partition_of_the_images(tmp_path):
 def test_tool_writes_train_and_val_files(tmp_path, capsys):
     root = _labelme_all_types(tmp_path / "lm")
     _labelme_folder(root / "more", [_labelme_shape("dog", "rectangle", [[1, 1], [9, 9]])], image="two.png")
-    assert convert_dataset.main(["--from", "labelme", str(root), "--out", str(tmp_path / "inst.json"),
-                                 "--val-fraction", "0.5"]) == 0
+    convert_dataset.main(["--from", "labelme", str(root), "--out", str(tmp_path / "inst.json"),
+                          "--val-fraction", "0.5"])
     out = capsys.readouterr().out
     assert f"train: {tmp_path / 'inst_train.json'}" in out and f"val: {tmp_path / 'inst_val.json'}" in out
     train, val = (json.loads((tmp_path / f"inst_{s}.json").read_text()) for s in ("train", "val"))
@@ -299,7 +300,9 @@ def test_tool_writes_train_and_val_files(tmp_path, capsys):
 
 def test_tool_reports_bad_input_in_one_line_and_exits_2(tmp_path, capsys):
     root = _labelme_folder(tmp_path / "lm", [_labelme_shape("cat", "point", [[1, 1]])])
-    assert convert_dataset.main(["--from", "labelme", str(root), "--out", str(tmp_path / "x.json")]) == 2
+    with pytest.raises(SystemExit) as info:
+        run(convert_dataset.main, ["--from", "labelme", str(root), "--out", str(tmp_path / "x.json")])
+    assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "unsupported shape type 'point'" in err
     assert not (tmp_path / "x.json").exists()

@@ -127,15 +127,11 @@ def test_inference_outputs_at_the_original_resolution(eval_model):
         assert (boxes[:, 2] <= w + 1e-3).all() and (boxes[:, 3] <= h + 1e-3).all()
 
 
-def test_return_mask_probs_gives_the_probabilities_that_paste_into_the_masks(eval_model):
+def test_mask_format_probs_gives_the_probabilities_that_paste_into_the_masks(eval_model):
     images = images_of(*EVAL_SIZES, seed=1)
     with torch.no_grad():
         pasted = eval_model(images)
-        eval_model.return_mask_probs = True
-        try:
-            results = eval_model(images)
-        finally:
-            eval_model.return_mask_probs = False
+        results = eval_model(images, mask_format="probs")
     for (h, w), result, reference in zip(EVAL_SIZES, results, pasted):
         assert "masks" not in result
         probs = result["mask_probs"]
@@ -223,7 +219,7 @@ def test_pretrained_backbone_without_network_names_the_file(monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(weights_api, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match=r"resnet18-.*\.pth.*pretrained=false"):
+    with pytest.raises(FileNotFoundError, match=r"resnet18-.*\.pth.*set model\.backbone\.pretrained=false"):
         ResNet(depth=18, pretrained=True)
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from maskrcnn.config import config_to_dict
-from maskrcnn.evaluation.rle import encode_masks
+from maskrcnn.rle import encode_masks
 from maskrcnn.modeling.maskrcnn import build_model
 from maskrcnn.predictor import Instances, Predictor, to_image_tensor
 
@@ -162,7 +162,6 @@ def test_rle_and_bitmap_formats_agree(weights, image):
 
 def test_bitmap_masks_equal_the_models_own_paste(predictor, image):
     result = predictor(image)
-    assert not predictor.model.return_mask_probs  # restored after the call
     with torch.no_grad():
         out = predictor.model([to_image_tensor(image)])[0]
     assert torch.equal(result.masks, out["masks"])
@@ -180,8 +179,35 @@ def test_to_coco(predictor, image):
         assert isinstance(r["segmentation"]["counts"], str)
         assert np.array_equal(mask_utils.decode(r["segmentation"]).astype(bool), mask.numpy())
     assert [r["category_id"] for r in result.to_coco(1)] == result.labels.tolist()
-    with pytest.raises(ValueError, match="image 3: labels .* have no entry"):
-        result.to_coco(3, label_to_cat_id={})
+    assert result.to_coco(3, label_to_cat_id={}) == []
+
+
+def test_to_coco_leaves_out_labels_without_a_dataset_category(predictor, weights, image):
+    result = predictor(image)
+    present = sorted(set(result.labels.tolist()))
+    assert len(present) >= 2
+    mapping = {present[0]: 11}
+    coco = result.to_coco(5, label_to_cat_id=mapping)
+    assert len(coco) == int((result.labels == present[0]).sum())
+    assert {r["category_id"] for r in coco} == {11}
+    carried = Predictor(tiny_config(), weights, score_thresh=0.2,
+                        label_to_cat_id=mapping)(image)
+    assert carried.to_coco(5) == coco
+
+
+def test_predictor_with_dataset_categories_drops_labels_the_dataset_lacks(predictor, weights, image):
+    result = predictor(image)
+    names = predictor.class_names
+    kept_label = int(result.labels[0])
+    categories = [{"id": 40, "name": names[kept_label - 1].upper()}, {"id": 41, "name": "zebra"}]
+    restricted = Predictor(tiny_config(), weights, class_names=names, score_thresh=0.2,
+                           categories=categories)
+    assert restricted.label_to_cat_id == {kept_label: 40}
+    out = restricted(image)
+    assert out.labels.tolist() == [label for label in result.labels.tolist() if label == kept_label]
+    assert {r["category_id"] for r in out.to_coco(1)} == {40}
+    with pytest.raises(ValueError, match="no category in common.*zebra"):
+        Predictor(tiny_config(), None, class_names=names, categories=[{"id": 41, "name": "zebra"}])
 
 
 def test_from_checkpoint_restores_config_and_class_names(weights, image, tmp_path):

@@ -3,7 +3,7 @@ import pycocotools.mask as mask_utils
 import pytest
 import torch
 
-from maskrcnn.evaluation.rle import encode_mask_regions, encode_masks
+from maskrcnn.rle import encode_mask_regions, encode_masks
 from maskrcnn.modeling.paste import paste_mask_regions, paste_masks_in_image
 
 

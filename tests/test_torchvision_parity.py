@@ -1,7 +1,7 @@
 """Our Mask R-CNN against torchvision's, given the same weights: same detections, stage by stage.
 
 torchvision's model is built with seeded random weights (no download) whose scale is set so that the
-network is well conditioned (``maskrcnn.benchmark.well_conditioned_torchvision_model``): batch-norm
+network is well conditioned (``maskrcnn.reference.well_conditioned_torchvision_model``): batch-norm
 statistics are calibrated on random images, pyramid outputs are scaled to unit spread and the prediction
 layers get a spread of scores, so that ranking and NMS are decided by margins far above float round-off
 rather than by ties.
@@ -10,7 +10,7 @@ rather than by ties.
 import pytest
 import torch
 
-from maskrcnn.benchmark import well_conditioned_torchvision_model
+from maskrcnn.reference import well_conditioned_torchvision_model
 from maskrcnn.config import Config
 from maskrcnn.convert import convert_torchvision_state_dict
 from maskrcnn.modeling.maskrcnn import build_model
@@ -68,7 +68,7 @@ def test_proposals_match(models, images):
         tv_proposals, _ = tv.rpn(tv_input, tv.backbone(tv_input.tensors))
         batch = ours.preprocess(images, resize=True)
         features = ours.fpn(ours.backbone(batch.tensor))
-        our_proposals, _ = ours.rpn(batch.image_sizes, tuple(batch.tensor.shape[-2:]), features)
+        our_proposals, _ = ours.rpn(features, batch.image_sizes, tuple(batch.tensor.shape[-2:]))
     for i, (a, b) in enumerate(zip(tv_proposals, our_proposals)):
         assert a.shape == b.shape, f"image {i}: {len(b)} proposals, torchvision has {len(a)}"
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4, msg=f"image {i}: proposals differ")
@@ -83,6 +83,18 @@ def test_detections_match(outputs):
         torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=1e-4, msg=f"image {i}: scores differ")
 
 
+def assert_masks_match(ours, theirs, where: str, tolerance: float = 1e-3):
+    """Per mask, the pixels that differ are at most ``tolerance`` of the mask's own pixels (the union of both
+    masks), rounded down: mask probabilities agree to float rounding, so a pixel whose probability sits on
+    the threshold may flip in a large mask, while a small mask must match exactly and no mask may vanish."""
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == torch.bool
+    differing = (ours != theirs).flatten(1).sum(1)
+    allowed = ((ours | theirs).flatten(1).sum(1) * tolerance).floor()
+    bad = torch.nonzero(differing > allowed)[:, 0].tolist()
+    assert not bad, (f"{where}: {len(bad)} masks differ, e.g. mask {bad[0]}: {int(differing[bad[0]])} pixels of "
+                     f"{int((ours | theirs)[bad[0]].sum())}")
+
+
 def test_masks_match_at_original_resolution(outputs, images):
     tv_out, our_out = outputs
     for i, (a, b, image) in enumerate(zip(tv_out, our_out, images)):
@@ -90,8 +102,7 @@ def test_masks_match_at_original_resolution(outputs, images):
         assert b["masks"].shape == (100, h, w) and b["masks"].dtype == torch.bool
         tv_masks = a["masks"][:, 0] > 0.5
         assert tv_masks.any(), "the oracle should produce non-empty masks"
-        agreement = (tv_masks == b["masks"]).flatten(1).float().mean(1)
-        assert agreement.min() >= 0.999, f"image {i}: worst mask agrees on {agreement.min():.5f} of pixels"
+        assert_masks_match(b["masks"], tv_masks, f"image {i}")
 
 
 def test_default_800px_input(models):
@@ -108,4 +119,4 @@ def test_default_800px_input(models):
     assert torch.equal(a["labels"], b["labels"])
     torch.testing.assert_close(b["boxes"], a["boxes"], rtol=0, atol=1e-4)
     torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=1e-4)
-    assert ((a["masks"][:, 0] > 0.5) == b["masks"]).flatten(1).float().mean(1).min() >= 0.999
+    assert_masks_match(b["masks"], a["masks"][:, 0] > 0.5, "800 px image")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from maskrcnn.cli import run
 from maskrcnn.data.shapes import NOVEL_CATEGORIES
 from maskrcnn.engine import transfer
 from maskrcnn.engine.checkpoint import save_checkpoint
@@ -34,7 +35,9 @@ def test_progress_sums_training_time_up_to_each_evaluation(tmp_path):
 
 
 def test_missing_checkpoint_is_one_error_line(tmp_path, capsys):
-    assert transfer_demo.main(["--checkpoint", str(tmp_path / "none.pth"), "--output", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as info:
+        run(transfer_demo.main, ["--checkpoint", str(tmp_path / "none.pth"), "--output", str(tmp_path)])
+    assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: checkpoint not found") and err.count("\n") == 1
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from maskrcnn.evaluation.rle import encode_masks
-from maskrcnn.predictor import Instances
+from maskrcnn.rle import encode_masks
+from maskrcnn.structures import Instances
 from maskrcnn.visualize import add_legend, colors, draw_instances, label_map, save_png
 
 SIZE = (60, 80)

@@ -6,7 +6,7 @@
 Prints, per inference stage and end to end, the median time of both models and their ratio
 (torchvision / ours), peak memory, the mask paste against torchvision's and against writing the output,
 and one training step of R50-FPN (2 images, 512 px) and of the small configuration. ``--json`` prints
-all figures as one JSON line instead. See :mod:`maskrcnn.benchmark` for what is measured and how.
+all figures as one JSON line instead. See :mod:`maskrcnn.diagnostics.benchmark` for what is measured and how.
 """
 
 import argparse
@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from maskrcnn.benchmark import MODES, format_report, run_benchmark
+from maskrcnn.cli import run
+from maskrcnn.diagnostics.benchmark import MODES, format_report, run_benchmark
 
 
 def main(argv=None) -> None:
@@ -44,4 +45,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -10,14 +10,14 @@ writes a copy without the bad annotations and images.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
+from maskrcnn.cli import run
 from maskrcnn.data.check import check_dataset, format_report, plot_statistics, write_clean
 from maskrcnn.visualize import write_ground_truth_overlays
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ann", required=True, help="COCO instances json")
     parser.add_argument("--images", required=True, help="folder holding the images of --ann")
@@ -26,25 +26,22 @@ def main(argv=None) -> int:
     parser.add_argument("--write-clean", metavar="OUT.json", help="write a copy without the bad annotations")
     args = parser.parse_args(argv)
     output = Path(args.output)
-    try:
-        result = check_dataset(args.ann, args.images, progress=True)
-        print(format_report(result))
-        plot_statistics(result.stats, output / "dataset_stats.png")
-        print(f"statistics: {output / 'dataset_stats.png'}")
-        if args.draw > 0:
-            bad = result.bad_image_ids | {p.image_id for p in result.errors}
-            files = write_ground_truth_overlays(args.ann, args.images, output / "overlays", count=args.draw,
-                                                skip_image_ids=bad)
-            print(f"{len(files)} overlays: {output / 'overlays'}")
-        if args.write_clean:
-            removed = write_clean(args.ann, args.write_clean, result)
-            print(f"clean copy without {removed['annotations']} annotations and {removed['images']} images: "
-                  f"{args.write_clean}")
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 1 if result.errors else 0
+    result = check_dataset(args.ann, args.images, progress=True)
+    print(format_report(result))
+    plot_statistics(result.stats, output / "dataset_stats.png")
+    print(f"statistics: {output / 'dataset_stats.png'}")
+    if args.draw > 0:
+        bad = result.bad_image_ids | {p.image_id for p in result.errors}
+        files = write_ground_truth_overlays(args.ann, args.images, output / "overlays", count=args.draw,
+                                            skip_image_ids=bad)
+        print(f"{len(files)} overlays: {output / 'overlays'}")
+    if args.write_clean:
+        removed = write_clean(args.ann, args.write_clean, result)
+        print(f"clean copy without {removed['annotations']} annotations and {removed['images']} images: "
+              f"{args.write_clean}")
+    if result.errors:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

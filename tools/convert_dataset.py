@@ -10,13 +10,13 @@ are split at random (--seed) into ``<out>_train.json`` and ``<out>_val.json``.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
+from maskrcnn.cli import run
 from maskrcnn.data.formats import READERS, to_coco, write_coco
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="format", required=True, choices=sorted(READERS), help="source format")
     parser.add_argument("src", help="labelme folder, CVAT XML file or YOLO dataset folder")
@@ -26,23 +26,18 @@ def main(argv=None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.0, help="fraction of images for validation")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     args = parser.parse_args(argv)
-    try:
-        class_names = None
-        if args.classes:
-            lines = Path(args.classes).read_text(encoding="utf-8").splitlines()
-            class_names = [line.strip() for line in lines if line.strip()]
-        records, names = READERS[args.format](args.src, image_dir=args.images, class_names=class_names)
-        dataset = to_coco(records, names)
-        files = write_coco(args.out, dataset, val_fraction=args.val_fraction, seed=args.seed)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    class_names = None
+    if args.classes:
+        lines = Path(args.classes).read_text(encoding="utf-8").splitlines()
+        class_names = [line.strip() for line in lines if line.strip()]
+    records, names = READERS[args.format](args.src, image_dir=args.images, class_names=class_names)
+    dataset = to_coco(records, names)
+    files = write_coco(args.out, dataset, val_fraction=args.val_fraction, seed=args.seed)
     print(f"{len(dataset['images'])} images, {len(dataset['annotations'])} instances, {len(names)} classes "
           f"({', '.join(names)})")
     for split, path in files.items():
         print(f"{split}: {path}")
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

@@ -11,6 +11,7 @@ names and any other model ``class_1 .. class_K``.
 import argparse
 from pathlib import Path
 
+from maskrcnn.cli import run
 from maskrcnn.convert import convert_torchvision_checkpoint
 
 
@@ -34,4 +35,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -11,9 +11,8 @@ Prints pycocotools' 12-number summaries and a per-category AP table, and writes 
 import argparse
 from pathlib import Path
 
-import torch
-
-from maskrcnn.engine.distributed import cleanup, get_local_rank, init_distributed
+from maskrcnn.cli import run
+from maskrcnn.distributed import cleanup, get_local_rank, init_distributed
 from maskrcnn.evaluation.coco_evaluator import evaluate
 from maskrcnn.predictor import PRECISIONS, Predictor
 
@@ -34,10 +33,10 @@ def main(argv=None) -> None:
     device = f"cuda:{get_local_rank()}" if owns_group and args.device.startswith("cuda") else args.device
     try:
         predictor = Predictor.from_checkpoint(args.checkpoint, device=device, score_thresh=None)
-        label_to_cat_id = torch.load(args.checkpoint, map_location="cpu", weights_only=True).get("label_to_cat_id")
         output = Path(args.output) if args.output else Path(args.checkpoint).parent / "eval"
         metrics = evaluate(predictor.inference_model, args.ann, args.images, output, batch_size=args.batch_size,
-                           precision=args.precision, num_workers=args.num_workers, label_to_cat_id=label_to_cat_id)
+                           precision=args.precision, num_workers=args.num_workers,
+                           class_names=predictor.class_names, label_to_cat_id=predictor.label_to_cat_id)
     finally:
         if owns_group:
             cleanup()
@@ -47,4 +46,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -13,7 +13,9 @@ validation split; with --image, a held-out image needs --heldout-ann and --heldo
 import argparse
 from pathlib import Path
 
-from maskrcnn.explain import explain_checkpoint, locate_image, mask_caption
+from maskrcnn.cli import run
+from maskrcnn.diagnostics.figures import explain_checkpoint, mask_caption
+from maskrcnn.diagnostics.trace import locate_image
 
 
 def main(argv=None) -> None:
@@ -63,4 +65,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -3,10 +3,11 @@
 import argparse
 import time
 
+from maskrcnn.cli import run
 from maskrcnn.data.shapes import generate_shapes
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="data/shapes", help="output folder")
     parser.add_argument("--num-train", type=int, default=2000, help="training images")
@@ -16,7 +17,7 @@ def main() -> None:
     parser.add_argument("--max-size", type=int, default=256, help="largest image side (pixels)")
     parser.add_argument("--categories", default="basic", choices=["basic", "novel"],
                         help="square, circle, triangle (basic) or star, hexagon, cross (novel)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     start = time.perf_counter()
     generated = generate_shapes(args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
                                 min_size=args.min_size, max_size=args.max_size, categories=args.categories,
@@ -29,4 +30,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -9,12 +9,12 @@ Results go to --output (transfer.json, and each run's folder).
 """
 
 import argparse
-import sys
 
+from maskrcnn.cli import run
 from maskrcnn.engine.transfer import compare_transfer, transfer_table
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="output/demo/model_final.pth", help="the weights to start from")
     parser.add_argument("--config", default="configs/maskrcnn_R18_FPN_small.yaml", help="configuration of both runs")
@@ -24,16 +24,11 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-period", type=int, default=100, help="evaluate every this many iterations")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="configuration overrides")
     args = parser.parse_args(argv)
-    try:
-        results = compare_transfer(config=args.config, checkpoint=args.checkpoint, data_dir=args.data,
-                                   output_dir=args.output, max_iter=args.max_iter, eval_period=args.eval_period,
-                                   overrides=args.overrides)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    results = compare_transfer(config=args.config, checkpoint=args.checkpoint, data_dir=args.data,
+                               output_dir=args.output, max_iter=args.max_iter, eval_period=args.eval_period,
+                               overrides=args.overrides)
     print(transfer_table(results))
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run(main)

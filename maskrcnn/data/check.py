@@ -34,8 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from maskrcnn.data.coco import AnnotationError, _load_json, _parse_box, _parse_segmentation
-from maskrcnn.engine.checkpoint import atomic_write
-from maskrcnn.evaluation.coco_evaluator import save_json
+from maskrcnn.fileio import atomic_write, save_json
 
 BOX_AGREEMENT_IOU = 0.9  # a bbox whose IoU with its segmentation's extent is below this is an error
 SMALL_AREA, LARGE_AREA = 32 ** 2, 96 ** 2  # COCO's small / medium / large area thresholds (pixels)
@@ -231,44 +230,11 @@ def _check_image_file(path: Path, height: int, width: int) -> Optional[Tuple[str
 
 
 def _segmentation_rle(segmentation, height: int, width: int, where: str) -> dict:
-    """The compressed RLE a segmentation decodes to; AnnotationError for malformed polygons or RLE
-    (compressed counts are decoded here first: pycocotools would read past a malformed string)."""
+    """The compressed RLE a segmentation decodes to; AnnotationError for malformed polygons or RLE."""
     parsed = _parse_segmentation(segmentation, height, width, where)
     if isinstance(parsed, list):
         return mask_utils.merge(mask_utils.frPyObjects([p.tolist() for p in parsed], height, width))
-    if isinstance(segmentation["counts"], (str, bytes)):
-        runs = rle_string_runs(parsed["counts"])
-        if runs is None or runs.sum() != height * width:
-            raise AnnotationError(f"{where}: compressed RLE counts do not decode to {height * width} pixels",
-                                  "malformed segmentation")
     return parsed
-
-
-def rle_string_runs(counts: bytes) -> Optional[np.ndarray]:
-    """The run lengths of a COCO compressed RLE string (pycocotools' ``rleFrString``), or None when the
-    string is malformed (a character outside the alphabet, a truncated number, a negative run)."""
-    runs: List[int] = []
-    position = 0
-    while position < len(counts):
-        value, shift, more = 0, 0, True
-        while more:
-            if position >= len(counts):
-                return None
-            c = counts[position] - 48
-            if not 0 <= c < 64:
-                return None
-            value |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            position += 1
-            shift += 5
-            if not more and c & 0x10:
-                value -= 1 << shift
-        if len(runs) > 2:
-            value += runs[-2]
-        if value < 0:
-            return None
-        runs.append(value)
-    return np.array(runs, dtype=np.int64)
 
 
 def format_report(result: CheckResult) -> str:

@@ -33,7 +33,9 @@ import pycocotools.mask as mask_utils
 import torch
 from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 
+from maskrcnn.rle import compressed_run_lengths
 from maskrcnn.structures import BitMasks, InstanceMasks, PolygonMasks
 
 BOUNDS_TOLERANCE = 1.0  # boxes and polygons may exceed the image by this many pixels; they are clipped
@@ -75,6 +77,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.class_names: List[str] = [categories[cat_id] for cat_id in sorted_ids]
         self.cat_id_to_label: Dict[int, int] = {cat_id: i + 1 for i, cat_id in enumerate(sorted_ids)}
         self.label_to_cat_id: Dict[int, int] = {label: cat_id for cat_id, label in self.cat_id_to_label.items()}
+        self.categories: List[dict] = [{"id": cat_id, "name": categories[cat_id]} for cat_id in sorted_ids]
 
         images = _read_images(data["images"], self.ann_file)
         instances: Dict[int, list] = {image_id: [] for image_id in images}
@@ -135,18 +138,22 @@ class CocoDetection(torch.utils.data.Dataset):
         image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
         return image, target
 
-    def check_images(self) -> None:
+    def check_images(self, *, progress: bool = False) -> None:
         """Check that every image file exists, is a readable image and has the size the json gives.
 
-        Reads only file headers. Raises ``ValueError`` listing every bad file (with its image id).
+        Reads only file headers (a progress bar with ``progress``). Raises ``FileNotFoundError`` when
+        every problem is a missing file and ``ValueError`` otherwise, listing every bad file with its image id.
         """
         problems = []
-        for index in range(len(self)):
+        missing = 0
+        for index in tqdm(range(len(self)), desc="checking images", unit="img", disable=not progress,
+                          mininterval=1.0):
             record = self._records[index]
             path = self.image_dir / record["file_name"]
             where = f"image id {record['image_id']} in {self.ann_file}"
             if not path.is_file():
                 problems.append(f"image file {path} not found ({where})")
+                missing += 1
                 continue
             try:
                 with Image.open(path) as img:
@@ -159,7 +166,8 @@ class CocoDetection(torch.utils.data.Dataset):
         if problems:
             shown = "\n  ".join(problems[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise ValueError(f"{len(problems)} bad image files:\n  {shown}{more}")
+            error = FileNotFoundError if missing == len(problems) else ValueError
+            raise error(f"{len(problems)} bad image file{'s' if len(problems) > 1 else ''}:\n  {shown}{more}")
 
     def _read_image(self, record: dict) -> np.ndarray:
         """The image file as ``(H, W, 3)`` uint8 RGB, raw pixel order (EXIF orientation ignored, as COCO)."""
@@ -294,8 +302,16 @@ def _parse_segmentation(segmentation, height: int, width: int, where: str):
                                       f"summing to {height * width}", "malformed segmentation")
             return mask_utils.frPyObjects(segmentation, height, width)
         if isinstance(counts, str):
-            counts = counts.encode("ascii")
+            counts = counts.encode("utf-8")
         if isinstance(counts, bytes):
+            try:
+                total = int(compressed_run_lengths(counts).sum())
+            except ValueError as exc:
+                raise AnnotationError(f"{where}: compressed RLE counts do not decode: {exc}",
+                                      "malformed segmentation") from None
+            if total != height * width:
+                raise AnnotationError(f"{where}: compressed RLE runs cover {total} pixels, the {width}x{height} "
+                                      f"image has {height * width}", "malformed segmentation")
             return {"size": [height, width], "counts": counts}
     raise AnnotationError(f"{where}: segmentation is neither a list of polygons nor an RLE object",
                           "malformed segmentation")

@@ -1,2 +1,1 @@
-"""Training: the loop (trainer), optimizer and schedule (optim), checkpoints, metrics logging, and the
-multi-process helpers (distributed)."""
+"""Training: the loop (trainer), optimizer and schedule (optim), checkpoints and metrics logging."""

@@ -14,55 +14,20 @@ checkpoint behind; ``output_dir/last_checkpoint`` holds the file name of the new
 
 from __future__ import annotations
 
-import contextlib
-import os
 import pickle
 import random
-import secrets
 from pathlib import Path
-from typing import BinaryIO, Callable, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ..config import Config, config_to_dict
-from .distributed import get_rank, get_world_size
+from ..distributed import get_rank, get_world_size, unwrap_model
+from ..fileio import atomic_write
 
 LAST_CHECKPOINT = "last_checkpoint"
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file so that ``path`` holds either its old content or the complete new one.
-
-    ``write`` receives a binary file object opened on a temporary file next to ``path``; the file is
-    flushed, fsynced and renamed onto ``path``. If ``write`` raises, the temporary file is removed, the
-    old ``path`` is untouched and the exception propagates.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` wrapper (the model itself otherwise)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def rng_state() -> dict:
@@ -92,8 +57,10 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     scheduler=None, scaler: Optional[torch.amp.GradScaler] = None, iteration: int,
-                    config: Config, class_names: List[str], rng: Optional[dict] = None, **extra) -> Path:
-    """Atomically write a checkpoint to ``path`` and point ``path.parent/last_checkpoint`` at it.
+                    config: Config, class_names: List[str], rng: Optional[dict] = None, update_last: bool = True,
+                    **extra) -> Path:
+    """Atomically write a checkpoint to ``path`` and (``update_last``) point ``path.parent/last_checkpoint``
+    at it.
 
     model: saved without a ``DistributedDataParallel`` wrapper (keys have no ``module.`` prefix).
     optimizer / scheduler / scaler: their ``state_dict()``, or None when not given.
@@ -115,7 +82,8 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Optional[t
         **extra,
     }
     atomic_write(path, lambda f: torch.save(checkpoint, f))
-    atomic_write(path.parent / LAST_CHECKPOINT, lambda f: f.write(path.name.encode()))
+    if update_last:
+        atomic_write(path.parent / LAST_CHECKPOINT, lambda f: f.write(path.name.encode()))
     return path
 
 

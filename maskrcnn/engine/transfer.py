@@ -15,7 +15,7 @@ from typing import Dict, List, Sequence
 
 from ..config import load_config
 from ..data.shapes import generate_shapes
-from ..evaluation.coco_evaluator import save_json
+from ..fileio import save_json
 from .logger import METRICS_FILE
 from .trainer import train
 

@@ -1,2 +1,1 @@
-"""COCO evaluation (:mod:`maskrcnn.evaluation.coco_evaluator`) and COCO RLE mask encoding
-(:mod:`maskrcnn.evaluation.rle`)."""
+"""COCO evaluation (:mod:`maskrcnn.evaluation.coco_evaluator`)."""

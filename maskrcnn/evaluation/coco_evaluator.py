@@ -3,8 +3,12 @@
     metrics = evaluate(model, "annotations/instances_val.json", "val/", output_dir="output/eval")
     metrics["segm"]["AP"], metrics["bbox"]["per_category"]["circle"]
 
-Labels 1..K of the model are the dataset's categories in increasing id order (as
-:class:`~maskrcnn.data.coco.CocoDetection` numbers them).
+A model's labels are matched to the dataset's categories through its label -> category id map (a
+checkpoint's ``label_to_cat_id``), or by name where it has none (:func:`maskrcnn.inference.match_categories`);
+a model trained on the dataset's own categories needs neither (labels 1..K are the categories in
+increasing id order, as :class:`~maskrcnn.data.coco.CocoDetection` numbers them). Detections of labels
+whose category the dataset lacks (COCO's 'N/A' slots of torchvision's 90, classes the dataset does not
+have) are left out, and one line says how many.
 Under ``torch.distributed`` each process runs its share of the images (every world_size-th image, from its
 rank) and rank 0 gathers the results and scores them.
 
@@ -19,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -34,10 +37,10 @@ from tqdm import tqdm
 
 from maskrcnn.data.coco import CocoDetection
 from maskrcnn.data.loader import collate
-from maskrcnn.engine.checkpoint import atomic_write, unwrap_model
-from maskrcnn.engine.distributed import get_rank, get_world_size
+from maskrcnn.distributed import get_rank, get_world_size, unwrap_model
+from maskrcnn.fileio import save_json
 from maskrcnn.modeling.maskrcnn import MaskRCNN
-from maskrcnn.predictor import detect
+from maskrcnn.inference import detect, match_categories
 
 IOU_TYPES = ("bbox", "segm")
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six numbers of COCOeval.stats
@@ -54,7 +57,7 @@ def load_coco(ann_file: Union[str, Path]) -> COCO:
 
 def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: CocoDetection, *, batch_size: int = 2,
                   device: Optional[Union[str, torch.device]] = None, precision: str = "fp32", with_masks: bool = True,
-                  num_workers: int = 0, progress: bool = True,
+                  num_workers: int = 0, progress: bool = True, class_names: Optional[Sequence[str]] = None,
                   label_to_cat_id: Optional[dict] = None) -> Optional[List[dict]]:
     """COCO result dicts of ``model`` on every image of ``dataset``.
 
@@ -62,12 +65,18 @@ def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: Coco
     dataset: the evaluation set, images at their file size (no transforms; the model resizes).
     batch_size: images per forward pass; device: where images go (default: the model's device).
     precision: "fp32" or "bf16" (autocast forward).
-    label_to_cat_id: model label -> category id; default the dataset's own mapping (right for models trained
-        on it; converted torchvision COCO weights predict category ids directly and bring an identity map).
+    class_names: the model's class names (label 1..K); default the dataset's own, for a model trained on it.
+    label_to_cat_id: the model's label -> category id map; default (with default class names) the dataset's
+        own mapping; None with class names given matches labels to categories by name.
     with_masks: add ``segmentation`` (COCO RLE encoded from each mask's box region, no full-image canvas).
     Returns ``image_id``, ``category_id`` (the dataset's ids), ``bbox`` (x, y, w, h pixels), ``score`` (and
     ``segmentation``) per detection, all images on rank 0; ``None`` on the other ranks.
     """
+    if class_names is None:
+        class_names = dataset.class_names
+        if label_to_cat_id is None:
+            label_to_cat_id = dataset.label_to_cat_id
+    mapping = match_categories(class_names, label_to_cat_id, dataset.categories)
     model = unwrap_model(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     rank, world_size = get_rank(), get_world_size()
@@ -76,6 +85,7 @@ def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: Coco
     was_training = model.training
     model.eval()
     results = []
+    dropped = 0
     try:
         with tqdm(total=len(shard), desc="inference", unit="img", disable=not progress or rank != 0) as bar:
             for images, targets in loader:
@@ -85,20 +95,28 @@ def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: Coco
                                          f"{image.shape[2]}x{image.shape[1]} image for a {target['orig_size'][1]}x"
                                          f"{target['orig_size'][0]} file; evaluation needs untransformed images")
                 images = [image.to(device, non_blocking=True) for image in images]
-                detections = detect(model, images, class_names=dataset.class_names,
+                detections = detect(model, images, class_names=class_names, label_to_cat_id=mapping,
                                     mask_format="rle" if with_masks else "none", precision=precision)
                 for target, instances in zip(targets, detections):
-                    results.extend(instances.to_coco(target["image_id"], label_to_cat_id or dataset.label_to_cat_id))
+                    coco = instances.to_coco(target["image_id"])
+                    dropped += len(instances) - len(coco)
+                    results.extend(coco)
                 bar.update(len(images))
     finally:
         model.train(was_training)
-    if world_size == 1:
-        return results
-    gathered = [None] * world_size if rank == 0 else None
-    dist.gather_object(results, gathered, dst=0)
-    if rank != 0:
-        return None
-    return [result for part in gathered for result in part]
+    if world_size > 1:
+        gathered = [None] * world_size if rank == 0 else None
+        dist.gather_object((results, dropped), gathered, dst=0)
+        if rank != 0:
+            return None
+        results = [result for part, _ in gathered for result in part]
+        dropped = sum(count for _, count in gathered)
+    if dropped and progress:
+        unmatched = [name for label, name in enumerate(class_names, start=1) if label not in mapping]
+        print(f"left out {dropped} detections of labels whose category {dataset.ann_file} lacks "
+              f"({len(unmatched)} of the model's {len(class_names)} classes: {', '.join(unmatched[:8])}"
+              f"{', ...' if len(unmatched) > 8 else ''})")
+    return results
 
 
 def _load_results(coco_gt: COCO, results: List[dict]) -> COCO:
@@ -174,31 +192,24 @@ def evaluate_results(coco_gt: COCO, results: List[dict], iou_types: Sequence[str
     return metrics
 
 
-def save_json(path: Union[str, Path], obj) -> None:
-    """Atomically write ``obj`` as JSON (creating the folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.dumps(obj).encode("utf-8")
-    atomic_write(path, lambda f: f.write(data))
-
-
 def evaluate(model: Union[MaskRCNN, DistributedDataParallel], ann_file: Union[str, Path], image_dir: Union[str, Path],
              output_dir: Optional[Union[str, Path]] = None, *, batch_size: int = 2,
              device: Optional[Union[str, torch.device]] = None, precision: str = "fp32",
              iou_types: Sequence[str] = IOU_TYPES, num_workers: int = 0, verbose: bool = True,
-             label_to_cat_id: Optional[dict] = None) -> Optional[dict]:
+             class_names: Optional[Sequence[str]] = None, label_to_cat_id: Optional[dict] = None) -> Optional[dict]:
     """Run ``model`` on a COCO dataset and score it; callable from training for periodic evaluation.
 
     Returns (on rank 0; ``None`` on other ranks) the metrics of :func:`evaluate_results` plus ``images``
     (number of images) and ``images_per_s`` (inference throughput, image reading and RLE encoding included).
-    label_to_cat_id: as in :func:`run_inference`.
+    class_names, label_to_cat_id: the model's classes, as in :func:`run_inference`.
     output_dir: if given, rank 0 writes ``results.json`` (COCO results) and ``metrics.json`` there, atomically.
     """
     dataset = CocoDetection(ann_file, image_dir)
+    dataset.check_images(progress=verbose and get_rank() == 0)  # a bad file fails now, not mid-inference
     start = time.perf_counter()
     results = run_inference(model, dataset, batch_size=batch_size, device=device, precision=precision,
                             with_masks="segm" in iou_types, num_workers=num_workers, progress=verbose,
-                            label_to_cat_id=label_to_cat_id)
+                            class_names=class_names, label_to_cat_id=label_to_cat_id)
     elapsed = time.perf_counter() - start
     if results is None:
         return None

@@ -44,9 +44,14 @@ class MaskRCNN(nn.Module):
             ``labels`` (M,) int64 in 1..K, ``masks`` (BitMasks or PolygonMasks of the image's size) and
             optionally ``crowd_boxes`` (C, 4); images are used at their given size (resizing is data
             augmentation). Returns a dict of scalar losses.
-        inference: images are resized as above; returns per image ``boxes`` (D, 4) xyxy in original pixels,
-            ``scores`` (D,), ``labels`` (D,) int64 and ``masks`` (D, Hi, Wi) bool at the original
-            resolution, or ``mask_probs`` (D, 28, 28) instead of ``masks`` when ``return_mask_probs`` is set.
+        inference: images are resized as above; ``mask_format`` ("bitmap", "rle", "probs" or "none", see
+            :func:`~maskrcnn.modeling.postprocess.to_original_image`) says what the masks come back as.
+            Returns per image ``boxes`` (D, 4) xyxy in original pixels, ``scores`` (D,), ``labels`` (D,)
+            int64 and ``masks`` ((D, Hi, Wi) bool, or D COCO RLE dicts) or ``mask_probs`` (D, 28, 28).
+
+    The forward is a sequence of named stages, each a method: :meth:`preprocess`, :meth:`extract_features`,
+    :meth:`propose`, then ``roi_heads.losses`` (training) or ``roi_heads.detect_boxes``,
+    ``roi_heads.predict_masks`` and :meth:`postprocess` (inference).
     """
 
     def __init__(self, *, backbone: ResNet, fpn: FPN, rpn: RPN, roi_heads: RoIHeads, num_classes: int,
@@ -65,9 +70,8 @@ class MaskRCNN(nn.Module):
         self.size_divisible = size_divisible
         self.mask_threshold = mask_threshold
         self.paste_memory_mb = paste_memory_mb
-        self.return_mask_probs = False
 
-    def forward(self, images: List[Tensor], targets: Optional[List[dict]] = None):
+    def forward(self, images: List[Tensor], targets: Optional[List[dict]] = None, *, mask_format: str = "bitmap"):
         check_images(images)
         if self.training:
             if targets is None or len(targets) != len(images):
@@ -76,16 +80,29 @@ class MaskRCNN(nn.Module):
             targets = [{k: (v.to(images[i].device) if k in ("boxes", "labels", "crowd_boxes") else v)
                         for k, v in t.items()} for i, t in enumerate(targets)]
             batch = self.preprocess(images, resize=False)
-        else:
-            batch = self.preprocess(images, resize=True)
-        features = self.fpn(self.backbone(batch.tensor))
-        padded_size = tuple(batch.tensor.shape[-2:])
-        proposals, rpn_losses = self.rpn(batch.image_sizes, padded_size, features, targets)
-        if self.training:
-            return {**rpn_losses, **self.roi_heads(features, proposals, batch.image_sizes, targets)}
-        detections = self.roi_heads(features, proposals, batch.image_sizes)
+            features = self.extract_features(batch)
+            proposals, rpn_losses = self.propose(batch, features, targets)
+            return {**rpn_losses, **self.roi_heads.losses(features, proposals, targets)}
+        batch = self.preprocess(images, resize=True)
+        features = self.extract_features(batch)
+        proposals, _ = self.propose(batch, features)
+        detections = self.roi_heads.detect_boxes(features, proposals, batch.image_sizes)
+        detections = self.roi_heads.predict_masks(features, detections)
+        return self.postprocess(detections, batch, images, mask_format=mask_format)
+
+    def extract_features(self, batch: ImageList) -> List[Tensor]:
+        """Backbone and FPN: the padded batch -> pyramid levels P2..P6, each (N, C, Hi, Wi)."""
+        return self.fpn(self.backbone(batch.tensor))
+
+    def propose(self, batch: ImageList, features: List[Tensor], targets: Optional[List[dict]] = None):
+        """RPN: per image proposals (Ri, 4) xyxy in resized pixels, and the RPN losses (training)."""
+        return self.rpn(features, batch.image_sizes, tuple(batch.tensor.shape[-2:]), targets)
+
+    def postprocess(self, detections: List[dict], batch: ImageList, images: List[Tensor], *,
+                    mask_format: str = "bitmap") -> List[dict]:
+        """Detections in resized pixels -> the original images' pixels, masks as ``mask_format`` asks."""
         return [
-            to_original_image(det, resized, tuple(img.shape[-2:]), paste=not self.return_mask_probs,
+            to_original_image(det, resized, tuple(img.shape[-2:]), mask_format=mask_format,
                               mask_threshold=self.mask_threshold, memory_mb=self.paste_memory_mb)
             for det, resized, img in zip(detections, batch.image_sizes, images)
         ]

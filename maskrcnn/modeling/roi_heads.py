@@ -109,7 +109,7 @@ class RoIHeads(nn.Module):
                 targets=None):
         if self.training:
             return self.losses(features, proposals, targets)
-        return self.inference(features, proposals, image_sizes)
+        return self.predict_masks(features, self.detect_boxes(features, proposals, image_sizes))
 
     @torch.no_grad()
     def sample_proposals(self, proposals: List[Tensor], targets: List[dict]):
@@ -157,10 +157,6 @@ class RoIHeads(nn.Module):
             losses["loss_mask"] = mask_loss(pred_mask_logits, fg_classes, targets_28)
         return losses
 
-    def inference(self, features: List[Tensor], proposals: List[Tensor],
-                  image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
-        return self.predict_masks(features, self.detect_boxes(features, proposals, image_sizes))
-
     def detect_boxes(self, features: List[Tensor], proposals: List[Tensor],
                      image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
         """Box head and detection selection: per image ``boxes`` (D, 4), ``scores`` (D,), ``labels`` (D,)."""
@@ -177,13 +173,14 @@ class RoIHeads(nn.Module):
         ]
 
     def predict_masks(self, features: List[Tensor], detections: List[Dict[str, Tensor]]) -> List[Dict[str, Tensor]]:
-        """Mask head on the detected boxes: each image's detections with ``mask_probs`` (D, 28, 28) float
-        added, the mask probabilities of the detected class."""
+        """Mask head on the detected boxes: each image's detections with ``mask_probs`` (D, S, S) float
+        added (S = twice the mask pooler's side, 28 by default), the mask probabilities of the detected class."""
         det_boxes = [r["boxes"] for r in detections]
         if sum(len(b) for b in det_boxes):
             logits = self.mask_head.class_logits(self.mask_pooler(features, det_boxes),
                                                  torch.cat([r["labels"] for r in detections]))
             probs = logits.float().sigmoid()
         else:
-            probs = features[0].new_zeros((0, 28, 28), dtype=torch.float32)
+            side = 2 * self.mask_pooler.output_size
+            probs = features[0].new_zeros((0, side, side), dtype=torch.float32)
         return [{**r, "mask_probs": p} for r, p in zip(detections, probs.split([len(b) for b in det_boxes]))]

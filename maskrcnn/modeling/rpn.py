@@ -87,8 +87,12 @@ class RPN(nn.Module):
         nms_thresh, min_size, score_thresh: proposal filtering.
         batch_size_per_image, positive_fraction: anchor sampling for the losses.
 
-    forward(images, features, targets) -> (proposals, losses): proposals is a list of N tensors
-    (Ri, 4) xyxy in pixels of the resized input, highest objectness first; losses is empty in eval mode.
+    forward(features, image_sizes, padded_size, targets=None) -> (proposals, losses):
+        features: L pyramid levels, each (N, C, Hi, Wi); image_sizes: N (h, w) of the resized images
+        inside the padded batch of size ``padded_size`` (Hp, Wp); targets: training dicts with ``boxes``
+        (M, 4) and optionally ``crowd_boxes``.
+        proposals is a list of N tensors (Ri, 4) xyxy in pixels of the resized input, highest objectness
+        first; losses (``loss_rpn_cls``, ``loss_rpn_box``) is empty in eval mode.
     """
 
     def __init__(self, *, anchor_generator: AnchorGenerator, head: RPNHead, box_coder: BoxCoder, matcher: Matcher,
@@ -107,7 +111,7 @@ class RPN(nn.Module):
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
 
-    def forward(self, image_sizes: List[Tuple[int, int]], padded_size: Tuple[int, int], features: List[Tensor],
+    def forward(self, features: List[Tensor], image_sizes: List[Tuple[int, int]], padded_size: Tuple[int, int],
                 targets=None) -> Tuple[List[Tensor], Dict[str, Tensor]]:
         logits, deltas = self.head(features)
         feature_shapes = [tuple(f.shape[-2:]) for f in features]

@@ -19,7 +19,7 @@ import pycocotools.mask as mask_utils
 from PIL import Image
 
 from maskrcnn.data.coco import BOUNDS_TOLERANCE
-from maskrcnn.evaluation.coco_evaluator import save_json
+from maskrcnn.fileio import save_json
 
 Part = np.ndarray  # a polygon ``(P, 2)`` float64 xy pixels, or a mask ``(H, W)`` bool of the whole image
 

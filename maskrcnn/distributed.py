@@ -13,7 +13,8 @@ from typing import Dict, Union
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 def init_distributed(device_type: str) -> bool:
@@ -112,3 +113,8 @@ def all_gather_object(obj) -> list:
     gathered = [None] * get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model

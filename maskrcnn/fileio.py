@@ -1,0 +1,67 @@
+"""File helpers shared by every room: atomic writes, JSON results, image decoding.
+
+Nothing written here is ever half-written: a crash leaves the old file or the complete new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import BinaryIO, Callable, Union
+
+import cv2
+import numpy as np
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file so that ``path`` holds either its old content or the complete new one.
+
+    ``write`` receives a binary file object opened on a temporary file next to ``path``; the file is
+    flushed, fsynced and renamed onto ``path``. If ``write`` raises, the temporary file is removed, the
+    old ``path`` is untouched and the exception propagates.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_json(path: Union[str, Path], obj) -> None:
+    """Atomically write ``obj`` as JSON (creating the folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(obj).encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
+
+
+def read_image(path: Union[str, Path]) -> np.ndarray:
+    """Decode an image file to an ``(H, W, 3)`` uint8 RGB array.
+
+    Grayscale, 16-bit and RGBA files are converted to 8-bit RGB (alpha dropped). EXIF orientation is
+    ignored: the pixels are returned as stored, the grid COCO annotations refer to.
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for one that does not decode.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        raise ValueError(f"cannot decode image file {path}: not an image format OpenCV reads")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
