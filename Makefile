@@ -6,7 +6,7 @@ DEMO := output/demo
 SHAPES := data/shapes
 DEMO_CONFIG := configs/maskrcnn_R18_FPN_small.yaml
 
-.PHONY: setup test demo transfer clean
+.PHONY: setup test demo figures transfer clean
 
 # Create the virtual environment from nothing and install the package with its test extras.
 $(STAMP): setup.cfg pyproject.toml
@@ -36,6 +36,11 @@ demo: setup
 	@echo "loss curve:   $(DEMO)/loss_curve.png"
 	@echo "overlays:     $(DEMO)/overlays/"
 	@$(PY) -c "import json; m = json.load(open('$(DEMO)/metrics.json')); print(f\"mask AP {m['segm']['AP']:.3f}  box AP {m['bbox']['AP']:.3f}  (shapes val, {m['images']} images)\")"
+
+# Redraw the committed figures of docs/how-it-works.md from the demo model (run make demo first).
+figures: setup
+	$(PY) tools/explain.py --checkpoint $(DEMO)/model_final.pth --shapes --output docs/figures \
+		--log $(DEMO)/metrics.jsonl --metrics $(DEMO)/metrics.json
 
 # Train the demo configuration on 100 images of shapes the demo model never saw (stars, hexagons,
 # crosses), from scratch and from the demo checkpoint, and print both APs at 100, 200 and 300 iterations.

@@ -109,6 +109,8 @@ def test_list_of_mixed_sizes_runs_as_one_batch(predictor, image):
     (np.zeros((0, 8, 3), np.uint8), ValueError, "input: image is empty"),
     (torch.rand(2, 8, 8), ValueError, r"input: expected a 3 x H x W.*got shape \(2, 8, 8\)"),
     (torch.full((3, 8, 8), 255.0), ValueError, "input: float image tensors must hold values in 0-1"),
+    (torch.full((3, 8, 8), float("nan")), ValueError, "input: the image holds NaN or infinite values"),
+    (torch.full((3, 8, 8), float("inf")), ValueError, "input: the image holds NaN or infinite values"),
     (torch.zeros(3, 8, 8, dtype=torch.int32), ValueError, "input: expected a uint8 or float image tensor"),
     (42, ValueError, "input: unsupported image type int"),
 ])

@@ -79,7 +79,7 @@ def test_loss_goes_down(overfit_run):
     losses = [r["total_loss"] for r in read_jsonl(out / "metrics.jsonl")]
     assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.7 * first, (first, last)
+    assert last < 0.75 * first, (first, last)
 
 
 def test_run_writes_checkpoints_config_and_figures(overfit_run):
@@ -264,3 +264,18 @@ def test_command_line_reads_file_then_overrides(shapes8, tmp_path, monkeypatch, 
     runpy.run_path(str(REPO / "tools" / "train.py"), run_name="__main__")
     assert [r["iteration"] for r in read_jsonl(out / "metrics.jsonl")] == [2]
     assert json.loads(capsys.readouterr().out)["iteration"] == 2
+
+
+def test_resume_after_the_end_keeps_the_summary(overfit_run):
+    cfg, out, summary = overfit_run
+    before = (out / "train_summary.json").read_text()
+    assert train(cfg, resume=True) == summary
+    assert (out / "train_summary.json").read_text() == before and summary["train"] is not None
+
+
+def test_partial_last_log_line_is_dropped_on_resume(tmp_path):
+    lines = [json.dumps({"iteration": i, "total_loss": 1.0 / i}) for i in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"iteration": 4, "total_lo')
+    logger = MetricsLogger(tmp_path, start_iter=3)
+    logger.close()
+    assert [r["iteration"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]

@@ -33,14 +33,14 @@ from tqdm import tqdm
 
 from ..config import Config, config_to_yaml
 from ..data.loader import build_train_dataset, build_train_loader
+from ..distributed import (all_gather_object, all_reduce_mean, all_true, barrier, cleanup, get_local_rank,
+                           get_rank, get_world_size, init_distributed, is_main_process)
 from ..evaluation.coco_evaluator import evaluate
+from ..fileio import atomic_write
 from ..modeling.maskrcnn import build_model
 from ..structures import BitMasks, PolygonMasks
-from ..fileio import atomic_write
-from .checkpoint import (find_last_checkpoint, load_checkpoint, rng_of_this_rank, rng_state,
+from .checkpoint import (find_last_checkpoint, load_last_good_checkpoint, rng_of_this_rank, rng_state,
                          save_checkpoint, set_rng_state)
-from ..distributed import (all_gather_object, all_reduce_mean, all_true, barrier, cleanup, get_local_rank,
-                          get_rank, get_world_size, init_distributed, is_main_process)
 from .logger import MetricsLogger
 from .optim import build_lr_scheduler, build_optimizer
 from .weights import format_summary, load_weights
@@ -110,10 +110,6 @@ class _Run:
                              f"model.roi_heads.num_classes is {cfg.model.roi_heads.num_classes}")
 
         self.model = model if model is not None else build_model(cfg.model)
-        last = find_last_checkpoint(self.output_dir) if resume else None
-        self.weights_summary = None
-        if cfg.model.weights and last is None:
-            self.weights_summary = load_weights(self.model, cfg.model.weights, self.class_names)
         self.model.to(device)
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -130,13 +126,18 @@ class _Run:
 
         self.start_iter = 0
         self.resume_rng = None
-        if last is not None:
-            checkpoint = load_checkpoint(last, self.model, self.optimizer, self.scheduler, self.scaler,
-                                         restore_rng=False)
+        checkpoint = None
+        if resume:
+            checkpoint = load_last_good_checkpoint(self.output_dir, self.model, self.optimizer, self.scheduler,
+                                                   self.scaler, warn=print if is_main_process() else lambda _: None)
+        if checkpoint is not None:
             self.start_iter = checkpoint["iteration"]
             self.resume_rng = rng_of_this_rank(checkpoint)
             if is_main_process():
-                print(f"resuming from {last} at iteration {self.start_iter}")
+                print(f"resuming from {checkpoint['path']} at iteration {self.start_iter}")
+        self.weights_summary = None
+        if checkpoint is None and cfg.model.weights:  # a resumed checkpoint wins over model.weights
+            self.weights_summary = load_weights(self.model, cfg.model.weights, self.class_names)
 
         self.ddp_model = self.model
         if self.world_size > 1:
