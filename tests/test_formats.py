@@ -306,3 +306,13 @@ def test_tool_reports_bad_input_in_one_line_and_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "unsupported shape type 'point'" in err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_tool_classes_file_fixes_the_category_order(tmp_path):
+    root = _labelme_all_types(tmp_path / "lm")
+    (tmp_path / "names.txt").write_text("dog\n\ncat\nbird\n")
+    convert_dataset.main(["--from", "labelme", str(root), "--out", str(tmp_path / "inst.json"),
+                          "--classes", str(tmp_path / "names.txt")])
+    coco = json.loads((tmp_path / "inst.json").read_text())
+    assert [(c["id"], c["name"]) for c in coco["categories"]] == [(1, "dog"), (2, "cat"), (3, "bird")]
+    assert [a["category_id"] for a in coco["annotations"]] == [2, 1, 2, 1, 2]

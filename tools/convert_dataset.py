@@ -10,10 +10,10 @@ are split at random (--seed) into ``<out>_train.json`` and ``<out>_val.json``.
 """
 
 import argparse
-from pathlib import Path
 
 from maskrcnn.cli import run
 from maskrcnn.data.formats import READERS, to_coco, write_coco
+from maskrcnn.fileio import read_class_names
 
 
 def main(argv=None) -> None:
@@ -26,10 +26,7 @@ def main(argv=None) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.0, help="fraction of images for validation")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     args = parser.parse_args(argv)
-    class_names = None
-    if args.classes:
-        lines = Path(args.classes).read_text(encoding="utf-8").splitlines()
-        class_names = [line.strip() for line in lines if line.strip()]
+    class_names = read_class_names(args.classes) if args.classes else None
     records, names = READERS[args.format](args.src, image_dir=args.images, class_names=class_names)
     dataset = to_coco(records, names)
     files = write_coco(args.out, dataset, val_fraction=args.val_fraction, seed=args.seed)
