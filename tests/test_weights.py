@@ -140,8 +140,15 @@ def test_training_starts_from_weights_and_resume_wins(tmp_path):
     source = save_checkpoint(tmp_path / "src.pth", model=source_model, iteration=7, config=cfg,
                              class_names=["Circle", "hexagon", "square"])
     out = tmp_path / "run"
-    summary = train(tiny_train_config(data, out, "solver.max_iter=2", f"model.weights={source}"))
+    run_cfg = tiny_train_config(data, out, "solver.max_iter=2", f"model.weights={source}", "train.precision=bf16")
+    assert run_cfg.model.backbone.freeze_at == 2
+    summary = train(run_cfg)
     assert summary["iteration"] == 2
+    trained = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    loaded = source_model.state_dict()
+    assert torch.equal(trained["backbone.conv1.weight"], loaded["backbone.conv1.weight"])  # frozen stem
+    assert torch.equal(trained["backbone.layer1.0.conv1.weight"], loaded["backbone.layer1.0.conv1.weight"])
+    assert not torch.equal(trained["rpn.head.conv.weight"], loaded["rpn.head.conv.weight"])  # trained
     written = json.loads((out / WEIGHTS_SUMMARY).read_text())
     assert written["classes_copied"] == {"square": "square", "circle": "Circle"}
     assert written["classes_fresh"] == ["triangle"]
