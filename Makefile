@@ -9,7 +9,7 @@ DEMO_CONFIG := configs/maskrcnn_R18_FPN_small.yaml
 SHAPES_OPTS ?=
 DEMO_OVERRIDES ?=
 
-.PHONY: setup test demo figures clean
+.PHONY: setup test demo figures transfer clean
 
 # Create the virtual environment from nothing and install the package with its test extras.
 $(STAMP): setup.cfg pyproject.toml
@@ -45,5 +45,12 @@ figures: setup
 	$(PY) tools/explain.py --checkpoint $(DEMO)/model_final.pth --shapes --output docs/figures \
 		--log $(DEMO)/metrics.jsonl --metrics $(DEMO)/metrics.json
 
+# Train the demo configuration on 100 images of shapes the demo model never saw (stars, hexagons,
+# crosses), from scratch and from the demo checkpoint, and print both APs at 100, 200 and 300 iterations.
+transfer: setup
+	test -f $(DEMO)/model_final.pth || $(MAKE) demo
+	$(PY) tools/transfer_demo.py --checkpoint $(DEMO)/model_final.pth --config $(DEMO_CONFIG) \
+		--data data/shapes_novel --output output/transfer --max-iter 300 --eval-period 100
+
 clean:
-	rm -rf $(VENV) $(DEMO)
+	rm -rf $(VENV) $(DEMO) output/transfer

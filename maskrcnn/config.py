@@ -88,6 +88,7 @@ class ModelConfig:
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
     fast_roi_align: bool = True  # RoIAlign as an embedding_bag gather (same values, much faster backward on CPU)
     paste_memory_mb: int = 256  # memory budget (MiB) of the chunked mask paste at inference
+    weights: str = ""  # start training from this checkpoint or torchvision .pth; class rows matched by name
 
 
 @dataclass

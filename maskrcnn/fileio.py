@@ -65,3 +65,14 @@ def read_image(path: Union[str, Path]) -> np.ndarray:
     if image is None:
         raise ValueError(f"cannot decode image file {path}: not an image format OpenCV reads")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_class_names(path: Union[str, Path]) -> list:
+    """Non-empty lines of a text file, stripped: one class name per line, for labels 1..K in order.
+
+    Raises ``FileNotFoundError`` naming the file when it is absent.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class names file not found: {path}")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -8,6 +8,7 @@ instances gets distinct, stable colours. Label maps and ``class_colors=True`` ov
 from __future__ import annotations
 
 import colorsys
+import json
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -16,7 +17,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 
-from maskrcnn.fileio import atomic_write
+from maskrcnn.data.check import ground_truth
+from maskrcnn.fileio import atomic_write, read_image
 from maskrcnn.structures import Instances
 
 _GOLDEN = 0.618033988749895
@@ -89,6 +91,37 @@ def draw_instances(image: np.ndarray, result: Instances, *, score_thresh: float 
         baseline = cv2.getTextSize(text, _FONT, _FONT_SCALE, 1)[1]
         cv2.putText(out, text, (lx + 1, ly + h - baseline - 1), _FONT, _FONT_SCALE, (0, 0, 0), 1, cv2.LINE_AA)
     return out
+
+
+def draw_ground_truth(image: np.ndarray, *, boxes, labels: Sequence[int], class_names: Sequence[str],
+                      masks: list) -> np.ndarray:
+    """Overlay annotations (not detections) on an image, coloured by class, labelled with the class name.
+
+    image: ``(H, W, 3)`` uint8 RGB. boxes: ``(M, 4)`` xyxy pixels. labels: M class labels (any non-negative
+    ints, used for the colours). class_names: M names. masks: M COCO RLE dicts of the image's size.
+    Returns a new ``(H, W, 3)`` uint8 RGB array.
+    """
+    count = len(labels)
+    result = Instances(boxes=torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4),
+                       scores=torch.ones(count), labels=torch.as_tensor(list(labels), dtype=torch.int64),
+                       class_names=list(class_names), masks=list(masks), image_size=image.shape[:2])
+    return draw_instances(image, result, score_thresh=0.0, class_colors=True)
+
+
+def write_ground_truth_overlays(ann_file: Union[str, Path], image_dir: Union[str, Path], out_dir: Union[str, Path],
+                                *, count: int, skip_image_ids=()) -> List[Path]:
+    """Write :func:`draw_ground_truth` overlays of the first ``count`` images of a COCO json (those in
+    ``skip_image_ids`` left out) as ``out_dir/<stem>_<image id>.png``; returns the files written."""
+    data = json.loads(Path(ann_file).read_text(encoding="utf-8"))
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    files = []
+    for image in [im for im in data["images"] if im.get("id") not in set(skip_image_ids)][:count]:
+        boxes, category_ids, rles = ground_truth(data, image["id"])
+        overlay = draw_ground_truth(read_image(Path(image_dir) / image["file_name"]), boxes=boxes,
+                                    labels=category_ids, class_names=[names[c] for c in category_ids], masks=rles)
+        files.append(Path(out_dir) / f"{Path(image['file_name']).stem}_{image['id']}.png")
+        save_png(files[-1], overlay)
+    return files
 
 
 def place_labels(boxes: Sequence[Sequence[int]], sizes: Sequence[Tuple[int, int]],

@@ -87,6 +87,20 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Optional[t
     return path
 
 
+def read_checkpoint(path: str | Path):
+    """What a ``torch.save`` file holds (tensors on the CPU, read with ``weights_only``).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming it when it is unreadable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{path} is not a readable checkpoint: {exc}") from None
+
+
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     scheduler=None, scaler: Optional[torch.amp.GradScaler] = None, *,
                     restore_rng: bool = True) -> dict:
@@ -98,13 +112,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torc
     Returns the checkpoint dict (tensors on the CPU). Raises ``FileNotFoundError`` for a missing file and
     ``ValueError`` naming the file when it is unreadable or lacks a requested entry.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"{path} is not a readable checkpoint: {exc}") from None
+    checkpoint = read_checkpoint(path)
     wanted = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     for key, target in wanted.items():
         if target is not None and checkpoint.get(key) is None:

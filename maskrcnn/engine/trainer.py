@@ -9,7 +9,8 @@ curve is redrawn at log steps, at most every ``PLOT_INTERVAL_S`` seconds, and af
 
 Files in ``train.output_dir``: ``config.yaml`` (the resolved configuration), ``model_{iter:07d}.pth``,
 ``model_final.pth``, ``last_checkpoint``, ``metrics.jsonl``, ``loss_curve.png``, ``train_summary.json``
-(the summary returned by :func:`train`) and, with evaluation, ``eval_{iter:07d}/``.
+(the summary returned by :func:`train`), with ``model.weights`` ``weights_summary.json`` (see
+:mod:`maskrcnn.engine.weights`) and, with evaluation, ``eval_{iter:07d}/``.
 
 Iterations are counted as optimizer steps taken: the checkpoint ``model_0000100.pth`` and the log record
 with ``iteration`` 100 come after the 100th step.
@@ -42,10 +43,12 @@ from .checkpoint import (find_last_checkpoint, load_last_good_checkpoint, rng_of
                          save_checkpoint, set_rng_state)
 from .logger import MetricsLogger
 from .optim import build_lr_scheduler, build_optimizer
+from .weights import format_summary, load_weights
 
 # The loss curve is redrawn at a log step only if this many seconds passed since the last redraw (and
 # always at the last iteration): drawing takes ~0.2 s, which at short log periods would slow training.
 PLOT_INTERVAL_S = 10.0
+WEIGHTS_SUMMARY = "weights_summary.json"  # what model.weights loaded, written at the start of a run
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -54,7 +57,9 @@ def train(cfg: Config, *, resume: bool = False, model: Optional[nn.Module] = Non
 
     resume: continue from ``train.output_dir/last_checkpoint`` (model, optimizer, schedule, grad scaler,
         iteration, RNG states and data position), reproducing the uninterrupted run; a fresh start when
-        there is no checkpoint yet.
+        there is no checkpoint yet. A checkpoint found this way wins over ``model.weights``, which
+        otherwise starts the run (iteration 0, fresh optimizer) from those weights, class rows matched by
+        name (see :mod:`maskrcnn.engine.weights`).
     model: a module following the :class:`maskrcnn.modeling.maskrcnn.MaskRCNN` contract to train instead
         of ``build_model(cfg.model)`` (e.g. one initialised from converted weights); trained in place.
 
@@ -130,6 +135,9 @@ class _Run:
             self.resume_rng = rng_of_this_rank(checkpoint)
             if is_main_process():
                 print(f"resuming from {checkpoint['path']} at iteration {self.start_iter}")
+        self.weights_summary = None
+        if checkpoint is None and cfg.model.weights:  # a resumed checkpoint wins over model.weights
+            self.weights_summary = load_weights(self.model, cfg.model.weights, self.class_names)
 
         self.ddp_model = self.model
         if self.world_size > 1:
@@ -147,6 +155,10 @@ class _Run:
             atomic_write(self.output_dir / "config.yaml", lambda f: f.write(config_to_yaml(cfg).encode()))
             self.logger = MetricsLogger(self.output_dir, start_iter=self.start_iter,
                                         tensorboard=cfg.train.tensorboard)
+            if self.weights_summary is not None:
+                print(format_summary(self.weights_summary))
+                text = json.dumps(self.weights_summary, indent=1)
+                atomic_write(self.output_dir / WEIGHTS_SUMMARY, lambda f: f.write(text.encode()))
         self.last_record: Optional[Dict] = None
         self.last_plot = -math.inf
         self.last_eval: Optional[Dict] = None
