@@ -24,6 +24,8 @@ SHRUNK = {
                  'DEMO_OVERRIDES="solver.max_iter=4 solver.warmup_iters=2 train.log_period=2"',
 }
 
+OWN_DATA = "the reader's own photos; tests/test_own_data.py runs this walkthrough on a generated labelme folder"
+
 # Command prefix -> why it is not run here.
 SKIPPED = {
     "make test": "runs this suite",
@@ -34,6 +36,14 @@ SKIPPED = {
     "python -c \"import torch, torchvision; w = torchvision": "downloads torchvision's COCO weights (network)",
     "python tools/convert_torchvision.py maskrcnn_resnet50_fpn_coco": "needs the downloaded COCO weights",
     "python tools/eval.py --checkpoint output/tv_coco.pth": "needs COCO val2017 and the converted weights",
+    "python tools/convert_dataset.py --from labelme my_photos": OWN_DATA,
+    "python tools/convert_dataset.py --from cvat annotations.xml": OWN_DATA,
+    "python tools/convert_dataset.py --from yolo my_yolo_dataset": OWN_DATA,
+    "python tools/check_dataset.py --ann data/mine/": OWN_DATA,
+    "python tools/train.py --config configs/maskrcnn_R50_FPN_finetune.yaml model.weights=output/tv_coco.pth":
+        "needs the downloaded COCO weights; " + OWN_DATA,
+    "python tools/eval.py --checkpoint output/mine/": OWN_DATA,
+    "python tools/infer.py --checkpoint output/mine/": OWN_DATA,
 }
 
 
