@@ -125,7 +125,7 @@ def test_bad_files_and_list_positions_are_named(predictor, image, tmp_path):
         predictor(missing)
     broken = tmp_path / "broken.jpg"
     broken.write_text("not an image")
-    with pytest.raises(ValueError, match="cannot decode image file .*broken.jpg"):
+    with pytest.raises(ValueError, match="cannot read image file .*broken.jpg"):
         predictor([image, broken])
     with pytest.raises(ValueError, match="input 1 of the list: expected a uint8 image array"):
         predictor([image, image.astype(np.float32)])

@@ -27,7 +27,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
-import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
@@ -35,6 +34,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from maskrcnn.fileio import read_image
 from maskrcnn.rle import compressed_run_lengths
 from maskrcnn.structures import BitMasks, InstanceMasks, PolygonMasks
 
@@ -172,15 +172,10 @@ class CocoDetection(torch.utils.data.Dataset):
     def _read_image(self, record: dict) -> np.ndarray:
         """The image file as ``(H, W, 3)`` uint8 RGB, raw pixel order (EXIF orientation ignored, as COCO)."""
         path = self.image_dir / record["file_name"]
-        where = f"image id {record['image_id']} in {self.ann_file}"
-        if not path.is_file():
-            raise FileNotFoundError(f"image file {path} not found ({where})")
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-        if image is None:
-            raise ValueError(f"cannot read image file {path} ({where})")
+        image = read_image(path, where=f"image id {record['image_id']} in {self.ann_file}")
         if image.shape[:2] != (record["height"], record["width"]):
             raise ValueError(_size_mismatch(path, image.shape[:2], record, self.ann_file))
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return image
 
     def _parse_annotation(self, ann: dict, position: int, images: Dict[int, dict]):
         """Validate one annotation; returns ``(image_id, box xyxy, label, segmentation, iscrowd)`` with the
