@@ -219,7 +219,7 @@ def test_pretrained_backbone_without_network_names_the_file(monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(weights_api, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match=r"resnet18-.*\.pth.*pretrained=false"):
+    with pytest.raises(FileNotFoundError, match=r"resnet18-.*\.pth.*set model\.backbone\.pretrained=false"):
         ResNet(depth=18, pretrained=True)
 
 
@@ -268,12 +268,22 @@ def test_normalised_fpn_and_mask_head_train_and_infer(fpn_norm, mask_head_norm):
     assert out[0]["masks"].shape[-2:] == (50, 70)
 
 
-@pytest.mark.parametrize("key", ["backbone.fpn_norm", "roi_heads.mask_head_norm"])
+@pytest.mark.parametrize("key", ["backbone.fpn_norm", "roi_heads.box_head_norm", "roi_heads.mask_head_norm"])
 def test_unknown_norm_is_refused_naming_the_key(key):
     cfg = tiny_model_config()
     section, field = key.split(".")
     setattr(getattr(cfg, section), field, "layer")
     with pytest.raises(ValueError, match=f'{key}: norm must be "", "bn" or "gn"'):
+        build_model(cfg)
+
+
+@pytest.mark.parametrize("key, value, message", [("rpn.head_convs", 0, "rpn.head_convs must be at least 1"),
+                                                  ("roi_heads.box_head_fcs", 0, "roi_heads.box_head_fcs >= 1")])
+def test_head_depths_out_of_range_are_refused(key, value, message):
+    cfg = tiny_model_config()
+    section, field = key.split(".")
+    setattr(getattr(cfg, section), field, value)
+    with pytest.raises(ValueError, match=message):
         build_model(cfg)
 
 

@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from maskrcnn.cli import run
 from maskrcnn.diagnostics.benchmark import MODES, format_report, run_benchmark
 
 
@@ -50,4 +51,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

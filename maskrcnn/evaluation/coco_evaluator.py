@@ -205,6 +205,7 @@ def evaluate(model: Union[MaskRCNN, DistributedDataParallel], ann_file: Union[st
     output_dir: if given, rank 0 writes ``results.json`` (COCO results) and ``metrics.json`` there, atomically.
     """
     dataset = CocoDetection(ann_file, image_dir)
+    dataset.check_images(progress=verbose and get_rank() == 0)  # a bad file fails now, not mid-inference
     start = time.perf_counter()
     results = run_inference(model, dataset, batch_size=batch_size, device=device, precision=precision,
                             with_masks="segm" in iou_types, num_workers=num_workers, progress=verbose,

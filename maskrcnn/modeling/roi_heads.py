@@ -45,7 +45,8 @@ class BoxHead(nn.Module):
                  norm: str = "", num_fcs: int = 2, fc_dim: int = 1024):
         super().__init__()
         if num_convs < 0 or num_fcs < 1:
-            raise ValueError(f"the box head needs num_convs >= 0 and num_fcs >= 1, got {num_convs} and {num_fcs}")
+            raise ValueError(f"roi_heads.box_head_convs must be >= 0 and roi_heads.box_head_fcs >= 1, got "
+                             f"{num_convs} and {num_fcs}")
         self.convs = nn.ModuleList(
             nn.Conv2d(in_channels if i == 0 else conv_dim, conv_dim, 3, padding=1, bias=not norm)
             for i in range(num_convs)
