@@ -36,6 +36,8 @@ SKIPPED = {
     "python -c \"import torch, torchvision; w = torchvision": "downloads torchvision's COCO weights (network)",
     "python tools/convert_torchvision.py maskrcnn_resnet50_fpn_coco": "needs the downloaded COCO weights",
     "python tools/eval.py --checkpoint output/tv_coco.pth": "needs COCO val2017 and the converted weights",
+    "python tools/convert_torchvision.py maskrcnn_resnet50_fpn_v2_coco": "needs the downloaded v2 COCO weights",
+    "python tools/eval.py --checkpoint output/tv_v2_coco.pth": "needs COCO val2017 and the converted v2 weights",
     "python tools/convert_dataset.py --from labelme my_photos": OWN_DATA,
     "python tools/convert_dataset.py --from cvat annotations.xml": OWN_DATA,
     "python tools/convert_dataset.py --from yolo my_yolo_dataset": OWN_DATA,
