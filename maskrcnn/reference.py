@@ -116,16 +116,22 @@ def well_conditioned_torchvision_model(cfg: ModelConfig, *, seed: int = 0) -> tv
 
     Batch-norm statistics are calibrated on random images (the trunk's, and the FPN's and heads' where they
     have batch norms, the heads on the RoIs of the model's own proposals), an FPN without normalisation has
-    its outputs scaled to unit spread, and the prediction layers get a spread of scores (class logits of
-    spread :data:`CLASS_LOGIT_STD`), so that ranking and
-    NMS are decided by margins far above float round-off rather than by ties. The trunk is returned with
+    its outputs scaled to unit spread, and the prediction layers get a spread of scores, so that ranking
+    and NMS are decided by margins far above float round-off rather than by ties. A model with batch norms
+    outside the trunk (v2) is calibrated on shapes images (:func:`sample_images`) as well as noise, and its
+    class logits are scaled to spread :data:`CLASS_LOGIT_STD` over the calibration RoIs. The trunk is returned with
     ``FrozenBatchNorm2d`` (the layout of torchvision's v1 pretrained models) when ``cfg.backbone.norm`` is
     "frozen_bn", else with ``BatchNorm2d``. Returned in eval mode.
     """
     torch.manual_seed(seed)
     tv = torchvision_model(cfg, norm_layer=nn.BatchNorm2d)
     with torch.no_grad():
-        calib = tv.transform([torch.rand(3, 160, 200), torch.rand(3, 200, 160)])[0]
+        calib_images = [torch.rand(3, 160, 200), torch.rand(3, 200, 160)]
+        normalised = any(isinstance(m, nn.BatchNorm2d) for part in (tv.backbone.fpn, tv.roi_heads)
+                         for m in part.modules())
+        if normalised:
+            calib_images += sample_images(160, torch.device("cpu"), count=2, seed=seed)
+        calib = tv.transform(calib_images)[0]
         body = tv.backbone.body
         _calibrate_batchnorm(body, calib.tensors)
         _calibrate_batchnorm(tv.backbone.fpn, body(calib.tensors))
@@ -148,12 +154,13 @@ def well_conditioned_torchvision_model(cfg: ModelConfig, *, seed: int = 0) -> tv
         heads = tv.roi_heads
         box_rois = heads.box_roi_pool(features, proposals, calib.image_sizes)
         _calibrate_batchnorm(heads.box_head, box_rois)
-        # Class logits of spread 2 over the RoIs: softmax scores far from saturation, whatever the box
-        # head's output scale (its batch norms, when it has them, set a larger one than v1's).
-        cls_score = heads.box_predictor.cls_score
-        scale = CLASS_LOGIT_STD / cls_score(heads.box_head(box_rois)).std()
-        cls_score.weight *= scale
-        cls_score.bias *= scale
+        if normalised:
+            # The box head's output scale is set by its calibrated statistics: class logits of a fixed
+            # spread over the RoIs keep the softmax scores far from saturation.
+            cls_score = heads.box_predictor.cls_score
+            scale = CLASS_LOGIT_STD / cls_score(heads.box_head(box_rois)).std()
+            cls_score.weight *= scale
+            cls_score.bias *= scale
         top = [p[:100] for p in proposals]
         _calibrate_batchnorm(heads.mask_head, heads.mask_roi_pool(features, top, calib.image_sizes))
     if cfg.backbone.norm == "frozen_bn":
