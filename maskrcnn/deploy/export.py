@@ -101,7 +101,7 @@ class ExportableMaskRCNN(nn.Module):
         valid = (widths >= rpn.min_size) & (heights >= rpn.min_size) & (scores >= rpn.score_thresh)
         image, slot = torch.nonzero(valid).unbind(1)
         boxes, scores = boxes[image, slot], scores[image, slot]
-        keep = batched_nms(boxes, scores, image * len(anchors) + levels[slot], rpn.nms_thresh)
+        keep = _nms(boxes, scores, image * len(anchors) + levels[slot], rpn.nms_thresh)
         keep = keep[_rank_within_image(image[keep], n) < rpn.post_nms_topk[1]]
         return torch.cat([image[keep, None].to(boxes.dtype), boxes[keep]], dim=1)
 
@@ -125,13 +125,28 @@ class ExportableMaskRCNN(nn.Module):
         roi, cls = torch.nonzero(valid).unbind(1)
         boxes, scores, image = boxes[roi, cls], probs[roi, cls], image[roi]
         num_classes = probs.shape[1]
-        keep = batched_nms(boxes, scores, image * num_classes + cls, roi_heads.nms_thresh)
+        keep = _nms(boxes, scores, image * num_classes + cls, roi_heads.nms_thresh)
         n = image_sizes.shape[0]
         keep = keep[_rank_within_image(image[keep], n) < roi_heads.detections_per_img]
         # NMS returns the survivors highest score first; a stable grouping by image keeps that order.
         position = torch.arange(keep.shape[0], device=keep.device)
         keep = keep[torch.argsort(image[keep] * keep.shape[0] + position)]
         return boxes[keep], scores[keep], cls[keep] + 1, image[keep]
+
+
+def _nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """``batched_nms`` with a sentinel candidate appended and dropped again.
+
+    OpenVINO (2026.4) answers NonMaxSuppression over zero boxes with one stale index; with the sentinel
+    it never sees zero boxes. The sentinel lies outside every clipped box (IoU 0), in group 0 (no coordinate
+    offset) and scores -1, below every candidate: NMS keeps it, last.
+    boxes: (C, 4) xyxy pixels, clipped (non-negative); scores: (C,) >= 0; groups: (C,) int64.
+    Returns (D,) indices into the C candidates, highest score first.
+    """
+    sentinel = torch.tensor([[-2.0, -2.0, -1.0, -1.0]], dtype=boxes.dtype, device=boxes.device)
+    keep = batched_nms(torch.cat([boxes, sentinel]), torch.cat([scores, scores.new_full((1,), -1.0)]),
+                       torch.cat([groups, groups.new_zeros(1)]), iou_threshold)
+    return keep[:-1]
 
 
 def _at_most(x: Tensor, k: int) -> Union[int, Tensor]:

@@ -70,5 +70,7 @@ class MultiLevelRoIAlign(nn.Module):
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *size))
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             index = torch.nonzero(levels == level)[:, 0]
-            out[index] = align(feature, rois[index], size, scale, self.sampling_ratio).to(out.dtype)
+            pooled = align(feature, rois[index], size, scale, self.sampling_ratio).to(out.dtype)
+            # out[index] = pooled, as a scatter: its traced form follows the RoI count for any count
+            out = out.scatter(0, index.view(-1, 1, 1, 1).expand_as(pooled), pooled)
         return out
