@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import io
 import secrets
+import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -228,3 +230,36 @@ def post_image(url: str, data: bytes, *, filename: str = "image.png", content_ty
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
+
+
+def load_test(url: str, data: bytes, *, content_type: str, concurrency: int, requests: int, max_seconds: float,
+              token: Optional[str] = None) -> dict:
+    """Send up to ``requests`` uploads of ``data`` to ``url`` from ``concurrency`` threads, stopping new
+    requests after ``max_seconds``. Returns ``requests`` (sent), ``errors`` (non-200 answers),
+    ``requests_per_s`` and the latency percentiles ``p50_s`` and ``p95_s``."""
+    latencies: List[float] = []
+    errors = 0
+    lock = threading.Lock()
+    counter = iter(range(requests))
+    start = time.perf_counter()
+
+    def client():
+        nonlocal errors
+        while time.perf_counter() - start < max_seconds:
+            with lock:
+                if next(counter, None) is None:
+                    return
+            sent = time.perf_counter()
+            status, _ = post_image(url, data, content_type=content_type, token=token)
+            with lock:
+                latencies.append(time.perf_counter() - sent)
+                errors += status != 200
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    return {"requests": len(latencies), "errors": errors, "requests_per_s": len(latencies) / elapsed,
+            "p50_s": float(np.percentile(latencies, 50)), "p95_s": float(np.percentile(latencies, 95))}
