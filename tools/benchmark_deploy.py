@@ -5,8 +5,7 @@ side by side in one process on the same image.
     python tools/benchmark_deploy.py --size 512 --repeats 3 --json
 
 Prints a Markdown table: median (min-max) seconds per image, image in and pasted masks out, the speed
-ratio against eager fp32, the exported graph's time alone, and how many of eager fp32's top 90
-detections each variant reproduces. See :mod:`maskrcnn.diagnostics.deploy_benchmark`.
+ratio against eager fp32 and the exported graph's time alone. See :mod:`maskrcnn.diagnostics.deploy_benchmark`.
 """
 
 import argparse
