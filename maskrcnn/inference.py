@@ -7,7 +7,7 @@ Shorthand: N detections of one image, K object classes of the model (labels 1..K
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -92,6 +92,15 @@ def to_image_tensor(image: ImageInput, *, bgr: bool = False, name: str = "input"
         where = str(image) if isinstance(image, (str, Path)) else name
         raise ValueError(f"{where}: image is empty (size {tensor.shape[1]}x{tensor.shape[2]})")
     return tensor
+
+
+def to_image_tensors(inputs: Union[ImageInput, Sequence[ImageInput]], *, bgr: bool) -> Tuple[bool, List[Tensor]]:
+    """One image input or a list of them -> (whether a single input was given, the images as
+    :func:`to_image_tensor` converts them, errors naming the list position)."""
+    single = not isinstance(inputs, (list, tuple))
+    items = [inputs] if single else list(inputs)
+    names = ["input"] if single else [f"input {i} of the list" for i in range(len(items))]
+    return single, [to_image_tensor(item, bgr=bgr, name=name) for item, name in zip(items, names)]
 
 
 @torch.inference_mode()

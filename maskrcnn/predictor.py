@@ -23,7 +23,7 @@ import torch
 from maskrcnn.config import Config, config_from_dict
 from maskrcnn.fileio import read_image
 from maskrcnn.inference import (MASK_FORMATS, PRECISIONS, ImageInput, check_options, detect, match_categories,
-                                to_image_tensor)
+                                to_image_tensor, to_image_tensors)
 from maskrcnn.modeling.maskrcnn import build_model, prepare_for_inference
 from maskrcnn.structures import Instances
 
@@ -100,10 +100,8 @@ class Predictor:
         """Detect instances in one image (returns one :class:`Instances`) or a list (returns a list, run as
         one batch). ``bgr`` overrides the predictor's setting for NumPy inputs of this call."""
         bgr = self.bgr if bgr is None else bgr
-        single = not isinstance(inputs, (list, tuple))
-        items = [inputs] if single else list(inputs)
-        names = ["input"] if single else [f"input {i} of the list" for i in range(len(items))]
-        images = [to_image_tensor(item, bgr=bgr, name=name).to(self.device) for item, name in zip(items, names)]
+        single, images = to_image_tensors(inputs, bgr=bgr)
+        images = [image.to(self.device) for image in images]
         results = detect(self.inference_model, images, class_names=self.class_names, mask_format=self.mask_format,
                          precision=self.precision, label_to_cat_id=self.label_to_cat_id)
         if self.drops_unmatched:

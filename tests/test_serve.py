@@ -21,7 +21,6 @@ from PIL import Image
 from maskrcnn.config import config_to_dict
 from maskrcnn.deploy.serve import UploadError, decode_upload, post_image
 from maskrcnn.predictor import Predictor
-from maskrcnn.rle import encode_masks
 from tiny import tiny_config
 
 ROOT = Path(__file__).parents[1]

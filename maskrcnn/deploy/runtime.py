@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from maskrcnn.deploy.export import INPUT_NAMES, OUTPUT_NAMES, read_metadata
-from maskrcnn.inference import MASK_FORMATS, ImageInput, to_image_tensor, to_instances
+from maskrcnn.inference import MASK_FORMATS, ImageInput, to_image_tensors, to_instances
 from maskrcnn.modeling.maskrcnn import preprocess_images
 from maskrcnn.modeling.postprocess import to_original_image
 from maskrcnn.structures import Instances
@@ -69,12 +69,9 @@ class ExportedPredictor:
         """Detect instances in one image (returns one :class:`Instances`) or a list (returns a list, run as
         one batch). ``bgr`` overrides the predictor's setting for NumPy inputs of this call."""
         bgr = self.bgr if bgr is None else bgr
-        single = not isinstance(inputs, (list, tuple))
-        items = [inputs] if single else list(inputs)
-        if not items:
+        single, images = to_image_tensors(inputs, bgr=bgr)
+        if not images:
             return []
-        names = ["input"] if single else [f"input {i} of the list" for i in range(len(items))]
-        images = [to_image_tensor(item, bgr=bgr, name=name) for item, name in zip(items, names)]
         results = self.detect(images)
         return results[0] if single else results
 
