@@ -1,0 +1,207 @@
+"""COCO at scale: synthetic COCO-sized files and the measurements of ``tools/scale_report.py`` and
+``tools/bench_eval.py``.
+
+Synthetic objects are star-shaped polygons (``V`` vertices around an ellipse, radii jittered) in images of
+640x480 pixels, 80 categories, like COCO's; nothing is downloaded. Sizes:
+
+- train2017-sized annotations: 118,287 images, 862,961 polygon annotations (1% crowd), about 360 MB of json;
+- a results file: ``D`` detections per image, a few near each ground-truth object (same category, jittered
+  box and polygon, the segmentation as COCO RLE) and the rest anywhere, of any category, with lower scores.
+
+Every measurement runs in a fresh spawned process so that one's peak resident set size (``ru_maxrss``)
+is not another's; timings are wall-clock seconds in that process. Proportional set size (PSS) charges each
+page shared by n processes 1/n to each: the sum over loader workers is their real cost in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Union
+
+import numpy as np
+import pycocotools.mask as mask_utils
+from tqdm import tqdm
+
+from maskrcnn.fileio import atomic_write
+
+IMAGE_SIZE = (480, 640)  # (H, W) of every synthetic image
+TRAIN2017 = {"images": 118_287, "annotations": 862_961}
+
+
+def _polygons(rng: np.random.Generator, count: int, height: int, width: int, vertices: np.ndarray,
+              centers: Optional[np.ndarray] = None, radii: Optional[np.ndarray] = None) -> List[np.ndarray]:
+    """``count`` star-shaped polygons as flat ``(2V,)`` float64 ``x, y`` arrays inside an ``height x width`` image.
+
+    vertices: ``(count,)`` vertex counts; centers, radii: ``(count, 2)`` pixels (random if not given).
+    """
+    if radii is None:
+        radii = np.exp(rng.uniform(np.log(3), np.log(min(height, width) / 2.5), (count, 2)))
+    if centers is None:
+        centers = rng.uniform(radii, [width, height] - radii)
+    out = []
+    for c, r, v in zip(centers, radii, vertices):
+        angles = np.sort(rng.uniform(0, 2 * np.pi, v))
+        scale = rng.uniform(0.7, 1.0, v)
+        xs = np.clip(c[0] + r[0] * scale * np.cos(angles), 0, width)
+        ys = np.clip(c[1] + r[1] * scale * np.sin(angles), 0, height)
+        out.append(np.stack([xs, ys], axis=1).reshape(-1).round(2))
+    return out
+
+
+def _polygon_area(polygon: np.ndarray) -> float:
+    """Shoelace area (pixels^2) of a flat ``x, y`` polygon."""
+    xs, ys = polygon[0::2], polygon[1::2]
+    return float(0.5 * abs(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1))))
+
+
+def _box(polygon: np.ndarray) -> List[float]:
+    """COCO ``[x, y, w, h]`` of a flat ``x, y`` polygon."""
+    xs, ys = polygon[0::2], polygon[1::2]
+    return [round(float(xs.min()), 2), round(float(ys.min()), 2), round(float(np.ptp(xs)), 2),
+            round(float(np.ptp(ys)), 2)]
+
+
+def write_synthetic_coco(path: Union[str, Path], *, num_images: int, num_annotations: int, num_categories: int = 80,
+                         mean_vertices: int = 17, crowd_fraction: float = 0.01, seed: int = 0,
+                         progress: bool = True) -> dict:
+    """Write a COCO instances json of synthetic polygon annotations, streamed (atomically) image by image.
+
+    The ``num_annotations`` are spread over the images at random (some images get none). Polygons have
+    ``mean_vertices`` vertices on average (8 to ``2 * mean_vertices - 8``), coordinates to 0.01 pixel.
+    Returns ``{"images", "annotations", "bytes"}`` of the written file.
+    """
+    rng = np.random.default_rng(seed)
+    height, width = IMAGE_SIZE
+    per_image = np.bincount(rng.integers(0, num_images, num_annotations), minlength=num_images)
+    categories = [{"id": i + 1, "name": f"class{i + 1}", "supercategory": "thing"} for i in range(num_categories)]
+
+    def write(f):
+        f.write(b'{"info": {"description": "synthetic"}, "categories": ')
+        f.write(json.dumps(categories).encode())
+        f.write(b', "images": [')
+        f.write(",\n".join(json.dumps({"id": i + 1, "file_name": f"{i + 1:012d}.jpg", "height": height,
+                                       "width": width}) for i in range(num_images)).encode())
+        f.write(b'], "annotations": [')
+        ann_id = 0
+        for image_index in tqdm(range(num_images), desc="writing json", unit="img", disable=not progress):
+            count = int(per_image[image_index])
+            if not count:
+                continue
+            vertices = rng.integers(8, 2 * mean_vertices - 7, count)
+            lines = []
+            for polygon in _polygons(rng, count, height, width, vertices):
+                ann_id += 1
+                lines.append(json.dumps({
+                    "id": ann_id, "image_id": image_index + 1, "category_id": int(rng.integers(1, num_categories + 1)),
+                    "iscrowd": int(rng.random() < crowd_fraction), "area": round(_polygon_area(polygon), 2),
+                    "bbox": _box(polygon), "segmentation": [polygon.tolist()]}))
+            f.write((",\n" if ann_id > count else "") .encode() + ",\n".join(lines).encode())
+        f.write(b"]}")
+
+    atomic_write(path, write)
+    return {"images": num_images, "annotations": num_annotations, "bytes": Path(path).stat().st_size}
+
+
+def synthetic_results(ann_file: Union[str, Path], *, detections_per_image: int = 100, near_per_object: int = 3,
+                      seed: int = 0, progress: bool = True) -> List[dict]:
+    """COCO result dicts for the ground truth in ``ann_file`` (as :func:`write_synthetic_coco` writes it).
+
+    Each image gets ``detections_per_image`` detections: ``near_per_object`` per ground-truth object (its
+    category, center and radii jittered by up to 15%, score 0.3-1) and the rest random (any category,
+    score 0-0.5). Segmentations are compressed RLE (string counts, as model results are).
+    """
+    rng = np.random.default_rng(seed)
+    with open(ann_file, encoding="utf-8") as f:
+        data = json.load(f)
+    by_image: Dict[int, list] = {image["id"]: [] for image in data["images"]}
+    for ann in data["annotations"]:
+        by_image[ann["image_id"]].append(ann)
+    num_categories = len(data["categories"])
+    results = []
+    for image in tqdm(data["images"], desc="results", unit="img", disable=not progress):
+        height, width = image["height"], image["width"]
+        objects = by_image[image["id"]][:detections_per_image // near_per_object]
+        centers, radii, categories = [], [], []
+        for ann in objects:
+            x, y, w, h = ann["bbox"]
+            for _ in range(near_per_object):
+                radii.append(np.maximum([w / 2, h / 2] * rng.uniform(0.85, 1.15, 2), 1.0) / 0.85)
+                centers.append([x + w / 2, y + h / 2] + rng.uniform(-0.15, 0.15, 2) * [w, h])
+                categories.append(ann["category_id"])
+        near = len(categories)
+        polygons = _polygons(rng, near, height, width, rng.integers(8, 20, near), np.array(centers).reshape(-1, 2),
+                             np.array(radii).reshape(-1, 2)) if near else []
+        rest = detections_per_image - near
+        polygons += _polygons(rng, rest, height, width, rng.integers(8, 20, rest))
+        categories += rng.integers(1, num_categories + 1, rest).tolist()
+        scores = np.concatenate([rng.uniform(0.3, 1.0, near), rng.uniform(0.0, 0.5, rest)])
+        rles = mask_utils.frPyObjects([p.tolist() for p in polygons], height, width)
+        for polygon, rle, category, score in zip(polygons, rles, categories, scores):
+            results.append({"image_id": image["id"], "category_id": int(category), "bbox": _box(polygon),
+                            "score": round(float(score), 4),
+                            "segmentation": {"size": [height, width], "counts": rle["counts"].decode()}})
+    return results
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, MiB (Linux ``ru_maxrss`` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_mb(pid: int) -> Dict[str, float]:
+    """``rss``, ``pss`` and ``uss`` (private pages) of process ``pid`` in MiB, from ``/proc/pid/smaps_rollup``."""
+    fields = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                fields[parts[0].rstrip(":")] = int(parts[1]) / 1024
+    return {"rss": fields["Rss"], "pss": fields["Pss"],
+            "uss": fields.get("Private_Clean", 0.0) + fields.get("Private_Dirty", 0.0)}
+
+
+def _child(function: Callable, args: tuple, queue) -> None:
+    try:
+        queue.put(("ok", function(*args)))
+    except BaseException as exc:  # the parent re-raises it with the child's message
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def run_isolated(function: Callable, *args):
+    """``function(*args)`` in a fresh spawned process (so its peak RSS is its own); returns its result."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(function, args, queue))
+    process.start()
+    status, value = queue.get()
+    process.join()
+    if status != "ok":
+        raise RuntimeError(f"{function.__name__} failed in its process: {value}")
+    return value
+
+
+def _time_evaluation(ann_file: str, results_file: str, backend: str, iou_type: str) -> dict:
+    from maskrcnn.evaluation.coco_evaluator import evaluate_results, load_coco
+
+    with open(results_file, encoding="utf-8") as f:
+        results = json.load(f)
+    coco_gt = load_coco(ann_file, backend)
+    start = time.perf_counter()
+    metrics = evaluate_results(coco_gt, results, (iou_type,), verbose=False, backend=backend)
+    return {"seconds": time.perf_counter() - start, "AP": metrics[iou_type]["AP"], "peak_rss_mb": peak_rss_mb()}
+
+
+def bench_evaluation(ann_file: Union[str, Path], results_file: Union[str, Path],
+                     backends=("pycocotools", "faster-coco-eval"), iou_types=("bbox", "segm")) -> Dict[str, dict]:
+    """Seconds of :func:`~maskrcnn.evaluation.coco_evaluator.evaluate_results` (results loading, matching,
+    accumulation, summary) per IoU type and backend, each in its own process, side by side.
+
+    Returns ``{iou_type: {backend: {"seconds", "AP", "peak_rss_mb"}}}``.
+    """
+    return {iou_type: {backend: run_isolated(_time_evaluation, str(ann_file), str(results_file), backend, iou_type)
+                       for backend in backends} for iou_type in iou_types}
