@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -192,8 +194,13 @@ class CocoDetection(torch.utils.data.Dataset):
         then numpy checks of every box and polygon of the chunk at once. An annotation that fails either is
         handed to :meth:`_parse_annotation`, which raises (or, skipping, counts) its error; the first bad
         annotation in file order is the one reported. The json's annotation objects are released chunk by
-        chunk, so that the peak memory is that of the parsed json.
+        chunk, so that the peak memory is that of the parsed json. The cyclic garbage collector is paused
+        meanwhile: the json's millions of objects hold no cycles, and each collection would walk them all.
         """
+        with _gc_paused():
+            return self._pack_json(skip_bad_annotations)
+
+    def _pack_json(self, skip_bad_annotations: bool) -> "PackedAnnotations":
         data = _load_json(self.ann_file)
         categories = _read_categories(data["categories"], self.ann_file)
         self._set_categories(categories)
@@ -392,40 +399,61 @@ class _ChunkReader:
         self.polygon_counts, self.polygon_lengths, self.coords = [], [], []  # polygon_counts 0: an RLE
         self.rles: Dict[int, dict] = {}  # entry -> compressed RLE
         self.rejected: List[Tuple[int, Exception]] = []
-        cat_id_to_label = dataset.cat_id_to_label
-        for offset in range(end - start):
-            ann = annotations[start + offset]
-            if type(ann) is dict and "id" in ann:
-                image_id, category_id = ann.get("image_id"), ann.get("category_id")
-                bbox, segmentation = ann.get("bbox"), ann.get("segmentation")
-                if (type(image_id) is int and image_id in position_of and type(category_id) is int
-                        and category_id in cat_id_to_label and type(bbox) is list and len(bbox) == 4
-                        and _NUMBER_TYPES.issuperset(map(type, bbox)) and segmentation
-                        and (type(segmentation) is dict or type(segmentation) is list and all(
-                            type(p) is list and len(p) >= 6 and not len(p) % 2 and _NUMBER_TYPES.issuperset(map(type, p))
-                            for p in segmentation))):
-                    if type(segmentation) is dict:
-                        image = images[image_id]
-                        try:
-                            segmentation = _parse_segmentation(
-                                segmentation, image["height"], image["width"],
-                                f"{dataset.ann_file}: annotation id {ann['id']} (image id {image_id})")
-                        except AnnotationError as exc:
-                            self.rejected.append((offset, exc))
-                            continue
-                    self._add(offset, position_of[image_id], cat_id_to_label[category_id], bool(ann.get("iscrowd", 0)),
-                              bbox, segmentation)
-                    continue
+        cat_id_to_label, number_types = dataset.cat_id_to_label, _NUMBER_TYPES
+        offsets, image_positions, labels, crowd, boxes = self.offsets, self.image_positions, self.labels, self.crowd, \
+            self.boxes
+        polygon_counts, polygon_lengths, coords = self.polygon_counts, self.polygon_lengths, self.coords
+        for offset, ann in enumerate(itertools.islice(annotations, start, end)):
+            # The fast path: field look-ups and type checks only (this loop runs once per annotation).
             try:
-                image_id, box, label, segmentation, crowd = dataset._parse_annotation(ann, start + offset, images)
+                image_position = position_of[ann["image_id"]] if "id" in ann else None
+                label = cat_id_to_label[ann["category_id"]]
+                bbox, segmentation = ann["bbox"], ann["segmentation"]
+            except (KeyError, TypeError):
+                image_position = None
+            if image_position is not None and type(bbox) is list and len(bbox) == 4 \
+                    and number_types.issuperset(map(type, bbox)) and segmentation:
+                if type(segmentation) is list:
+                    count = 0
+                    for polygon in segmentation:
+                        if type(polygon) is not list or len(polygon) < 6 or len(polygon) % 2 \
+                                or not number_types.issuperset(map(type, polygon)):
+                            break
+                        polygon_lengths.append(len(polygon))
+                        coords.extend(polygon)
+                        count += 1
+                    if count == len(segmentation):
+                        polygon_counts.append(count)
+                        offsets.append(offset)
+                        image_positions.append(image_position)
+                        labels.append(label)
+                        crowd.append(bool(ann.get("iscrowd", 0)))
+                        boxes.extend(bbox)
+                        continue
+                    del coords[len(coords) - sum(polygon_lengths[len(polygon_lengths) - count:]):]
+                    del polygon_lengths[len(polygon_lengths) - count:]
+                elif type(segmentation) is dict:
+                    image = images[ann["image_id"]]
+                    try:
+                        rle = _parse_segmentation(segmentation, image["height"], image["width"],
+                                                  f"{dataset.ann_file}: annotation id {ann['id']} "
+                                                  f"(image id {ann['image_id']})")
+                    except AnnotationError as exc:
+                        self.rejected.append((offset, exc))
+                        continue
+                    self._add(offset, image_position, label, bool(ann.get("iscrowd", 0)), bbox, rle)
+                    continue
+            # Anything else: the one-annotation parser raises its error, or returns what it accepts.
+            try:
+                image_id, box, label, segmentation, is_crowd = dataset._parse_annotation(ann, start + offset, images)
             except ValueError as exc:
                 self.rejected.append((offset, exc))
                 continue
             x0, y0, x1, y1 = box
-            self._add(offset, position_of[image_id], label, crowd, [x0, y0, x1 - x0, y1 - y0],
+            self._add(offset, position_of[image_id], label, is_crowd, [x0, y0, x1 - x0, y1 - y0],
                       segmentation if isinstance(segmentation, dict) else [p.tolist() for p in segmentation])
 
-    def _add(self, offset: int, image_position: int, label: int, crowd: bool, bbox: list, segmentation) -> None:
+    def _add(self, offset: int, image_position: int, label: int, is_crowd: bool, bbox: list, segmentation) -> None:
         if isinstance(segmentation, dict):
             self.rles[len(self.offsets)] = segmentation
             self.polygon_counts.append(0)
@@ -437,7 +465,7 @@ class _ChunkReader:
         self.offsets.append(offset)
         self.image_positions.append(image_position)
         self.labels.append(label)
-        self.crowd.append(crowd)
+        self.crowd.append(is_crowd)
         self.boxes.extend(bbox)
 
     def check(self, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
@@ -656,6 +684,18 @@ class PackedAnnotations:
         if packed is None:
             raise ValueError(f"annotation cache {state['source']} changed or vanished since the dataset was built")
         self.__dict__.update(packed.__dict__)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector (if it runs) for the duration of the block."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _json_key(ann_file: Path, skip_bad_annotations: bool) -> dict:

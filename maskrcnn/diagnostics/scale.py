@@ -21,7 +21,7 @@ import os
 import resource
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -205,3 +205,130 @@ def bench_evaluation(ann_file: Union[str, Path], results_file: Union[str, Path],
     """
     return {iou_type: {backend: run_isolated(_time_evaluation, str(ann_file), str(results_file), backend, iou_type)
                        for backend in backends} for iou_type in iou_types}
+
+
+def _rss_mb() -> float:
+    """Current resident set size of this process, MiB."""
+    return memory_mb(os.getpid())["rss"]
+
+
+def _build_pycocotools(ann_file: str) -> dict:
+    import contextlib
+    import io
+
+    import torch  # noqa: F401  (imported as in a training process, so that both start from the same RSS)
+    from pycocotools.coco import COCO
+
+    baseline = _rss_mb()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        COCO(ann_file)
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline}
+
+
+def _build_ours(ann_file: str, cache: bool) -> dict:
+    from maskrcnn.data.coco import CocoDetection
+
+    baseline = _rss_mb()
+    start = time.perf_counter()
+    dataset = CocoDetection(ann_file, Path(ann_file).parent, cache=cache)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline, "rss_mb": _rss_mb(),
+            "images": len(dataset)}
+
+
+class _PycocotoolsRecords:
+    """A dataset over a pycocotools ``COCO`` index that reads each image's annotations as a loader would."""
+
+    def __init__(self, ann_file: str):
+        import contextlib
+        import io
+
+        from pycocotools.coco import COCO
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco = COCO(ann_file)
+        self.image_ids = list(self.coco.imgs)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> Tuple[int, int]:
+        """(this process's id, the image's polygon count)."""
+        anns = self.coco.imgToAnns[self.image_ids[index]]
+        np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
+        polygons = [np.array(p, dtype=np.float32) for a in anns if isinstance(a["segmentation"], list)
+                    for p in a["segmentation"]]
+        return os.getpid(), len(polygons)
+
+
+class _OurRecords:
+    """A dataset over :class:`~maskrcnn.data.coco.CocoDetection` records (the annotations, not the images)."""
+
+    def __init__(self, ann_file: str):
+        from maskrcnn.data.coco import CocoDetection
+
+        self.dataset = CocoDetection(ann_file, Path(ann_file).parent)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Tuple[int, int]:
+        """(this process's id, the image's polygon count)."""
+        record = self.dataset.record(index)
+        return os.getpid(), sum(len(s) for s in record["segmentations"] if isinstance(s, list))
+
+
+class _NoRecords:
+    """As many items as the json has images, each only its process id: the workers' memory without a dataset."""
+
+    def __init__(self, ann_file: str):
+        with open(ann_file, encoding="utf-8") as f:
+            self.length = len(json.load(f)["images"])
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Tuple[int, int]:
+        return os.getpid(), 0
+
+
+def _pids(batch: List[Tuple[int, int]]) -> set:
+    return {pid for pid, _ in batch}
+
+
+def _worker_memory(ann_file: str, kind: str, num_workers: int) -> dict:
+    import torch
+
+    dataset = {"ours": _OurRecords, "pycocotools": _PycocotoolsRecords, "none": _NoRecords}[kind](ann_file)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=512, num_workers=num_workers, collate_fn=_pids,
+                                         persistent_workers=True)
+    start = time.perf_counter()
+    pids = set()
+    for batch in tqdm(loader, desc=f"pass ({kind})", unit="batch", leave=False):
+        pids |= batch
+    seconds = time.perf_counter() - start
+    workers = [memory_mb(pid) for pid in sorted(pids)]
+    parent = memory_mb(os.getpid())
+    del loader
+    return {"pass_seconds": seconds, "workers": len(workers),
+            "workers_pss_mb": sum(w["pss"] for w in workers), "workers_uss_mb": sum(w["uss"] for w in workers),
+            "parent_pss_mb": parent["pss"], "total_pss_mb": parent["pss"] + sum(w["pss"] for w in workers)}
+
+
+def annotation_report(ann_file: Union[str, Path], *, num_workers: int = 4) -> Dict[str, dict]:
+    """Build time and peak RSS of pycocotools' ``COCO`` and of :class:`~maskrcnn.data.coco.CocoDetection`
+    (packing and writing its cache), the cache's load time, and the memory of ``num_workers`` loader workers
+    after a full pass over every image's annotations (images are not read), for both and for a dataset of
+    nothing (the workers' own memory: interpreter, torch); each in its own process.
+    """
+    ann_file = Path(ann_file)
+    cache_file = ann_file.with_name(ann_file.name + ".maskrcnn-cache")
+    cache_file.unlink(missing_ok=True)
+    report = {"pycocotools": run_isolated(_build_pycocotools, str(ann_file)),
+              "ours_build": run_isolated(_build_ours, str(ann_file), True),
+              "ours_cache_load": run_isolated(_build_ours, str(ann_file), True),
+              "ours_cache_bytes": cache_file.stat().st_size}
+    for kind in ("none", "pycocotools", "ours"):
+        report[f"workers_{kind}"] = run_isolated(_worker_memory, str(ann_file), kind, num_workers)
+    return report
