@@ -79,6 +79,14 @@ def merge_tile_detections(boxes: Tensor, scores: Tensor, labels: Tensor, tiles: 
     merge_thresh: in (0, 1], the IoU two detections must reach inside the area their tiles share.
     Returns the groups as lists of detection indices, the group's top scorer first, groups by that score.
     """
+    # tiles sharing an area with each tile, and the detections of each tile
+    wh = (torch.minimum(tile_boxes[:, None, 2:], tile_boxes[None, :, 2:])
+          - torch.maximum(tile_boxes[:, None, :2], tile_boxes[None, :, :2])).clamp(min=0)  # (T, T, 2)
+    touching = (wh.prod(2) > 0) & ~torch.eye(len(tile_boxes), dtype=torch.bool)
+    neighbours = [torch.nonzero(row, as_tuple=False)[:, 0].tolist() for row in touching]
+    by_tile: Dict[int, Tensor] = {}
+    for tile in torch.unique(tiles).tolist():
+        by_tile[tile] = torch.nonzero(tiles == tile, as_tuple=False)[:, 0]
     order = torch.argsort(scores, descending=True, stable=True).tolist()
     free = torch.ones(len(order), dtype=torch.bool)
     groups = []
@@ -91,8 +99,11 @@ def merge_tile_detections(boxes: Tensor, scores: Tensor, labels: Tensor, tiles: 
         while checked < len(group):  # every member, new ones included, may pull in more pieces
             member = group[checked]
             checked += 1
-            candidates = torch.nonzero(free & (labels == labels[first]), as_tuple=False)[:, 0]
-            candidates = candidates[[int(tiles[c]) not in group_tiles for c in candidates.tolist()]]
+            pools = [by_tile[t] for t in neighbours[int(tiles[member])] if t in by_tile and t not in group_tiles]
+            if not pools:
+                continue
+            candidates = torch.cat(pools)
+            candidates = candidates[free[candidates] & (labels[candidates] == labels[first])]
             if not len(candidates):
                 continue
             region_a, region_b = tile_boxes[tiles[member]], tile_boxes[tiles[candidates]]
@@ -109,22 +120,28 @@ def merge_tile_detections(boxes: Tensor, scores: Tensor, labels: Tensor, tiles: 
     return groups
 
 
-def _merged_mask(mask_probs: Tensor, boxes: Tensor, image_size: Tuple[int, int], threshold: float,
-                 memory_mb: float) -> dict:
-    """COCO RLE of the union of pieces' masks, each ``(S, S)`` probabilities pasted over its ``(4,)`` box."""
-    regions = [(x0, y0, region) for x0, y0, region in
-               paste_mask_regions(mask_probs, boxes, image_size, threshold=threshold, memory_mb=memory_mb)
-               if region.numel()]
-    if not regions:
-        return encode_mask_regions([(0, 0, torch.zeros(0, 0, dtype=torch.bool))], image_size)[0]
-    x0 = min(x for x, _, _ in regions)
-    y0 = min(y for _, y, _ in regions)
-    x1 = max(x + r.shape[1] for x, _, r in regions)
-    y1 = max(y + r.shape[0] for _, y, r in regions)
-    union = torch.zeros(y1 - y0, x1 - x0, dtype=torch.bool)
-    for x, y, region in regions:
-        union[y - y0:y - y0 + region.shape[0], x - x0:x - x0 + region.shape[1]] |= region.cpu()
-    return encode_mask_regions([(x0, y0, union)], image_size)[0]
+def _merged_masks(groups: List[List[int]], mask_probs: Tensor, boxes: Tensor, image_size: Tuple[int, int],
+                  threshold: float, memory_mb: float) -> List[dict]:
+    """COCO RLE per group of the union of its pieces' masks, each piece's ``(S, S)`` probabilities pasted
+    over its box only (one chunked paste over all pieces, group after group)."""
+    flat = torch.tensor([i for group in groups for i in group], dtype=torch.int64)
+    regions = paste_mask_regions(mask_probs[flat], boxes[flat], image_size, threshold=threshold, memory_mb=memory_mb)
+    out = []
+    for group in groups:
+        pieces = [next(regions) for _ in group]
+        nonempty = [(x, y, region) for x, y, region in pieces if region.numel()]
+        if len(nonempty) <= 1:
+            out.extend(encode_mask_regions(nonempty or pieces[:1], image_size))
+            continue
+        pieces = nonempty
+        x0, y0 = min(x for x, _, _ in pieces), min(y for _, y, _ in pieces)
+        x1 = max(x + region.shape[1] for x, _, region in pieces)
+        y1 = max(y + region.shape[0] for _, y, region in pieces)
+        union = torch.zeros(y1 - y0, x1 - x0, dtype=torch.bool)
+        for x, y, region in pieces:
+            union[y - y0:y - y0 + region.shape[0], x - x0:x - x0 + region.shape[1]] |= region.cpu()
+        out.extend(encode_mask_regions([(x0, y0, union)], image_size))
+    return out
 
 
 @torch.inference_mode()
@@ -181,8 +198,7 @@ def detect_tiled(model: MaskRCNN, image: Tensor, *, class_names: Sequence[str], 
         if groups else torch.zeros(0, 4)
     masks = None
     if mask_format == "rle":
-        masks = [_merged_mask(probs[g], boxes[g], image_size, model.mask_threshold, model.paste_memory_mb)
-                 for g in groups]
+        masks = _merged_masks(groups, probs, boxes, image_size, model.mask_threshold, model.paste_memory_mb)
     merged_labels = labels[first]
     return Instances(boxes=merged_boxes, scores=scores[first], labels=merged_labels,
                      class_names=[class_names[label - 1] for label in merged_labels.tolist()], masks=masks,

@@ -332,3 +332,46 @@ def annotation_report(ann_file: Union[str, Path], *, num_workers: int = 4) -> Di
     for kind in ("none", "pycocotools", "ours"):
         report[f"workers_{kind}"] = run_isolated(_worker_memory, str(ann_file), kind, num_workers)
     return report
+
+
+def _tiled_inference(config_path: str, height: int, width: int, tile_size: int, tile_overlap: int,
+                     tiles_per_batch: int, score_thresh: float, threads: Optional[int]) -> dict:
+    import cv2
+    import torch
+
+    from maskrcnn.config import load_config
+    from maskrcnn.predictor import Predictor
+    from maskrcnn.tiling import tile_grid
+
+    if threads:
+        torch.set_num_threads(threads)
+    # the model sees each tile at its own size: no resize
+    cfg = load_config(config_path, [f"model.input.min_size=[{tile_size}]", f"model.input.max_size={tile_size}"])
+    torch.manual_seed(0)
+    predictor = Predictor(cfg, None, score_thresh=score_thresh, tile_size=tile_size, tile_overlap=tile_overlap,
+                          tiles_per_batch=tiles_per_batch)
+    rng = np.random.default_rng(0)
+    image = np.full((height, width, 3), 90, dtype=np.uint8)
+    for _ in range(height * width // 40_000):  # an object every 200 x 200 pixels on average
+        cx, cy = int(rng.integers(0, width)), int(rng.integers(0, height))
+        axes = (int(rng.integers(10, 120)), int(rng.integers(10, 120)))
+        cv2.ellipse(image, (cx, cy), axes, float(rng.uniform(0, 180)), 0, 360, rng.integers(0, 256, 3).tolist(), -1)
+    baseline = _rss_mb()
+    start = time.perf_counter()
+    result = predictor(image)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline,
+            "image_float_mb": 3 * height * width * 4 / 2**20, "tiles": len(tile_grid((height, width), tile_size,
+                                                                                     tile_overlap)),
+            "detections": len(result), "full_canvas_per_detection_mb": len(result) * height * width / 2**20}
+
+
+def tiled_inference_figures(config_path: Union[str, Path], *, height: int = 6000, width: int = 8000,
+                            tile_size: int = 512, tile_overlap: int = 128, tiles_per_batch: int = 4,
+                            score_thresh: float = 0.3, threads: Optional[int] = None) -> dict:
+    """Time and peak RSS of :class:`~maskrcnn.predictor.Predictor` tiling one ``height x width`` image of
+    synthetic ellipses with the configuration's model (seeded random weights, no resize of the tiles), in
+    its own process. Also the RSS before the call (model and image loaded), the float image's size, the
+    tile and detection counts, and what one full-size bool canvas per detection would have taken."""
+    return run_isolated(_tiled_inference, str(config_path), height, width, tile_size, tile_overlap, tiles_per_batch,
+                        score_thresh, threads)
