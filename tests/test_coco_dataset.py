@@ -530,3 +530,11 @@ def test_processes_starting_at_once_build_once(shapes, tmp_path):
         assert p.exitcode == 0
     assert len(builds.read_text().split()) == 1
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_annotation_with_several_faults_reports_the_first_check(tmp_path):
+    data = _tiny_coco()
+    data["annotations"][1].update(bbox=[50, 3, 20, 12], segmentation={"size": [41, 60], "counts": "PX1"})
+    ann_file, image_dir = _write(tmp_path, data, images=False)
+    with pytest.raises(ValueError, match=r"annotation id 11 \(image id 1\): bbox .* lies outside"):
+        CocoDetection(ann_file, image_dir, cache=False)

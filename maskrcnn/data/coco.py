@@ -435,14 +435,12 @@ class _ChunkReader:
                 elif type(segmentation) is dict:
                     image = images[ann["image_id"]]
                     try:
-                        rle = _parse_segmentation(segmentation, image["height"], image["width"],
-                                                  f"{dataset.ann_file}: annotation id {ann['id']} "
-                                                  f"(image id {ann['image_id']})")
-                    except AnnotationError as exc:
-                        self.rejected.append((offset, exc))
+                        rle = _parse_segmentation(segmentation, image["height"], image["width"], "")
+                    except AnnotationError:
+                        rle = None  # the one-annotation parser below words the error (its box comes first)
+                    if rle is not None:
+                        self._add(offset, image_position, label, bool(ann.get("iscrowd", 0)), bbox, rle)
                         continue
-                    self._add(offset, image_position, label, bool(ann.get("iscrowd", 0)), bbox, rle)
-                    continue
             # Anything else: the one-annotation parser raises its error, or returns what it accepts.
             try:
                 image_id, box, label, segmentation, is_crowd = dataset._parse_annotation(ann, start + offset, images)
