@@ -171,7 +171,7 @@ def test_tiled_and_untiled_detections_agree():
         assert _mask_iou(tiled.masks[j], truth.astype(bool)) > 0.9
 
 
-def test_tiled_detection_only_returns_rle_or_no_masks():
+def test_tiled_detection_returns_rle_or_no_masks_and_handles_no_detections():
     image, _ = _scene(100, 100, [(1, 50, 50, 20, 20)])
     with pytest.raises(ValueError, match="full-size bitmap"):
         detect_tiled(ColourDetector(), image, class_names=["red", "green"], tile_size=64, tile_overlap=16,
@@ -179,6 +179,9 @@ def test_tiled_detection_only_returns_rle_or_no_masks():
     none = detect_tiled(ColourDetector(), image, class_names=["red", "green"], tile_size=64, tile_overlap=16,
                         mask_format="none")
     assert len(none) == 1 and none.masks is None
+    blank, _ = _scene(100, 100, [])
+    empty = detect_tiled(ColourDetector(), blank, class_names=["red", "green"], tile_size=64, tile_overlap=16)
+    assert len(empty) == 0 and empty.masks == [] and empty.boxes.shape == (0, 4)
 
 
 # ---------------------------------------------------------------- the real model, random weights
