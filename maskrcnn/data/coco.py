@@ -45,7 +45,6 @@ from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple, Un
 
 import cv2
 import numpy as np
-import orjson
 import pycocotools.mask as mask_utils
 import torch
 from PIL import Image
@@ -250,14 +249,16 @@ class CocoDetection(torch.utils.data.Dataset):
 
 
 def _load_json(path: Path) -> dict:
-    """The parsed json (orjson: a third of the time of the standard library's parser on COCO-sized files)."""
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
-        data = orjson.loads(path.read_bytes())
-    except orjson.JSONDecodeError as exc:  # also for bytes that are not UTF-8
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno} "
                          f"(character {exc.pos}): {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("categories"), list) or not isinstance(data.get("annotations", []), list):
         raise ValueError(f"{path}: expected a COCO object with 'images' and 'categories' lists "
