@@ -177,7 +177,8 @@ class Predictor:
     def __call__(self, inputs: Union[ImageInput, Sequence[ImageInput]], *,
                  bgr: Optional[bool] = None) -> Union[Instances, List[Instances]]:
         """Detect instances in one image (returns one :class:`Instances`) or a list (returns a list, run as
-        one batch; tiled, image after image). ``bgr`` overrides the predictor's setting for NumPy inputs of this call."""
+        one batch; tiled, image after image). ``bgr`` overrides the predictor's setting for NumPy inputs of
+        this call."""
         bgr = self.bgr if bgr is None else bgr
         single = not isinstance(inputs, (list, tuple))
         items = [inputs] if single else list(inputs)

@@ -50,13 +50,14 @@ def main(argv=None) -> None:
             ("cached: peak RSS (MiB)", coco["peak_rss_mb"], load["peak_rss_mb"]),
             (f"{workers_ours['workers']} workers' PSS after a pass (MiB)", workers_coco["workers_pss_mb"],
              workers_ours["workers_pss_mb"]),
-            ("  their private memory (MiB)", workers_coco["workers_uss_mb"], workers_ours["workers_uss_mb"]),
+            ("  their anonymous memory (MiB)", workers_coco["workers_anonymous_mb"],
+             workers_ours["workers_anonymous_mb"]),
             ("  main + workers PSS (MiB)", workers_coco["total_pss_mb"], workers_ours["total_pss_mb"])]
     bare = report["workers_none"]
     for name, theirs, ours in rows:
         print(f"{name:34}{theirs:12.1f}{ours:10.1f}{theirs / ours:7.2f}x")
-    print(f"workers without any dataset: PSS {bare['workers_pss_mb']:.1f} MiB, private {bare['workers_uss_mb']:.1f} MiB; "
-          f"main + workers {bare['total_pss_mb']:.1f} MiB")
+    print(f"workers without any dataset: PSS {bare['workers_pss_mb']:.1f} MiB, "
+          f"anonymous {bare['workers_anonymous_mb']:.1f} MiB; main + workers {bare['total_pss_mb']:.1f} MiB")
     print("ratio: pycocotools / ours (above 1: ours is faster or smaller); the cached rows compare pycocotools' "
           "build with our cache load")
 

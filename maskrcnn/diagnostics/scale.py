@@ -154,15 +154,15 @@ def peak_rss_mb() -> float:
 
 
 def memory_mb(pid: int) -> Dict[str, float]:
-    """``rss``, ``pss`` and ``uss`` (private pages) of process ``pid`` in MiB, from ``/proc/pid/smaps_rollup``."""
+    """``rss``, ``pss`` and ``anonymous`` (heap and copied-on-write pages, not file-backed ones such as a
+    memory-mapped cache) of process ``pid`` in MiB, from ``/proc/pid/smaps_rollup``."""
     fields = {}
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
             parts = line.split()
             if len(parts) == 3 and parts[2] == "kB":
                 fields[parts[0].rstrip(":")] = int(parts[1]) / 1024
-    return {"rss": fields["Rss"], "pss": fields["Pss"],
-            "uss": fields.get("Private_Clean", 0.0) + fields.get("Private_Dirty", 0.0)}
+    return {"rss": fields["Rss"], "pss": fields["Pss"], "anonymous": fields["Anonymous"]}
 
 
 def _child(function: Callable, args: tuple, queue) -> None:
@@ -216,7 +216,7 @@ def _build_pycocotools(ann_file: str) -> dict:
     import contextlib
     import io
 
-    import torch  # noqa: F401  (imported as in a training process, so that both start from the same RSS)
+    import maskrcnn.data.coco  # noqa: F401  (what a training process imports: both start from the same RSS)
     from pycocotools.coco import COCO
 
     baseline = _rss_mb()
@@ -312,7 +312,8 @@ def _worker_memory(ann_file: str, kind: str, num_workers: int) -> dict:
     parent = memory_mb(os.getpid())
     del loader
     return {"pass_seconds": seconds, "workers": len(workers),
-            "workers_pss_mb": sum(w["pss"] for w in workers), "workers_uss_mb": sum(w["uss"] for w in workers),
+            "workers_pss_mb": sum(w["pss"] for w in workers),
+            "workers_anonymous_mb": sum(w["anonymous"] for w in workers),
             "parent_pss_mb": parent["pss"], "total_pss_mb": parent["pss"] + sum(w["pss"] for w in workers)}
 
 
