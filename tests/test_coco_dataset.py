@@ -176,6 +176,36 @@ BAD_ANNOTATIONS = {
 }
 
 
+# Compressed RLE of the 60 x 40 image 1: runs that miss the image size, and strings that do not decode.
+BAD_COMPRESSED_RLE = {
+    "runs short of the image": ("0`0", "cover 2400 pixels|cover .* pixels"),
+    "character outside the alphabet": ("PX1~~", "do not decode: character '~'"),
+    "cut off inside a run": ("Pm", "do not decode: the counts string ends inside a run length"),
+    "negative run": ("@", "do not decode: run 0 has a negative length"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_COMPRESSED_RLE))
+def test_bad_compressed_rle_is_refused_at_load(tmp_path, case):
+    counts, message = BAD_COMPRESSED_RLE[case]
+    data = _tiny_coco()
+    data["annotations"][1]["segmentation"] = {"size": [40, 60], "counts": counts}
+    ann_file, image_dir = _write(tmp_path, data, images=False)
+    with pytest.raises(ValueError, match=message) as info:
+        CocoDetection(ann_file, image_dir)
+    assert str(ann_file) in str(info.value) and "annotation id 11 (image id 1)" in str(info.value)
+
+
+def test_compressed_rle_of_the_wrong_length_is_refused_at_load(tmp_path):
+    data = _tiny_coco()
+    short = mask_utils.encode(np.asfortranarray(_rle_of_box(40, 59, 30, 5, 50, 25)))  # one column short
+    data["annotations"][1]["segmentation"] = {"size": [40, 60], "counts": short["counts"].decode()}
+    ann_file, image_dir = _write(tmp_path, data, images=False)
+    with pytest.raises(ValueError, match=r"annotation id 11 \(image id 1\): compressed RLE runs cover 2360 "
+                                         r"pixels, the 60x40 image has 2400"):
+        CocoDetection(ann_file, image_dir)
+
+
 @pytest.mark.parametrize("reason", sorted(BAD_ANNOTATIONS))
 def test_bad_annotation_raises_naming_file_annotation_and_image(tmp_path, reason):
     data = _tiny_coco()

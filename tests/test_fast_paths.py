@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d, batched_nms, box_iou
+from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from maskrcnn.reference import our_model_from, sample_images, well_conditioned_torchvision_model
 from maskrcnn.config import Config
@@ -14,7 +14,7 @@ from maskrcnn.modeling.backbone import ResNet, fold_batchnorm
 from maskrcnn.modeling.fpn import add_upsampled
 from maskrcnn.modeling.mask_head import MaskHead
 from maskrcnn.modeling.maskrcnn import prepare_for_inference
-from maskrcnn.modeling.postprocess import to_original_image, top_class_nms
+from maskrcnn.modeling.postprocess import to_original_image
 
 TOP = 10  # the most confident detections, compared between precisions
 
@@ -116,20 +116,6 @@ def test_add_upsampled_handles_odd_sizes():
     lateral, top_down = torch.randn(1, 2, 7, 9), torch.randn(1, 2, 4, 5)
     expected = lateral + F.interpolate(top_down, size=(7, 9), mode="nearest")
     assert torch.equal(add_upsampled(lateral.clone(), top_down), expected)
-
-
-@pytest.mark.parametrize("topk", [1, 5, 40, 500])
-def test_top_class_nms_equals_batched_nms(topk):
-    g = torch.Generator().manual_seed(topk)
-    # Clustered boxes over few classes: most candidates are suppressed, so the search must grow.
-    centres = torch.rand(30, 2, generator=g) * 200
-    boxes = centres.repeat(40, 1) + torch.randn(1200, 2, generator=g) * 4
-    sizes = 20 + torch.rand(1200, 2, generator=g) * 10
-    boxes = torch.cat([boxes - sizes / 2, boxes + sizes / 2], dim=1)
-    scores = torch.rand(1200, generator=g)
-    labels = torch.randint(1, 4, (1200,), generator=g)
-    expected = batched_nms(boxes, scores, labels, 0.5)[:topk]
-    assert torch.equal(top_class_nms(boxes, scores, labels, 0.5, topk), expected)
 
 
 @pytest.fixture(scope="module")

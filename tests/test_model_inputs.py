@@ -219,7 +219,7 @@ def test_pretrained_backbone_without_network_names_the_file(monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(weights_api, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match=r"resnet18-.*\.pth.*pretrained=false"):
+    with pytest.raises(FileNotFoundError, match=r"resnet18-.*\.pth.*set model\.backbone\.pretrained=false"):
         ResNet(depth=18, pretrained=True)
 
 

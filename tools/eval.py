@@ -12,6 +12,7 @@ Prints COCOeval's 12-number summaries and a per-category AP table, and writes ``
 import argparse
 from pathlib import Path
 
+from maskrcnn.cli import run
 from maskrcnn.distributed import cleanup, get_local_rank, init_distributed
 from maskrcnn.evaluation.coco_evaluator import BACKENDS, evaluate
 from maskrcnn.predictor import PRECISIONS, Predictor
@@ -50,4 +51,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -43,14 +43,15 @@ from collections import Counter
 from pathlib import Path
 from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 
-from maskrcnn.fileio import atomic_write
+from maskrcnn.fileio import atomic_write, read_image
+from maskrcnn.rle import compressed_run_lengths
 from maskrcnn.structures import BitMasks, InstanceMasks, PolygonMasks
 
 BOUNDS_TOLERANCE = 1.0  # boxes and polygons may exceed the image by this many pixels; they are clipped
@@ -148,18 +149,22 @@ class CocoDetection(torch.utils.data.Dataset):
         """
         return self._records[int(self._positions[range(len(self))[index]])]
 
-    def check_images(self) -> None:
+    def check_images(self, *, progress: bool = False) -> None:
         """Check that every image file exists, is a readable image and has the size the json gives.
 
-        Reads only file headers. Raises ``ValueError`` listing every bad file (with its image id).
+        Reads only file headers (a progress bar with ``progress``). Raises ``FileNotFoundError`` when
+        every problem is a missing file and ``ValueError`` otherwise, listing every bad file with its image id.
         """
         problems = []
-        for index in range(len(self)):
+        missing = 0
+        for index in tqdm(range(len(self)), desc="checking images", unit="img", disable=not progress,
+                          mininterval=1.0):
             record = self.record(index)
             path = self.image_dir / record["file_name"]
             where = f"image id {record['image_id']} in {self.ann_file}"
             if not path.is_file():
                 problems.append(f"image file {path} not found ({where})")
+                missing += 1
                 continue
             try:
                 with Image.open(path) as img:
@@ -172,20 +177,16 @@ class CocoDetection(torch.utils.data.Dataset):
         if problems:
             shown = "\n  ".join(problems[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise ValueError(f"{len(problems)} bad image files:\n  {shown}{more}")
+            error = FileNotFoundError if missing == len(problems) else ValueError
+            raise error(f"{len(problems)} bad image file{'s' if len(problems) > 1 else ''}:\n  {shown}{more}")
 
     def _read_image(self, record: dict) -> np.ndarray:
         """The image file as ``(H, W, 3)`` uint8 RGB, raw pixel order (EXIF orientation ignored, as COCO)."""
         path = self.image_dir / record["file_name"]
-        where = f"image id {record['image_id']} in {self.ann_file}"
-        if not path.is_file():
-            raise FileNotFoundError(f"image file {path} not found ({where})")
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-        if image is None:
-            raise ValueError(f"cannot read image file {path} ({where})")
+        image = read_image(path, where=f"image id {record['image_id']} in {self.ann_file}")
         if image.shape[:2] != (record["height"], record["width"]):
             raise ValueError(_size_mismatch(path, image.shape[:2], record, self.ann_file))
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return image
 
     def _pack(self, skip_bad_annotations: bool) -> "PackedAnnotations":
         """Read and validate the json into packed arrays (see :class:`PackedAnnotations`).
@@ -350,8 +351,16 @@ def _parse_segmentation(segmentation, height: int, width: int, where: str):
                                       f"summing to {height * width}", "malformed segmentation")
             return mask_utils.frPyObjects(segmentation, height, width)
         if isinstance(counts, str):
-            counts = counts.encode("ascii")
+            counts = counts.encode("utf-8")
         if isinstance(counts, bytes):
+            try:
+                total = int(compressed_run_lengths(counts).sum())
+            except ValueError as exc:
+                raise AnnotationError(f"{where}: compressed RLE counts do not decode: {exc}",
+                                      "malformed segmentation") from None
+            if total != height * width:
+                raise AnnotationError(f"{where}: compressed RLE runs cover {total} pixels, the {width}x{height} "
+                                      f"image has {height * width}", "malformed segmentation")
             return {"size": [height, width], "counts": counts}
     raise AnnotationError(f"{where}: segmentation is neither a list of polygons nor an RLE object",
                           "malformed segmentation")

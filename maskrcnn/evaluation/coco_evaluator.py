@@ -258,6 +258,7 @@ def evaluate(model: Union[MaskRCNN, DistributedDataParallel], ann_file: Union[st
     """
     _backend_api(backend)
     dataset = CocoDetection(ann_file, image_dir)
+    dataset.check_images(progress=verbose and get_rank() == 0)  # a bad file fails now, not mid-inference
     start = time.perf_counter()
     results = run_inference(model, dataset, batch_size=batch_size, device=device, precision=precision,
                             with_masks="segm" in iou_types, num_workers=num_workers, progress=verbose,
