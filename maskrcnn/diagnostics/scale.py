@@ -300,6 +300,8 @@ def _pids(batch: List[Tuple[int, int]]) -> set:
 def _worker_memory(ann_file: str, kind: str, num_workers: int) -> dict:
     import torch
 
+    import maskrcnn.data.coco  # noqa: F401  (every kind forks its workers from the same imports)
+
     dataset = {"ours": _OurRecords, "pycocotools": _PycocotoolsRecords, "none": _NoRecords}[kind](ann_file)
     loader = torch.utils.data.DataLoader(dataset, batch_size=512, num_workers=num_workers, collate_fn=_pids,
                                          persistent_workers=True)
