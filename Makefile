@@ -5,8 +5,11 @@ STAMP := $(VENV)/.installed
 DEMO := output/demo
 SHAPES := data/shapes
 DEMO_CONFIG := configs/maskrcnn_R18_FPN_small.yaml
+# A smaller or longer demo: make demo SHAPES_OPTS="--num-train 200 --num-val 50" DEMO_OVERRIDES="solver.max_iter=100"
+SHAPES_OPTS ?=
+DEMO_OVERRIDES ?=
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo figures transfer clean
 
 # Create the virtual environment from nothing and install the package with its test extras.
 $(STAMP): setup.cfg pyproject.toml
@@ -24,8 +27,8 @@ test: setup
 # Generate the shapes data (reused when present), train the small model (resumed when a checkpoint
 # exists), evaluate it and draw validation overlays.
 demo: setup
-	$(PY) tools/make_shapes.py --out $(SHAPES)
-	$(PY) tools/train.py --config $(DEMO_CONFIG) --resume train.output_dir=$(DEMO)
+	$(PY) tools/make_shapes.py --out $(SHAPES) $(SHAPES_OPTS)
+	$(PY) tools/train.py --config $(DEMO_CONFIG) --resume train.output_dir=$(DEMO) $(DEMO_OVERRIDES)
 	$(PY) tools/eval.py --checkpoint $(DEMO)/model_final.pth --ann $(SHAPES)/annotations/instances_val.json \
 		--images $(SHAPES)/val --output $(DEMO)
 	$(PY) tools/infer.py --checkpoint $(DEMO)/model_final.pth --input $(SHAPES)/val --output $(DEMO)/overlays \
@@ -37,5 +40,17 @@ demo: setup
 	@echo "overlays:     $(DEMO)/overlays/"
 	@$(PY) -c "import json; m = json.load(open('$(DEMO)/metrics.json')); print(f\"mask AP {m['segm']['AP']:.3f}  box AP {m['bbox']['AP']:.3f}  (shapes val, {m['images']} images)\")"
 
+# Redraw the committed figures of docs/how-it-works.md from the demo model (run make demo first).
+figures: setup
+	$(PY) tools/explain.py --checkpoint $(DEMO)/model_final.pth --shapes --output docs/figures \
+		--log $(DEMO)/metrics.jsonl --metrics $(DEMO)/metrics.json
+
+# Train the demo configuration on 100 images of shapes the demo model never saw (stars, hexagons,
+# crosses), from scratch and from the demo checkpoint, and print both APs at 100, 200 and 300 iterations.
+transfer: setup
+	test -f $(DEMO)/model_final.pth || $(MAKE) demo
+	$(PY) tools/transfer_demo.py --checkpoint $(DEMO)/model_final.pth --config $(DEMO_CONFIG) \
+		--data data/shapes_novel --output output/transfer --max-iter 300 --eval-period 100
+
 clean:
-	rm -rf $(VENV) $(DEMO)
+	rm -rf $(VENV) $(DEMO) output/transfer

@@ -88,6 +88,7 @@ class ModelConfig:
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
     fast_roi_align: bool = True  # RoIAlign as an embedding_bag gather (same values, much faster backward on CPU)
     paste_memory_mb: int = 256  # memory budget (MiB) of the chunked mask paste at inference
+    weights: str = ""  # start training from this checkpoint or torchvision .pth; class rows matched by name
 
 
 @dataclass
@@ -98,6 +99,7 @@ class DataConfig:
     val_images: str = "data/shapes/val"  # image folder for evaluation
     filter_empty: bool = True  # drop training images that have no usable annotation
     skip_bad_annotations: bool = False  # skip malformed annotations with a warning count instead of failing
+    annotation_cache: bool = True  # pack the annotations into a memory-mapped cache file beside each json
     flip_prob: float = 0.5  # probability of a horizontal flip in training
     num_workers: int = 2  # DataLoader worker processes
     aspect_ratio_grouping: bool = True  # batch landscape and portrait images separately
@@ -150,24 +152,83 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     """Defaults, merged with a YAML file (if given), then with ``key.sub=value`` overrides.
 
     Returns a :class:`Config` dataclass instance. Raises ``FileNotFoundError`` for a missing file and
-    ``ValueError`` naming the key for an unknown key or a value of the wrong type.
+    ``ValueError`` for an unknown key (with the full key it most likely meant), a value of the wrong type
+    or an unusable value (:func:`check_config`), naming the file or the override it came from.
     """
     merged = OmegaConf.structured(Config)
-    try:
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise FileNotFoundError(f"config file not found: {path}")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        for item in overrides:
-            if "=" not in item:
-                raise ValueError(f"override {item!r} is not of the form key.sub=value")
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as exc:
-        where = f" in {path}" if path is not None else ""
-        raise ValueError(f"bad configuration{where}: {exc}") from None
-    return OmegaConf.to_object(merged)
+        except OmegaConfBaseException as exc:
+            raise ValueError(f"bad configuration in {path}: {_describe(exc)}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise ValueError(f"bad override {item!r}: {_describe(exc, item.split('=', 1)[0].strip())}") from None
+    cfg = OmegaConf.to_object(merged)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config) -> None:
+    """ValueError naming the key for a value that has the right type but cannot work."""
+    i = cfg.model.input
+    if not i.min_size or any(s <= 0 for s in i.min_size):
+        raise ValueError(f"model.input.min_size must be a non-empty list of positive sizes, got {list(i.min_size)}")
+    for key, value in (("model.input.max_size", i.max_size), ("model.input.size_divisible", i.size_divisible),
+                       ("model.roi_heads.num_classes", cfg.model.roi_heads.num_classes),
+                       ("solver.ims_per_batch", cfg.solver.ims_per_batch)):
+        if value <= 0:
+            raise ValueError(f"{key} must be positive, got {value}")
+    for key, values in (("model.input.pixel_mean", i.pixel_mean), ("model.input.pixel_std", i.pixel_std)):
+        if len(values) != 3:
+            raise ValueError(f"{key} needs one value per RGB channel (3), got {list(values)}")
+    if any(s <= 0 for s in i.pixel_std):
+        raise ValueError(f"model.input.pixel_std must be positive, got {list(i.pixel_std)}")
+
+
+def _all_keys(node=None, prefix: str = "") -> List[str]:
+    """Every leaf key of the configuration, dotted (``model.backbone.depth``, ...)."""
+    import dataclasses
+
+    node = Config() if node is None else node
+    keys = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _all_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _describe(exc: OmegaConfBaseException, written: str = "") -> str:
+    """OmegaConf's error as one line naming the full key; for an unknown key, the keys it may have meant.
+
+    written: the whole dotted key as the user wrote it (OmegaConf names only its first unknown part).
+    """
+    full_key = getattr(exc, "full_key", None) or ""
+    message = str(getattr(exc, "msg", None) or exc).splitlines()[0]
+    if "not in" in message and full_key:
+        import difflib
+
+        if written.startswith(full_key):
+            full_key = written
+        keys = _all_keys()
+        leaf = full_key.split(".")[-1]
+        meant = [k for k in keys if k.endswith("." + full_key) or k == full_key]
+        meant += [k for k in difflib.get_close_matches(full_key, keys, n=3, cutoff=0.6) if k not in meant]
+        if not meant:
+            meant = [k for k in keys if k.split(".")[-1] == leaf][:3]
+        hint = f"; did you mean {' or '.join(meant)}?" if meant else ""
+        return f"unknown key {full_key!r}{hint}"
+    return f"{message} (key {full_key})" if full_key else message
 
 
 def config_to_yaml(cfg: Config) -> str:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .config import Config, config_to_dict
+from .fileio import atomic_write
 
 _RULES = [
     (r"^backbone\.body\.(.*)$", r"backbone.\1"),
@@ -105,7 +106,5 @@ def convert_torchvision_checkpoint(src: str | Path, dst: str | Path, class_names
                # torchvision's COCO labels are the category ids themselves
                "label_to_cat_id": {i: i for i in range(1, k + 1)}}
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(dst)
+    atomic_write(dst, lambda f: torch.save(payload, f))
     return cfg

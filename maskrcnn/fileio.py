@@ -51,17 +51,30 @@ def save_json(path: Union[str, Path], obj) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def read_image(path: Union[str, Path]) -> np.ndarray:
+def read_image(path: Union[str, Path], where: str = "") -> np.ndarray:
     """Decode an image file to an ``(H, W, 3)`` uint8 RGB array.
 
     Grayscale, 16-bit and RGBA files are converted to 8-bit RGB (alpha dropped). EXIF orientation is
     ignored: the pixels are returned as stored, the grid COCO annotations refer to.
+    where: context for error messages, e.g. "image id 3 in instances.json".
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for one that does not decode.
     """
     path = Path(path)
+    context = f" ({where})" if where else ""
     if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
+        raise FileNotFoundError(f"image file {path} not found{context}")
     image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
-        raise ValueError(f"cannot decode image file {path}: not an image format OpenCV reads")
+        raise ValueError(f"cannot read image file {path}{context}: not an image format OpenCV decodes")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_class_names(path: Union[str, Path]) -> list:
+    """Non-empty lines of a text file, stripped: one class name per line, for labels 1..K in order.
+
+    Raises ``FileNotFoundError`` naming the file when it is absent.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class names file not found: {path}")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

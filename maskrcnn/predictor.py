@@ -4,6 +4,7 @@
     result = predictor("street.jpg")             # one Instances
     results = predictor([array, pil_image])      # a list of Instances, run as one batch
     result.filter(0.5).to_coco(image_id=42)      # COCO result dicts
+    big = Predictor.from_checkpoint(path, tile_size=1024, tile_overlap=256)("slide.tif")  # tile by tile, RLE masks
 
 Shorthand: N detections of one image, H x W the original image size, K object classes (labels 1..K).
 
@@ -26,6 +27,7 @@ from maskrcnn.inference import (MASK_FORMATS, PRECISIONS, ImageInput, check_opti
                                 to_image_tensor, to_image_tensors)
 from maskrcnn.modeling.maskrcnn import build_model, prepare_for_inference
 from maskrcnn.structures import Instances
+from maskrcnn.tiling import detect_tiled
 
 __all__ = ["Predictor", "Instances", "read_image", "to_image_tensor", "detect", "PRECISIONS", "MASK_FORMATS"]
 
@@ -40,21 +42,32 @@ class Predictor:
     precision: "fp32" or "bf16" (bfloat16 autocast around the forward).
     score_thresh: detections scoring below this are dropped (replaces ``roi_heads.score_thresh``; None keeps
         the configured value).
-    mask_format: "bitmap", "rle" or "none" (see :func:`detect`).
+    mask_format: "bitmap", "rle" or "none" (see :func:`detect`); default "bitmap", or "rle" when tiling.
     bgr: NumPy inputs are BGR (OpenCV order) unless a call says otherwise.
     label_to_cat_id: the model's label -> category id map (a checkpoint's ``label_to_cat_id``), used by
         ``Instances.to_coco``; None: labels are the category ids.
     categories: a dataset's COCO categories (dicts with ``id`` and ``name``) to report in: each label is
         matched to one of them (by ``label_to_cat_id``, else by name, see
         :func:`~maskrcnn.inference.match_categories`) and detections of labels the dataset lacks are dropped.
+    tile_size, tile_overlap: run each image tile by tile (:mod:`maskrcnn.tiling`), ``tile_size`` pixels square
+        tiles overlapping by ``tile_overlap``, for images far larger than the model's input; detections that
+        tile borders cut or repeat are merged; masks come back as RLE ("rle") or not at all ("none").
+    tiles_per_batch: tiles per forward pass when tiling (memory grows with it).
     """
 
     def __init__(self, config: Config, weights: Union[dict, str, Path, None], *,
                  class_names: Optional[Sequence[str]] = None, device: Union[str, torch.device] = "cpu",
-                 precision: str = "fp32", score_thresh: Optional[float] = 0.05, mask_format: str = "bitmap",
+                 precision: str = "fp32", score_thresh: Optional[float] = 0.05, mask_format: Optional[str] = None,
                  bgr: bool = False, label_to_cat_id: Optional[Dict[int, int]] = None,
-                 categories: Optional[Sequence[dict]] = None):
+                 categories: Optional[Sequence[dict]] = None, tile_size: Optional[int] = None,
+                 tile_overlap: int = 128, tiles_per_batch: int = 4):
+        if mask_format is None:
+            mask_format = "bitmap" if tile_size is None else "rle"
         check_options(precision, mask_format)
+        if tile_size is not None and mask_format == "bitmap":
+            raise ValueError("tiled inference returns masks as RLE (mask_format='rle') or none: a full-size bitmap "
+                             "per detection is what tiling avoids")
+        self.tile_size, self.tile_overlap, self.tiles_per_batch = tile_size, tile_overlap, tiles_per_batch
         model_cfg = copy.deepcopy(config.model)
         if score_thresh is not None:
             model_cfg.roi_heads.score_thresh = float(score_thresh)
@@ -98,12 +111,20 @@ class Predictor:
     def __call__(self, inputs: Union[ImageInput, Sequence[ImageInput]], *,
                  bgr: Optional[bool] = None) -> Union[Instances, List[Instances]]:
         """Detect instances in one image (returns one :class:`Instances`) or a list (returns a list, run as
-        one batch). ``bgr`` overrides the predictor's setting for NumPy inputs of this call."""
+        one batch; tiled, image after image). ``bgr`` overrides the predictor's setting for NumPy inputs of
+        this call."""
         bgr = self.bgr if bgr is None else bgr
         single, images = to_image_tensors(inputs, bgr=bgr)
         images = [image.to(self.device) for image in images]
-        results = detect(self.inference_model, images, class_names=self.class_names, mask_format=self.mask_format,
-                         precision=self.precision, label_to_cat_id=self.label_to_cat_id)
+        if self.tile_size is None:
+            results = detect(self.inference_model, images, class_names=self.class_names, mask_format=self.mask_format,
+                             precision=self.precision, label_to_cat_id=self.label_to_cat_id)
+        else:
+            results = [detect_tiled(self.inference_model, image, class_names=self.class_names,
+                                    tile_size=self.tile_size, tile_overlap=self.tile_overlap,
+                                    tiles_per_batch=self.tiles_per_batch, mask_format=self.mask_format,
+                                    precision=self.precision, label_to_cat_id=self.label_to_cat_id)
+                       for image in images]
         if self.drops_unmatched:
             results = [r[torch.tensor([label in self.label_to_cat_id for label in r.labels.tolist()], dtype=torch.bool)]
                        for r in results]

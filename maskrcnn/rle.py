@@ -91,3 +91,35 @@ def encode_masks(masks) -> List[dict]:
     fortran = np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))  # (N, H, W) -> (H, W, N)
     rles = mask_utils.encode(fortran)
     return [{"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("utf-8")} for rle in rles]
+
+
+def compressed_run_lengths(counts: bytes) -> np.ndarray:
+    """The run lengths of COCO's compressed RLE string, as pycocotools reads it, checking its form.
+
+    Each run is a signed number in 5-bit groups, one character (``48 + group``, 0x20 = more groups
+    follow, 0x10 of the last group = negative) per group; from the third run on, the number is a
+    difference from the run two before. Returns ``(R,)`` int64; raises ValueError for a character outside
+    the alphabet, a number cut off at the end, or a negative run.
+    """
+    runs: List[int] = []
+    position, length = 0, len(counts)
+    while position < length:
+        value, shift, more = 0, 0, True
+        while more:
+            if position == length:
+                raise ValueError("the counts string ends inside a run length")
+            code = counts[position] - 48
+            if not 0 <= code < 64:
+                raise ValueError(f"character {chr(counts[position])!r} at {position} is not an RLE count character")
+            value |= (code & 0x1F) << shift
+            more = bool(code & 0x20)
+            position += 1
+            shift += 5
+            if not more and code & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            raise ValueError(f"run {len(runs)} has a negative length ({value})")
+        runs.append(value)
+    return np.asarray(runs, dtype=np.int64)

@@ -86,8 +86,13 @@ class BitMasks:
 
         boxes: ``(R, 4)`` float xyxy in this image's pixels.
         indices: ``(R,)`` int64, the mask that each box crops; default ``arange(R)`` (index-aligned).
-        Returns ``(R, size, size)`` float in [0, 1]: bilinear RoIAlign of the 0/1 mask with pixel ``i``
-        covering ``[i, i + 1)`` (aligned), the same geometry as the polygon rasterisation.
+        Returns ``(R, size, size)`` float of 0/1 values: bilinear RoIAlign of the 0/1 mask with pixel ``i``
+        covering ``[i, i + 1)`` (aligned), the same geometry as the polygon rasterisation, thresholded at 0.5.
+
+        Mask targets are hard 0/1 whichever way an instance is stored (Detectron2's convention, not
+        torchvision's soft RoIAlign values): a polygon is rasterised on the grid, so a bitmap is thresholded
+        too, and the same shape gets the same target whether the dataset stored it as a polygon or as RLE.
+        The loss then asks for the decision the inference paste makes at probability 0.5.
         """
         if len(boxes) == 0:
             return boxes.new_zeros((0, size, size), dtype=torch.float32)
@@ -95,7 +100,8 @@ class BitMasks:
             indices = torch.arange(len(boxes), device=boxes.device)
         masks = self.tensor.to(device=boxes.device, dtype=torch.float32)[:, None]
         rois = torch.cat([indices.to(boxes.device, torch.float32)[:, None], boxes.float()], 1)
-        return roi_align(masks, rois, (size, size), 1.0, sampling_ratio=0, aligned=True)[:, 0]
+        soft = roi_align(masks, rois, (size, size), 1.0, sampling_ratio=0, aligned=True)[:, 0]
+        return (soft >= 0.5).float()
 
 
 class PolygonMasks:

@@ -8,15 +8,17 @@ instances gets distinct, stable colours. Label maps and ``class_colors=True`` ov
 from __future__ import annotations
 
 import colorsys
+import json
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 
-from maskrcnn.fileio import atomic_write
+from maskrcnn.data.check import ground_truth
+from maskrcnn.fileio import atomic_write, read_image
 from maskrcnn.structures import Instances
 
 _GOLDEN = 0.618033988749895
@@ -75,18 +77,80 @@ def draw_instances(image: np.ndarray, result: Instances, *, score_thresh: float 
         for i in range(len(result)):
             contours, _ = cv2.findContours(masks[i].astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
             cv2.drawContours(out, contours, -1, palette[i].tolist(), 1)
-    height = image.shape[0]
-    for i, (box, name, score) in enumerate(zip(result.boxes.tolist(), result.class_names, result.scores.tolist())):
-        color = palette[i].tolist()
-        x0, y0, x1, y1 = (int(round(v)) for v in box)
-        cv2.rectangle(out, (x0, y0), (x1, y1), color, 1)
-        text = f"{name} {score:.2f}"
+    texts = [f"{name} {score:.2f}" for name, score in zip(result.class_names, result.scores.tolist())]
+    sizes = []
+    for text in texts:
         (tw, th), baseline = cv2.getTextSize(text, _FONT, _FONT_SCALE, 1)
-        label_h = th + baseline + 2
-        top = y0 - label_h if y0 >= label_h else min(y0 + 1, height - label_h)  # above the box, else inside
-        cv2.rectangle(out, (x0, top), (x0 + tw + 2, top + label_h - 1), color, -1)
-        cv2.putText(out, text, (x0 + 1, top + th + 1), _FONT, _FONT_SCALE, (0, 0, 0), 1, cv2.LINE_AA)
+        sizes.append((tw + 2, th + baseline + 2))
+    boxes = [[int(round(v)) for v in box] for box in result.boxes.tolist()]
+    corners = place_labels(boxes, sizes, image.shape[:2])
+    for i, ((x0, y0, x1, y1), text, (w, h), (lx, ly)) in enumerate(zip(boxes, texts, sizes, corners)):
+        color = palette[i].tolist()
+        cv2.rectangle(out, (x0, y0), (x1, y1), color, 1)
+        cv2.rectangle(out, (lx, ly), (lx + w - 1, ly + h - 1), color, -1)
+        baseline = cv2.getTextSize(text, _FONT, _FONT_SCALE, 1)[1]
+        cv2.putText(out, text, (lx + 1, ly + h - baseline - 1), _FONT, _FONT_SCALE, (0, 0, 0), 1, cv2.LINE_AA)
     return out
+
+
+def draw_ground_truth(image: np.ndarray, *, boxes, labels: Sequence[int], class_names: Sequence[str],
+                      masks: list) -> np.ndarray:
+    """Overlay annotations (not detections) on an image, coloured by class, labelled with the class name.
+
+    image: ``(H, W, 3)`` uint8 RGB. boxes: ``(M, 4)`` xyxy pixels. labels: M class labels (any non-negative
+    ints, used for the colours). class_names: M names. masks: M COCO RLE dicts of the image's size.
+    Returns a new ``(H, W, 3)`` uint8 RGB array.
+    """
+    count = len(labels)
+    result = Instances(boxes=torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4),
+                       scores=torch.ones(count), labels=torch.as_tensor(list(labels), dtype=torch.int64),
+                       class_names=list(class_names), masks=list(masks), image_size=image.shape[:2])
+    return draw_instances(image, result, score_thresh=0.0, class_colors=True)
+
+
+def write_ground_truth_overlays(ann_file: Union[str, Path], image_dir: Union[str, Path], out_dir: Union[str, Path],
+                                *, count: int, skip_image_ids=()) -> List[Path]:
+    """Write :func:`draw_ground_truth` overlays of the first ``count`` images of a COCO json (those in
+    ``skip_image_ids`` left out) as ``out_dir/<stem>_<image id>.png``; returns the files written."""
+    data = json.loads(Path(ann_file).read_text(encoding="utf-8"))
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    files = []
+    for image in [im for im in data["images"] if im.get("id") not in set(skip_image_ids)][:count]:
+        boxes, category_ids, rles = ground_truth(data, image["id"])
+        overlay = draw_ground_truth(read_image(Path(image_dir) / image["file_name"]), boxes=boxes,
+                                    labels=category_ids, class_names=[names[c] for c in category_ids], masks=rles)
+        files.append(Path(out_dir) / f"{Path(image['file_name']).stem}_{image['id']}.png")
+        save_png(files[-1], overlay)
+    return files
+
+
+def place_labels(boxes: Sequence[Sequence[int]], sizes: Sequence[Tuple[int, int]],
+                 image_size: Tuple[int, int]) -> List[Tuple[int, int]]:
+    """Top-left corners for the labels of boxes, so that labels do not cover each other.
+
+    boxes: N ``(x0, y0, x1, y1)`` integer pixels, in drawing priority (highest score first);
+    sizes: N label ``(width, height)`` in pixels; image_size: ``(H, W)``.
+    Each label takes the first free spot of: above the box's top-left corner, inside it at the top, below
+    the box, inside it at the bottom, then the same four at the box's right edge; "free" means inside the
+    image and clear of the labels already placed. With no free spot, the spot overlapping them least.
+    Returns N ``(x, y)`` corners.
+    """
+    height, width = image_size
+    placed: List[Tuple[int, int, int, int]] = []
+    corners = []
+    for (x0, y0, x1, y1), (w, h) in zip(boxes, sizes):
+        spots = [(x, y) for x in (x0, x1 - w) for y in (y0 - h, y0 + 1, y1 + 1, y1 - h)]
+        spots = [(min(max(x, 0), max(width - w, 0)), min(max(y, 0), max(height - h, 0))) for x, y in spots]
+
+        def overlap(spot):
+            x, y = spot
+            return sum(max(0, min(x + w, px1) - max(x, px0)) * max(0, min(y + h, py1) - max(y, py0))
+                       for px0, py0, px1, py1 in placed)
+
+        best = min(spots, key=overlap)  # the first spot of least overlap, a free one when there is one
+        corners.append(best)
+        placed.append((best[0], best[1], best[0] + w, best[1] + h))
+    return corners
 
 
 def label_map(masks: Union[torch.Tensor, np.ndarray, list], labels: Sequence[int], num_classes: int, *,

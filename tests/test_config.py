@@ -71,3 +71,20 @@ def test_reference_lists_every_field_with_its_meaning():
 def test_readme_reference_is_up_to_date():
     readme = (ROOT / "README.md").read_text()
     assert readme_with_config_reference(readme) == readme, "run python tools/config_reference.py"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.input.min_size=[]", r"model.input.min_size must be a non-empty list of positive sizes, got \[\]"),
+    ("model.input.max_size=0", "model.input.max_size must be positive, got 0"),
+    ("model.input.pixel_std=[0.2,0.2]", r"model.input.pixel_std needs one value per RGB channel \(3\)"),
+    ("solver.ims_per_batch=0", "solver.ims_per_batch must be positive"),
+])
+def test_unusable_values_are_config_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(overrides=[override])
+
+
+def test_an_override_error_names_the_override_not_the_file():
+    with pytest.raises(ValueError) as info:
+        load_config("configs/maskrcnn_R18_FPN_small.yaml", ["train.outputdir=x"])
+    assert str(info.value) == "bad override 'train.outputdir=x': unknown key 'train.outputdir'; did you mean train.output_dir?"

@@ -140,3 +140,18 @@ def test_class_name_count_must_match(tv_file, tmp_path):
     with pytest.raises(ValueError, match="class"):
         convert_torchvision_checkpoint(tv_file, tmp_path / "out.pth", class_names=["a", "b"])
     assert not (tmp_path / "out.pth").exists()
+
+
+def test_failed_conversion_leaves_the_destination_and_no_stray_file(tv_file, tmp_path, monkeypatch):
+    dst = tmp_path / "out" / "converted.pth"
+    convert_torchvision_checkpoint(tv_file, dst)
+    before = dst.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        convert_torchvision_checkpoint(tv_file, dst)
+    assert dst.read_bytes() == before
+    assert [p.name for p in dst.parent.iterdir()] == ["converted.pth"]

@@ -2,6 +2,7 @@
 the training crop and the inference paste."""
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import pytest
 import torch
 
@@ -113,3 +114,20 @@ def test_no_positive_boxes_give_an_empty_target():
     targets = mask_targets([masks], [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.int64)], S)
     assert targets.shape == (0, S, S)
 
+
+
+def test_one_shape_stored_as_polygon_or_as_rle_gets_the_same_hard_target():
+    """A 60-pixel circle as a COCO polygon and as the RLE pycocotools rasterises from it: both targets are
+    0/1 (no soft cells from RoIAlign), and they differ in at most 1 % of the cells, all on the outline."""
+    polygon = circle_polygon(64, 48, 30)
+    rle = mask_utils.merge(mask_utils.frPyObjects([polygon.polygons[0][0].tolist()], H, W))
+    bits = BitMasks(torch.from_numpy(mask_utils.decode(rle)).bool()[None])
+    box = tight_box(bits.tensor[0])
+    from_polygon, from_rle = polygon.crop_and_resize(box, S)[0], bits.crop_and_resize(box, S)[0]
+    for target in (from_polygon, from_rle):
+        assert set(target.unique().tolist()) == {0.0, 1.0}
+    differing = torch.nonzero(from_polygon != from_rle)
+    assert len(differing) <= 0.01 * S * S
+    for y, x in differing.tolist():  # a differing cell has a neighbour of the other value: it is on the outline
+        window = from_polygon[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2]
+        assert window.min() == 0 and window.max() == 1

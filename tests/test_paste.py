@@ -39,8 +39,12 @@ def _random_boxes(n, image_size, seed=0):
 
 
 def _assert_agrees(masks, expected):
-    agreement = (masks == expected).flatten(1).float().mean(1)
-    assert agreement.min().item() >= 0.999, f"worst mask agreement {agreement.min().item():.5f}"
+    """The same pixels, mask by mask: the paste is exact, so a single differing pixel is a defect."""
+    assert masks.shape == expected.shape
+    differing = (masks != expected).flatten(1).sum(1)
+    bad = torch.nonzero(differing)[:, 0].tolist()
+    assert not bad, (f"{len(bad)} masks differ from torchvision's paste, e.g. mask {bad[0]}: {int(differing[bad[0]])} "
+                     f"of its {int(expected[bad[0]].sum())} pixels")
 
 
 @pytest.mark.parametrize("image_size", [(97, 143), (160, 60)])
@@ -107,7 +111,10 @@ def test_crop_to_28x28_then_paste_recovers_the_mask():
     crop = BitMasks(ellipse[None]).crop_and_resize(box, 28)
     pasted = paste_masks_in_image(crop, box, (120, 160))[0]
     iou = (pasted & ellipse).sum() / (pasted | ellipse).sum()
-    assert iou.item() > 0.95
+    # The 0/1 target quantises the outline to the 28 x 28 grid (a cell is 3.3 x 2.2 pixels here), so the
+    # round trip loses up to about half a cell along the outline: IoU 0.94 for this ellipse. A shifted or
+    # transposed paste, or a target cropped from the wrong box, falls far below.
+    assert iou.item() > 0.93
 
 
 def test_rejects_boxes_that_do_not_match_the_masks():

@@ -109,6 +109,8 @@ def test_list_of_mixed_sizes_runs_as_one_batch(predictor, image):
     (np.zeros((0, 8, 3), np.uint8), ValueError, "input: image is empty"),
     (torch.rand(2, 8, 8), ValueError, r"input: expected a 3 x H x W.*got shape \(2, 8, 8\)"),
     (torch.full((3, 8, 8), 255.0), ValueError, "input: float image tensors must hold values in 0-1"),
+    (torch.full((3, 8, 8), float("nan")), ValueError, "input: the image holds NaN or infinite values"),
+    (torch.full((3, 8, 8), float("inf")), ValueError, "input: the image holds NaN or infinite values"),
     (torch.zeros(3, 8, 8, dtype=torch.int32), ValueError, "input: expected a uint8 or float image tensor"),
     (42, ValueError, "input: unsupported image type int"),
 ])
@@ -123,7 +125,7 @@ def test_bad_files_and_list_positions_are_named(predictor, image, tmp_path):
         predictor(missing)
     broken = tmp_path / "broken.jpg"
     broken.write_text("not an image")
-    with pytest.raises(ValueError, match="cannot decode image file .*broken.jpg"):
+    with pytest.raises(ValueError, match="cannot read image file .*broken.jpg"):
         predictor([image, broken])
     with pytest.raises(ValueError, match="input 1 of the list: expected a uint8 image array"):
         predictor([image, image.astype(np.float32)])
@@ -179,8 +181,35 @@ def test_to_coco(predictor, image):
         assert isinstance(r["segmentation"]["counts"], str)
         assert np.array_equal(mask_utils.decode(r["segmentation"]).astype(bool), mask.numpy())
     assert [r["category_id"] for r in result.to_coco(1)] == result.labels.tolist()
-    with pytest.raises(ValueError, match="image 3: labels .* have no entry"):
-        result.to_coco(3, label_to_cat_id={})
+    assert result.to_coco(3, label_to_cat_id={}) == []
+
+
+def test_to_coco_leaves_out_labels_without_a_dataset_category(predictor, weights, image):
+    result = predictor(image)
+    present = sorted(set(result.labels.tolist()))
+    assert len(present) >= 2
+    mapping = {present[0]: 11}
+    coco = result.to_coco(5, label_to_cat_id=mapping)
+    assert len(coco) == int((result.labels == present[0]).sum())
+    assert {r["category_id"] for r in coco} == {11}
+    carried = Predictor(tiny_config(), weights, score_thresh=0.2,
+                        label_to_cat_id=mapping)(image)
+    assert carried.to_coco(5) == coco
+
+
+def test_predictor_with_dataset_categories_drops_labels_the_dataset_lacks(predictor, weights, image):
+    result = predictor(image)
+    names = predictor.class_names
+    kept_label = int(result.labels[0])
+    categories = [{"id": 40, "name": names[kept_label - 1].upper()}, {"id": 41, "name": "zebra"}]
+    restricted = Predictor(tiny_config(), weights, class_names=names, score_thresh=0.2,
+                           categories=categories)
+    assert restricted.label_to_cat_id == {kept_label: 40}
+    out = restricted(image)
+    assert out.labels.tolist() == [label for label in result.labels.tolist() if label == kept_label]
+    assert {r["category_id"] for r in out.to_coco(1)} == {40}
+    with pytest.raises(ValueError, match="no category in common.*zebra"):
+        Predictor(tiny_config(), None, class_names=names, categories=[{"id": 41, "name": "zebra"}])
 
 
 def test_from_checkpoint_restores_config_and_class_names(weights, image, tmp_path):

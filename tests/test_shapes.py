@@ -8,7 +8,7 @@ import pycocotools.mask as mask_utils
 import pytest
 from pycocotools.coco import COCO
 
-from maskrcnn.data.shapes import CATEGORIES, generate_shapes, mask_to_polygons, uncompressed_rle
+from maskrcnn.data.shapes import CATEGORIES, NOVEL_CATEGORIES, generate_shapes, mask_to_polygons, uncompressed_rle
 
 SMALL = dict(num_train=40, num_val=5, seed=0, min_size=64, max_size=112)
 
@@ -137,3 +137,15 @@ def test_generation_speed(tmp_path):
     elapsed = time.perf_counter() - start
     print(f"\nshapes generation: {200 / elapsed:.0f} images/s (128-256 px)")
     assert len(list((tmp_path / "train").glob("*.jpg"))) == 200
+
+
+def test_novel_set_has_its_own_categories_and_same_layout(shapes_dir, tmp_path):
+    assert generate_shapes(tmp_path, **SMALL, categories="novel")
+    data, basic = _load(tmp_path), _load(shapes_dir)
+    assert data["categories"] == NOVEL_CATEGORIES
+    assert {a["category_id"] for a in data["annotations"]} == {c["id"] for c in NOVEL_CATEGORIES}
+    assert [im["height"] for im in data["images"]] == [im["height"] for im in basic["images"]]  # same draws
+    assert json.loads((tmp_path / "meta.json").read_text())["categories"] == "novel"
+    assert "categories" not in json.loads((shapes_dir / "meta.json").read_text())
+    assert not generate_shapes(tmp_path, **SMALL, categories="novel")
+    assert generate_shapes(tmp_path, **SMALL)  # the basic set replaces it

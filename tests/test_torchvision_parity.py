@@ -83,6 +83,18 @@ def test_detections_match(outputs):
         torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=1e-4, msg=f"image {i}: scores differ")
 
 
+def assert_masks_match(ours, theirs, where: str, tolerance: float = 1e-3):
+    """Per mask, the pixels that differ are at most ``tolerance`` of the mask's own pixels (the union of both
+    masks), rounded down: mask probabilities agree to float rounding, so a pixel whose probability sits on
+    the threshold may flip in a large mask, while a small mask must match exactly and no mask may vanish."""
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == torch.bool
+    differing = (ours != theirs).flatten(1).sum(1)
+    allowed = ((ours | theirs).flatten(1).sum(1) * tolerance).floor()
+    bad = torch.nonzero(differing > allowed)[:, 0].tolist()
+    assert not bad, (f"{where}: {len(bad)} masks differ, e.g. mask {bad[0]}: {int(differing[bad[0]])} pixels of "
+                     f"{int((ours | theirs)[bad[0]].sum())}")
+
+
 def test_masks_match_at_original_resolution(outputs, images):
     tv_out, our_out = outputs
     for i, (a, b, image) in enumerate(zip(tv_out, our_out, images)):
@@ -90,8 +102,7 @@ def test_masks_match_at_original_resolution(outputs, images):
         assert b["masks"].shape == (100, h, w) and b["masks"].dtype == torch.bool
         tv_masks = a["masks"][:, 0] > 0.5
         assert tv_masks.any(), "the oracle should produce non-empty masks"
-        agreement = (tv_masks == b["masks"]).flatten(1).float().mean(1)
-        assert agreement.min() >= 0.999, f"image {i}: worst mask agrees on {agreement.min():.5f} of pixels"
+        assert_masks_match(b["masks"], tv_masks, f"image {i}")
 
 
 def test_default_800px_input(models):
@@ -108,4 +119,4 @@ def test_default_800px_input(models):
     assert torch.equal(a["labels"], b["labels"])
     torch.testing.assert_close(b["boxes"], a["boxes"], rtol=0, atol=1e-4)
     torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=1e-4)
-    assert ((a["masks"][:, 0] > 0.5) == b["masks"]).flatten(1).float().mean(1).min() >= 0.999
+    assert_masks_match(b["masks"], a["masks"][:, 0] > 0.5, "800 px image")

@@ -5,7 +5,7 @@ import torch
 
 from maskrcnn.rle import encode_masks
 from maskrcnn.structures import Instances
-from maskrcnn.visualize import add_legend, colors, draw_instances, label_map, save_png
+from maskrcnn.visualize import add_legend, colors, draw_instances, label_map, place_labels, save_png
 
 SIZE = (60, 80)
 
@@ -22,6 +22,12 @@ def _instances(masks_format="bitmap"):
                      class_names=["b", "b", "a"], masks=masks, image_size=SIZE)
 
 
+def _label_size(text):
+    """(width, height) of a drawn label: the text of draw_instances' font, with a 1-pixel margin."""
+    (width, height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
+    return width + 2, height + baseline + 2
+
+
 @pytest.fixture
 def image():
     return np.full((*SIZE, 3), 100, dtype=np.uint8)
@@ -35,13 +41,15 @@ def test_overlay_changes_mask_pixels_and_leaves_the_rest(image):
     changed = (out != image).any(axis=2)
     masks = result.masks[:2].numpy()
     assert changed[masks.any(0)].all()
-    # Only the masks, the box outlines and the "name score" labels just above the boxes are drawn.
+    # Only the masks, the box outlines and the "name score" labels where place_labels puts them are drawn.
     drawn_zone = masks.any(0).copy()
-    for x0, y0, x1, y1 in result.boxes[:2].int().tolist():
+    boxes = result.boxes[:2].int().tolist()
+    sizes = [_label_size(text) for text in ("b 0.90", "b 0.80")]
+    for (x0, y0, x1, y1), (x, y), (w, h) in zip(boxes, place_labels(boxes, sizes, SIZE), sizes):
         drawn_zone[y0:y1 + 1, x0:x1 + 1] = True
-        drawn_zone[y0 - 15:y0, x0:x0 + 50] = True
+        drawn_zone[y:y + h, x:x + w] = True
     assert not changed[~drawn_zone].any()
-    assert not changed[:14].any() and not changed[52:].any()
+    assert not changed[52:].any()
     # the score-0.3 square is not drawn: its pixels outside the kept masks keep their value
     assert not changed[36:44, 31:39].any()
 
@@ -54,9 +62,9 @@ def test_fill_blends_instance_colour(image):
 
 def test_class_colors_are_stable_per_label(image):
     per_class = draw_instances(image, _instances(), class_colors=True)
-    assert (per_class[40, 20] == per_class[40, 60]).all()  # two detections of class 2
+    assert (per_class[47, 20] == per_class[47, 60]).all()  # two detections of class 2, below their labels
     per_instance = draw_instances(image, _instances(), class_colors=False)
-    assert not (per_instance[40, 20] == per_instance[40, 60]).all()
+    assert not (per_instance[47, 20] == per_instance[47, 60]).all()
 
 
 def test_rle_masks_draw_like_bitmaps(image):
@@ -107,3 +115,29 @@ def test_save_png_round_trips(tmp_path, image):
     save_png(path, out)
     assert np.array_equal(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB), out)
     assert [p.name for p in path.parent.iterdir()] == ["overlay.png"]
+
+
+def _intersect(a, b):
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+
+def test_labels_of_boxes_sharing_an_edge_do_not_cover_each_other():
+    boxes = [[50, 30, 90, 60], [10, 30, 50, 60], [10, 60, 50, 90], [0, 0, 8, 6]]  # touching, and one in a corner
+    sizes = [(62, 14), (70, 14), (66, 14), (60, 14)]
+    corners = place_labels(boxes, sizes, (100, 120))
+    rects = [(x, y, x + w, y + h) for (x, y), (w, h) in zip(corners, sizes)]
+    for i, rect in enumerate(rects):
+        assert 0 <= rect[0] and rect[2] <= 120 and 0 <= rect[1] and rect[3] <= 100, rect
+        assert not any(_intersect(rect, other) for other in rects[:i]), (i, rects)
+    assert corners[0] == (50, 16)  # the best detection keeps the usual spot, above its box
+
+
+def test_drawn_labels_follow_place_labels(image):
+    result = Instances(boxes=torch.tensor([[20.0, 30.0, 40.0, 50.0], [40.0, 30.0, 60.0, 50.0]]),
+                       scores=torch.tensor([0.9, 0.8]), labels=torch.tensor([1, 2]), class_names=["square", "circle"],
+                       masks=None, image_size=image.shape[:2])
+    drawn = draw_instances(image, result)
+    sizes = [_label_size(text) for text in ("square 0.90", "circle 0.80")]
+    for (x, y), (w, h), color in zip(place_labels([[20, 30, 40, 50], [40, 30, 60, 50]], sizes, image.shape[:2]),
+                                     sizes, colors(range(2))):
+        assert (drawn[y, x] == color).all() and (drawn[y + h - 1, x + w - 1] == color).all()

@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from maskrcnn.cli import run
 from maskrcnn.diagnostics.benchmark import MODES, format_report, run_benchmark
 
 
@@ -44,4 +45,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

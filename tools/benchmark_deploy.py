@@ -14,6 +14,7 @@ import sys
 
 
 
+from maskrcnn.cli import run
 from maskrcnn.diagnostics.deploy_benchmark import format_deploy_report, run_deploy_benchmark
 
 
@@ -31,4 +32,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -11,14 +11,9 @@ names and any other model ``class_1 .. class_K``.
 import argparse
 from pathlib import Path
 
+from maskrcnn.cli import run
 from maskrcnn.convert import convert_torchvision_checkpoint
-
-
-def read_class_names(path: Path) -> list:
-    """Non-empty lines of ``path``, stripped; FileNotFoundError naming it when absent."""
-    if not path.is_file():
-        raise FileNotFoundError(f"class names file not found: {path}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+from maskrcnn.fileio import read_class_names
 
 
 def main(argv=None) -> None:
@@ -34,4 +29,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

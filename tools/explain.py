@@ -1,8 +1,8 @@
 """Show, from a trained checkpoint and one annotated image, how Mask R-CNN learns masks.
 
-    python tools/explain.py --checkpoint output/shapes_small/model_final.pth --shapes --output docs/figures
-        [--log output/shapes_small/metrics.jsonl] [--metrics output/shapes_small/eval/metrics.json]
-    python tools/explain.py --checkpoint model.pth --image val/000042.jpg --ann instances_val.json --output out
+    python tools/explain.py --checkpoint output/demo/model_final.pth --shapes \
+        [--log output/demo/metrics.jsonl] [--metrics output/demo/metrics.json] [--output output/explain]
+    python tools/explain.py --checkpoint model.pth --image val/000042.jpg --ann instances_val.json
 
 Writes the figures input_gt.png, fpn_levels.png, rpn_anchors.png, rpn_proposals.png, mask_targets.png,
 mask_gradients.png, paste.png, final.png, generalisation.png and a page explain.md tying them together.
@@ -13,6 +13,7 @@ validation split; with --image, a held-out image needs --heldout-ann and --heldo
 import argparse
 from pathlib import Path
 
+from maskrcnn.cli import run
 from maskrcnn.diagnostics.figures import explain_checkpoint, mask_caption
 from maskrcnn.diagnostics.trace import locate_image
 
@@ -33,7 +34,8 @@ def main(argv=None) -> None:
     parser.add_argument("--heldout-images", help="folder of the held-out images (with --image)")
     parser.add_argument("--log", help="training metrics.jsonl, for the loss curve")
     parser.add_argument("--metrics", help="metrics.json with the validation AP (evaluation or training summary)")
-    parser.add_argument("--output", required=True, help="folder for the figures and explain.md")
+    parser.add_argument("--output", default="output/explain", help="folder for the figures and explain.md "
+                                                                     "(default: output/explain)")
     parser.add_argument("--device", default="cpu", help='"cpu", "cuda" or "cuda:N"')
     parser.add_argument("--score-thresh", type=float, default=0.5, help="detections drawn score at least this")
     parser.add_argument("--num-rois", type=int, default=4, help="positive RoIs shown in mask_targets.png")
@@ -64,4 +66,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -8,8 +8,8 @@ normalisation and resize, and the thresholds. Run it with ``maskrcnn.deploy.runt
 """
 
 import argparse
-import sys
 
+from maskrcnn.cli import run
 from maskrcnn.deploy.export import export_onnx
 from maskrcnn.predictor import Predictor
 
@@ -21,15 +21,11 @@ def main(argv=None) -> None:
     parser.add_argument("--score-thresh", type=float, default=0.05,
                         help="detections scoring below are dropped inside the graph")
     args = parser.parse_args(argv)
-    try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, score_thresh=args.score_thresh)
-        path = export_onnx(predictor.model, args.output, class_names=predictor.class_names,
-                           label_to_cat_id=predictor.label_to_cat_id)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    predictor = Predictor.from_checkpoint(args.checkpoint, score_thresh=args.score_thresh)
+    path = export_onnx(predictor.model, args.output, class_names=predictor.class_names,
+                       label_to_cat_id=predictor.label_to_cat_id)
     print(f"exported {len(predictor.class_names)} classes to {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

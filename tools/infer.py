@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from maskrcnn.cli import run
 from maskrcnn.fileio import save_json
 from maskrcnn.predictor import PRECISIONS, Predictor, read_image
 from maskrcnn.visualize import add_legend, draw_instances, label_map, save_png
@@ -57,4 +58,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

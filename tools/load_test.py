@@ -10,10 +10,10 @@ accepted: this is a measuring tool, not a load generator for other machines.
 """
 
 import argparse
-import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from maskrcnn.cli import run
 from maskrcnn.deploy.serve import load_test
 
 
@@ -26,26 +26,22 @@ def main(argv=None) -> None:
     parser.add_argument("--max-seconds", type=float, default=120.0, help="time limit per level")
     parser.add_argument("--token", help="bearer token, if the service has one")
     args = parser.parse_args(argv)
-    try:
-        host = urlparse(args.url).hostname
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            raise ValueError(f"--url must point at this machine (127.0.0.1, localhost or ::1), got {args.url}")
-        path = Path(args.image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-        content_type = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
-        print("| concurrency | requests | errors | requests/s | p50 latency (s) | p95 latency (s) |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        for concurrency in args.concurrency:
-            r = load_test(args.url.rstrip("/") + "/predict", path.read_bytes(), content_type=content_type,
-                          concurrency=concurrency, requests=args.requests, max_seconds=args.max_seconds,
-                          token=args.token)
-            print(f"| {concurrency} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} | "
-                  f"{r['p50_s']:.3f} | {r['p95_s']:.3f} |", flush=True)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    host = urlparse(args.url).hostname
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError(f"--url must point at this machine (127.0.0.1, localhost or ::1), got {args.url}")
+    path = Path(args.image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    content_type = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
+    print("| concurrency | requests | errors | requests/s | p50 latency (s) | p95 latency (s) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for concurrency in args.concurrency:
+        r = load_test(args.url.rstrip("/") + "/predict", path.read_bytes(), content_type=content_type,
+                      concurrency=concurrency, requests=args.requests, max_seconds=args.max_seconds,
+                      token=args.token)
+        print(f"| {concurrency} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} | "
+              f"{r['p50_s']:.3f} | {r['p95_s']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

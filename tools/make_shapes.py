@@ -3,10 +3,11 @@
 import argparse
 import time
 
+from maskrcnn.cli import run
 from maskrcnn.data.shapes import generate_shapes
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="data/shapes", help="output folder")
     parser.add_argument("--num-train", type=int, default=2000, help="training images")
@@ -14,10 +15,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="generation seed")
     parser.add_argument("--min-size", type=int, default=128, help="smallest image side (pixels)")
     parser.add_argument("--max-size", type=int, default=256, help="largest image side (pixels)")
-    args = parser.parse_args()
+    parser.add_argument("--categories", default="basic", choices=["basic", "novel"],
+                        help="square, circle, triangle (basic) or star, hexagon, cross (novel)")
+    args = parser.parse_args(argv)
     start = time.perf_counter()
     generated = generate_shapes(args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
-                                min_size=args.min_size, max_size=args.max_size, progress=True)
+                                min_size=args.min_size, max_size=args.max_size, categories=args.categories,
+                                progress=True)
     if generated:
         print(f"wrote {args.num_train} training and {args.num_val} validation images to {args.out} "
               f"in {time.perf_counter() - start:.1f} s")
@@ -26,4 +30,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

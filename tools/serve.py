@@ -13,11 +13,11 @@ any other host needs ``--token`` (requests then carry ``Authorization: Bearer <t
 import argparse
 import io
 import ipaddress
-import sys
 
 import uvicorn
 from PIL import Image
 
+from maskrcnn.cli import run
 from maskrcnn.deploy.runtime import RUNTIMES, ExportedPredictor
 from maskrcnn.deploy.serve import create_app
 from maskrcnn.predictor import PRECISIONS, Predictor
@@ -41,21 +41,17 @@ def main(argv=None) -> None:
     parser.add_argument("--max-bytes", type=int, default=20 * 2**20, help="largest upload in bytes")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (W x H)")
     args = parser.parse_args(argv)
-    try:
-        if args.host != "localhost" and not ipaddress.ip_address(args.host).is_loopback and args.token is None:
-            raise ValueError(f"listening on {args.host} needs --token")
-        if args.checkpoint:
-            predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, mask_format="rle",
-                                                  score_thresh=args.score_thresh)
-        else:
-            predictor = ExportedPredictor(args.onnx, runtime=args.runtime, precision=args.precision, mask_format="rle")
-        app = create_app(lambda images: [r.filter(args.score_thresh) for r in predictor(images)],
-                         class_names=predictor.class_names, draw=overlay_png, max_batch_size=args.max_batch_size,
-                         max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes, max_pixels=args.max_pixels,
-                         token=args.token)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    if args.host != "localhost" and not ipaddress.ip_address(args.host).is_loopback and args.token is None:
+        raise ValueError(f"listening on {args.host} needs --token")
+    if args.checkpoint:
+        predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, mask_format="rle",
+                                              score_thresh=args.score_thresh)
+    else:
+        predictor = ExportedPredictor(args.onnx, runtime=args.runtime, precision=args.precision, mask_format="rle")
+    app = create_app(lambda images: [r.filter(args.score_thresh) for r in predictor(images)],
+                     class_names=predictor.class_names, draw=overlay_png, max_batch_size=args.max_batch_size,
+                     max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes, max_pixels=args.max_pixels,
+                     token=args.token)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
@@ -66,4 +62,4 @@ def overlay_png(image, result) -> bytes:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -5,7 +5,8 @@ background of a random colour with a linear gradient, and 0-6 squares, circles a
 colour, size, rotation and position; pixel noise is added over everything. Later shapes occlude earlier
 ones: each instance's mask is its visible part, and instances left almost fully hidden are dropped. About
 one image in ten also holds a crowd: a cluster of small shapes of one category annotated as a single
-``iscrowd=1`` region.
+``iscrowd=1`` region. With ``categories="novel"`` the shapes are stars, hexagons and crosses instead: a
+set that a model trained on the basic one has never seen.
 
 Annotations exercise every segmentation form a COCO reader meets:
 - polygons (from ``cv2.findContours`` of the visible mask, several per instance when occlusion splits it),
@@ -34,6 +35,13 @@ CATEGORIES = [
     {"id": 3, "name": "circle", "supercategory": "shape"},
     {"id": 7, "name": "triangle", "supercategory": "shape"},
 ]
+# A second set the demo model never sees, to measure what starting from its weights buys (make transfer).
+NOVEL_CATEGORIES = [
+    {"id": 1, "name": "star", "supercategory": "shape"},
+    {"id": 2, "name": "hexagon", "supercategory": "shape"},
+    {"id": 3, "name": "cross", "supercategory": "shape"},
+]
+CATEGORY_SETS = {"basic": CATEGORIES, "novel": NOVEL_CATEGORIES}
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1  # bump when the generator's output changes for the same parameters
 MAX_SHAPES = 6  # shapes per image are drawn uniformly from 0..MAX_SHAPES
@@ -44,8 +52,11 @@ POLYGON_MIN_IOU = 0.95  # a polygon is stored only if its rasterisation matches 
 
 
 def generate_shapes(out_dir: str | Path, *, num_train: int = 2000, num_val: int = 200, seed: int = 0,
-                    min_size: int = 128, max_size: int = 256, progress: bool = False) -> bool:
+                    min_size: int = 128, max_size: int = 256, categories: str = "basic",
+                    progress: bool = False) -> bool:
     """Write the shapes dataset under ``out_dir``; deterministic given the parameters.
+
+    categories: "basic" (square, circle, triangle) or "novel" (star, hexagon, cross), see ``CATEGORY_SETS``.
 
     Returns ``False`` (and writes nothing) when ``out_dir/meta.json`` already records the same parameters
     and both annotation files exist, ``True`` after generating. ``progress`` shows a tqdm bar.
@@ -54,9 +65,13 @@ def generate_shapes(out_dir: str | Path, *, num_train: int = 2000, num_val: int 
         raise ValueError(f"expected 1 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
     if num_train < 0 or num_val < 0:
         raise ValueError(f"image counts must be non-negative, got num_train={num_train}, num_val={num_val}")
+    if categories not in CATEGORY_SETS:
+        raise ValueError(f"categories must be one of {sorted(CATEGORY_SETS)}, got {categories!r}")
     out_dir = Path(out_dir)
     meta = {"format_version": FORMAT_VERSION, "num_train": num_train, "num_val": num_val, "seed": seed,
             "min_size": min_size, "max_size": max_size}
+    if categories != "basic":  # the basic set's meta.json stays as it was, so existing folders are reused
+        meta["categories"] = categories
     meta_file = out_dir / "meta.json"
     ann_files = {split: out_dir / "annotations" / f"instances_{split}.json" for split in SPLITS}
     if meta_file.is_file() and all(f.is_file() for f in ann_files.values()):
@@ -74,7 +89,8 @@ def generate_shapes(out_dir: str | Path, *, num_train: int = 2000, num_val: int 
                 rng = np.random.default_rng([seed, split_index, i])
                 image_id = i + 1
                 file_name = f"{image_id:06d}.jpg"
-                pixels, instances = render_image(rng, min_size=min_size, max_size=max_size)
+                pixels, instances = render_image(rng, min_size=min_size, max_size=max_size,
+                                                 categories=CATEGORY_SETS[categories])
                 height, width = pixels.shape[:2]
                 cv2.imwrite(str(image_dir / file_name), cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR),
                             [cv2.IMWRITE_JPEG_QUALITY, 92])
@@ -87,15 +103,16 @@ def generate_shapes(out_dir: str | Path, *, num_train: int = 2000, num_val: int 
                         "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": int(crowd)})
                 bar.update()
             dataset = {"info": {"description": "synthetic shapes", "version": str(FORMAT_VERSION)},
-                       "licenses": [], "images": images, "annotations": annotations, "categories": CATEGORIES}
+                       "licenses": [], "images": images, "annotations": annotations,
+                       "categories": CATEGORY_SETS[categories]}
             ann_files[split].write_text(json.dumps(dataset, separators=(",", ":")))
     meta_file.write_text(json.dumps(meta, indent=1))
     return True
 
 
-def render_image(rng: np.random.Generator, *, min_size: int, max_size: int
+def render_image(rng: np.random.Generator, *, min_size: int, max_size: int, categories: List[dict] = CATEGORIES
                  ) -> Tuple[np.ndarray, List[Tuple[int, np.ndarray, bool, bool]]]:
-    """Draw one image and its instances.
+    """Draw one image and its instances, of the given categories (``CATEGORIES`` or ``NOVEL_CATEGORIES``).
 
     Returns ``(pixels, instances)``: pixels ``(H, W, 3)`` uint8 RGB; instances a list, back to front, of
     ``(category_id, visible_mask (H, W) bool, occluded, crowd)`` where ``occluded`` says that later shapes
@@ -108,7 +125,7 @@ def render_image(rng: np.random.Generator, *, min_size: int, max_size: int
     # Each entry: [category_id, full_mask, visible_mask, crowd]; later shapes cut earlier visible masks.
     layers = []
     if rng.random() < CROWD_PROB:
-        category = CATEGORIES[rng.integers(len(CATEGORIES))]
+        category = categories[rng.integers(len(categories))]
         centre = rng.uniform(0.25, 0.75, 2) * (width, height)
         group = np.zeros((height, width), dtype=bool)
         for _ in range(rng.integers(5, 10)):
@@ -120,7 +137,7 @@ def render_image(rng: np.random.Generator, *, min_size: int, max_size: int
             group |= mask
         layers.append([category["id"], group, group.copy(), True])
     for _ in range(rng.integers(0, MAX_SHAPES + 1)):
-        category = CATEGORIES[rng.integers(len(CATEGORIES))]
+        category = categories[rng.integers(len(categories))]
         radius = max(4.0, rng.uniform(0.08, 0.3) * short)
         centre = rng.uniform(0.0, 1.0, 2) * (width, height)
         mask = _shape_mask(category["name"], centre, radius, rng.uniform(0, 2 * np.pi), rng, height, width)
@@ -210,13 +227,22 @@ def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> np.
 def _shape_mask(name: str, centre: np.ndarray, radius: float, angle: float,
                 rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """``(H, W)`` bool mask of one shape; ``radius`` is half the square's side, the circle's radius or the
-    triangle's circumradius (pixels); ``angle`` rotates squares and triangles (radians)."""
+    circumradius of the other shapes (pixels); ``angle`` rotates all but the circle (radians)."""
     canvas = np.zeros((height, width), dtype=np.uint8)
     if name == "circle":
         cv2.circle(canvas, (int(round(centre[0])), int(round(centre[1]))), int(round(radius)), 1, -1)
     else:
         if name == "square":
             corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64) * radius
+        elif name in ("star", "hexagon"):
+            count, inner = (5, 0.45) if name == "star" else (6, 1.0)  # star: 5 tips, inner vertices at 0.45 r
+            angles = np.arange(2 * count) * (np.pi / count)
+            radii = np.where(np.arange(2 * count) % 2, inner, 1.0) * radius
+            corners = np.stack([np.cos(angles) * radii, np.sin(angles) * radii], 1)
+        elif name == "cross":
+            a, b = 0.3, 0.95  # half the arm width and the arm length, in units of radius
+            corners = np.array([[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b], [-a, a],
+                                [-b, a], [-b, -a], [-a, -a]], dtype=np.float64) * radius
         else:
             angles = np.arange(3) * (2 * np.pi / 3) + rng.uniform(-0.25, 0.25, 3)
             corners = np.stack([np.cos(angles), np.sin(angles)], 1) * radius * rng.uniform(0.8, 1.1, (3, 1))

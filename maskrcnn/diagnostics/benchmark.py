@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import mask_rcnn as tv_mask_rcnn
 from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste_masks_in_image
-from torchvision.ops import FrozenBatchNorm2d, masks_to_boxes
+from torchvision.ops import FrozenBatchNorm2d, box_iou, masks_to_boxes
 
 from ..config import Config, ModelConfig, load_config
 from ..data.shapes import CATEGORIES, render_image
@@ -78,9 +78,9 @@ class _StageClock:
         self.last = now
 
 
-def _interleaved_medians(runs: Dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]
-                         ) -> Dict[str, float]:
-    """Median seconds of each callable over ``repeats`` rounds, the callables alternating within a round."""
+def _interleaved_times(runs: Dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]
+                       ) -> Dict[str, List[float]]:
+    """Seconds of each callable in each of ``repeats`` rounds, the callables alternating within a round."""
     times: Dict[str, List[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
@@ -89,7 +89,34 @@ def _interleaved_medians(runs: Dict[str, Callable[[], object]], repeats: int, sy
             run()
             sync()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def _interleaved_medians(runs: Dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]
+                         ) -> Dict[str, float]:
+    """Median seconds of each callable over ``repeats`` interleaved rounds."""
+    return {name: statistics.median(t) for name, t in _interleaved_times(runs, repeats, sync).items()}
+
+
+def compare_detections(ours: List[dict], theirs: List[dict]) -> Dict[str, float]:
+    """How closely two models' detections of the same images agree, detection by detection in rank order.
+
+    ours, theirs: per image ``boxes`` (D, 4), ``labels`` (D,) and ``masks`` (D, H, W) bool.
+    Returns ``detections`` (compared), ``same_label`` (fraction with equal labels), ``min_box_iou`` and
+    ``min_mask_iou`` (worst IoU of corresponding boxes and masks).
+    """
+    total, same, box_ious, mask_ious = 0, 0, [], []
+    for a, b in zip(ours, theirs):
+        n = min(len(a["labels"]), len(b["labels"]))
+        total += max(len(a["labels"]), len(b["labels"]))
+        same += int((a["labels"][:n].cpu() == b["labels"][:n].cpu()).sum())
+        box_ious.append(box_iou(a["boxes"][:n].float().cpu(), b["boxes"][:n].float().cpu()).diagonal())
+        ma, mb = a["masks"][:n].cpu().flatten(1), b["masks"][:n].cpu().flatten(1)
+        mask_ious.append((ma & mb).sum(1) / (ma | mb).sum(1).clamp(min=1))
+    box_ious, mask_ious = torch.cat(box_ious), torch.cat(mask_ious)
+    return {"detections": total, "same_label": same / max(total, 1),
+            "min_box_iou": float(box_ious.min()) if len(box_ious) else 1.0,
+            "min_mask_iou": float(mask_ious.min()) if len(mask_ious) else 1.0}
 
 
 def _release_free_heap() -> None:
@@ -205,16 +232,27 @@ def benchmark_inference(tv: tv_mask_rcnn.MaskRCNN, ours: MaskRCNN, images: List[
                         repeats: int, device: torch.device) -> Dict[str, float]:
     """Stage, end-to-end and memory figures of the two eval-mode models on ``images`` in precision ``mode``.
 
-    End-to-end times are medians of ``repeats`` runs, stage times of ``(repeats + 1) // 2`` runs.
-
-    ``tv`` runs as given in fp32 and channels-last under bf16 autocast; ``ours`` runs in
-    :func:`prepare_for_inference` form. Keys: ``{stage}_ours_s``, ``{stage}_tv_s``, ``{stage}_speedup``
-    for every stage and ``e2e``, ``mem_ours_mb``, ``mem_tv_mb``.
+    torchvision runs in both memory layouts (its weights as given, and channels-last) and is compared in
+    the faster one (``tv_layout``); its float masks are thresholded to bool, the output ours returns. Ours
+    runs in :func:`prepare_for_inference` form. Every figure is the median of ``repeats`` interleaved runs;
+    end-to-end times also give their min and max. Before timing, the detections are compared
+    (:func:`compare_detections`); in fp32 a disagreement is an error, since the figures would then compare
+    different work. Keys: ``{stage}_ours_s``, ``{stage}_tv_s``, ``{stage}_speedup`` for every stage and
+    ``e2e``; ``e2e_{ours|tv_nchw|tv_cl}_{min|max}_s``, ``e2e_tv_nchw_s``, ``e2e_tv_cl_s``, ``tv_layout``;
+    ``mem_ours_mb``, ``mem_tv_mb``; ``check_*`` from :func:`compare_detections`.
     """
     sync = _synchronizer(device)
-    if mode == "bf16":
-        tv = copy.deepcopy(tv).to(memory_format=torch.channels_last)
+    layouts = {"tv_nchw": tv, "tv_cl": copy.deepcopy(tv).to(memory_format=torch.channels_last)}
     ours = prepare_for_inference(ours)
+
+    def plain(model, threshold_masks: bool):
+        def run():
+            with torch.no_grad(), _autocast(device, mode):
+                out = model(images)
+            if threshold_masks:  # torchvision's (D, 1, H, W) probabilities -> (D, H, W) bool, as ours
+                out = [{**o, "masks": o["masks"][:, 0] > 0.5} for o in out]
+            return out
+        return run
 
     def staged(model, stages):
         def run():
@@ -224,29 +262,31 @@ def benchmark_inference(tv: tv_mask_rcnn.MaskRCNN, ours: MaskRCNN, images: List[
             return clock.times
         return run
 
-    def plain(model):
-        def run():
-            with torch.no_grad(), _autocast(device, mode):
-                return model(images)
-        return run
-
-    runs = {"ours": plain(ours), "tv": plain(tv)}
-    _interleaved_medians(runs, 1, sync)  # warm-up: allocator, caches, lazy initialisation
-    e2e = _interleaved_medians(runs, repeats, sync)
-    stage_runs = {"ours": staged(ours, _our_stages), "tv": staged(tv, _torchvision_stages)}
+    runs = {"ours": plain(ours, False), **{name: plain(model, True) for name, model in layouts.items()}}
+    _interleaved_times(runs, 1, sync)  # warm-up: allocator, caches, lazy initialisation
+    e2e = _interleaved_times(runs, repeats, sync)
+    best = min(layouts, key=lambda name: statistics.median(e2e[name]))
+    figures: Dict[str, object] = {"tv_layout": "channels_last" if best == "tv_cl" else "NCHW"}
+    check = compare_detections(runs["ours"](), runs[best]())
+    if mode == "fp32" and (check["same_label"] < 1 or check["min_box_iou"] < 0.99 or check["min_mask_iou"] < 0.99):
+        raise RuntimeError(f"the models do not detect the same instances in fp32: {check}")
+    figures.update({f"check_{key}": value for key, value in check.items()})
+    stage_runs = {"ours": staged(ours, _our_stages), "tv": staged(layouts[best], _torchvision_stages)}
     stage_times: Dict[str, List[Dict[str, float]]] = {"ours": [], "tv": []}
-    for _ in range((repeats + 1) // 2):
+    for _ in range(repeats):
         for name, run in stage_runs.items():
             stage_times[name].append(run())
-    figures = {}
     for stage in STAGES:
         for name in ("ours", "tv"):
             figures[f"{stage}_{name}_s"] = statistics.median(t[stage] for t in stage_times[name])
-    figures["e2e_ours_s"], figures["e2e_tv_s"] = e2e["ours"], e2e["tv"]
+    for name, times in e2e.items():
+        figures[f"e2e_{name}_s"] = statistics.median(times)
+        figures[f"e2e_{name}_min_s"], figures[f"e2e_{name}_max_s"] = min(times), max(times)
+    figures["e2e_tv_s"] = figures[f"e2e_{best}_s"]
     for stage in (*STAGES, "e2e"):
         figures[f"{stage}_speedup"] = figures[f"{stage}_tv_s"] / figures[f"{stage}_ours_s"]
     figures["mem_ours_mb"] = peak_memory_mb(runs["ours"], device)
-    figures["mem_tv_mb"] = peak_memory_mb(runs["tv"], device)
+    figures["mem_tv_mb"] = peak_memory_mb(runs[best], device)
     return figures
 
 
@@ -255,14 +295,14 @@ def benchmark_paste(mask_probs: Tensor, boxes: Tensor, image_size: Tuple[int, in
     """Our paste against torchvision's on the same detections, and against writing the bare output.
 
     mask_probs: (D, 28, 28) float; boxes: (D, 4) xyxy pixels of an image of ``image_size`` (h, w).
-    torchvision's ``paste_masks_in_image`` (one full-image float canvas per mask, not thresholded) is
-    timed as its postprocess runs it. ``write_s`` is the time to allocate and zero the (D, h, w) bool
-    output that every paste must produce.
+    Both produce the same thing, (D, h, w) bool masks: torchvision's ``paste_masks_in_image`` (one
+    full-image float canvas per mask) as its postprocess runs it, then its 0.5 threshold. ``write_s`` is the
+    time to allocate and zero the (D, h, w) bool output that every paste must produce.
     """
     sync = _synchronizer(device)
     runs = {
         "ours": lambda: paste_masks_in_image(mask_probs, boxes, image_size),
-        "tv": lambda: tv_paste_masks_in_image(mask_probs[:, None], boxes, image_size, padding=1),
+        "tv": lambda: tv_paste_masks_in_image(mask_probs[:, None], boxes, image_size, padding=1)[:, 0] > 0.5,
         "write": lambda: torch.zeros((len(boxes), *image_size), dtype=torch.bool, device=device),
     }
     _interleaved_medians(runs, 1, sync)
@@ -316,9 +356,10 @@ def benchmark_train_step(cfg: ModelConfig, *, num_images: int, mode: str, repeat
 
     Both start from the same seeded weights and train on the same batch of ``num_images`` images at input
     size ``cfg.input.min_size[-1]``; torchvision's transform, which resizes in training too, then keeps
-    that size. Ours runs channels-last as the trainer runs it; torchvision in its default layout for
-    fp32 and channels-last under bf16 autocast. Keys: ``ours_s``, ``tv_s``, ``speedup``, ``mem_ours_mb``,
-    ``mem_tv_mb``.
+    that size. Ours runs channels-last as the trainer runs it; torchvision runs in both layouts (its default
+    and channels-last) and is compared in the faster one. Times are medians of ``repeats`` interleaved
+    steps. Keys: ``ours_s``, ``tv_s``, ``tv_nchw_s``, ``tv_cl_s``, ``tv_layout``, ``speedup``,
+    ``mem_ours_mb``, ``mem_tv_mb``.
     """
     sync = _synchronizer(device)
     torch.manual_seed(seed)
@@ -328,8 +369,7 @@ def benchmark_train_step(cfg: ModelConfig, *, num_images: int, mode: str, repeat
     tv.transform.min_size = (size,)
     ours = our_model_from(tv, cfg).to(device)
     ours.to(memory_format=torch.channels_last)  # as the trainer runs it (train.channels_last)
-    if mode == "bf16":
-        tv.to(memory_format=torch.channels_last)
+    tv_cl = copy.deepcopy(tv).to(memory_format=torch.channels_last)
     images, our_targets, tv_targets = training_batch(num_images, size, cfg.input.max_size, device, seed)
 
     def step(model, targets):
@@ -344,11 +384,13 @@ def benchmark_train_step(cfg: ModelConfig, *, num_images: int, mode: str, repeat
             optimizer.step()
         return run
 
-    runs = {"ours": step(ours, our_targets), "tv": step(tv, tv_targets)}
+    runs = {"ours": step(ours, our_targets), "tv_nchw": step(tv, tv_targets), "tv_cl": step(tv_cl, tv_targets)}
     _interleaved_medians(runs, 1, sync)
     t = _interleaved_medians(runs, repeats, sync)
-    return {"ours_s": t["ours"], "tv_s": t["tv"], "speedup": t["tv"] / t["ours"],
-            "mem_ours_mb": peak_memory_mb(runs["ours"], device), "mem_tv_mb": peak_memory_mb(runs["tv"], device)}
+    best = min(("tv_nchw", "tv_cl"), key=t.get)
+    return {"ours_s": t["ours"], "tv_s": t[best], "tv_nchw_s": t["tv_nchw"], "tv_cl_s": t["tv_cl"],
+            "tv_layout": "channels_last" if best == "tv_cl" else "NCHW", "speedup": t[best] / t["ours"],
+            "mem_ours_mb": peak_memory_mb(runs["ours"], device), "mem_tv_mb": peak_memory_mb(runs[best], device)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -374,7 +416,7 @@ def run_benchmark(*, modes: Sequence[str] = MODES, quick: bool = False, device: 
                   progress: Callable[[str], None] = lambda message: None) -> Dict[str, object]:
     """Every figure of the benchmark, as one flat dict.
 
-    modes: precisions to run, from ("fp32", "bf16"). quick: 2 timed repetitions instead of 5.
+    modes: precisions to run, from ("fp32", "bf16"). quick: 3 timed repetitions instead of 5.
     size: inference images are ``size`` x ``1.5 size`` pixels (resized by both models to shortest side
     ``size``), with ``detections`` detections each. train_config: the YAML of the small training model.
     Keys (per mode m): ``{m}_{stage}_{ours|tv}_s`` and ``{m}_{stage}_speedup`` for every stage and
@@ -390,7 +432,7 @@ def run_benchmark(*, modes: Sequence[str] = MODES, quick: bool = False, device: 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda requested but no CUDA device is available")
-    repeats = 2 if quick else 5
+    repeats = 3 if quick else 5
     cfg = inference_config(size, detections)
     images = sample_images(size, dev)
     height, width = images[0].shape[-2:]
@@ -414,6 +456,9 @@ def run_benchmark(*, modes: Sequence[str] = MODES, quick: bool = False, device: 
         detected = fast(images[:1], mask_format="probs")[0]
     figures.update(benchmark_paste(detected["mask_probs"], detected["boxes"], (height, width), repeats=3 * repeats,
                                    device=dev))
+    paste_out = paste_masks_in_image(detected["mask_probs"], detected["boxes"], (height, width))
+    tv_out = tv_paste_masks_in_image(detected["mask_probs"][:, None], detected["boxes"], (height, width), padding=1)
+    figures["paste_differing_pixels"] = int((paste_out != (tv_out[:, 0] > 0.5)).sum())
     del tv, ours, fast
     for name, (train_cfg, num_images) in train_configs(train_config).items():
         for mode in modes:
@@ -432,16 +477,24 @@ def format_report(figures: Dict[str, object]) -> str:
              f"medians of {figures['repeats']} runs; speedup = torchvision time / our time"]
     modes = [m for m in MODES if f"e2e_{m}_speedup" in figures]
     for mode in modes:
-        lines += ["", f"inference {mode}    {'ours ms':>9} {'tv ms':>9} {'speedup':>8}"]
+        f = {key[len(mode) + 1:]: value for key, value in figures.items() if key.startswith(mode + "_")}
+        lines += ["", f"inference {mode} (torchvision {f['tv_layout']}, the faster of its two layouts)"
+                      f"    {'ours ms':>9} {'tv ms':>9} {'speedup':>8}"]
         for stage in (*STAGES, "e2e"):
-            lines.append(f"  {stage:<16} {figures[f'{mode}_{stage}_ours_s'] * 1e3:9.1f} "
-                         f"{figures[f'{mode}_{stage}_tv_s'] * 1e3:9.1f} {figures[f'{mode}_{stage}_speedup']:8.2f}")
-        lines.append(f"  peak memory MB   {figures[f'{mode}_mem_ours_mb']:9.0f} {figures[f'{mode}_mem_tv_mb']:9.0f}")
-    lines += ["", f"mask paste: ours {figures['paste_s'] * 1e3:.1f} ms, torchvision {figures['paste_tv_s'] * 1e3:.1f} "
-              f"ms (speedup {figures['paste_speedup']:.1f}); writing the bool output alone "
-              f"{figures['write_s'] * 1e3:.1f} ms (paste / write {figures['paste_vs_write']:.2f})"]
+            lines.append(f"  {stage:<16} {f[f'{stage}_ours_s'] * 1e3:9.1f} {f[f'{stage}_tv_s'] * 1e3:9.1f} "
+                         f"{f[f'{stage}_speedup']:8.2f}")
+        for name, label in (("ours", "ours"), ("tv_nchw", "torchvision NCHW"), ("tv_cl", "torchvision channels_last")):
+            lines.append(f"  end to end, {label}: median {f[f'e2e_{name}_s'] * 1e3:.0f} ms "
+                         f"(min {f[f'e2e_{name}_min_s'] * 1e3:.0f}, max {f[f'e2e_{name}_max_s'] * 1e3:.0f})")
+        lines.append(f"  peak memory MB   {f['mem_ours_mb']:9.0f} {f['mem_tv_mb']:9.0f}")
+        lines.append(f"  same detections: {f['check_same_label']:.1%} of {f['check_detections']} with equal labels, "
+                     f"worst box IoU {f['check_min_box_iou']:.4f}, worst mask IoU {f['check_min_mask_iou']:.4f}")
+    lines += ["", f"mask paste to bool: ours {figures['paste_s'] * 1e3:.1f} ms, torchvision (paste, then > 0.5) "
+              f"{figures['paste_tv_s'] * 1e3:.1f} ms (speedup {figures['paste_speedup']:.1f}); writing the bool "
+              f"output alone {figures['write_s'] * 1e3:.1f} ms (paste / write {figures['paste_vs_write']:.2f}); "
+              f"{figures['paste_differing_pixels']} pixels differ"]
     names = sorted({key.split("_")[2] for key in figures if key.startswith("train_") and key.endswith("_ours_s")})
-    for mode in modes:
+    for mode in modes if names else ():
         lines += ["", f"training step {mode}  {'ours ms':>9} {'tv ms':>9} {'speedup':>8} {'ours MB':>8} {'tv MB':>8}"]
         for name in names:
             key = f"train_{mode}_{name}"

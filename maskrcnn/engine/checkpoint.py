@@ -17,7 +17,7 @@ from __future__ import annotations
 import pickle
 import random
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -57,8 +57,10 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     scheduler=None, scaler: Optional[torch.amp.GradScaler] = None, iteration: int,
-                    config: Config, class_names: List[str], rng: Optional[dict] = None, **extra) -> Path:
-    """Atomically write a checkpoint to ``path`` and point ``path.parent/last_checkpoint`` at it.
+                    config: Config, class_names: List[str], rng: Optional[dict] = None, update_last: bool = True,
+                    **extra) -> Path:
+    """Atomically write a checkpoint to ``path`` and (``update_last``) point ``path.parent/last_checkpoint``
+    at it.
 
     model: saved without a ``DistributedDataParallel`` wrapper (keys have no ``module.`` prefix).
     optimizer / scheduler / scaler: their ``state_dict()``, or None when not given.
@@ -80,8 +82,23 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Optional[t
         **extra,
     }
     atomic_write(path, lambda f: torch.save(checkpoint, f))
-    atomic_write(path.parent / LAST_CHECKPOINT, lambda f: f.write(path.name.encode()))
+    if update_last:
+        atomic_write(path.parent / LAST_CHECKPOINT, lambda f: f.write(path.name.encode()))
     return path
+
+
+def read_checkpoint(path: str | Path):
+    """What a ``torch.save`` file holds (tensors on the CPU, read with ``weights_only``).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming it when it is unreadable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{path} is not a readable checkpoint: {exc}") from None
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -95,13 +112,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torc
     Returns the checkpoint dict (tensors on the CPU). Raises ``FileNotFoundError`` for a missing file and
     ``ValueError`` naming the file when it is unreadable or lacks a requested entry.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"{path} is not a readable checkpoint: {exc}") from None
+    checkpoint = read_checkpoint(path)
     wanted = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     for key, target in wanted.items():
         if target is not None and checkpoint.get(key) is None:
@@ -135,3 +146,42 @@ def find_last_checkpoint(output_dir: str | Path) -> Optional[Path]:
     if not path.is_file():
         raise FileNotFoundError(f"{pointer} names {path.name}, which does not exist in {output_dir}")
     return path
+
+
+def resume_candidates(output_dir: str | Path) -> List[Path]:
+    """Checkpoints to resume from, best first: the one ``last_checkpoint`` names, then the periodic and
+    final checkpoints of ``output_dir`` from the latest iteration down (each once)."""
+    output_dir = Path(output_dir)
+    pointer = output_dir / LAST_CHECKPOINT
+    named = [output_dir / pointer.read_text().strip()] if pointer.is_file() else []
+    periodic = sorted(output_dir.glob("model_[0-9]*.pth"), key=lambda p: p.name, reverse=True)
+    final = [output_dir / "model_final.pth"] if (output_dir / "model_final.pth").is_file() else []
+    out = []
+    for path in named + final + periodic:
+        if path not in out:
+            out.append(path)
+    return out
+
+
+def load_last_good_checkpoint(output_dir: str | Path, model: nn.Module, optimizer=None, scheduler=None,
+                              scaler=None, *, warn: Callable[[str], None] = print) -> Optional[dict]:
+    """Load the newest readable checkpoint of ``output_dir`` (see :func:`resume_candidates`).
+
+    A candidate that is missing, truncated or corrupt is skipped with a one-line ``warn``; returns the
+    loaded checkpoint dict (with ``"path"`` added), or None when ``output_dir`` has no checkpoint at all.
+    Raises ValueError naming every file tried when none of them is readable.
+    """
+    candidates = resume_candidates(output_dir)
+    problems = []
+    for path in candidates:
+        try:
+            checkpoint = load_checkpoint(path, model, optimizer, scheduler, scaler, restore_rng=False)
+        except (FileNotFoundError, ValueError) as exc:
+            problems.append(str(exc))
+            warn(f"skipping {path.name}: {exc}")
+            continue
+        checkpoint["path"] = path
+        return checkpoint
+    if problems:
+        raise ValueError(f"no readable checkpoint in {output_dir}: " + "; ".join(problems))
+    return None

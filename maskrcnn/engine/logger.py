@@ -42,8 +42,7 @@ class MetricsLogger:
         self.metrics_path = self.output_dir / METRICS_FILE
         self.records: List[Dict] = []
         if start_iter > 0 and self.metrics_path.is_file():
-            with open(self.metrics_path) as f:
-                self.records = [r for r in map(json.loads, filter(str.strip, f)) if r["iteration"] <= start_iter]
+            self.records = [r for r in read_records(self.metrics_path) if r["iteration"] <= start_iter]
         text = "".join(json.dumps(r) + "\n" for r in self.records)
         atomic_write(self.metrics_path, lambda f: f.write(text.encode()))
         self._file = open(self.metrics_path, "a")
@@ -109,3 +108,18 @@ def _flatten(record: Dict, prefix: str = "") -> Dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[name] = float(value)
     return flat
+
+
+def read_records(path: Path) -> List[Dict]:
+    """The records of a ``metrics.jsonl`` file. A last line cut short (the run was killed while writing
+    it) is left out; a malformed line before it is a ValueError naming the file and line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON record") from None
+    return records

@@ -9,7 +9,8 @@ curve is redrawn at log steps, at most every ``PLOT_INTERVAL_S`` seconds, and af
 
 Files in ``train.output_dir``: ``config.yaml`` (the resolved configuration), ``model_{iter:07d}.pth``,
 ``model_final.pth``, ``last_checkpoint``, ``metrics.jsonl``, ``loss_curve.png``, ``train_summary.json``
-(the summary returned by :func:`train`) and, with evaluation, ``eval_{iter:07d}/``.
+(the summary returned by :func:`train`), with ``model.weights`` ``weights_summary.json`` (see
+:mod:`maskrcnn.engine.weights`) and, with evaluation, ``eval_{iter:07d}/``.
 
 Iterations are counted as optimizer steps taken: the checkpoint ``model_0000100.pth`` and the log record
 with ``iteration`` 100 come after the 100th step.
@@ -32,20 +33,22 @@ from tqdm import tqdm
 
 from ..config import Config, config_to_yaml
 from ..data.loader import build_train_dataset, build_train_loader
+from ..distributed import (all_gather_object, all_reduce_mean, all_true, barrier, cleanup, get_local_rank,
+                           get_rank, get_world_size, init_distributed, is_main_process)
 from ..evaluation.coco_evaluator import evaluate
+from ..fileio import atomic_write
 from ..modeling.maskrcnn import build_model
 from ..structures import BitMasks, PolygonMasks
-from ..fileio import atomic_write
-from .checkpoint import (find_last_checkpoint, load_checkpoint, rng_of_this_rank, rng_state,
+from .checkpoint import (find_last_checkpoint, load_last_good_checkpoint, rng_of_this_rank, rng_state,
                          save_checkpoint, set_rng_state)
-from ..distributed import (all_gather_object, all_reduce_mean, all_true, barrier, cleanup, get_local_rank,
-                          get_rank, get_world_size, init_distributed, is_main_process)
 from .logger import MetricsLogger
 from .optim import build_lr_scheduler, build_optimizer
+from .weights import format_summary, load_weights
 
 # The loss curve is redrawn at a log step only if this many seconds passed since the last redraw (and
 # always at the last iteration): drawing takes ~0.2 s, which at short log periods would slow training.
 PLOT_INTERVAL_S = 10.0
+WEIGHTS_SUMMARY = "weights_summary.json"  # what model.weights loaded, written at the start of a run
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -54,7 +57,9 @@ def train(cfg: Config, *, resume: bool = False, model: Optional[nn.Module] = Non
 
     resume: continue from ``train.output_dir/last_checkpoint`` (model, optimizer, schedule, grad scaler,
         iteration, RNG states and data position), reproducing the uninterrupted run; a fresh start when
-        there is no checkpoint yet.
+        there is no checkpoint yet. A checkpoint found this way wins over ``model.weights``, which
+        otherwise starts the run (iteration 0, fresh optimizer) from those weights, class rows matched by
+        name (see :mod:`maskrcnn.engine.weights`).
     model: a module following the :class:`maskrcnn.modeling.maskrcnn.MaskRCNN` contract to train instead
         of ``build_model(cfg.model)`` (e.g. one initialised from converted weights); trained in place.
 
@@ -64,8 +69,10 @@ def train(cfg: Config, *, resume: bool = False, model: Optional[nn.Module] = Non
     None; only rank 0 has them).
 
     Raises ``ValueError`` for an unusable configuration (device, precision, batch size, classes) and
-    ``FloatingPointError`` naming the iteration and loss term when a loss is not finite, after saving the
-    state from before that iteration as a checkpoint.
+    ``FloatingPointError`` naming the iteration and the loss term when a loss is not finite, or the
+    gradient norm when a finite loss has a non-finite gradient (no step is taken), after saving the state
+    from before that iteration as ``stopped_before_iteration_N.pth``; the last good checkpoint and
+    ``last_checkpoint`` are left as they were.
     """
     device = _resolve_device(cfg.train.device)
     amp_dtype = _amp_dtype(cfg.train.precision, device)
@@ -98,6 +105,7 @@ class _Run:
         _seed_all(cfg.train.seed + self.rank)
 
         self.dataset = build_train_dataset(cfg)
+        self.dataset.check_images(progress=is_main_process())  # a bad file fails now, not mid-training
         self.class_names = list(self.dataset.class_names)
         if len(self.class_names) != cfg.model.roi_heads.num_classes:
             raise ValueError(f"{cfg.data.train_ann} has {len(self.class_names)} categories but "
@@ -116,17 +124,22 @@ class _Run:
         self.scheduler = build_lr_scheduler(self.optimizer, solver)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.buffers = list(self.model.buffers())
 
         self.start_iter = 0
         self.resume_rng = None
-        last = find_last_checkpoint(self.output_dir) if resume else None
-        if last is not None:
-            checkpoint = load_checkpoint(last, self.model, self.optimizer, self.scheduler, self.scaler,
-                                         restore_rng=False)
+        checkpoint = None
+        if resume:
+            checkpoint = load_last_good_checkpoint(self.output_dir, self.model, self.optimizer, self.scheduler,
+                                                   self.scaler, warn=print if is_main_process() else lambda _: None)
+        if checkpoint is not None:
             self.start_iter = checkpoint["iteration"]
             self.resume_rng = rng_of_this_rank(checkpoint)
             if is_main_process():
-                print(f"resuming from {last} at iteration {self.start_iter}")
+                print(f"resuming from {checkpoint['path']} at iteration {self.start_iter}")
+        self.weights_summary = None
+        if checkpoint is None and cfg.model.weights:  # a resumed checkpoint wins over model.weights
+            self.weights_summary = load_weights(self.model, cfg.model.weights, self.class_names)
 
         self.ddp_model = self.model
         if self.world_size > 1:
@@ -144,11 +157,21 @@ class _Run:
             atomic_write(self.output_dir / "config.yaml", lambda f: f.write(config_to_yaml(cfg).encode()))
             self.logger = MetricsLogger(self.output_dir, start_iter=self.start_iter,
                                         tensorboard=cfg.train.tensorboard)
+            if self.weights_summary is not None:
+                print(format_summary(self.weights_summary))
+                text = json.dumps(self.weights_summary, indent=1)
+                atomic_write(self.output_dir / WEIGHTS_SUMMARY, lambda f: f.write(text.encode()))
         self.last_record: Optional[Dict] = None
         self.last_plot = -math.inf
         self.last_eval: Optional[Dict] = None
 
     def run(self) -> Dict:
+        summary_path = self.output_dir / "train_summary.json"
+        if self.start_iter >= self.cfg.solver.max_iter and summary_path.is_file():
+            # Resumed after the end: nothing to train; the finished run's summary stays as it was.
+            if is_main_process():
+                print(f"training already finished at iteration {self.start_iter}; see {summary_path}")
+            return json.loads(summary_path.read_text())
         bar = tqdm(total=self.cfg.solver.max_iter, initial=self.start_iter, desc="train", unit="it",
                    dynamic_ncols=True, mininterval=1.0, disable=not is_main_process())
         try:
@@ -164,7 +187,7 @@ class _Run:
                        "eval": self.last_eval}
             if is_main_process():
                 text = json.dumps(summary, indent=1)
-                atomic_write(self.output_dir / "train_summary.json", lambda f: f.write(text.encode()))
+                atomic_write(summary_path, lambda f: f.write(text.encode()))
             return summary
         finally:
             bar.close()
@@ -187,17 +210,29 @@ class _Run:
             targets = [_target_to(target, self.device) for target in targets]
             data_time = time.perf_counter() - tic
             rng_before = rng_state()
+            # The forward updates BatchNorm running statistics: kept so that a stop saves the state before it.
+            buffers_before = [b.detach().clone() for b in self.buffers]
 
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 losses = self.ddp_model(images, targets)
             total = sum(losses.values())
             if not all_true(torch.isfinite(total)):
-                self._stop(iteration, losses, rng_before)
+                bad = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v).all()}
+                where = ", ".join(f"{k}={v}" for k, v in bad.items()) if bad else "a loss on another process"
+                self._stop(iteration, f"non-finite loss ({where})", rng_before, buffers_before)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
+            grad_norm = None
             if cfg.solver.clip_grad_norm > 0:
                 self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.solver.clip_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.solver.clip_grad_norm)
+            if not self.scaler.is_enabled():
+                # (fp16's grad scaler skips steps with non-finite gradients by itself and lowers its scale.)
+                if grad_norm is None:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+                if not all_true(torch.isfinite(grad_norm)):
+                    self._stop(iteration, f"non-finite gradient (norm {float(grad_norm)}) of a finite loss "
+                                          f"({float(total):.4g})", rng_before, buffers_before)
             lr = self.optimizer.param_groups[0]["lr"]
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -226,7 +261,7 @@ class _Run:
                 self.last_plot = now
             bar.set_postfix(loss=f"{record['total_loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
 
-    def _save(self, name: str, iteration: int, rng: Optional[dict] = None) -> None:
+    def _save(self, name: str, iteration: int, rng: Optional[dict] = None, update_last: bool = True) -> None:
         """Every process hands in its RNG states; rank 0 writes the checkpoint."""
         rng = rng if rng is not None else rng_state()
         by_rank = all_gather_object(rng)
@@ -235,7 +270,7 @@ class _Run:
             extra["label_to_cat_id"] = dict(self.dataset.label_to_cat_id)
             save_checkpoint(self.output_dir / name, model=self.model, optimizer=self.optimizer,
                             scheduler=self.scheduler, scaler=self.scaler, iteration=iteration, config=self.cfg,
-                            class_names=self.class_names, rng=rng, **extra)
+                            class_names=self.class_names, rng=rng, update_last=update_last, **extra)
 
     def _evaluate(self, iteration: int) -> None:
         """COCO evaluation on the validation set, shared by all processes; rank 0 logs the metrics."""
@@ -248,19 +283,27 @@ class _Run:
             self.last_eval = metrics
             self.logger.log({"iteration": iteration, **metrics})
 
-    def _stop(self, iteration: int, losses: Dict[str, Tensor], rng_before: dict) -> None:
-        """Save the state from before this iteration's step, then raise FloatingPointError naming the loss."""
-        bad = {name: float(value.detach()) for name, value in losses.items() if not torch.isfinite(value).all()}
-        name = f"model_{iteration:07d}.pth"
-        self._save(name, iteration, rng=rng_before)
+    def _stop(self, iteration: int, what: str, rng_before: dict, buffers_before: List[Tensor]) -> None:
+        """Put back the buffers this iteration's forward changed, save that state (the one before the
+        iteration) under a name of its own, and raise FloatingPointError saying ``what`` went wrong.
+
+        No optimizer step has been taken, so parameters, optimizer and schedule are still those of the
+        iteration before; the last good checkpoint and ``last_checkpoint`` are left as they are.
+        """
+        with torch.no_grad():
+            for buffer, before in zip(self.buffers, buffers_before):
+                buffer.copy_(before)
+        self.optimizer.zero_grad(set_to_none=True)
+        name = f"stopped_before_iteration_{iteration + 1:07d}.pth"
+        self._save(name, iteration, rng=rng_before, update_last=False)
         if self.logger is not None:
             self.logger.plot()
         barrier()
-        where = ", ".join(f"{k}={v}" for k, v in bad.items()) if bad else "a loss on another process"
+        last = find_last_checkpoint(self.output_dir)
+        kept = f"the last good checkpoint {last} is unchanged" if last is not None else "no earlier checkpoint"
         raise FloatingPointError(
-            f"non-finite loss at iteration {iteration + 1} ({where}); training stopped. The state before this "
-            f"iteration is saved as {self.output_dir / name}; lower solver.lr or set solver.clip_grad_norm "
-            f"and resume")
+            f"{what} at iteration {iteration + 1}; training stopped. The state before this iteration is saved "
+            f"as {self.output_dir / name} and {kept}; lower solver.lr or set solver.clip_grad_norm and resume")
 
 
 class _Window:

@@ -176,9 +176,9 @@ def _load_imagenet_state(depth: int) -> dict:
     try:
         state = weights.get_state_dict(progress=False)
     except Exception as exc:  # urllib/HTTP/OS errors all mean the same thing here
-        raise RuntimeError(
-            f"backbone.pretrained=true needs torchvision's ImageNet weights ({weights.url}), which could not be "
+        raise FileNotFoundError(
+            f"model.backbone.pretrained=true needs torchvision's ImageNet weights ({weights.url}), which could not be "
             f"downloaded: {exc}. Download the file on a machine with network access into "
-            f"{torch.hub.get_dir()}/checkpoints/, or set backbone.pretrained=false."
+            f"{torch.hub.get_dir()}/checkpoints/, or set model.backbone.pretrained=false."
         ) from None
     return {k: v for k, v in state.items() if not k.startswith("fc.")}

@@ -1,0 +1,51 @@
+"""The benchmark compares like with like: the same detections (checked), torchvision in its faster layout,
+outputs of the same kind; on a small model so that it runs in seconds."""
+
+import torch
+
+from maskrcnn.config import Config
+from maskrcnn.diagnostics.benchmark import benchmark_inference, benchmark_paste, compare_detections, format_report
+from maskrcnn.reference import our_model_from, sample_images, well_conditioned_torchvision_model
+
+
+def _small_models():
+    cfg = Config().model
+    cfg.backbone.depth = 18
+    cfg.input.min_size, cfg.input.max_size = [96], 160
+    cfg.roi_heads.score_thresh, cfg.roi_heads.detections_per_img = 0.0, 20
+    tv = well_conditioned_torchvision_model(cfg)
+    return tv, our_model_from(tv, cfg)
+
+
+def test_compare_detections_finds_a_changed_label_and_a_moved_mask():
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, :4, :4] = masks[1, 4:, 4:] = True
+    ours = [{"boxes": torch.tensor([[0.0, 0, 4, 4], [4, 4, 8, 8]]), "labels": torch.tensor([1, 2]), "masks": masks}]
+    assert compare_detections(ours, ours) == {"detections": 2, "same_label": 1.0, "min_box_iou": 1.0,
+                                              "min_mask_iou": 1.0}
+    other = {**ours[0], "labels": torch.tensor([1, 3]), "masks": masks.roll(1, dims=2)}
+    check = compare_detections(ours, [other])
+    assert check["same_label"] == 0.5 and 0 < check["min_mask_iou"] < 1
+
+
+def test_inference_figures_compare_the_same_detections_with_the_faster_torchvision_layout():
+    tv, ours = _small_models()
+    figures = benchmark_inference(tv, ours, sample_images(96, torch.device("cpu"), count=2), mode="fp32", repeats=1,
+                                  device=torch.device("cpu"))
+    assert figures["check_same_label"] == 1.0 and figures["check_detections"] == 40
+    assert figures["check_min_mask_iou"] >= 0.99
+    assert figures["tv_layout"] in ("NCHW", "channels_last")
+    assert figures["e2e_tv_s"] == min(figures["e2e_tv_nchw_s"], figures["e2e_tv_cl_s"])
+    report = format_report({"device": "cpu", "image_size": "96x144", "detections": 20, "repeats": 1,
+                            **{f"fp32_{k}": v for k, v in figures.items()}, "e2e_fp32_speedup": figures["e2e_speedup"],
+                            "paste_s": 1, "paste_tv_s": 1,
+                            "write_s": 1, "paste_speedup": 1, "paste_vs_write": 1, "paste_differing_pixels": 0})
+    assert "torchvision channels_last: median" in report and "same detections: 100.0% of 40" in report
+
+
+def test_paste_figures_time_outputs_of_the_same_kind():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(10, 28, 28, generator=g)
+    boxes = torch.tensor([[5.0, 5.0, 40.0, 30.0]]).repeat(10, 1) + torch.rand(10, 4, generator=g) * 10
+    figures = benchmark_paste(probs, boxes, (60, 80), repeats=1, device=torch.device("cpu"))
+    assert figures["paste_speedup"] == figures["paste_tv_s"] / figures["paste_s"] > 0

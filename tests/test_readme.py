@@ -1,0 +1,119 @@
+"""The README's commands run as written: every fenced ``bash`` command and ``python`` snippet, in a fresh
+process from the root of a copy of the repository, in README order (later commands use what earlier ones
+made, as a reader's would).
+
+Only sizes are shrunk, through the overrides the README documents, and the table below lists each;
+commands that need a GPU, the COCO dataset or the network, or that would act on this test run itself,
+are skipped with the reason. A README command that no longer runs fails this test.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Command prefix -> documented settings appended to it (make variables or key.sub=value overrides).
+SHRUNK = {
+    "make demo": 'SHAPES_OPTS="--num-train 16 --num-val 4 --max-size 160" '
+                 'DEMO_OVERRIDES="solver.max_iter=4 solver.warmup_iters=2 train.log_period=2"',
+}
+
+OWN_DATA = "the reader's own photos; tests/test_own_data.py runs this walkthrough on a generated labelme folder"
+
+# Command prefix -> why it is not run here.
+SKIPPED = {
+    "make test": "runs this suite",
+    ".venv/bin/python -m pytest": "runs a file of this suite",
+    "pip install -e": "would reinstall the package this suite imports",
+    "python tools/train.py --config configs/maskrcnn_R50_FPN.yaml": "needs COCO (data/coco) and a GPU",
+    "torchrun": "needs COCO (data/coco) and GPUs",
+    "python -c \"import torch, torchvision; w = torchvision": "downloads torchvision's COCO weights (network)",
+    "python tools/convert_torchvision.py maskrcnn_resnet50_fpn_coco": "needs the downloaded COCO weights",
+    "python tools/eval.py --checkpoint output/tv_coco.pth": "needs COCO val2017 and the converted weights",
+    "python tools/convert_dataset.py --from labelme my_photos": OWN_DATA,
+    "python tools/convert_dataset.py --from cvat annotations.xml": OWN_DATA,
+    "python tools/convert_dataset.py --from yolo my_yolo_dataset": OWN_DATA,
+    "python tools/check_dataset.py --ann data/mine/": OWN_DATA,
+    "python tools/train.py --config configs/maskrcnn_R50_FPN_finetune.yaml model.weights=output/tv_coco.pth":
+        "needs the downloaded COCO weights; " + OWN_DATA,
+    "python tools/eval.py --checkpoint output/mine/": OWN_DATA,
+    "python tools/infer.py --checkpoint output/mine/": OWN_DATA,
+}
+
+
+def readme_commands(text: str):
+    """(kind, command) for each command of the fenced bash blocks (continuation lines joined) and each
+    python block, in README order."""
+    for kind, body in re.findall(r"^```(bash|python)\n(.*?)^```", text, flags=re.S | re.M):
+        if kind == "python":
+            yield kind, body
+            continue
+        for command in re.sub(r"\\\n\s*", "", body).splitlines():
+            command = re.sub(r"\s+# .*$", "", command).strip()  # a trailing comment explains the command
+            if command and not command.startswith("#"):
+                yield kind, command
+
+
+def _matches(command: str, table: dict):
+    return next((prefix for prefix in table if command.startswith(prefix)), None)
+
+
+COMMANDS = list(readme_commands((REPO / "README.md").read_text()))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A copy of the repository's tracked files (modification times kept, so make sees the environment
+    as up to date) with the environment linked in; a new shell there has the environment activated."""
+    root = tmp_path_factory.mktemp("readme")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    (root / ".venv").symlink_to(Path(sys.prefix))
+    for name in ("setup.cfg", "pyproject.toml"):  # older than the environment: make does not reinstall it
+        os.utime(root / name, (0, 0))
+    return root
+
+
+def _environment(root: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["PATH"] = f"{root / '.venv' / 'bin'}{os.pathsep}{env['PATH']}"
+    env["VIRTUAL_ENV"] = str(root / ".venv")
+    return env
+
+
+def test_every_command_is_run_or_skipped_for_a_reason():
+    assert COMMANDS, "the README has no commands"
+    for prefix in [*SHRUNK, *SKIPPED]:
+        assert any(cmd.startswith(prefix) for _, cmd in COMMANDS), f"no README command starts with {prefix!r}"
+
+
+@pytest.mark.slow
+def test_readme_commands_run_as_written(workdir):
+    ran, skipped = [], []
+    for kind, command in COMMANDS:
+        if kind == "bash" and _matches(command, SKIPPED):
+            skipped.append((command, SKIPPED[_matches(command, SKIPPED)]))
+            continue
+        if kind == "python":
+            argv = [sys.executable, "-c", command]
+        else:
+            shrunk = _matches(command, SHRUNK)
+            argv = ["bash", "-c", f"{command} {SHRUNK[shrunk]}" if shrunk else command]
+        result = subprocess.run(argv, cwd=workdir, env=_environment(workdir), capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, (f"README command failed ({result.returncode}):\n{command}\n"
+                                        f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}")
+        ran.append(command)
+    assert ran and skipped
+    print(f"ran {len(ran)} README commands; skipped {len(skipped)}:",
+          *[f"  {cmd[:70]}: {why}" for cmd, why in skipped], sep="\n")
