@@ -12,8 +12,6 @@ import argparse
 import json
 import sys
 
-
-
 from maskrcnn.cli import run
 from maskrcnn.diagnostics.deploy_benchmark import format_deploy_report, run_deploy_benchmark
 
