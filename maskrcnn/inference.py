@@ -1,16 +1,20 @@
-"""One batch through an eval-mode model, packaged as :class:`~maskrcnn.structures.Instances`; and how a
-model's labels correspond to a dataset's categories.
+"""Image inputs of any kind as tensors; one batch through an eval-mode model, packaged as
+:class:`~maskrcnn.structures.Instances`; and how a model's labels correspond to a dataset's categories.
 
 Shorthand: N detections of one image, K object classes of the model (labels 1..K).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
+from maskrcnn.fileio import read_image
 from maskrcnn.modeling.maskrcnn import MaskRCNN
 from maskrcnn.structures import Instances
 
@@ -24,6 +28,79 @@ def check_options(precision: str, mask_format: str) -> None:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if mask_format not in MASK_FORMATS:
         raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+
+
+ImageInput = Union[str, Path, np.ndarray, Image.Image, Tensor]
+
+
+def _array_to_tensor(array: np.ndarray, bgr: bool, name: str) -> Tensor:
+    """``(H, W)``, ``(H, W, 1|3|4)`` uint8 array -> ``(3, H, W)`` float tensor in 0-1, RGB."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"{name}: expected a uint8 image array, got dtype {array.dtype}")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ValueError(f"{name}: expected an H x W, H x W x 1, H x W x 3 or H x W x 4 array, "
+                         f"got shape {array.shape}")
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    array = array[:, :, :3]  # RGBA / BGRA: drop alpha
+    if bgr:
+        array = array[:, :, ::-1]
+    pixels = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return pixels.permute(2, 0, 1).div_(255)  # (H, W, 3) -> (3, H, W)
+
+
+def _tensor_to_image(tensor: Tensor, name: str) -> Tensor:
+    """``(H, W)`` or ``(1|3|4, H, W)`` uint8 or 0-1 float tensor -> ``(3, H, W)`` float tensor in 0-1."""
+    if tensor.dim() == 2:
+        tensor = tensor[None]
+    if tensor.dim() != 3 or tensor.shape[0] not in (1, 3, 4):
+        raise ValueError(f"{name}: expected a 3 x H x W (or 1 x H x W, 4 x H x W, H x W) tensor, "
+                         f"got shape {tuple(tensor.shape)}")
+    tensor = tensor[:3].expand(3, -1, -1)  # grayscale (1, H, W) repeats, RGBA (4, H, W) drops alpha
+    if tensor.dtype == torch.uint8:
+        return tensor.float().div(255)
+    if not tensor.is_floating_point():
+        raise ValueError(f"{name}: expected a uint8 or float image tensor, got dtype {tensor.dtype}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name}: the image holds NaN or infinite values")
+    if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
+        raise ValueError(f"{name}: float image tensors must hold values in 0-1, got range "
+                         f"[{tensor.min().item():.3g}, {tensor.max().item():.3g}]")
+    return tensor.float()
+
+
+def to_image_tensor(image: ImageInput, *, bgr: bool = False, name: str = "input") -> Tensor:
+    """Any supported image input -> ``(3, H, W)`` float32 RGB tensor with values in 0-1.
+
+    bgr: NumPy arrays are in OpenCV's BGR(A) channel order (paths, PIL images and tensors ignore it).
+    name: how error messages refer to this input (a path names itself).
+    """
+    if isinstance(image, (str, Path)):
+        tensor = _array_to_tensor(read_image(image), False, str(image))
+    elif isinstance(image, Image.Image):
+        tensor = _array_to_tensor(np.asarray(image.convert("RGB")), False, name)
+    elif isinstance(image, np.ndarray):
+        tensor = _array_to_tensor(image, bgr, name)
+    elif isinstance(image, Tensor):
+        tensor = _tensor_to_image(image, name)
+    else:
+        raise ValueError(f"{name}: unsupported image type {type(image).__name__}; expected a file path, "
+                         "a NumPy array, a PIL image or a torch tensor")
+    if tensor.shape[1] == 0 or tensor.shape[2] == 0:
+        where = str(image) if isinstance(image, (str, Path)) else name
+        raise ValueError(f"{where}: image is empty (size {tensor.shape[1]}x{tensor.shape[2]})")
+    return tensor
+
+
+def to_image_tensors(inputs: Union[ImageInput, Sequence[ImageInput]], *, bgr: bool) -> Tuple[bool, List[Tensor]]:
+    """One image input or a list of them -> (whether a single input was given, the images as
+    :func:`to_image_tensor` converts them, errors naming the list position)."""
+    single = not isinstance(inputs, (list, tuple))
+    items = [inputs] if single else list(inputs)
+    names = ["input"] if single else [f"input {i} of the list" for i in range(len(items))]
+    return single, [to_image_tensor(item, bgr=bgr, name=name) for item, name in zip(items, names)]
 
 
 @torch.inference_mode()
@@ -49,15 +126,24 @@ def detect(model: MaskRCNN, images: Sequence[Tensor], *, class_names: Sequence[s
     device_type = images[0].device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         outputs = model(list(images), mask_format=mask_format)
+    return to_instances(outputs, [tuple(image.shape[-2:]) for image in images], class_names=class_names,
+                        label_to_cat_id=label_to_cat_id)
+
+
+def to_instances(outputs: Sequence[dict], image_sizes: Sequence[tuple], *, class_names: Sequence[str],
+                 label_to_cat_id: Optional[Dict[int, int]] = None) -> List[Instances]:
+    """Per-image model outputs (``boxes``, ``scores``, ``labels`` and optionally ``masks``, in original
+    pixels, as :func:`~maskrcnn.modeling.postprocess.to_original_image` returns them) -> CPU
+    :class:`Instances`. image_sizes: each image's original (H, W)."""
     results = []
-    for image, output in zip(images, outputs):
+    for size, output in zip(image_sizes, outputs):
         masks = output.get("masks")
         if isinstance(masks, Tensor):
             masks = masks.cpu()
         labels = output["labels"].cpu()
         results.append(Instances(boxes=output["boxes"].float().cpu(), scores=output["scores"].float().cpu(),
                                  labels=labels, class_names=[class_names[label - 1] for label in labels.tolist()],
-                                 masks=masks, image_size=(int(image.shape[1]), int(image.shape[2])),
+                                 masks=masks, image_size=(int(size[0]), int(size[1])),
                                  label_to_cat_id=label_to_cat_id))
     return results
 

@@ -4,6 +4,7 @@
     result = predictor("street.jpg")             # one Instances
     results = predictor([array, pil_image])      # a list of Instances, run as one batch
     result.filter(0.5).to_coco(image_id=42)      # COCO result dicts
+    big = Predictor.from_checkpoint(path, tile_size=1024, tile_overlap=256)("slide.tif")  # tile by tile, RLE masks
 
 Shorthand: N detections of one image, H x W the original image size, K object classes (labels 1..K).
 
@@ -18,82 +19,17 @@ import copy
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
-from PIL import Image
-from torch import Tensor
 
 from maskrcnn.config import Config, config_from_dict
 from maskrcnn.fileio import read_image
-from maskrcnn.inference import MASK_FORMATS, PRECISIONS, check_options, detect, match_categories
+from maskrcnn.inference import (MASK_FORMATS, PRECISIONS, ImageInput, check_options, detect, match_categories,
+                                to_image_tensor, to_image_tensors)
 from maskrcnn.modeling.maskrcnn import build_model, prepare_for_inference
 from maskrcnn.structures import Instances
+from maskrcnn.tiling import detect_tiled
 
 __all__ = ["Predictor", "Instances", "read_image", "to_image_tensor", "detect", "PRECISIONS", "MASK_FORMATS"]
-
-ImageInput = Union[str, Path, np.ndarray, Image.Image, Tensor]
-
-
-def _array_to_tensor(array: np.ndarray, bgr: bool, name: str) -> Tensor:
-    """``(H, W)``, ``(H, W, 1|3|4)`` uint8 array -> ``(3, H, W)`` float tensor in 0-1, RGB."""
-    if array.dtype != np.uint8:
-        raise ValueError(f"{name}: expected a uint8 image array, got dtype {array.dtype}")
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise ValueError(f"{name}: expected an H x W, H x W x 1, H x W x 3 or H x W x 4 array, "
-                         f"got shape {array.shape}")
-    if array.shape[2] == 1:
-        array = np.repeat(array, 3, axis=2)
-    array = array[:, :, :3]  # RGBA / BGRA: drop alpha
-    if bgr:
-        array = array[:, :, ::-1]
-    pixels = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    return pixels.permute(2, 0, 1).div_(255)  # (H, W, 3) -> (3, H, W)
-
-
-def _tensor_to_image(tensor: Tensor, name: str) -> Tensor:
-    """``(H, W)`` or ``(1|3|4, H, W)`` uint8 or 0-1 float tensor -> ``(3, H, W)`` float tensor in 0-1."""
-    if tensor.dim() == 2:
-        tensor = tensor[None]
-    if tensor.dim() != 3 or tensor.shape[0] not in (1, 3, 4):
-        raise ValueError(f"{name}: expected a 3 x H x W (or 1 x H x W, 4 x H x W, H x W) tensor, "
-                         f"got shape {tuple(tensor.shape)}")
-    tensor = tensor[:3].expand(3, -1, -1)  # grayscale (1, H, W) repeats, RGBA (4, H, W) drops alpha
-    if tensor.dtype == torch.uint8:
-        return tensor.float().div(255)
-    if not tensor.is_floating_point():
-        raise ValueError(f"{name}: expected a uint8 or float image tensor, got dtype {tensor.dtype}")
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{name}: the image holds NaN or infinite values")
-    if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
-        raise ValueError(f"{name}: float image tensors must hold values in 0-1, got range "
-                         f"[{tensor.min().item():.3g}, {tensor.max().item():.3g}]")
-    return tensor.float()
-
-
-def to_image_tensor(image: ImageInput, *, bgr: bool = False, name: str = "input") -> Tensor:
-    """Any supported image input -> ``(3, H, W)`` float32 RGB tensor with values in 0-1.
-
-    bgr: NumPy arrays are in OpenCV's BGR(A) channel order (paths, PIL images and tensors ignore it).
-    name: how error messages refer to this input (a path names itself).
-    """
-    if isinstance(image, (str, Path)):
-        tensor = _array_to_tensor(read_image(image), False, str(image))
-    elif isinstance(image, Image.Image):
-        tensor = _array_to_tensor(np.asarray(image.convert("RGB")), False, name)
-    elif isinstance(image, np.ndarray):
-        tensor = _array_to_tensor(image, bgr, name)
-    elif isinstance(image, Tensor):
-        tensor = _tensor_to_image(image, name)
-    else:
-        raise ValueError(f"{name}: unsupported image type {type(image).__name__}; expected a file path, "
-                         "a NumPy array, a PIL image or a torch tensor")
-    if tensor.shape[1] == 0 or tensor.shape[2] == 0:
-        where = str(image) if isinstance(image, (str, Path)) else name
-        raise ValueError(f"{where}: image is empty (size {tensor.shape[1]}x{tensor.shape[2]})")
-    return tensor
-
 
 class Predictor:
     """A Mask R-CNN ready for inference on user images.
@@ -106,21 +42,32 @@ class Predictor:
     precision: "fp32" or "bf16" (bfloat16 autocast around the forward).
     score_thresh: detections scoring below this are dropped (replaces ``roi_heads.score_thresh``; None keeps
         the configured value).
-    mask_format: "bitmap", "rle" or "none" (see :func:`detect`).
+    mask_format: "bitmap", "rle" or "none" (see :func:`detect`); default "bitmap", or "rle" when tiling.
     bgr: NumPy inputs are BGR (OpenCV order) unless a call says otherwise.
     label_to_cat_id: the model's label -> category id map (a checkpoint's ``label_to_cat_id``), used by
         ``Instances.to_coco``; None: labels are the category ids.
     categories: a dataset's COCO categories (dicts with ``id`` and ``name``) to report in: each label is
         matched to one of them (by ``label_to_cat_id``, else by name, see
         :func:`~maskrcnn.inference.match_categories`) and detections of labels the dataset lacks are dropped.
+    tile_size, tile_overlap: run each image tile by tile (:mod:`maskrcnn.tiling`), ``tile_size`` pixels square
+        tiles overlapping by ``tile_overlap``, for images far larger than the model's input; detections that
+        tile borders cut or repeat are merged; masks come back as RLE ("rle") or not at all ("none").
+    tiles_per_batch: tiles per forward pass when tiling (memory grows with it).
     """
 
     def __init__(self, config: Config, weights: Union[dict, str, Path, None], *,
                  class_names: Optional[Sequence[str]] = None, device: Union[str, torch.device] = "cpu",
-                 precision: str = "fp32", score_thresh: Optional[float] = 0.05, mask_format: str = "bitmap",
+                 precision: str = "fp32", score_thresh: Optional[float] = 0.05, mask_format: Optional[str] = None,
                  bgr: bool = False, label_to_cat_id: Optional[Dict[int, int]] = None,
-                 categories: Optional[Sequence[dict]] = None):
+                 categories: Optional[Sequence[dict]] = None, tile_size: Optional[int] = None,
+                 tile_overlap: int = 128, tiles_per_batch: int = 4):
+        if mask_format is None:
+            mask_format = "bitmap" if tile_size is None else "rle"
         check_options(precision, mask_format)
+        if tile_size is not None and mask_format == "bitmap":
+            raise ValueError("tiled inference returns masks as RLE (mask_format='rle') or none: a full-size bitmap "
+                             "per detection is what tiling avoids")
+        self.tile_size, self.tile_overlap, self.tiles_per_batch = tile_size, tile_overlap, tiles_per_batch
         model_cfg = copy.deepcopy(config.model)
         if score_thresh is not None:
             model_cfg.roi_heads.score_thresh = float(score_thresh)
@@ -164,14 +111,20 @@ class Predictor:
     def __call__(self, inputs: Union[ImageInput, Sequence[ImageInput]], *,
                  bgr: Optional[bool] = None) -> Union[Instances, List[Instances]]:
         """Detect instances in one image (returns one :class:`Instances`) or a list (returns a list, run as
-        one batch). ``bgr`` overrides the predictor's setting for NumPy inputs of this call."""
+        one batch; tiled, image after image). ``bgr`` overrides the predictor's setting for NumPy inputs of
+        this call."""
         bgr = self.bgr if bgr is None else bgr
-        single = not isinstance(inputs, (list, tuple))
-        items = [inputs] if single else list(inputs)
-        names = ["input"] if single else [f"input {i} of the list" for i in range(len(items))]
-        images = [to_image_tensor(item, bgr=bgr, name=name).to(self.device) for item, name in zip(items, names)]
-        results = detect(self.inference_model, images, class_names=self.class_names, mask_format=self.mask_format,
-                         precision=self.precision, label_to_cat_id=self.label_to_cat_id)
+        single, images = to_image_tensors(inputs, bgr=bgr)
+        images = [image.to(self.device) for image in images]
+        if self.tile_size is None:
+            results = detect(self.inference_model, images, class_names=self.class_names, mask_format=self.mask_format,
+                             precision=self.precision, label_to_cat_id=self.label_to_cat_id)
+        else:
+            results = [detect_tiled(self.inference_model, image, class_names=self.class_names,
+                                    tile_size=self.tile_size, tile_overlap=self.tile_overlap,
+                                    tiles_per_batch=self.tiles_per_batch, mask_format=self.mask_format,
+                                    precision=self.precision, label_to_cat_id=self.label_to_cat_id)
+                       for image in images]
         if self.drops_unmatched:
             results = [r[torch.tensor([label in self.label_to_cat_id for label in r.labels.tolist()], dtype=torch.bool)]
                        for r in results]

@@ -1,5 +1,8 @@
 import copy
 import json
+import os
+import pickle
+import time
 import warnings
 
 import cv2
@@ -7,6 +10,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import torch
+import torch.multiprocessing as mp
 from pycocotools.coco import COCO
 
 from maskrcnn.config import Config
@@ -398,3 +402,169 @@ def test_transforms_do_not_modify_their_input(shapes):
     transform(image, target, np.random.default_rng(1))
     assert np.array_equal(image, image_before)
     assert torch.equal(target["boxes"], before["boxes"]) and torch.equal(target["masks"].tensor, before["masks"].tensor)
+
+
+# ---------------------------------------------------------------- packed annotations and their cache
+
+
+def _records(ds):
+    return [ds.record(i) for i in range(len(ds))]
+
+
+def _assert_same_records(a, b):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for key in ("image_id", "file_name", "height", "width"):
+            assert ra[key] == rb[key]
+        for key in ("boxes", "labels", "crowd_boxes"):
+            np.testing.assert_array_equal(ra[key], rb[key])
+        assert len(ra["segmentations"]) == len(rb["segmentations"])
+        for sa, sb in zip(ra["segmentations"], rb["segmentations"]):
+            if isinstance(sa, dict):
+                assert sa == sb
+            else:
+                assert len(sa) == len(sb) and all(np.array_equal(pa, pb) for pa, pb in zip(sa, sb))
+
+
+def test_cache_is_written_beside_the_json_and_memory_mapped(shapes, monkeypatch):
+    ann_file, image_dir = shapes
+    built = CocoDetection(ann_file, image_dir)
+    cache_file = ann_file.with_name(ann_file.name + ".maskrcnn-cache")
+    assert cache_file.is_file()
+    monkeypatch.setattr(CocoDetection, "_pack", lambda self, skip: pytest.fail("rebuilt despite a valid cache"))
+    loaded = CocoDetection(ann_file, image_dir)
+    assert isinstance(loaded._records.arrays["coords"].base, np.memmap) or \
+        isinstance(loaded._records.arrays["coords"], np.memmap)
+    assert loaded.image_ids == built.image_ids and loaded.class_names == built.class_names
+    _assert_same_records(_records(loaded), _records(built))
+
+
+def test_packed_records_match_the_json(shapes):
+    ann_file, image_dir = shapes
+    ds = CocoDetection(ann_file, image_dir, cache=False)
+    coco = COCO(str(ann_file))
+    for record in _records(ds):
+        anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=record["image_id"])) if not a["iscrowd"]]
+        assert record["file_name"] == coco.imgs[record["image_id"]]["file_name"]
+        for ann, segmentation in zip(anns, record["segmentations"]):
+            if isinstance(ann["segmentation"], list):  # polygons as float32
+                assert [p.dtype for p in segmentation] == [np.float32] * len(ann["segmentation"])
+                for ours, theirs in zip(segmentation, ann["segmentation"]):
+                    np.testing.assert_array_equal(ours, np.float32(theirs))
+            elif isinstance(ann["segmentation"]["counts"], str):
+                assert segmentation["counts"] == ann["segmentation"]["counts"].encode()
+            else:
+                assert segmentation["counts"] == coco.annToRLE(ann)["counts"]
+
+
+def test_chunked_validation_packs_the_same_records(shapes, monkeypatch):
+    ann_file, image_dir = shapes
+    whole = CocoDetection(ann_file, image_dir, cache=False, filter_empty=True)
+    monkeypatch.setattr("maskrcnn.data.coco._CHUNK", 3)
+    chunked = CocoDetection(ann_file, image_dir, cache=False, filter_empty=True)
+    assert chunked.image_ids == whole.image_ids
+    _assert_same_records(_records(chunked), _records(whole))
+
+
+def test_first_bad_annotation_in_file_order_is_reported_across_chunks(tmp_path, monkeypatch):
+    data = _tiny_coco()
+    data["annotations"][3].update(BAD_ANNOTATIONS["malformed bbox"])  # rejected by its type
+    data["annotations"][4].update(BAD_ANNOTATIONS["box outside image"])  # rejected by the numeric check
+    data["annotations"][2].update(BAD_ANNOTATIONS["segmentation outside image"])
+    ann_file, image_dir = _write(tmp_path, data, images=False)
+    for chunk in (2, 65536):
+        monkeypatch.setattr("maskrcnn.data.coco._CHUNK", chunk)
+        with pytest.raises(ValueError, match=r"annotation id 20 \(image id 2\): polygon lies outside"):
+            CocoDetection(ann_file, image_dir, cache=False)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        ds = CocoDetection(ann_file, image_dir, cache=False, skip_bad_annotations=True)
+    assert ds.skipped == {"segmentation outside image": 1, "malformed bbox": 1, "box outside image": 1}
+
+
+def test_cache_is_rebuilt_when_the_json_changes(tmp_path):
+    data = _tiny_coco()
+    ann_file, image_dir = _write(tmp_path, data, images=False)
+    before = CocoDetection(ann_file, image_dir)
+    stat = ann_file.stat()
+    data["annotations"][0]["bbox"] = [3, 3, 10, 12]  # same length, same modification time: only the hash differs
+    ann_file.write_text(json.dumps(data))
+    os.utime(ann_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert ann_file.stat().st_size == stat.st_size
+    after = CocoDetection(ann_file, image_dir)
+    assert before.record(0)["boxes"][0].tolist() == [2, 3, 12, 15]
+    assert after.record(0)["boxes"][0].tolist() == [3, 3, 13, 15]
+
+
+def test_cache_keeps_skip_counts_and_the_option_is_part_of_its_key(tmp_path):
+    data = _tiny_coco()
+    data["annotations"][0].update(BAD_ANNOTATIONS["unknown category id"])
+    ann_file, image_dir = _write(tmp_path, data, images=False)
+    for _ in range(2):  # built, then read from the cache: the same counts and warning
+        with pytest.warns(UserWarning, match="skipped 1 bad annotations"):
+            ds = CocoDetection(ann_file, image_dir, skip_bad_annotations=True)
+        assert ds.skipped == {"unknown category id": 1}
+    with pytest.raises(ValueError, match="unknown category id 4"):
+        CocoDetection(ann_file, image_dir)
+
+
+def test_unwritable_cache_keeps_annotations_in_memory(tiny, monkeypatch):
+    def refuse(path, write):
+        raise PermissionError(f"read-only: {path}")
+
+    monkeypatch.setattr("maskrcnn.data.coco.atomic_write", refuse)
+    with pytest.warns(UserWarning, match="cannot write the annotation cache"):
+        ds = CocoDetection(*tiny)
+    assert ds.image_ids == [1, 2, 3, 4] and ds[0][1]["labels"].tolist() == [2, 3]
+
+
+def test_pickled_dataset_refers_to_the_cache(shapes):
+    ds = CocoDetection(*shapes)
+    blob = pickle.dumps(ds)
+    assert len(blob) < 10_000  # the path and key, not the arrays
+    _assert_same_records(_records(pickle.loads(blob)), _records(ds))
+    in_memory = CocoDetection(*shapes, cache=False)
+    _assert_same_records(_records(pickle.loads(pickle.dumps(in_memory))), _records(ds))
+
+
+def _build_in_process(ann_file, image_dir, builds, start):
+    from maskrcnn.data import coco
+
+    pack = coco.CocoDetection._pack
+
+    def counted(self, skip):
+        with open(builds, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # hold the lock long enough for the other process to meet it
+        return pack(self, skip)
+
+    coco.CocoDetection._pack = counted
+    start.wait()
+    ds = coco.CocoDetection(ann_file, image_dir)
+    assert len(ds) == 30
+
+
+def test_processes_starting_at_once_build_once(shapes, tmp_path):
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_bytes(shapes[0].read_bytes())
+    ctx = mp.get_context("fork")
+    start = ctx.Event()
+    builds = tmp_path / "builds.txt"
+    procs = [ctx.Process(target=_build_in_process, args=(ann_file, shapes[1], builds, start)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    assert len(builds.read_text().split()) == 1
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_annotation_with_several_faults_reports_the_first_check(tmp_path):
+    data = _tiny_coco()
+    data["annotations"][1].update(bbox=[50, 3, 20, 12], segmentation={"size": [41, 60], "counts": "PX1"})
+    ann_file, image_dir = _write(tmp_path, data, images=False)
+    with pytest.raises(ValueError, match=r"annotation id 11 \(image id 1\): bbox .* lies outside"):
+        CocoDetection(ann_file, image_dir, cache=False)

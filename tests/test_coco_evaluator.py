@@ -269,3 +269,74 @@ def test_eval_tool_prints_and_writes_metrics(dataset_dir, tmp_path, capsys):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["images"] == 3
     assert (tmp_path / "eval" / "results.json").is_file()
+
+
+def _random_scene(rng, num_images=40):
+    """Ground truth and jittered detections over ``num_images`` 160x200 images: rectangles and ellipses of three
+    categories at small, medium and large sizes, crowd regions, missed objects, false positives, tied scores."""
+    images, annotations, results = [], [], []
+    height, width = 160, 200
+    yy, xx = np.mgrid[:height, :width]
+    for image_id in range(1, num_images + 1):
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "height": height, "width": width})
+        for _ in range(rng.integers(0, 6)):
+            w, h = rng.integers(4, 150), rng.integers(4, 120)
+            x, y = rng.integers(0, width - w), rng.integers(0, height - h)
+            ellipse = bool(rng.integers(2))
+            cat_id = int(rng.choice([1, 3, 7]))
+
+            def shape(x, y, w, h):
+                if ellipse:
+                    return ((xx - x - w / 2) / (w / 2)) ** 2 + ((yy - y - h / 2) / (h / 2)) ** 2 <= 1
+                return _rect_mask(height, width, x, y, w, h)
+
+            mask = shape(x, y, w, h)
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id,
+                                "bbox": [float(x), float(y), float(w), float(h)], "area": float(mask.sum()),
+                                "iscrowd": int(rng.random() < 0.1), "segmentation": _rle(mask)})
+            for _ in range(rng.integers(0, 4)):  # 0 detections: a miss; several: duplicates
+                dx, dy, dw, dh = rng.integers(-w // 6 - 1, w // 6 + 2, 2).tolist() + rng.integers(-3, 4, 2).tolist()
+                bx, by = int(np.clip(x + dx, 0, width - 4)), int(np.clip(y + dy, 0, height - 4))
+                bw, bh = int(np.clip(w + dw, 2, width - bx)), int(np.clip(h + dh, 2, height - by))
+                score = float(np.round(rng.random(), 1))  # ties between detections
+                results.append({"image_id": image_id, "category_id": cat_id if rng.random() < 0.9 else 3,
+                                "bbox": [float(bx), float(by), float(bw), float(bh)], "score": score,
+                                "segmentation": _rle(shape(bx, by, bw, bh))})
+        for _ in range(rng.integers(0, 3)):  # false positives
+            bw, bh = rng.integers(3, 40, 2)
+            bx, by = rng.integers(0, width - bw), rng.integers(0, height - bh)
+            results.append({"image_id": image_id, "category_id": int(rng.choice([1, 3, 7])),
+                            "bbox": [float(bx), float(by), float(bw), float(bh)], "score": float(rng.random()),
+                            "segmentation": _rle(_rect_mask(height, width, bx, by, bw, bh))})
+    return {"images": images, "categories": CATEGORIES, "annotations": annotations}, results
+
+
+def test_backends_give_identical_metrics(tmp_path):
+    ground_truth, results = _random_scene(np.random.default_rng(3))
+    (tmp_path / "ann.json").write_text(json.dumps(ground_truth))
+    assert len(results) > 150 and any(a["iscrowd"] for a in ground_truth["annotations"])
+    reference = evaluate_results(load_coco(tmp_path / "ann.json"), results, verbose=False)
+    faster = evaluate_results(load_coco(tmp_path / "ann.json", "faster-coco-eval"), results, verbose=False,
+                              backend="faster-coco-eval")
+    # the ground truth of either backend serves either backend
+    converted = evaluate_results(load_coco(tmp_path / "ann.json"), results, verbose=False, backend="faster-coco-eval")
+    for iou_type in ("bbox", "segm"):
+        for metrics in (faster, converted):
+            # the six summary numbers are bit-identical; per-category means may differ in the last bit
+            assert {k: v for k, v in metrics[iou_type].items() if k != "per_category"} == \
+                {k: v for k, v in reference[iou_type].items() if k != "per_category"}
+            assert metrics[iou_type]["per_category"] == pytest.approx(reference[iou_type]["per_category"],
+                                                                      rel=1e-12, abs=0)
+        assert 0.1 < reference[iou_type]["AP"] < 0.9
+        assert all(reference[iou_type][key] is not None for key in ("APs", "APm", "APl"))
+
+
+def test_unknown_backend_is_rejected(dataset_dir):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        evaluate_results(load_coco(dataset_dir / "ann.json"), _perfect_results(), verbose=False, backend="detectron2")
+
+
+def test_faster_backend_prints_the_same_summary(dataset_dir, capsys):
+    coco_gt = load_coco(dataset_dir / "ann.json")
+    evaluate_results(coco_gt, _perfect_results(), ("bbox",), backend="faster-coco-eval")
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000" in capsys.readouterr().out

@@ -1,123 +1,20 @@
-"""The fast paths give the answers of the plain ones: folded normalisation (trunk, FPN and heads), channels-last inference,
-bfloat16 autocast, class-selected mask logits, the in-place pyramid sum and top-k-first class NMS."""
+"""The fast paths give the answers of the plain ones: the prepared (folded, channels-last) model detects as
+the plain one (every batch norm folded: trunk, FPN and heads), and bfloat16 autocast agrees with float32. Stage-level fast paths are tested with their
+stage (test_backbone, test_fpn, test_mask_head, test_postprocess, test_roi_align)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
-import torchvision
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d, box_iou
+from torchvision.ops import box_iou
 
+from test_backbone import _random_statistics
 from tiny import tiny_config
 from maskrcnn.reference import our_model_from, sample_images, well_conditioned_torchvision_model
 from maskrcnn.config import Config
-from maskrcnn.modeling.backbone import ResNet
-from maskrcnn.modeling.layers import fold_batchnorm
-from maskrcnn.modeling.fpn import add_upsampled
-from maskrcnn.modeling.mask_head import MaskHead
 from maskrcnn.modeling.maskrcnn import build_model, prepare_for_inference
 from maskrcnn.modeling.postprocess import to_original_image
 
 TOP = 10  # the most confident detections, compared between precisions
-
-
-def _random_statistics(trunk: nn.Module, seed: int) -> None:
-    """Give every normalisation non-trivial statistics and affine parameters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in trunk.modules():
-            if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)):
-                c = m.running_mean.shape[0]
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-
-
-@pytest.mark.parametrize("depth", [18, 50])
-def test_trunk_equals_torchvision_resnet(depth):
-    """conv_norm applies FrozenBatchNorm2d with its own arithmetic: float32 results are identical."""
-    torch.manual_seed(0)
-    ours = ResNet(depth=depth, norm="frozen_bn", freeze_at=0)
-    _random_statistics(ours, seed=1)
-    tv = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=FrozenBatchNorm2d)
-    missing, unexpected = tv.load_state_dict(ours.state_dict(), strict=False)
-    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
-    body = torchvision.models._utils.IntermediateLayerGetter(tv, {f"layer{k}": str(k) for k in range(1, 5)})
-    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        for a, b in zip(ours(x), body(x).values()):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
-def test_trunk_gradients_equal_torchvision_resnet(norm):
-    """Training through the in-place normalisation (and BatchNorm with batch statistics) gives torchvision's
-    gradients."""
-    torch.manual_seed(0)
-    ours = ResNet(depth=18, norm=norm, freeze_at=0)
-    _random_statistics(ours, seed=6)
-    norm_layer = FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d
-    tv = torchvision.models.resnet18(weights=None, norm_layer=norm_layer)
-    tv.load_state_dict(ours.state_dict(), strict=False)
-    body = torchvision.models._utils.IntermediateLayerGetter(tv, {f"layer{k}": str(k) for k in range(1, 5)})
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
-    sum(f.square().mean() for f in ours(x)).backward()
-    sum(f.square().mean() for f in body(x).values()).backward()
-    grads = dict(tv.named_parameters())
-    for name, param in ours.named_parameters():
-        torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
-@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
-def test_folded_trunk_matches_unfolded(norm):
-    torch.manual_seed(0)
-    trunk = ResNet(depth=18, norm=norm, freeze_at=0).eval()
-    _random_statistics(trunk, seed=3)
-    folded = fold_batchnorm(trunk)
-    assert not any(isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)) for m in folded.modules())
-    x = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        for a, b in zip(folded(x), trunk(x)):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
-    assert any(k.endswith("bn1.running_mean") for k in trunk.state_dict()), "the original keeps its norms"
-
-
-def test_folding_needs_fixed_statistics():
-    with pytest.raises(ValueError, match="eval mode"):
-        fold_batchnorm(ResNet(depth=18, norm="bn", freeze_at=0).train())
-
-
-def test_class_logits_are_the_forward_channel_of_each_class():
-    torch.manual_seed(0)
-    head = MaskHead(in_channels=8, conv_dim=16, num_convs=2, num_classes=5)
-    nn.init.normal_(head.predictor.weight, std=0.5)
-    nn.init.normal_(head.predictor.bias, std=0.5)
-    x = torch.randn(6, 8, 14, 14)
-    classes = torch.tensor([1, 5, 3, 3, 2, 4])
-    with torch.no_grad():
-        expected = head(x)[torch.arange(6), classes - 1]
-        torch.testing.assert_close(head.class_logits(x, classes), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_add_upsampled_is_lateral_plus_nearest_upsampling(channels_last):
-    g = torch.Generator().manual_seed(5)
-    lateral = torch.randn(2, 3, 8, 12, dtype=torch.float64, generator=g)
-    top_down = torch.randn(2, 3, 4, 6, dtype=torch.float64, generator=g, requires_grad=True)
-    if channels_last:
-        lateral = lateral.contiguous(memory_format=torch.channels_last)
-    lateral.requires_grad_()
-    expected = lateral + F.interpolate(top_down, size=(8, 12), mode="nearest")
-    # The in-place sum needs a non-leaf lateral, as the lateral convolution's output is.
-    assert torch.equal(add_upsampled(lateral * 1, top_down), expected)
-    assert torch.autograd.gradcheck(lambda a, b: add_upsampled(a * 1, b), (lateral, top_down))
-
-
-def test_add_upsampled_handles_odd_sizes():
-    lateral, top_down = torch.randn(1, 2, 7, 9), torch.randn(1, 2, 4, 5)
-    expected = lateral + F.interpolate(top_down, size=(7, 9), mode="nearest")
-    assert torch.equal(add_upsampled(lateral.clone(), top_down), expected)
 
 
 @pytest.fixture(scope="module")

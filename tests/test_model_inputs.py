@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tiny import tiny_config
-from maskrcnn.modeling.backbone import ResNet
 from maskrcnn.modeling.maskrcnn import build_model
 from maskrcnn.modeling.paste import paste_masks_in_image
 from maskrcnn.structures import BitMasks, PolygonMasks
@@ -196,31 +195,6 @@ def test_training_without_targets_is_refused():
     model = tiny_model().train()
     with pytest.raises(ValueError, match="one target dict per image"):
         model(images_of((64, 96)))
-
-
-@pytest.mark.parametrize("freeze_at, frozen_parts", [
-    (0, []),
-    (1, ["conv1", "bn1"]),
-    (2, ["conv1", "bn1", "layer1"]),
-    (5, ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]),
-])
-def test_freeze_at_turns_off_gradients_of_the_leading_stages(freeze_at, frozen_parts):
-    trunk = ResNet(depth=18, norm="bn", freeze_at=freeze_at)
-    for name, param in trunk.named_parameters():
-        assert param.requires_grad == (name.split(".")[0] not in frozen_parts), name
-
-
-def test_pretrained_backbone_without_network_names_the_file(monkeypatch):
-    import urllib.error
-
-    import torchvision.models._api as weights_api
-
-    def offline(url, *args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(weights_api, "load_state_dict_from_url", offline)
-    with pytest.raises(FileNotFoundError, match=r"resnet18-.*\.pth.*set model\.backbone\.pretrained=false"):
-        ResNet(depth=18, pretrained=True)
 
 
 def mask_head_batch_sizes(model, images, targets):

@@ -111,7 +111,10 @@ def test_crop_to_28x28_then_paste_recovers_the_mask():
     crop = BitMasks(ellipse[None]).crop_and_resize(box, 28)
     pasted = paste_masks_in_image(crop, box, (120, 160))[0]
     iou = (pasted & ellipse).sum() / (pasted | ellipse).sum()
-    assert iou.item() > 0.95
+    # The 0/1 target quantises the outline to the 28 x 28 grid (a cell is 3.3 x 2.2 pixels here), so the
+    # round trip loses up to about half a cell along the outline: IoU 0.94 for this ellipse. A shifted or
+    # transposed paste, or a target cropped from the wrong box, falls far below.
+    assert iou.item() > 0.93
 
 
 def test_rejects_boxes_that_do_not_match_the_masks():

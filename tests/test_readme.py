@@ -4,7 +4,8 @@ made, as a reader's would).
 
 Only sizes are shrunk, through the overrides the README documents, and the table below lists each;
 commands that need a GPU, the COCO dataset or the network, or that would act on this test run itself,
-are skipped with the reason. A README command that no longer runs fails this test.
+are skipped with the reason. A service (``tools/serve.py``) runs in the background, on loopback, while the
+commands after it talk to it, and is stopped at the end. A README command that no longer runs fails this test.
 """
 
 import os
@@ -12,6 +13,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHRUNK = {
     "make demo": 'SHAPES_OPTS="--num-train 16 --num-val 4 --max-size 160" '
                  'DEMO_OVERRIDES="solver.max_iter=4 solver.warmup_iters=2 train.log_period=2"',
+    "python tools/load_test.py": "--requests 4 --concurrency 1 2 --max-seconds 60",
 }
+
+# Command prefix -> the URL that answers once it serves: a service runs in the background until the end.
+SERVICES = {"python tools/serve.py": "http://127.0.0.1:8000/health"}
 
 OWN_DATA = "the reader's own photos; tests/test_own_data.py runs this walkthrough on a generated labelme folder"
 
@@ -95,27 +102,53 @@ def _environment(root: Path) -> dict:
 
 def test_every_command_is_run_or_skipped_for_a_reason():
     assert COMMANDS, "the README has no commands"
-    for prefix in [*SHRUNK, *SKIPPED]:
+    for prefix in [*SHRUNK, *SKIPPED, *SERVICES]:
         assert any(cmd.startswith(prefix) for _, cmd in COMMANDS), f"no README command starts with {prefix!r}"
+
+
+def _start_service(command: str, health: str, workdir: Path) -> subprocess.Popen:
+    """Start a README service command in the background and wait until ``health`` answers."""
+    service = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=workdir, env=_environment(workdir),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if service.poll() is not None:
+            raise AssertionError(f"README service exited ({service.returncode}):\n{command}\n{service.stdout.read()}")
+        try:
+            with urllib.request.urlopen(health, timeout=2):
+                return service
+        except OSError:
+            time.sleep(0.5)
+    service.kill()
+    raise AssertionError(f"README service did not answer {health} within 180 s:\n{command}")
 
 
 @pytest.mark.slow
 def test_readme_commands_run_as_written(workdir):
-    ran, skipped = [], []
-    for kind, command in COMMANDS:
-        if kind == "bash" and _matches(command, SKIPPED):
-            skipped.append((command, SKIPPED[_matches(command, SKIPPED)]))
-            continue
-        if kind == "python":
-            argv = [sys.executable, "-c", command]
-        else:
-            shrunk = _matches(command, SHRUNK)
-            argv = ["bash", "-c", f"{command} {SHRUNK[shrunk]}" if shrunk else command]
-        result = subprocess.run(argv, cwd=workdir, env=_environment(workdir), capture_output=True, text=True,
-                                timeout=600)
-        assert result.returncode == 0, (f"README command failed ({result.returncode}):\n{command}\n"
-                                        f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}")
-        ran.append(command)
+    ran, skipped, services = [], [], []
+    try:
+        for kind, command in COMMANDS:
+            if kind == "bash" and _matches(command, SKIPPED):
+                skipped.append((command, SKIPPED[_matches(command, SKIPPED)]))
+                continue
+            if kind == "bash" and _matches(command, SERVICES):
+                services.append(_start_service(command, SERVICES[_matches(command, SERVICES)], workdir))
+                ran.append(command)
+                continue
+            if kind == "python":
+                argv = [sys.executable, "-c", command]
+            else:
+                shrunk = _matches(command, SHRUNK)
+                argv = ["bash", "-c", f"{command} {SHRUNK[shrunk]}" if shrunk else command]
+            result = subprocess.run(argv, cwd=workdir, env=_environment(workdir), capture_output=True, text=True,
+                                    timeout=600)
+            assert result.returncode == 0, (f"README command failed ({result.returncode}):\n{command}\n"
+                                            f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}")
+            ran.append(command)
+    finally:
+        for service in services:
+            service.terminate()
+            service.wait(timeout=30)
     assert ran and skipped
     print(f"ran {len(ran)} README commands; skipped {len(skipped)}:",
           *[f"  {cmd[:70]}: {why}" for cmd, why in skipped], sep="\n")

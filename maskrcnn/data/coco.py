@@ -8,6 +8,17 @@ run at once with a message naming the file, the annotation id and the image id, 
 inside a loader worker. Image files are only opened on read (``check_images`` checks them all up front).
 Labels are contiguous: the K categories, sorted by COCO category id, get labels 1..K (0 is background).
 
+At COCO scale the annotations are packed, not kept as Python objects: boxes, labels and polygons (float32
+coordinates) live in a handful of flat numpy arrays, RLE masks as bytes in one buffer
+(:class:`PackedAnnotations`). The packed arrays are written once to a cache file beside the json
+(``<json>.maskrcnn-cache``, keyed by the json's size, modification time and content hash, written
+atomically under a file lock, so that of several processes or jobs starting at once one builds and the
+others wait and read) and memory-mapped by every process: ranks on one machine and their loader workers
+share one copy of the pages, and reading a sample touches no Python object of the dataset, so workers do
+not grow by copy-on-read. A changed json is noticed and the cache rebuilt; where the folder is read-only
+the arrays stay in memory (with a warning). Validation is vectorised over chunks of annotations; an
+annotation that fails a check is parsed again by the one-annotation parser, which words the error.
+
 A sample is ``(image, target)``:
 - image: ``(3, H, W)`` float32 RGB in [0, 1], after the transforms;
 - target: ``boxes`` ``(M, 4)`` float32 xyxy pixels of the returned image; ``labels`` ``(M,)`` int64 in
@@ -19,13 +30,18 @@ A sample is ``(image, target)``:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import gc
+import hashlib
+import itertools
 import json
 import math
-import pickle
+import os
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -34,11 +50,15 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from maskrcnn.fileio import read_image
+from maskrcnn.fileio import atomic_write, read_image
 from maskrcnn.rle import compressed_run_lengths
 from maskrcnn.structures import BitMasks, InstanceMasks, PolygonMasks
 
 BOUNDS_TOLERANCE = 1.0  # boxes and polygons may exceed the image by this many pixels; they are clipped
+CACHE_SUFFIX = ".maskrcnn-cache"  # the packed annotations of ``x.json`` are cached in ``x.json.maskrcnn-cache``
+_CACHE_MAGIC = b"MRCNNPK1"  # the cache file format; a new format gets a new magic (old caches are rebuilt)
+_CHUNK = 65536  # annotations validated together
+_NUMBER_TYPES = frozenset((int, float))
 
 
 class AnnotationError(ValueError):
@@ -58,6 +78,8 @@ class CocoDetection(torch.utils.data.Dataset):
     filter_empty: drop images without any usable non-crowd annotation.
     skip_bad_annotations: skip invalid annotations instead of raising; ``skipped`` counts them per reason
     and one warning gives the totals.
+    cache: read the packed annotations from (and write them first to) ``<ann_file>.maskrcnn-cache``, memory-
+    mapped; False packs them in memory every time.
 
     Items are indexed by position, or by ``(position, augmentation_seed)`` so that random transforms are
     reproducible (see :class:`maskrcnn.data.samplers.TrainingSampler`); a bare position draws fresh
@@ -66,63 +88,43 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, ann_file: Union[str, Path], image_dir: Union[str, Path], *,
                  transforms: Optional[Callable] = None, filter_empty: bool = False,
-                 skip_bad_annotations: bool = False):
+                 skip_bad_annotations: bool = False, cache: bool = True):
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         self.transforms = transforms
-        data = _load_json(self.ann_file)
+        if cache:
+            packed = _load_or_build_cache(self.ann_file, skip_bad_annotations,
+                                          lambda: self._pack(skip_bad_annotations))
+        else:
+            packed = self._pack(skip_bad_annotations)
+        self._records = packed
+        self._set_categories(packed.categories)
+        self.skipped: Dict[str, int] = dict(packed.skipped)
+        if self.skipped:
+            details = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.skipped.items()))
+            warnings.warn(f"{self.ann_file}: skipped {sum(self.skipped.values())} bad annotations ({details})")
 
-        categories = _read_categories(data["categories"], self.ann_file)
+        arrays = packed.arrays
+        instance_counts = np.diff(arrays["instance_ends"], prepend=0)
+        # positions (in the json's image order) of the images this dataset serves
+        self._positions = np.flatnonzero(instance_counts > 0) if filter_empty else np.arange(len(packed))
+        self.image_ids: List[int] = arrays["image_ids"][self._positions].tolist()
+        self.image_sizes: List[Tuple[int, int]] = list(zip(arrays["heights"][self._positions].tolist(),
+                                                           arrays["widths"][self._positions].tolist()))
+
+    def _set_categories(self, categories: Dict[int, str]) -> None:
         sorted_ids = sorted(categories)
         self.class_names: List[str] = [categories[cat_id] for cat_id in sorted_ids]
         self.cat_id_to_label: Dict[int, int] = {cat_id: i + 1 for i, cat_id in enumerate(sorted_ids)}
         self.label_to_cat_id: Dict[int, int] = {label: cat_id for cat_id, label in self.cat_id_to_label.items()}
         self.categories: List[dict] = [{"id": cat_id, "name": categories[cat_id]} for cat_id in sorted_ids]
 
-        images = _read_images(data["images"], self.ann_file)
-        instances: Dict[int, list] = {image_id: [] for image_id in images}
-        crowds: Dict[int, list] = {image_id: [] for image_id in images}
-        skipped = Counter()
-        for position, ann in enumerate(data.get("annotations", [])):
-            try:
-                image_id, box, label, segmentation, crowd = self._parse_annotation(ann, position, images)
-            except AnnotationError as exc:
-                if not skip_bad_annotations:
-                    raise
-                skipped[exc.reason] += 1
-                continue
-            if crowd:
-                crowds[image_id].append(box)
-            else:
-                instances[image_id].append((box, label, segmentation))
-        self.skipped: Dict[str, int] = dict(skipped)
-        if self.skipped:
-            details = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.skipped.items()))
-            warnings.warn(f"{self.ann_file}: skipped {sum(self.skipped.values())} bad annotations ({details})")
-
-        records = []
-        for image_id, image in images.items():
-            if filter_empty and not instances[image_id]:
-                continue
-            items = instances[image_id]
-            records.append({
-                "image_id": image_id, "file_name": image["file_name"],
-                "height": image["height"], "width": image["width"],
-                "boxes": np.array([b for b, _, _ in items], dtype=np.float32).reshape(-1, 4),
-                "labels": np.array([label for _, label, _ in items], dtype=np.int64),
-                "segmentations": [s for _, _, s in items],
-                "crowd_boxes": np.array(crowds[image_id], dtype=np.float32).reshape(-1, 4),
-            })
-        self.image_ids: List[int] = [r["image_id"] for r in records]
-        self.image_sizes: List[Tuple[int, int]] = [(r["height"], r["width"]) for r in records]
-        self._records = _PackedRecords(records)
-
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Tuple[Tensor, dict]:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        record = self._records[index]
+        record = self.record(index)
         image = self._read_image(record)
         target = {
             "boxes": torch.from_numpy(record["boxes"]),
@@ -138,6 +140,15 @@ class CocoDetection(torch.utils.data.Dataset):
         image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
         return image, target
 
+    def record(self, index: int) -> dict:
+        """The annotations of image ``index`` (a position in this dataset) without reading the image file.
+
+        Returns ``image_id``, ``file_name``, ``height``, ``width``, ``boxes`` ``(M, 4)`` float32 xyxy pixels of
+        the file, ``labels`` ``(M,)`` int64, ``segmentations`` (per instance a list of ``(2P,)`` float32
+        polygons or a compressed RLE dict), ``crowd_boxes`` ``(C, 4)`` float32 xyxy pixels.
+        """
+        return self._records[int(self._positions[range(len(self))[index]])]
+
     def check_images(self, *, progress: bool = False) -> None:
         """Check that every image file exists, is a readable image and has the size the json gives.
 
@@ -148,7 +159,7 @@ class CocoDetection(torch.utils.data.Dataset):
         missing = 0
         for index in tqdm(range(len(self)), desc="checking images", unit="img", disable=not progress,
                           mininterval=1.0):
-            record = self._records[index]
+            record = self.record(index)
             path = self.image_dir / record["file_name"]
             where = f"image id {record['image_id']} in {self.ann_file}"
             if not path.is_file():
@@ -176,6 +187,49 @@ class CocoDetection(torch.utils.data.Dataset):
         if image.shape[:2] != (record["height"], record["width"]):
             raise ValueError(_size_mismatch(path, image.shape[:2], record, self.ann_file))
         return image
+
+    def _pack(self, skip_bad_annotations: bool) -> "PackedAnnotations":
+        """Read and validate the json into packed arrays (see :class:`PackedAnnotations`).
+
+        Annotations are validated a chunk at a time: a loop that only reads fields and checks their types,
+        then numpy checks of every box and polygon of the chunk at once. An annotation that fails either is
+        handed to :meth:`_parse_annotation`, which raises (or, skipping, counts) its error; the first bad
+        annotation in file order is the one reported. The json's annotation objects are released chunk by
+        chunk, so that the peak memory is that of the parsed json. The cyclic garbage collector is paused
+        meanwhile: the json's millions of objects hold no cycles, and each collection would walk them all.
+        """
+        with _gc_paused():
+            return self._pack_json(skip_bad_annotations)
+
+    def _pack_json(self, skip_bad_annotations: bool) -> "PackedAnnotations":
+        data = _load_json(self.ann_file)
+        categories = _read_categories(data["categories"], self.ann_file)
+        self._set_categories(categories)
+        images = _read_images(data["images"], self.ann_file)
+        image_ids = list(images)
+        position_of = {image_id: i for i, image_id in enumerate(image_ids)}
+        heights = np.array([images[i]["height"] for i in image_ids], dtype=np.int64)
+        widths = np.array([images[i]["width"] for i in image_ids], dtype=np.int64)
+        annotations = data.get("annotations", [])
+        skipped = Counter()
+        parts = _PackBuffers()
+        for start in range(0, len(annotations), _CHUNK):
+            chunk = _ChunkReader(self, annotations, start, min(start + _CHUNK, len(annotations)), images,
+                                 position_of)
+            bad = chunk.check(heights, widths)
+            # (offset in the chunk, the exception or the entry whose exception is still to be worded)
+            errors = chunk.rejected + [(chunk.offsets[entry], int(entry)) for entry in np.flatnonzero(bad)]
+            for _, error in sorted(errors, key=lambda e: e[0]):
+                if isinstance(error, int):
+                    error = chunk.error_of(error)
+                if not skip_bad_annotations or not isinstance(error, AnnotationError):
+                    raise error
+                skipped[error.reason] += 1
+            parts.add(chunk, ~bad)
+            annotations[start:start + _CHUNK] = [None] * (min(start + _CHUNK, len(annotations)) - start)
+        names = [images[i]["file_name"].encode("utf-8") for i in image_ids]
+        return PackedAnnotations.from_parts(parts, image_ids=image_ids, heights=heights, widths=widths, names=names,
+                                            categories=categories, skipped=dict(skipped))
 
     def _parse_annotation(self, ann: dict, position: int, images: Dict[int, dict]):
         """Validate one annotation; returns ``(image_id, box xyxy, label, segmentation, iscrowd)`` with the
@@ -341,23 +395,363 @@ def _instance_masks(record: dict) -> InstanceMasks:
     return BitMasks(torch.from_numpy(np.ascontiguousarray(bits.transpose(2, 0, 1))))
 
 
-class _PackedRecords:
-    """A list of per-image records pickled into one byte array.
+class _ChunkReader:
+    """Annotations ``start..end-1`` of the json read into flat lists, one entry per annotation that passed the
+    type checks: its offset in the chunk, image position, label, crowd flag, box ``x, y, w, h`` and
+    segmentation (polygon lengths and coordinates, or a compressed RLE dict). Annotations that failed are in
+    ``rejected`` as ``(offset, exception)``; :meth:`check` finds the numerically bad entries."""
 
-    Forked loader workers then share one buffer instead of touching (and so copying) millions of small
-    Python objects through their reference counts.
+    def __init__(self, dataset: "CocoDetection", annotations: list, start: int, end: int, images: Dict[int, dict],
+                 position_of: Dict[int, int]):
+        self.dataset, self.annotations, self.start, self.images = dataset, annotations, start, images
+        self.offsets, self.image_positions, self.labels, self.crowd, self.boxes = [], [], [], [], []
+        self.polygon_counts, self.polygon_lengths, self.coords = [], [], []  # polygon_counts 0: an RLE
+        self.rles: Dict[int, dict] = {}  # entry -> compressed RLE
+        self.rejected: List[Tuple[int, Exception]] = []
+        cat_id_to_label, number_types = dataset.cat_id_to_label, _NUMBER_TYPES
+        offsets, image_positions, labels, crowd, boxes = self.offsets, self.image_positions, self.labels, self.crowd, \
+            self.boxes
+        polygon_counts, polygon_lengths, coords = self.polygon_counts, self.polygon_lengths, self.coords
+        for offset, ann in enumerate(itertools.islice(annotations, start, end)):
+            # The fast path: field look-ups and type checks only (this loop runs once per annotation).
+            try:
+                image_position = position_of[ann["image_id"]] if "id" in ann else None
+                label = cat_id_to_label[ann["category_id"]]
+                bbox, segmentation = ann["bbox"], ann["segmentation"]
+            except (KeyError, TypeError):
+                image_position = None
+            if image_position is not None and type(bbox) is list and len(bbox) == 4 \
+                    and number_types.issuperset(map(type, bbox)) and segmentation:
+                if type(segmentation) is list:
+                    count = 0
+                    for polygon in segmentation:
+                        if type(polygon) is not list or len(polygon) < 6 or len(polygon) % 2 \
+                                or not number_types.issuperset(map(type, polygon)):
+                            break
+                        polygon_lengths.append(len(polygon))
+                        coords.extend(polygon)
+                        count += 1
+                    if count == len(segmentation):
+                        polygon_counts.append(count)
+                        offsets.append(offset)
+                        image_positions.append(image_position)
+                        labels.append(label)
+                        crowd.append(bool(ann.get("iscrowd", 0)))
+                        boxes.extend(bbox)
+                        continue
+                    del coords[len(coords) - sum(polygon_lengths[len(polygon_lengths) - count:]):]
+                    del polygon_lengths[len(polygon_lengths) - count:]
+                elif type(segmentation) is dict:
+                    image = images[ann["image_id"]]
+                    try:
+                        rle = _parse_segmentation(segmentation, image["height"], image["width"], "")
+                    except AnnotationError:
+                        rle = None  # the one-annotation parser below words the error (its box comes first)
+                    if rle is not None:
+                        self._add(offset, image_position, label, bool(ann.get("iscrowd", 0)), bbox, rle)
+                        continue
+            # Anything else: the one-annotation parser raises its error, or returns what it accepts.
+            try:
+                image_id, box, label, segmentation, is_crowd = dataset._parse_annotation(ann, start + offset, images)
+            except ValueError as exc:
+                self.rejected.append((offset, exc))
+                continue
+            x0, y0, x1, y1 = box
+            self._add(offset, position_of[image_id], label, is_crowd, [x0, y0, x1 - x0, y1 - y0],
+                      segmentation if isinstance(segmentation, dict) else [p.tolist() for p in segmentation])
+
+    def _add(self, offset: int, image_position: int, label: int, is_crowd: bool, bbox: list, segmentation) -> None:
+        if isinstance(segmentation, dict):
+            self.rles[len(self.offsets)] = segmentation
+            self.polygon_counts.append(0)
+        else:
+            self.polygon_counts.append(len(segmentation))
+            for polygon in segmentation:
+                self.polygon_lengths.append(len(polygon))
+                self.coords.extend(polygon)
+        self.offsets.append(offset)
+        self.image_positions.append(image_position)
+        self.labels.append(label)
+        self.crowd.append(is_crowd)
+        self.boxes.extend(bbox)
+
+    def check(self, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+        """``(E,)`` bool, per entry: its box or a polygon fails a check of :func:`_parse_box` or
+        :func:`_parse_segmentation` (not finite, empty, outside the image beyond the tolerance). Also keeps,
+        for :meth:`PackBuffers.add`, the boxes clipped to xyxy and the polygons clipped to the image."""
+        tol = BOUNDS_TOLERANCE
+        self.image_positions = np.array(self.image_positions, dtype=np.int64)
+        height = heights[self.image_positions].astype(np.float64)
+        width = widths[self.image_positions].astype(np.float64)
+        x, y, w, h = np.array(self.boxes, dtype=np.float64).reshape(-1, 4).T
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(np.stack([x, y, w, h])).all(0) | (w <= 0) | (h <= 0) | (x < -tol) | (y < -tol) \
+                | (x + w > width + tol) | (y + h > height + tol)
+            self.boxes = np.stack([np.maximum(x, 0.0), np.maximum(y, 0.0), np.minimum(x + w, width),
+                                   np.minimum(y + h, height)], axis=1)  # (E, 4) xyxy
+            bad |= (self.boxes[:, 2] <= self.boxes[:, 0]) | (self.boxes[:, 3] <= self.boxes[:, 1])
+        self.polygon_counts = np.array(self.polygon_counts, dtype=np.int64)
+        self.polygon_lengths = np.array(self.polygon_lengths, dtype=np.int64)
+        self.coords = np.array(self.coords, dtype=np.float64)
+        if len(self.polygon_lengths):
+            owner = np.repeat(np.arange(len(self.offsets)), self.polygon_counts)  # (P,) entry of each polygon
+            starts = np.cumsum(self.polygon_lengths) - self.polygon_lengths
+            xs, ys = self.coords[0::2], self.coords[1::2]  # every polygon starts at an even offset
+            poly_width, poly_height = width[owner], height[owner]
+            with np.errstate(invalid="ignore"):
+                polygon_bad = ~np.logical_and.reduceat(np.isfinite(self.coords), starts) \
+                    | (np.minimum.reduceat(xs, starts // 2) < -tol) | (np.minimum.reduceat(ys, starts // 2) < -tol) \
+                    | (np.maximum.reduceat(xs, starts // 2) > poly_width + tol) \
+                    | (np.maximum.reduceat(ys, starts // 2) > poly_height + tol)
+            bad |= np.bincount(owner, weights=polygon_bad, minlength=len(bad)) > 0
+            vertices = self.polygon_lengths // 2
+            self.coords[0::2] = xs.clip(0, np.repeat(poly_width, vertices))
+            self.coords[1::2] = ys.clip(0, np.repeat(poly_height, vertices))
+        return bad
+
+    def error_of(self, entry: int) -> Exception:
+        """The error :meth:`CocoDetection._parse_annotation` gives for the entry :meth:`check` found bad."""
+        offset = self.offsets[entry]
+        try:
+            self.dataset._parse_annotation(self.annotations[self.start + offset], self.start + offset, self.images)
+        except ValueError as exc:
+            return exc
+        return RuntimeError(f"{self.dataset.ann_file}: annotation #{self.start + offset} failed the packed checks "
+                            "but passes the one-annotation parser")
+
+
+class _PackBuffers:
+    """The valid entries of every chunk, in file order, as lists of arrays to concatenate."""
+
+    def __init__(self):
+        self.instance_images, self.boxes, self.labels, self.crowd_images, self.crowd_boxes = [], [], [], [], []
+        self.is_rle, self.segment_ranges, self.polygon_ranges, self.coords, self.rle_bytes = [], [], [], [], []
+        self.num_polygons = self.num_coords = self.num_rle_bytes = 0
+
+    def add(self, chunk: _ChunkReader, keep: np.ndarray) -> None:
+        crowd = np.array(chunk.crowd, dtype=bool)
+        instance = keep & ~crowd
+        self.crowd_images.append(chunk.image_positions[keep & crowd])
+        self.crowd_boxes.append(chunk.boxes[keep & crowd].astype(np.float32))
+        self.instance_images.append(chunk.image_positions[instance])
+        self.boxes.append(chunk.boxes[instance].astype(np.float32))
+        self.labels.append(np.array(chunk.labels, dtype=np.int64)[instance])
+        is_rle = chunk.polygon_counts == 0
+        self.is_rle.append(is_rle[instance])
+        # polygons of kept instances: their coordinates, then each polygon's [start, end) in them
+        polygon_kept = np.repeat(instance, chunk.polygon_counts)
+        lengths = chunk.polygon_lengths[polygon_kept]
+        self.coords.append(chunk.coords[np.repeat(polygon_kept, chunk.polygon_lengths)].astype(np.float32))
+        ends = self.num_coords + np.cumsum(lengths)
+        self.polygon_ranges.append(np.stack([ends - lengths, ends], axis=1))
+        self.num_coords += int(lengths.sum())
+        # each instance's segment: [first, end) polygon, or [start, end) RLE byte
+        counts = np.where(instance, chunk.polygon_counts, 0)
+        polygon_ends = self.num_polygons + np.cumsum(counts)
+        ranges = np.stack([polygon_ends - counts, polygon_ends], axis=1)
+        for entry in np.flatnonzero(instance & is_rle):
+            counts_bytes = chunk.rles[int(entry)]["counts"]
+            ranges[entry] = (self.num_rle_bytes, self.num_rle_bytes + len(counts_bytes))
+            self.rle_bytes.append(counts_bytes)
+            self.num_rle_bytes += len(counts_bytes)
+        self.segment_ranges.append(ranges[instance])
+        self.num_polygons += int(counts.sum())
+
+
+class PackedAnnotations:
+    """Every image's annotations in flat numpy arrays (in memory, or memory-mapped from a cache file).
+
+    Shorthand: I images (the json's order), M instances, C crowd regions, P polygons, V coordinates.
+    ``arrays``: ``image_ids`` (I,) int64, ``heights``/``widths`` (I,) int64, ``name_ends`` (I,) int64 end of
+    each file name in ``names`` (utf-8 bytes), ``instance_ends``/``crowd_ends`` (I,) int64 end of each
+    image's rows in the instance / crowd arrays; ``boxes`` (M, 4) float32 xyxy pixels, ``labels`` (M,)
+    int64, ``is_rle`` (M,) bool, ``segments`` (M, 2) int64 [start, end) of the instance's rows of
+    ``polygons`` or bytes of ``rle_bytes``; ``polygons`` (P, 2) int64 [start, end) in ``coords`` (V,)
+    float32 ``x, y, ...``; ``crowd_boxes`` (C, 4) float32. ``categories``: id -> name; ``skipped``: counts
+    of skipped annotations per reason.
     """
 
-    def __init__(self, records: list):
-        blobs = [np.frombuffer(pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
-                 for r in records]
-        self._ends = np.cumsum([len(b) for b in blobs], dtype=np.int64)
-        self._data = np.concatenate(blobs) if blobs else np.zeros(0, dtype=np.uint8)
+    def __init__(self, arrays: Dict[str, np.ndarray], categories: Dict[int, str], skipped: Dict[str, int],
+                 source: Optional[Path] = None):
+        self.arrays, self.categories, self.skipped, self.source = arrays, categories, skipped, source
+        self.key: Optional[dict] = None  # the cache key, for a cache-backed instance
+
+    @classmethod
+    def from_parts(cls, parts: _PackBuffers, *, image_ids: List[int], heights: np.ndarray, widths: np.ndarray,
+                   names: List[bytes], categories: Dict[int, str], skipped: Dict[str, int]) -> "PackedAnnotations":
+        num_images = len(image_ids)
+        instance_images = np.concatenate(parts.instance_images) if parts.instance_images else np.zeros(0, np.int64)
+        crowd_images = np.concatenate(parts.crowd_images) if parts.crowd_images else np.zeros(0, np.int64)
+        order = np.argsort(instance_images, kind="stable")  # group by image, file order within an image
+        crowd_order = np.argsort(crowd_images, kind="stable")
+
+        def joined(pieces, dtype, shape=()):
+            return np.concatenate(pieces) if pieces else np.zeros((0, *shape), dtype=dtype)
+
+        arrays = {
+            "image_ids": np.array(image_ids, dtype=np.int64), "heights": heights, "widths": widths,
+            "name_ends": np.cumsum([len(n) for n in names], dtype=np.int64),
+            "names": np.frombuffer(b"".join(names), dtype=np.uint8),
+            "instance_ends": np.cumsum(np.bincount(instance_images, minlength=num_images), dtype=np.int64),
+            "crowd_ends": np.cumsum(np.bincount(crowd_images, minlength=num_images), dtype=np.int64),
+            "boxes": joined(parts.boxes, np.float32, (4,))[order],
+            "labels": joined(parts.labels, np.int64)[order],
+            "is_rle": joined(parts.is_rle, bool)[order],
+            "segments": joined(parts.segment_ranges, np.int64, (2,))[order],
+            "polygons": joined(parts.polygon_ranges, np.int64, (2,)),
+            "coords": joined(parts.coords, np.float32),
+            "rle_bytes": np.frombuffer(b"".join(parts.rle_bytes), dtype=np.uint8),
+            "crowd_boxes": joined(parts.crowd_boxes, np.float32, (4,))[crowd_order],
+        }
+        return cls(arrays, categories, skipped)
 
     def __len__(self) -> int:
-        return len(self._ends)
+        return len(self.arrays["image_ids"])
 
-    def __getitem__(self, index: int) -> dict:
-        index = range(len(self))[index]
-        start = int(self._ends[index - 1]) if index > 0 else 0
-        return pickle.loads(self._data[start:int(self._ends[index])].data)
+    def __getitem__(self, position: int) -> dict:
+        """The record of the image at ``position`` in the json (see :meth:`CocoDetection.record`)."""
+        a = self.arrays
+        height, width = int(a["heights"][position]), int(a["widths"][position])
+        name_start = int(a["name_ends"][position - 1]) if position else 0
+        first = int(a["instance_ends"][position - 1]) if position else 0
+        last = int(a["instance_ends"][position])
+        crowd_first = int(a["crowd_ends"][position - 1]) if position else 0
+        segmentations = []
+        for (start, end), is_rle in zip(a["segments"][first:last].tolist(), a["is_rle"][first:last].tolist()):
+            if is_rle:
+                segmentations.append({"size": [height, width], "counts": a["rle_bytes"][start:end].tobytes()})
+            else:
+                segmentations.append([np.array(a["coords"][s:e]) for s, e in a["polygons"][start:end].tolist()])
+        return {
+            "image_id": int(a["image_ids"][position]),
+            "file_name": a["names"][name_start:int(a["name_ends"][position])].tobytes().decode("utf-8"),
+            "height": height, "width": width,
+            "boxes": np.array(a["boxes"][first:last]),
+            "labels": np.array(a["labels"][first:last]),
+            "segmentations": segmentations,
+            "crowd_boxes": np.array(a["crowd_boxes"][crowd_first:int(a["crowd_ends"][position])]),
+        }
+
+    def save(self, path: Path, key: dict) -> None:
+        """Write the arrays to ``path`` atomically: magic, header length, JSON header, 64-byte aligned arrays."""
+        layout, offset = {}, 0
+        for name, array in self.arrays.items():
+            layout[name] = {"dtype": array.dtype.str, "shape": list(array.shape), "offset": offset}
+            offset += -(-array.nbytes // 64) * 64
+        header = json.dumps({"key": key, "categories": [[i, n] for i, n in self.categories.items()],
+                             "skipped": self.skipped, "arrays": layout}).encode("utf-8")
+        data_start = -(-(len(_CACHE_MAGIC) + 8 + len(header)) // 64) * 64
+
+        def write(f: BinaryIO) -> None:
+            f.write(_CACHE_MAGIC + len(header).to_bytes(8, "little") + header)
+            for name, array in self.arrays.items():
+                f.seek(data_start + layout[name]["offset"])
+                f.write(np.ascontiguousarray(array).tobytes())
+            f.truncate(data_start + offset)
+
+        atomic_write(path, write)
+
+    @classmethod
+    def load(cls, path: Path, key: dict) -> Optional["PackedAnnotations"]:
+        """The arrays memory-mapped from a cache file; ``None`` if it is missing, unreadable, of another format
+        or written for another ``key``."""
+        try:
+            with open(path, "rb") as f:
+                if f.read(len(_CACHE_MAGIC)) != _CACHE_MAGIC:
+                    return None
+                header_length = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_length))
+            if header.get("key") != key:
+                return None
+            buffer = np.memmap(path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError):
+            return None
+        data_start = -(-(len(_CACHE_MAGIC) + 8 + header_length) // 64) * 64
+        arrays = {}
+        for name, spec in header["arrays"].items():
+            dtype = np.dtype(spec["dtype"])
+            start = data_start + spec["offset"]
+            count = int(np.prod(spec["shape"], dtype=np.int64))
+            arrays[name] = buffer[start:start + count * dtype.itemsize].view(dtype).reshape(spec["shape"])
+        packed = cls(arrays, {int(i): n for i, n in header["categories"]}, header["skipped"], source=Path(path))
+        packed.key = key
+        return packed
+
+    def __getstate__(self) -> dict:
+        """Pickled (for spawned loader workers) as the cache file's path and key where there is one."""
+        if self.source is not None:
+            return {"source": self.source, "key": self.key}
+        return self.__dict__
+
+    def __setstate__(self, state: dict) -> None:
+        if "arrays" in state:
+            self.__dict__.update(state)
+            return
+        packed = PackedAnnotations.load(state["source"], state["key"])
+        if packed is None:
+            raise ValueError(f"annotation cache {state['source']} changed or vanished since the dataset was built")
+        self.__dict__.update(packed.__dict__)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector (if it runs) for the duration of the block."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _json_key(ann_file: Path, skip_bad_annotations: bool) -> dict:
+    """What a cache of ``ann_file`` must match: its size, modification time and blake2b content hash, the
+    format and the one option that changes the packed content."""
+    stat = ann_file.stat()
+    with open(ann_file, "rb") as f:
+        digest = hashlib.file_digest(f, "blake2b").hexdigest()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "blake2b": digest,
+            "skip_bad_annotations": skip_bad_annotations}
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if needed; left in place, as removing a lock file
+    races with its next user). Where it cannot be created or locked, proceed without it."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _load_or_build_cache(ann_file: Path, skip_bad_annotations: bool,
+                         build: Callable[[], PackedAnnotations]) -> PackedAnnotations:
+    """The packed annotations of ``ann_file`` from its cache, built (by ``build``) and written there first
+    where the cache is missing or stale. Of processes that find it so at once, one builds while the others
+    wait on the lock, then read what it wrote."""
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"annotation file not found: {ann_file}")
+    key = _json_key(ann_file, skip_bad_annotations)
+    path = ann_file.with_name(ann_file.name + CACHE_SUFFIX)
+    packed = PackedAnnotations.load(path, key)
+    if packed is not None:
+        return packed
+    with _exclusive(path.with_name(path.name + ".lock")):
+        packed = PackedAnnotations.load(path, key)
+        if packed is not None:
+            return packed
+        packed = build()
+        try:
+            packed.save(path, key)
+        except OSError as exc:
+            warnings.warn(f"cannot write the annotation cache {path} ({exc}); keeping the annotations in memory")
+            return packed
+    return PackedAnnotations.load(path, key) or packed

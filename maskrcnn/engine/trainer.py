@@ -69,8 +69,10 @@ def train(cfg: Config, *, resume: bool = False, model: Optional[nn.Module] = Non
     None; only rank 0 has them).
 
     Raises ``ValueError`` for an unusable configuration (device, precision, batch size, classes) and
-    ``FloatingPointError`` naming the iteration and loss term when a loss is not finite, after saving the
-    state from before that iteration as a checkpoint.
+    ``FloatingPointError`` naming the iteration and the loss term when a loss is not finite, or the
+    gradient norm when a finite loss has a non-finite gradient (no step is taken), after saving the state
+    from before that iteration as ``stopped_before_iteration_N.pth``; the last good checkpoint and
+    ``last_checkpoint`` are left as they were.
     """
     device = _resolve_device(cfg.train.device)
     amp_dtype = _amp_dtype(cfg.train.precision, device)

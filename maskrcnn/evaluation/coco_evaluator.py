@@ -9,6 +9,9 @@ a model trained on the dataset's own categories needs neither (labels 1..K are t
 increasing id order, as :class:`~maskrcnn.data.coco.CocoDetection` numbers them). Detections of labels
 whose category the dataset lacks (COCO's 'N/A' slots of torchvision's 90, classes the dataset does not
 have) are left out, and one line says how many.
+Scoring runs on one of two backends: ``"pycocotools"`` (the reference, default) or ``"faster-coco-eval"``
+(the same COCOeval with its per-image matching and accumulation in C++; identical numbers, several times
+faster on large result sets: ``tools/bench_eval.py``).
 Under ``torch.distributed`` each process runs its share of the images (every world_size-th image, from its
 rank) and rank 0 gathers the results and scores them.
 
@@ -43,16 +46,34 @@ from maskrcnn.modeling.maskrcnn import MaskRCNN
 from maskrcnn.inference import detect, match_categories
 
 IOU_TYPES = ("bbox", "segm")
+BACKENDS = ("pycocotools", "faster-coco-eval")
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six numbers of COCOeval.stats
 
 
-def load_coco(ann_file: Union[str, Path]) -> COCO:
-    """Read a COCO annotation file (quietly). Raises ``FileNotFoundError`` naming a missing file."""
+def _backend_api(backend: str) -> tuple:
+    """(COCO class, COCOeval class) of a scoring backend; faster-coco-eval is imported only when asked for."""
+    if backend == "pycocotools":
+        return COCO, COCOeval
+    if backend == "faster-coco-eval":
+        try:
+            from faster_coco_eval import COCO as FasterCOCO, COCOeval_faster
+        except ImportError as error:
+            raise ImportError("the faster-coco-eval backend needs its package: pip install faster-coco-eval") from error
+        return FasterCOCO, COCOeval_faster
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def load_coco(ann_file: Union[str, Path], backend: str = "pycocotools"):
+    """Read a COCO annotation file (quietly) into ``backend``'s COCO class.
+
+    Raises ``FileNotFoundError`` naming a missing file.
+    """
+    coco_class, _ = _backend_api(backend)
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise FileNotFoundError(f"annotation file not found: {ann_file}")
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(ann_file))
+        return coco_class(str(ann_file))
 
 
 def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: CocoDetection, *, batch_size: int = 2,
@@ -119,16 +140,27 @@ def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: Coco
     return results
 
 
-def _load_results(coco_gt: COCO, results: List[dict]) -> COCO:
-    """pycocotools' ``loadRes``, which fails on an empty list: no results become an empty result set."""
+def _load_results(coco_gt, results: List[dict]):
+    """``coco_gt.loadRes`` (pycocotools' fails on an empty list: no results become an empty result set)."""
     with contextlib.redirect_stdout(io.StringIO()):
         if results:
             return coco_gt.loadRes(results)
-        coco_dt = COCO()
+        coco_dt = type(coco_gt)()
         coco_dt.dataset = {"images": list(coco_gt.dataset["images"]),
                            "categories": copy.deepcopy(coco_gt.dataset["categories"]), "annotations": []}
         coco_dt.createIndex()
         return coco_dt
+
+
+def _as_backend_gt(coco_gt, coco_class):
+    """The ground truth as ``coco_class``, indexed from the same dataset dict where it is of the other backend."""
+    if isinstance(coco_gt, coco_class):
+        return coco_gt
+    converted = coco_class()
+    converted.dataset = coco_gt.dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        converted.createIndex()
+    return converted
 
 
 def _none_if_missing(value: float) -> Optional[float]:
@@ -142,25 +174,34 @@ def format_per_category(per_category: Dict[str, Optional[float]], columns: int =
     return "\n".join("  ".join(cells[i:i + columns]) for i in range(0, len(cells), columns))
 
 
-def evaluate_results(coco_gt: COCO, results: List[dict], iou_types: Sequence[str] = IOU_TYPES, *,
-                     verbose: bool = True) -> Dict[str, dict]:
-    """Score COCO result dicts against ``coco_gt`` with pycocotools' COCOeval.
+def evaluate_results(coco_gt, results: List[dict], iou_types: Sequence[str] = IOU_TYPES, *, verbose: bool = True,
+                     backend: str = "pycocotools", progress: bool = False) -> Dict[str, dict]:
+    """Score COCO result dicts against ``coco_gt`` with ``backend``'s COCOeval.
 
+    coco_gt: the ground truth, a COCO object of either backend (:func:`load_coco`); one of the other backend
+        is re-indexed (sharing its dataset dict).
+    backend: "pycocotools" (the reference) or "faster-coco-eval" (C++ matching and accumulation, same numbers).
+    progress: a progress bar over the scoring stages (load, evaluate, accumulate per IoU type).
     results: dicts with ``image_id``, ``category_id``, ``bbox`` (x, y, w, h), ``score`` and, for "segm",
         ``segmentation`` (RLE); not modified. Images without results count as images with no detections;
         crowd ground truth is handled as COCO defines it.
     iou_types: any of "bbox", "segm". Mask AP uses mask areas for the small/medium/large ranges.
-    verbose: print pycocotools' 12-number summary and a per-category AP table for each IoU type.
+    verbose: print COCOeval's 12-number summary and a per-category AP table for each IoU type.
     Returns ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_category": {name: AP}}}``.
     """
+    coco_class, eval_class = _backend_api(backend)
+    coco_gt = _as_backend_gt(coco_gt, coco_class)
     for key, known in (("image_id", coco_gt.getImgIds()), ("category_id", coco_gt.getCatIds())):
         unknown = sorted({r[key] for r in results} - set(known), key=str)
         if unknown:
             raise ValueError(f"results name {key} values not in the ground truth: {unknown[:10]}")
-    metrics = {}
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:
             raise ValueError(f"iou_types must be among {IOU_TYPES}, got {iou_type!r}")
+    metrics = {}
+    bar = tqdm(total=3 * len(iou_types), desc=f"scoring ({backend})", unit="step", disable=not progress)
+    for iou_type in iou_types:
+        bar.set_postfix_str(f"{iou_type}: load")
         dets = copy.deepcopy(results)  # loadRes adds fields in place
         if iou_type == "segm":
             for det in dets:
@@ -168,10 +209,18 @@ def evaluate_results(coco_gt: COCO, results: List[dict], iou_types: Sequence[str
                     raise ValueError(f"result for image id {det['image_id']} has no 'segmentation' for segm evaluation")
                 # With a "bbox" present, loadRes would take the instance area from the box, not the mask.
                 det.pop("bbox", None)
-        evaluator = COCOeval(coco_gt, _load_results(coco_gt, dets), iou_type)
+        coco_dt = _load_results(coco_gt, dets)
+        bar.update()
+        bar.set_postfix_str(f"{iou_type}: evaluate")
+        evaluator = eval_class(coco_gt, coco_dt, iou_type)
         with contextlib.redirect_stdout(io.StringIO()):
             evaluator.evaluate()
+            bar.update()
+            bar.set_postfix_str(f"{iou_type}: accumulate")
             evaluator.accumulate()
+            bar.update()
+        if backend == "faster-coco-eval":
+            evaluator.print_function = print  # its default is a logger
         if verbose:
             print(f"Evaluation of {iou_type}:")
             evaluator.summarize()
@@ -189,6 +238,7 @@ def evaluate_results(coco_gt: COCO, results: List[dict], iou_types: Sequence[str
         metrics[iou_type]["per_category"] = per_category
         if verbose:
             print(f"Per-category {iou_type} AP:\n{format_per_category(per_category)}")
+    bar.close()
     return metrics
 
 
@@ -196,14 +246,17 @@ def evaluate(model: Union[MaskRCNN, DistributedDataParallel], ann_file: Union[st
              output_dir: Optional[Union[str, Path]] = None, *, batch_size: int = 2,
              device: Optional[Union[str, torch.device]] = None, precision: str = "fp32",
              iou_types: Sequence[str] = IOU_TYPES, num_workers: int = 0, verbose: bool = True,
-             class_names: Optional[Sequence[str]] = None, label_to_cat_id: Optional[dict] = None) -> Optional[dict]:
+             class_names: Optional[Sequence[str]] = None, label_to_cat_id: Optional[dict] = None,
+             backend: str = "pycocotools") -> Optional[dict]:
     """Run ``model`` on a COCO dataset and score it; callable from training for periodic evaluation.
 
     Returns (on rank 0; ``None`` on other ranks) the metrics of :func:`evaluate_results` plus ``images``
     (number of images) and ``images_per_s`` (inference throughput, image reading and RLE encoding included).
     class_names, label_to_cat_id: the model's classes, as in :func:`run_inference`.
+    backend: the scoring backend of :func:`evaluate_results`; checked before inference starts.
     output_dir: if given, rank 0 writes ``results.json`` (COCO results) and ``metrics.json`` there, atomically.
     """
+    _backend_api(backend)
     dataset = CocoDetection(ann_file, image_dir)
     dataset.check_images(progress=verbose and get_rank() == 0)  # a bad file fails now, not mid-inference
     start = time.perf_counter()
@@ -213,7 +266,8 @@ def evaluate(model: Union[MaskRCNN, DistributedDataParallel], ann_file: Union[st
     elapsed = time.perf_counter() - start
     if results is None:
         return None
-    metrics = evaluate_results(load_coco(ann_file), results, iou_types, verbose=verbose)
+    metrics = evaluate_results(load_coco(ann_file, backend), results, iou_types, verbose=verbose, backend=backend,
+                               progress=verbose)
     metrics["images"] = len(dataset)
     metrics["images_per_s"] = len(dataset) / elapsed
     if output_dir is not None:

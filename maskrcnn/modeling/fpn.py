@@ -70,10 +70,10 @@ def add_upsampled(lateral: Tensor, top_down: Tensor) -> Tensor:
     lateral: (N, C, H, W); top_down: (N, C, h, w). When H, W = 2h, 2w (always, for inputs padded to a
     multiple of 32) nearest upsampling repeats each top-down pixel over a 2 x 2 block, and the sum is
     accumulated into ``lateral`` in place (see :class:`_AddUpsampled2x`) without building the upsampled
-    map; other sizes take ``F.interpolate``.
+    map; other sizes, and a traced export (the in-place kernel has no ONNX form), take ``F.interpolate``.
     """
     h, w = top_down.shape[-2:]
-    if tuple(lateral.shape[-2:]) != (2 * h, 2 * w):
+    if tuple(lateral.shape[-2:]) != (2 * h, 2 * w) or torch.jit.is_tracing():
         return lateral + F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
     return _AddUpsampled2x.apply(lateral, top_down)
 

@@ -109,21 +109,34 @@ class MaskRCNN(nn.Module):
         ]
 
     def preprocess(self, images: List[Tensor], *, resize: bool) -> ImageList:
-        """Normalise, optionally resize, and pad into one (N, 3, Hp, Wp) batch."""
-        out = []
-        for image in images:
-            image = (image - self.pixel_mean.to(image)) / self.pixel_std.to(image)
-            if resize:
-                image = resize_image(image, self.min_size, self.max_size)
-            out.append(image)
-        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in out]
-        stride = self.size_divisible
-        hp = int(math.ceil(max(s[0] for s in sizes) / stride) * stride)
-        wp = int(math.ceil(max(s[1] for s in sizes) / stride) * stride)
-        batch = out[0].new_zeros((len(out), 3, hp, wp))
-        for i, image in enumerate(out):
-            batch[i, :, : image.shape[1], : image.shape[2]].copy_(image)
-        return ImageList(batch, sizes)
+        """Normalise, optionally resize, and pad into one (N, 3, Hp, Wp) batch (:func:`preprocess_images`)."""
+        return preprocess_images(images, pixel_mean=self.pixel_mean, pixel_std=self.pixel_std,
+                                 min_size=self.min_size if resize else None, max_size=self.max_size,
+                                 size_divisible=self.size_divisible)
+
+
+def preprocess_images(images: List[Tensor], *, pixel_mean: Tensor, pixel_std: Tensor, min_size: Optional[int],
+                      max_size: int, size_divisible: int) -> ImageList:
+    """Normalise, resize and pad N images into one batch.
+
+    images: N (3, Hi, Wi) float 0-1 RGB; pixel_mean, pixel_std: (3, 1, 1) per-channel normalisation;
+    min_size, max_size: resize as :func:`resize_image` (``min_size`` None keeps each image's size);
+    size_divisible: the padded sides are multiples of this.
+    Returns the (N, 3, Hp, Wp) zero-padded batch with each image's (h, w) after resizing.
+    """
+    out = []
+    for image in images:
+        image = (image - pixel_mean.to(image)) / pixel_std.to(image)
+        if min_size is not None:
+            image = resize_image(image, min_size, max_size)
+        out.append(image)
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in out]
+    hp = int(math.ceil(max(s[0] for s in sizes) / size_divisible) * size_divisible)
+    wp = int(math.ceil(max(s[1] for s in sizes) / size_divisible) * size_divisible)
+    batch = out[0].new_zeros((len(out), 3, hp, wp))
+    for i, image in enumerate(out):
+        batch[i, :, : image.shape[1], : image.shape[2]].copy_(image)
+    return ImageList(batch, sizes)
 
 
 def prepare_for_inference(model: MaskRCNN) -> MaskRCNN:

@@ -51,19 +51,26 @@ class MultiLevelRoIAlign(nn.Module):
         self.fast = fast
 
     def forward(self, features: List[Tensor], boxes: List[Tensor]) -> Tensor:
-        features = features[: len(self.scales)]
-        align = fast_roi_align if self.fast else tv_roi_align
         concat = torch.cat(boxes)
         batch_index = torch.cat([torch.full((len(b), 1), i, dtype=concat.dtype, device=concat.device)
                                  for i, b in enumerate(boxes)])
-        rois = torch.cat([batch_index, concat], dim=1)  # (R, 5): image index, x1, y1, x2, y2
-        levels = assign_levels(concat, min_level=self.min_level, max_level=self.max_level,
+        return self.pool(features, torch.cat([batch_index, concat], dim=1))
+
+    def pool(self, features: List[Tensor], rois: Tensor) -> Tensor:
+        """rois: (R, 5) float, image index then x1, y1, x2, y2 pixels of the resized input -> (R, C, S, S).
+
+        Written without Python branches on the RoIs (sizes are read as ``shape``, a level without RoIs
+        pools zero of them), so that a traced export keeps every level for any input.
+        """
+        features = features[: len(self.scales)]
+        align = fast_roi_align if self.fast else tv_roi_align
+        levels = assign_levels(rois[:, 1:], min_level=self.min_level, max_level=self.max_level,
                                canonical_scale=self.canonical_scale, canonical_level=self.canonical_level)
         size = (self.output_size, self.output_size)
-        out = features[0].new_zeros((len(rois), features[0].shape[1], *size))
+        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *size))
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             index = torch.nonzero(levels == level)[:, 0]
-            if index.numel() == 0:
-                continue
-            out[index] = align(feature, rois[index], size, scale, self.sampling_ratio).to(out.dtype)
+            pooled = align(feature, rois[index], size, scale, self.sampling_ratio).to(out.dtype)
+            # out[index] = pooled, as a scatter: its traced form follows the RoI count for any count
+            out = out.scatter(0, index.view(-1, 1, 1, 1).expand_as(pooled), pooled)
         return out

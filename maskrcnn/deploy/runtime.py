@@ -1,0 +1,128 @@
+"""Run an exported ONNX file with onnxruntime or OpenVINO, behind the predictor's interface.
+
+    predictor = ExportedPredictor("model.onnx", runtime="openvino", precision="bf16")
+    result = predictor("street.jpg")             # one Instances, as Predictor returns it
+    results = predictor([array, pil_image])      # a list, run as one batch
+
+Shorthand: N images, D detections over the batch, S the mask side. The image conversion, the resize, the
+normalisation and padding before the graph, and the resize back and mask paste after it, are the
+eager predictor's own functions; only the network runs in the other runtime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from maskrcnn.deploy.export import INPUT_NAMES, OUTPUT_NAMES, read_metadata
+from maskrcnn.inference import MASK_FORMATS, ImageInput, to_image_tensors, to_instances
+from maskrcnn.modeling.maskrcnn import preprocess_images
+from maskrcnn.modeling.postprocess import to_original_image
+from maskrcnn.structures import Instances
+
+RUNTIMES = ("onnxruntime", "openvino")
+# Precisions each runtime offers: OpenVINO's bf16 sets its inference precision hint (CPUs with AVX512-BF16
+# or AMX run it natively).
+RUNTIME_PRECISIONS = {"onnxruntime": ("fp32",), "openvino": ("fp32", "bf16")}
+
+
+class ExportedPredictor:
+    """An exported Mask R-CNN ready for inference: the same inputs and :class:`Instances` as
+    :class:`maskrcnn.predictor.Predictor`.
+
+    path: an ONNX file written by :func:`~maskrcnn.deploy.export.export_onnx` (its metadata supplies the
+        class names, the input normalisation and resize, and the mask threshold).
+    runtime: "onnxruntime" or "openvino".
+    precision: "fp32", or "bf16" (OpenVINO only).
+    mask_format: "bitmap", "rle" or "none", as the eager predictor.
+    bgr: NumPy inputs are BGR (OpenCV order) unless a call says otherwise.
+    threads: intra-op threads of the runtime (None: the runtime's default, all cores).
+    """
+
+    def __init__(self, path: Union[str, Path], *, runtime: str = "onnxruntime", precision: str = "fp32",
+                 mask_format: str = "bitmap", bgr: bool = False, threads: Optional[int] = None):
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if precision not in RUNTIME_PRECISIONS[runtime]:
+            raise ValueError(f"{runtime} runs precision {RUNTIME_PRECISIONS[runtime]}, got {precision!r}")
+        if mask_format not in MASK_FORMATS:
+            raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+        self.path = Path(path)
+        self.metadata = read_metadata(self.path)
+        self.class_names = list(self.metadata["class_names"])
+        cat_ids = self.metadata["label_to_cat_id"]
+        self.label_to_cat_id = None if cat_ids is None else {int(k): int(v) for k, v in cat_ids.items()}
+        self.runtime = runtime
+        self.precision = precision
+        self.mask_format = mask_format
+        self.bgr = bgr
+        self.pixel_mean = torch.tensor(self.metadata["pixel_mean"], dtype=torch.float32).view(3, 1, 1)
+        self.pixel_std = torch.tensor(self.metadata["pixel_std"], dtype=torch.float32).view(3, 1, 1)
+        self.run_network = (_onnxruntime_session(self.path, threads) if runtime == "onnxruntime"
+                            else _openvino_session(self.path, precision, threads))
+
+    def __call__(self, inputs: Union[ImageInput, Sequence[ImageInput]], *,
+                 bgr: Optional[bool] = None) -> Union[Instances, List[Instances]]:
+        """Detect instances in one image (returns one :class:`Instances`) or a list (returns a list, run as
+        one batch). ``bgr`` overrides the predictor's setting for NumPy inputs of this call."""
+        bgr = self.bgr if bgr is None else bgr
+        single, images = to_image_tensors(inputs, bgr=bgr)
+        if not images:
+            return []
+        results = self.detect(images)
+        return results[0] if single else results
+
+    def detect(self, images: Sequence[torch.Tensor]) -> List[Instances]:
+        """images: N (3, H, W) float 0-1 RGB tensors -> N :class:`Instances` (the network runs as one batch)."""
+        meta = self.metadata
+        batch = preprocess_images(list(images), pixel_mean=self.pixel_mean, pixel_std=self.pixel_std,
+                                  min_size=meta["min_size"], max_size=meta["max_size"],
+                                  size_divisible=meta["size_divisible"])
+        sizes = np.asarray(batch.image_sizes, dtype=np.int64)
+        outputs = dict(zip(OUTPUT_NAMES, self.run_network(batch.tensor.numpy(), sizes)))
+        counts = np.bincount(outputs["image_index"], minlength=len(images)).tolist()
+        split = {name: torch.from_numpy(np.ascontiguousarray(outputs[name])).split(counts)
+                 for name in ("boxes", "scores", "labels", "mask_probs")}
+        pasted = [
+            to_original_image({name: split[name][i] for name in split}, resized, tuple(image.shape[-2:]),
+                              mask_format=self.mask_format, mask_threshold=meta["mask_threshold"],
+                              memory_mb=meta["paste_memory_mb"])
+            for i, (resized, image) in enumerate(zip(batch.image_sizes, images))
+        ]
+        return to_instances(pasted, [tuple(image.shape[-2:]) for image in images], class_names=self.class_names,
+                            label_to_cat_id=self.label_to_cat_id)
+
+
+def _onnxruntime_session(path: Path, threads: Optional[int]):
+    """A function (images, image_sizes) -> the graph's outputs, in an onnxruntime CPU session."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(images: np.ndarray, image_sizes: np.ndarray) -> list:
+        return session.run(list(OUTPUT_NAMES), dict(zip(INPUT_NAMES, (images, image_sizes))))
+
+    return run
+
+
+def _openvino_session(path: Path, precision: str, threads: Optional[int]):
+    """A function (images, image_sizes) -> the graph's outputs, compiled by OpenVINO for the CPU."""
+    import openvino
+
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = openvino.Core().compile_model(str(path), "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(images: np.ndarray, image_sizes: np.ndarray) -> list:
+        result = request.infer({"images": images, "image_sizes": image_sizes})
+        return [np.array(result[compiled.output(name)]) for name in OUTPUT_NAMES]
+
+    return run

@@ -1,0 +1,103 @@
+"""ResNet trunk: equal to torchvision's ResNet (outputs and gradients), normalisation folding, frozen
+stages, and the offline error of the ImageNet weights."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from maskrcnn.modeling.backbone import ResNet
+from maskrcnn.modeling.layers import fold_batchnorm
+
+
+def _random_statistics(trunk: nn.Module, seed: int) -> None:
+    """Give every normalisation non-trivial statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in trunk.modules():
+            if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)):
+                c = m.running_mean.shape[0]
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_trunk_equals_torchvision_resnet(depth):
+    """conv_norm applies FrozenBatchNorm2d with its own arithmetic: float32 results are identical."""
+    torch.manual_seed(0)
+    ours = ResNet(depth=depth, norm="frozen_bn", freeze_at=0)
+    _random_statistics(ours, seed=1)
+    tv = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=FrozenBatchNorm2d)
+    missing, unexpected = tv.load_state_dict(ours.state_dict(), strict=False)
+    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+    body = torchvision.models._utils.IntermediateLayerGetter(tv, {f"layer{k}": str(k) for k in range(1, 5)})
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for a, b in zip(ours(x), body(x).values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
+def test_trunk_gradients_equal_torchvision_resnet(norm):
+    """Training through the in-place normalisation (and BatchNorm with batch statistics) gives torchvision's
+    gradients."""
+    torch.manual_seed(0)
+    ours = ResNet(depth=18, norm=norm, freeze_at=0)
+    _random_statistics(ours, seed=6)
+    norm_layer = FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d
+    tv = torchvision.models.resnet18(weights=None, norm_layer=norm_layer)
+    tv.load_state_dict(ours.state_dict(), strict=False)
+    body = torchvision.models._utils.IntermediateLayerGetter(tv, {f"layer{k}": str(k) for k in range(1, 5)})
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    sum(f.square().mean() for f in ours(x)).backward()
+    sum(f.square().mean() for f in body(x).values()).backward()
+    grads = dict(tv.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
+def test_folded_trunk_matches_unfolded(norm):
+    torch.manual_seed(0)
+    trunk = ResNet(depth=18, norm=norm, freeze_at=0).eval()
+    _random_statistics(trunk, seed=3)
+    folded = fold_batchnorm(trunk)
+    assert not any(isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)) for m in folded.modules())
+    x = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for a, b in zip(folded(x), trunk(x)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    assert any(k.endswith("bn1.running_mean") for k in trunk.state_dict()), "the original keeps its norms"
+
+
+def test_folding_needs_fixed_statistics():
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(ResNet(depth=18, norm="bn", freeze_at=0).train())
+
+
+@pytest.mark.parametrize("freeze_at, frozen_parts", [
+    (0, []),
+    (1, ["conv1", "bn1"]),
+    (2, ["conv1", "bn1", "layer1"]),
+    (5, ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]),
+])
+def test_freeze_at_turns_off_gradients_of_the_leading_stages(freeze_at, frozen_parts):
+    trunk = ResNet(depth=18, norm="bn", freeze_at=freeze_at)
+    for name, param in trunk.named_parameters():
+        assert param.requires_grad == (name.split(".")[0] not in frozen_parts), name
+
+
+def test_pretrained_backbone_without_network_names_the_file(monkeypatch):
+    import urllib.error
+
+    import torchvision.models._api as weights_api
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(weights_api, "load_state_dict_from_url", offline)
+    with pytest.raises(FileNotFoundError, match=r"resnet18-.*\.pth.*set model\.backbone\.pretrained=false"):
+        ResNet(depth=18, pretrained=True)

@@ -1,0 +1,39 @@
+"""RoI -> pyramid level assignment and multi-level RoIAlign, against torchvision's LevelMapper and
+MultiScaleRoIAlign."""
+
+import pytest
+import torch
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.poolers import LevelMapper
+
+from maskrcnn.modeling.poolers import MultiLevelRoIAlign, assign_levels
+
+
+def _boxes(n, seed=0, extent=800.0):
+    """Boxes from 1 to 700 px on a side, including sides exactly at level boundaries (112, 224, 448)."""
+    g = torch.Generator().manual_seed(seed)
+    corner = torch.rand(n, 2, generator=g) * extent
+    side = torch.exp(torch.rand(n, 1, generator=g) * 6.5).expand(n, 2).clone()
+    side[:3] = torch.tensor([[112.0, 112.0], [224.0, 224.0], [448.0, 448.0]])
+    return torch.cat([corner, corner + side], dim=1)
+
+
+def test_assign_levels_equals_torchvision_level_mapper():
+    boxes = _boxes(500)
+    expected = LevelMapper(k_min=2, k_max=5, canonical_scale=224, canonical_level=4)([boxes])
+    ours = assign_levels(boxes, min_level=2, max_level=5, canonical_scale=224, canonical_level=4)
+    assert torch.equal(ours, expected.to(torch.int64))
+    assert set(ours.tolist()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_multi_level_roi_align_equals_torchvision(fast):
+    g = torch.Generator().manual_seed(1)
+    image_sizes = [(256, 320), (200, 288)]
+    features = [torch.randn(2, 8, 256 // s, 320 // s, generator=g) for s in (4, 8, 16, 32)]
+    boxes = [_boxes(40, seed=2, extent=200.0).clamp(max=250.0), _boxes(25, seed=3, extent=180.0).clamp(max=190.0)]
+    ours = MultiLevelRoIAlign(output_size=7, strides=(4, 8, 16, 32), sampling_ratio=2, fast=fast)(features, boxes)
+    tv = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    expected = tv({str(i): f for i, f in enumerate(features)}, boxes, image_sizes)
+    assert ours.shape == (65, 8, 7, 7)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)

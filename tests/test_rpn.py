@@ -1,0 +1,74 @@
+"""RPN stages: anchor labelling and proposal selection, against torchvision's RegionProposalNetwork on the
+same anchors, objectness and deltas."""
+
+import torch
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+from torchvision.models.detection.image_list import ImageList as TVImageList
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead as TVRPNHead
+
+from tiny import tiny_config
+from maskrcnn.modeling.maskrcnn import build_model
+
+SIZES = [(96, 128), (80, 112)]
+PADDED = (96, 128)
+
+
+def _models():
+    cfg = tiny_config().model
+    ours = build_model(cfg).rpn
+    a, r = cfg.anchors, cfg.rpn
+    tv = RegionProposalNetwork(
+        TVAnchorGenerator(tuple((s,) for s in a.sizes), (tuple(a.aspect_ratios),) * len(a.sizes)),
+        TVRPNHead(cfg.backbone.fpn_channels, len(a.aspect_ratios)), r.fg_iou_thresh, r.bg_iou_thresh,
+        r.batch_size_per_image, r.positive_fraction, {"training": r.pre_nms_topk_train, "testing": r.pre_nms_topk_test},
+        {"training": r.post_nms_topk_train, "testing": r.post_nms_topk_test}, r.nms_thresh, r.score_thresh)
+    return ours, tv
+
+
+def _features():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 32, (PADDED[0] + s - 1) // s, (PADDED[1] + s - 1) // s, generator=g)
+            for s in (4, 8, 16, 32, 64)]
+
+
+def _anchors(ours, features):
+    return torch.cat(ours.anchor_generator([tuple(f.shape[-2:]) for f in features], PADDED, features[0].device))
+
+
+def test_anchors_equal_torchvision():
+    ours, tv = _models()
+    features = _features()
+    expected = tv.anchor_generator(TVImageList(torch.zeros(2, 3, *PADDED), SIZES), features)
+    assert torch.equal(_anchors(ours, features), expected[0])
+
+
+def test_label_anchors_equals_torchvision():
+    ours, tv = _models()
+    anchors = _anchors(ours, _features())
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 5.0, 120.0, 40.0], [2.0, 2.0, 9.0, 11.0]])},
+               {"boxes": torch.zeros(0, 4)}]
+    labels, deltas = ours.label_anchors(anchors, targets)
+    tv_labels, tv_matched = tv.assign_targets_to_anchors([anchors, anchors], targets)
+    assert torch.equal(labels.float(), torch.stack(tv_labels))
+    assert (labels[0] == 1).sum() >= 3 and (labels[1] == 1).sum() == 0  # every box gets its best anchor
+    positive = labels[0] == 1
+    expected = tv.box_coder.encode_single(tv_matched[0], anchors)
+    torch.testing.assert_close(deltas[0][positive], expected[positive], rtol=0, atol=1e-5)
+
+
+def test_select_proposals_equals_torchvision_filter_proposals():
+    ours, tv = _models()
+    ours.eval(), tv.eval()
+    features = _features()
+    anchors = _anchors(ours, features)
+    num_per_level = [f.shape[-2] * f.shape[-1] * 3 for f in features]
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, len(anchors), generator=g) * 2
+    deltas = torch.randn(2, len(anchors), 4, generator=g) * 0.2
+    with torch.no_grad():
+        proposals = ours.select_proposals(deltas, logits, anchors, SIZES, num_per_level)
+        decoded = tv.box_coder.decode(deltas.reshape(-1, 4), [anchors, anchors]).view(2, -1, 4)
+        expected, _ = tv.filter_proposals(decoded, logits, SIZES, num_per_level)
+    for image, (a, b) in enumerate(zip(proposals, expected)):
+        assert a.shape == b.shape and len(a) > 10, image
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)

@@ -1,0 +1,178 @@
+"""The HTTP service: upload checks, and tools/serve.py on a free loopback port with real, concurrent and
+malformed requests."""
+
+import io
+import json
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maskrcnn.config import config_to_dict
+from maskrcnn.deploy.serve import UploadError, decode_upload, post_image
+from maskrcnn.predictor import Predictor
+from tiny import tiny_config
+
+ROOT = Path(__file__).parents[1]
+CLASS_NAMES = ["circle", "square", "triangle"]
+TOKEN = "s3cret"
+MAX_BYTES = 200_000
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
+    """A PNG of a few dozen bytes whose header declares ``width`` x ``height`` RGB pixels (no pixel data)."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def image(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_a_decompression_bomb_is_refused_from_its_header():
+    data = bomb_png()
+    assert len(data) < 100
+    with pytest.raises(UploadError, match="2500000000 pixels") as error:
+        decode_upload(data, "image/png", max_bytes=MAX_BYTES, max_pixels=10**7)
+    assert error.value.status == 413
+    # Under the pixel limit the same kind of file reaches the decoder, which finds no pixel data: a 400.
+    with pytest.raises(UploadError, match="cannot be decoded") as error:
+        decode_upload(bomb_png(300, 300), "image/png", max_bytes=MAX_BYTES, max_pixels=10**7)
+    assert error.value.status == 400
+
+
+@pytest.mark.parametrize("data, content_type, status, message", [
+    (b"", "image/png", 400, "empty"),
+    (b"hello, not an image", "image/png", 400, "not an image"),
+    (png_bytes(image(8, 8, 0)), "text/plain", 415, "content type"),
+    (b"\0" * (MAX_BYTES + 1), "image/png", 413, "limit"),
+])
+def test_bad_uploads_are_refused(data, content_type, status, message):
+    with pytest.raises(UploadError, match=message) as error:
+        decode_upload(data, content_type, max_bytes=MAX_BYTES, max_pixels=10**7)
+    assert error.value.status == status
+
+
+def test_a_good_upload_decodes_to_rgb():
+    gray = np.random.default_rng(1).integers(0, 256, (9, 7), dtype=np.uint8)
+    decoded = decode_upload(png_bytes(gray), "image/png", max_bytes=MAX_BYTES, max_pixels=100)
+    assert decoded.shape == (9, 7, 3) and np.array_equal(decoded[..., 1], gray)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    """tools/serve.py on a tiny random model, guarded by a token; yields (base url, predictor of the same model)."""
+    torch.manual_seed(0)
+    predictor = Predictor(tiny_config(), None, class_names=CLASS_NAMES, score_thresh=0.2, mask_format="rle")
+    checkpoint = tmp_path_factory.mktemp("serve") / "model.pth"
+    torch.save({"model": predictor.model.state_dict(), "config": config_to_dict(tiny_config()),
+                "class_names": CLASS_NAMES}, checkpoint)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools/serve.py"), "--checkpoint", str(checkpoint), "--port", str(port),
+         "--token", TOKEN, "--score-thresh", "0.2", "--max-batch-size", "4", "--max-wait-ms", "200",
+         "--max-bytes", str(MAX_BYTES), "--max-pixels", "1000000"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            request = urllib.request.Request(base + "/health", headers={"Authorization": f"Bearer {TOKEN}"})
+            with urllib.request.urlopen(request, timeout=5) as response:
+                assert response.status == 200
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"the service did not start: {process.communicate()[1][-2000:]}")
+            time.sleep(0.5)
+    yield base, predictor
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def health(base: str) -> dict:
+    request = urllib.request.Request(base + "/health", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_concurrent_requests_are_batched_and_match_the_predictor(service):
+    base, predictor = service
+    # One size: the padded batch is then the same whatever the batch, and so are the detections.
+    images = [image(60, 90, i) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda a: post_image(base + "/predict", png_bytes(a), token=TOKEN), images))
+    assert [status for status, _ in answers] == [200] * 8
+    for array, (_, body) in zip(images, answers):
+        answer = json.loads(body)
+        expected = predictor(array)
+        assert (answer["height"], answer["width"]) == array.shape[:2]
+        assert len(answer["detections"]) == len(expected)
+        for detection, box, score, name, rle in zip(answer["detections"], expected.boxes.tolist(),
+                                                    expected.scores.tolist(), expected.class_names, expected.masks):
+            assert detection["box"] == pytest.approx(box, abs=1e-3)
+            assert detection["score"] == pytest.approx(score, abs=1e-5)
+            assert detection["class_name"] == name and detection["segmentation"] == rle
+    stats = health(base)
+    assert stats["images"] >= 8 and 1 < stats["largest_batch"] <= 4, stats
+
+
+def test_overlay_returns_a_png_of_the_image_size(service):
+    base, _ = service
+    status, body = post_image(base + "/predict?overlay=1", png_bytes(image(70, 50, 1)), token=TOKEN)
+    assert status == 200
+    assert Image.open(io.BytesIO(body)).size == (50, 70)
+
+
+def test_malformed_requests_get_4xx_and_the_service_keeps_serving(service):
+    base, _ = service
+    cases = [
+        (post_image(base + "/predict", b"", token=TOKEN), 400, "empty"),
+        (post_image(base + "/predict", b"not an image at all", token=TOKEN), 400, "not an image"),
+        (post_image(base + "/predict", png_bytes(image(8, 8, 0)), content_type="text/plain", token=TOKEN), 415,
+         "content type"),
+        (post_image(base + "/predict", b"\0" * (MAX_BYTES + 10), token=TOKEN), 413, "limit"),
+        (post_image(base + "/predict", bomb_png(), token=TOKEN), 413, "2500000000 pixels"),
+        (post_image(base + "/predict", png_bytes(np.zeros((1100, 1000, 3), np.uint8)), token=TOKEN), 413,
+         "1100000 pixels"),
+        (post_image(base + "/predict", png_bytes(image(8, 8, 0))), 401, "token"),
+        (post_image(base + "/predict", png_bytes(image(8, 8, 0)), token="wrong"), 401, "token"),
+    ]
+    for (status, body), expected_status, message in cases:
+        assert status == expected_status, body
+        assert message in json.loads(body)["detail"]
+    with ThreadPoolExecutor(4) as pool:  # bad and good uploads at once
+        mixed = list(pool.map(lambda data: post_image(base + "/predict", data, token=TOKEN)[0],
+                              [b"junk", png_bytes(image(40, 40, 2)), bomb_png(), png_bytes(image(50, 30, 3))]))
+    assert mixed == [400, 200, 413, 200]
+
+
+def test_serve_refuses_to_listen_off_loopback_without_a_token():
+    done = subprocess.run([sys.executable, str(ROOT / "tools/serve.py"), "--checkpoint", "unused.pth",
+                           "--host", "0.0.0.0"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "--token" in done.stderr

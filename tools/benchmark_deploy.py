@@ -1,0 +1,33 @@
+"""Speed of the exported model (onnxruntime, OpenVINO f32 and bf16) against eager PyTorch (fp32, bf16),
+side by side in one process on the same image.
+
+    python tools/benchmark_deploy.py                  # R50-FPN, one 800 x 1200 image, 100 detections
+    python tools/benchmark_deploy.py --size 512 --repeats 3 --json
+
+Prints a Markdown table: median (min-max) seconds per image, image in and pasted masks out, the speed
+ratio against eager fp32 and the exported graph's time alone. See :mod:`maskrcnn.diagnostics.deploy_benchmark`.
+"""
+
+import argparse
+import json
+import sys
+
+from maskrcnn.cli import run
+from maskrcnn.diagnostics.deploy_benchmark import format_deploy_report, run_deploy_benchmark
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=800, help="the image is SIZE x 1.5 SIZE pixels")
+    parser.add_argument("--detections", type=int, default=100, help="detections per image (score threshold 0)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+    args = parser.parse_args(argv)
+    figures = run_deploy_benchmark(size=args.size, detections=args.detections, repeats=args.repeats,
+                                   progress=lambda message: print(f"[benchmark] {message}", file=sys.stderr,
+                                                                  flush=True))
+    print(json.dumps(figures) if args.json else format_deploy_report(figures))
+
+
+if __name__ == "__main__":
+    run(main)

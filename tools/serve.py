@@ -1,0 +1,65 @@
+"""Serve a checkpoint or an exported ONNX file over HTTP, batching concurrent requests.
+
+    python tools/serve.py --checkpoint output/train/model_final.pth
+    python tools/serve.py --onnx output/model.onnx --runtime openvino --port 8000
+    curl -F image=@street.jpg http://127.0.0.1:8000/predict
+    curl -F image=@street.jpg "http://127.0.0.1:8000/predict?overlay=1" -o overlay.png
+
+Endpoints: ``POST /predict`` (multipart field ``image``; JSON, or a PNG with ``?overlay=1``) and
+``GET /health``; see ``maskrcnn.deploy.serve``. It listens on 127.0.0.1 unless ``--host`` says otherwise;
+any other host needs ``--token`` (requests then carry ``Authorization: Bearer <token>``).
+"""
+
+import argparse
+import io
+import ipaddress
+
+import uvicorn
+from PIL import Image
+
+from maskrcnn.cli import run
+from maskrcnn.deploy.runtime import RUNTIMES, ExportedPredictor
+from maskrcnn.deploy.serve import create_app
+from maskrcnn.predictor import PRECISIONS, Predictor
+from maskrcnn.visualize import draw_instances
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint file written by training (runs in PyTorch)")
+    source.add_argument("--onnx", help="ONNX file written by tools/export.py")
+    parser.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES, help="runtime of --onnx")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="bf16: autocast (PyTorch) or OpenVINO's bf16 inference")
+    parser.add_argument("--score-thresh", type=float, default=0.5, help="detections scoring below are dropped")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--token", help="bearer token every request must carry (required off loopback)")
+    parser.add_argument("--max-batch-size", type=int, default=4, help="images per batch at most")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="wait for more images after the first")
+    parser.add_argument("--max-bytes", type=int, default=20 * 2**20, help="largest upload in bytes")
+    parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (W x H)")
+    args = parser.parse_args(argv)
+    if args.host != "localhost" and not ipaddress.ip_address(args.host).is_loopback and args.token is None:
+        raise ValueError(f"listening on {args.host} needs --token")
+    if args.checkpoint:
+        predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, mask_format="rle",
+                                              score_thresh=args.score_thresh)
+    else:
+        predictor = ExportedPredictor(args.onnx, runtime=args.runtime, precision=args.precision, mask_format="rle")
+    app = create_app(lambda images: [r.filter(args.score_thresh) for r in predictor(images)],
+                     class_names=predictor.class_names, draw=overlay_png, max_batch_size=args.max_batch_size,
+                     max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes, max_pixels=args.max_pixels,
+                     token=args.token)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def overlay_png(image, result) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(draw_instances(image, result, score_thresh=0.0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+if __name__ == "__main__":
+    run(main)
