@@ -36,11 +36,13 @@ def test_inference_figures_compare_the_same_detections_with_the_faster_torchvisi
     assert figures["check_min_mask_iou"] >= 0.99
     assert figures["tv_layout"] in ("NCHW", "channels_last")
     assert figures["e2e_tv_s"] == min(figures["e2e_tv_nchw_s"], figures["e2e_tv_cl_s"])
-    report = format_report({"device": "cpu", "image_size": "96x144", "detections": 20, "repeats": 1,
+    report = format_report({"architecture": "configs/maskrcnn_R50_FPN_v2.yaml", "device": "cpu",
+                            "image_size": "96x144", "detections": 20, "repeats": 1,
                             **{f"fp32_{k}": v for k, v in figures.items()}, "e2e_fp32_speedup": figures["e2e_speedup"],
                             "paste_s": 1, "paste_tv_s": 1,
                             "write_s": 1, "paste_speedup": 1, "paste_vs_write": 1, "paste_differing_pixels": 0})
     assert "torchvision channels_last: median" in report and "same detections: 100.0% of 40" in report
+    assert report.startswith("R50-FPN architecture configs/maskrcnn_R50_FPN_v2.yaml;")
 
 
 def test_paste_figures_time_outputs_of_the_same_kind():
