@@ -99,22 +99,31 @@ def _interleaved_medians(runs: Dict[str, Callable[[], object]], repeats: int, sy
 
 
 def compare_detections(ours: List[dict], theirs: List[dict]) -> Dict[str, float]:
-    """How closely two models' detections of the same images agree, detection by detection in rank order.
+    """How closely two models' detections of the same images agree.
 
     ours, theirs: per image ``boxes`` (D, 4), ``labels`` (D,) and ``masks`` (D, H, W) bool.
-    Returns ``detections`` (compared), ``same_label`` (fraction with equal labels), ``min_box_iou`` and
-    ``min_mask_iou`` (worst IoU of corresponding boxes and masks).
+    Each of our detections is matched to the detection of the other model with the same label and the
+    highest box IoU (near-tied scores may order the two lists differently). Returns ``detections`` (ours,
+    compared), ``same_label`` (fraction with a same-label counterpart, and equal counts), ``min_box_iou``
+    and ``min_mask_iou`` (worst IoU of matched boxes and of their masks).
     """
-    total, same, box_ious, mask_ious = 0, 0, [], []
+    total, matched, box_ious, mask_ious = 0, 0, [], []
     for a, b in zip(ours, theirs):
-        n = min(len(a["labels"]), len(b["labels"]))
-        total += max(len(a["labels"]), len(b["labels"]))
-        same += int((a["labels"][:n].cpu() == b["labels"][:n].cpu()).sum())
-        box_ious.append(box_iou(a["boxes"][:n].float().cpu(), b["boxes"][:n].float().cpu()).diagonal())
-        ma, mb = a["masks"][:n].cpu().flatten(1), b["masks"][:n].cpu().flatten(1)
+        total += len(a["labels"])
+        if not len(a["labels"]) or not len(b["labels"]):
+            continue
+        ious = box_iou(a["boxes"].float().cpu(), b["boxes"].float().cpu())
+        ious[a["labels"].cpu()[:, None] != b["labels"].cpu()[None, :]] = -1
+        best, match = ious.max(dim=1)
+        found = best >= 0
+        matched += int(found.sum())
+        box_ious.append(best[found])
+        ma, mb = a["masks"].cpu()[found].flatten(1), b["masks"].cpu()[match[found]].flatten(1)
         mask_ious.append((ma & mb).sum(1) / (ma | mb).sum(1).clamp(min=1))
-    box_ious, mask_ious = torch.cat(box_ious), torch.cat(mask_ious)
-    return {"detections": total, "same_label": same / max(total, 1),
+    same = matched / max(total, 1) if sum(len(a["labels"]) for a in ours) == sum(len(b["labels"]) for b in theirs) else 0.0
+    box_ious = torch.cat(box_ious) if box_ious else torch.ones(0)
+    mask_ious = torch.cat(mask_ious) if mask_ious else torch.ones(0)
+    return {"detections": total, "same_label": same,
             "min_box_iou": float(box_ious.min()) if len(box_ious) else 1.0,
             "min_mask_iou": float(mask_ious.min()) if len(mask_ious) else 1.0}
 
