@@ -15,6 +15,9 @@ from typing import BinaryIO, Callable, Union
 import cv2
 import numpy as np
 
+# File name endings read as images when a folder is listed.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Write a file so that ``path`` holds either its old content or the complete new one.
@@ -78,3 +81,16 @@ def read_class_names(path: Union[str, Path]) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"class names file not found: {path}")
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def image_files(folder: Union[str, Path], *, recursive: bool = False) -> list:
+    """The image files (by :data:`IMAGE_SUFFIXES`, any case) of ``folder``, or of its whole tree with
+    ``recursive``, sorted by path; ValueError naming the folder if it holds none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    found = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir())
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return found

@@ -1,4 +1,4 @@
-"""Speed of the exported model (onnxruntime, OpenVINO f32 and bf16) against eager PyTorch (fp32, bf16),
+"""Speed of the exported model (onnxruntime, OpenVINO f32, bf16 and int8) against eager PyTorch (fp32, bf16),
 side by side in one process on the same image.
 
     python tools/benchmark_deploy.py                  # R50-FPN, one 800 x 1200 image, 100 detections

@@ -14,11 +14,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from maskrcnn.cli import run
-from maskrcnn.fileio import save_json
+from maskrcnn.fileio import image_files, save_json
 from maskrcnn.predictor import PRECISIONS, Predictor, read_image
 from maskrcnn.visualize import add_legend, draw_instances, label_map, save_png
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def main(argv=None) -> None:
@@ -35,9 +33,7 @@ def main(argv=None) -> None:
     source = Path(args.input)
     if not source.exists():
         raise FileNotFoundError(f"input not found: {source}")
-    paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else [source]
-    if not paths:
-        raise ValueError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
+    paths = image_files(source) if source.is_dir() else [source]
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision,
                                           score_thresh=args.score_thresh)
     num_classes = len(predictor.class_names)

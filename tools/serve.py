@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint file written by training (runs in PyTorch)")
-    source.add_argument("--onnx", help="ONNX file written by tools/export.py")
+    source.add_argument("--onnx", help="ONNX file written by tools/export.py (or its int8 .xml, with --runtime openvino)")
     parser.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES, help="runtime of --onnx")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="bf16: autocast (PyTorch) or OpenVINO's bf16 inference")

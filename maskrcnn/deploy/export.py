@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 from maskrcnn.modeling.maskrcnn import MaskRCNN, prepare_for_inference
 
@@ -135,17 +135,23 @@ class ExportableMaskRCNN(nn.Module):
 
 
 def _nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
-    """``batched_nms`` with a sentinel candidate appended and dropped again.
+    """NMS within each group, as one NMS over boxes shifted apart by group, with a sentinel candidate
+    appended and dropped again.
 
+    The shift (group index times one more than the largest coordinate) puts the boxes of different groups
+    out of each other's reach, as ``batched_nms`` does when traced; written out here, the graph holds one
+    NonMaxSuppression and no ``If`` (torchvision's ``batched_nms`` exports both of its routes under an
+    ``If``, which graph tools such as NNCF's quantiser cannot walk through).
     OpenVINO (2026.4) answers NonMaxSuppression over zero boxes with one stale index; with the sentinel
-    it never sees zero boxes. The sentinel lies outside every clipped box (IoU 0), in group 0 (no coordinate
+    it never sees zero boxes. The sentinel lies outside every clipped box (IoU 0), in group 0 (no
     offset) and scores -1, below every candidate: NMS keeps it, last.
     boxes: (C, 4) xyxy pixels, clipped (non-negative); scores: (C,) >= 0; groups: (C,) int64.
     Returns (D,) indices into the C candidates, highest score first.
     """
     sentinel = torch.tensor([[-2.0, -2.0, -1.0, -1.0]], dtype=boxes.dtype, device=boxes.device)
-    keep = batched_nms(torch.cat([boxes, sentinel]), torch.cat([scores, scores.new_full((1,), -1.0)]),
-                       torch.cat([groups, groups.new_zeros(1)]), iou_threshold)
+    boxes = torch.cat([boxes, sentinel])
+    offsets = torch.cat([groups, groups.new_zeros(1)]).to(boxes.dtype) * (boxes.max() + 1)
+    keep = nms(boxes + offsets[:, None], torch.cat([scores, scores.new_full((1,), -1.0)]), iou_threshold)
     return keep[:-1]
 
 
@@ -256,12 +262,20 @@ def export_onnx(model: MaskRCNN, path: Union[str, Path], *, class_names: Sequenc
 
 
 def read_metadata(path: Union[str, Path]) -> dict:
-    """The :func:`deploy_metadata` stored in an exported ONNX file; ValueError if it has none."""
+    """The :func:`deploy_metadata` stored in an exported ONNX file, or in the OpenVINO IR (``.xml``) that
+    :func:`~maskrcnn.deploy.quantize.quantize_int8` writes; ValueError if it has none."""
     import onnx
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ONNX file not found: {path}")
+        raise FileNotFoundError(f"exported model not found: {path}")
+    if path.suffix == ".xml":
+        import openvino
+
+        model = openvino.Core().read_model(str(path))
+        if not model.has_rt_info([METADATA_KEY]):
+            raise ValueError(f"{path}: no {METADATA_KEY!r} metadata; was it written by maskrcnn's quantize_int8?")
+        return json.loads(model.get_rt_info([METADATA_KEY]).astype(str))
     proto = onnx.load(str(path), load_external_data=False)
     entries = {p.key: p.value for p in proto.metadata_props}
     if METADATA_KEY not in entries:

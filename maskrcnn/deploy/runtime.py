@@ -33,8 +33,9 @@ class ExportedPredictor:
     """An exported Mask R-CNN ready for inference: the same inputs and :class:`Instances` as
     :class:`maskrcnn.predictor.Predictor`.
 
-    path: an ONNX file written by :func:`~maskrcnn.deploy.export.export_onnx` (its metadata supplies the
-        class names, the input normalisation and resize, and the mask threshold).
+    path: an ONNX file written by :func:`~maskrcnn.deploy.export.export_onnx`, or the int8 OpenVINO IR
+        (``.xml``) written by :func:`~maskrcnn.deploy.quantize.quantize_int8` (OpenVINO only); its metadata
+        supplies the class names, the input normalisation and resize, and the mask threshold.
     runtime: "onnxruntime" or "openvino".
     precision: "fp32", or "bf16" (OpenVINO only).
     mask_format: "bitmap", "rle" or "none", as the eager predictor.
@@ -51,6 +52,8 @@ class ExportedPredictor:
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
         self.path = Path(path)
+        if self.path.suffix == ".xml" and runtime != "openvino":
+            raise ValueError(f"{self.path} is an OpenVINO IR: run it with runtime='openvino'")
         self.metadata = read_metadata(self.path)
         self.class_names = list(self.metadata["class_names"])
         cat_ids = self.metadata["label_to_cat_id"]

@@ -8,7 +8,9 @@ downloaded). It is exported once with :func:`~maskrcnn.deploy.export.export_onnx
 
 Each variant runs image in, :class:`~maskrcnn.structures.Instances` with pasted bitmap masks out:
 eager fp32 and bf16 (the predictor's :func:`~maskrcnn.modeling.maskrcnn.prepare_for_inference` model,
-bf16 under autocast), onnxruntime fp32, OpenVINO f32 and bf16. The variants alternate within each
+bf16 under autocast), onnxruntime fp32, OpenVINO f32 and bf16, and OpenVINO with the backbone and FPN
+quantised to int8 (:func:`~maskrcnn.deploy.quantize.quantize_int8`, calibrated on
+``CALIBRATION_IMAGES`` other generated images; its accuracy is ``tools/int8_report.py``'s). The variants alternate within each
 round, so that load from other processes weighs on all alike; each reports the median, minimum and
 maximum over the rounds, and the exported ones also the network alone (the graph call, without the
 Python resize, padding, rescale and paste around it). Detections are not compared here: at score
@@ -31,13 +33,16 @@ import numpy as np
 import torch
 
 from ..deploy.export import INPUT_NAMES, export_onnx
+from ..deploy.quantize import quantize_int8
 from ..deploy.runtime import ExportedPredictor
 from ..inference import detect
 from ..modeling.maskrcnn import prepare_for_inference
 from ..reference import our_model_from, sample_images, well_conditioned_torchvision_model
 from .benchmark import inference_config
 
-VARIANTS = ("eager fp32", "eager bf16", "onnxruntime fp32", "openvino f32", "openvino bf16")
+VARIANTS = ("eager fp32", "eager bf16", "onnxruntime fp32", "openvino f32", "openvino bf16", "openvino int8")
+# Calibration images of the int8 variant: other images of the same generator than the timed one.
+CALIBRATION_IMAGES = 4
 
 
 def run_deploy_benchmark(*, size: int = 800, detections: int = 100, repeats: int = 5,
@@ -58,9 +63,13 @@ def run_deploy_benchmark(*, size: int = 800, detections: int = 100, repeats: int
         path = export_onnx(model, Path(folder) / "model.onnx", class_names=class_names)
         progress("profiling onnxruntime")
         op_shares = onnxruntime_op_shares(path, network_input, Path(folder))
+        progress("quantising to int8")
+        calibration = sample_images(size, torch.device("cpu"), count=CALIBRATION_IMAGES, seed=1)
+        int8_path = quantize_int8(path, calibration, Path(folder) / "model.int8.xml")
         predictors = {"onnxruntime fp32": ExportedPredictor(path, runtime="onnxruntime"),
                       "openvino f32": ExportedPredictor(path, runtime="openvino", precision="fp32"),
-                      "openvino bf16": ExportedPredictor(path, runtime="openvino", precision="bf16")}
+                      "openvino bf16": ExportedPredictor(path, runtime="openvino", precision="bf16"),
+                      "openvino int8": ExportedPredictor(int8_path, runtime="openvino", precision="fp32")}
     runs = {
         "eager fp32": lambda: detect(fast, [image], class_names=class_names)[0],
         "eager bf16": lambda: detect(fast, [image], class_names=class_names, precision="bf16")[0],

@@ -19,8 +19,7 @@ from tqdm import tqdm
 
 from maskrcnn.data.formats.coco_writer import (ImageRecord, Instance, box_polygon, check_label, check_points,
                                                image_size, relative_name)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+from maskrcnn.fileio import image_files
 
 
 def read_yolo(src, *, image_dir=None, class_names: Optional[Sequence[str]] = None
@@ -37,9 +36,7 @@ def read_yolo(src, *, image_dir=None, class_names: Optional[Sequence[str]] = Non
         raise FileNotFoundError(f"YOLO folder {src} has no images/ folder")
     names = list(class_names) if class_names is not None else _read_names(src / "data.yaml")
     image_dir = Path(image_dir) if image_dir is not None else images_root
-    images = sorted(p for p in images_root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {images_root}")
+    images = image_files(images_root, recursive=True)
     expected = {labels_root / p.relative_to(images_root).with_suffix(".txt") for p in images}
     orphans = sorted(set(labels_root.rglob("*.txt")) - expected) if labels_root.is_dir() else []
     if orphans:
