@@ -2,7 +2,7 @@
 at several concurrency levels.
 
     python tools/serve.py --checkpoint output/demo/model_final.pth &
-    python tools/load_test.py --url http://127.0.0.1:8000 --image data/shapes/val/000001.png
+    python tools/load_test.py --url http://127.0.0.1:8000 --image data/shapes/val/000001.jpg
 
 Each level sends ``--requests`` uploads of the image from that many client threads (bounded in count and
 in ``--max-seconds`` per level) and prints requests/s and p50 / p95 latency. Only loopback URLs are
