@@ -122,10 +122,9 @@ class ExportableMaskRCNN(nn.Module):
                       image_sizes[image][:, None, :])  # (P, K, 4)
         widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
         valid = (probs > roi_heads.score_thresh) & (widths >= 1e-2) & (heights >= 1e-2)
-        roi, cls = torch.nonzero(valid).unbind(1)
+        roi, cls = _nms_per_class(boxes, torch.where(valid, probs, -1.0), image, roi_heads.nms_thresh)
         boxes, scores, image = boxes[roi, cls], probs[roi, cls], image[roi]
-        num_classes = probs.shape[1]
-        keep = _nms(boxes, scores, image * num_classes + cls, roi_heads.nms_thresh)
+        keep = torch.argsort(scores, descending=True)
         n = image_sizes.shape[0]
         keep = keep[_rank_within_image(image[keep], n) < roi_heads.detections_per_img]
         # NMS returns the survivors highest score first; a stable grouping by image keeps that order.
@@ -153,6 +152,56 @@ def _nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) ->
     offsets = torch.cat([groups, groups.new_zeros(1)]).to(boxes.dtype) * (boxes.max() + 1)
     keep = nms(boxes + offsets[:, None], torch.cat([scores, scores.new_full((1,), -1.0)]), iou_threshold)
     return keep[:-1]
+
+
+class _ClassNMS(torch.autograd.Function):
+    """NMS of each class apart: ONNX NonMaxSuppression with the classes as its batch axis, computed in
+    eager mode by torchvision's ``nms`` class by class (the same survivors, in the operator's order).
+
+    boxes: (K, P, 4) each class's boxes of the P proposals; scores: (K, 1, P), those below ``SKIP`` taking
+    no part. Returns (M, 3) int64 rows (class, 0, proposal), by class, highest score first within a class.
+    """
+
+    SKIP = -0.5
+
+    @staticmethod
+    def forward(ctx, boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+        rows = []
+        for k in range(boxes.shape[0]):
+            candidates = torch.nonzero(scores[k, 0] > _ClassNMS.SKIP)[:, 0]
+            kept = candidates[nms(boxes[k, candidates], scores[k, 0, candidates], iou_threshold)]
+            rows.append(torch.stack([torch.full_like(kept, k), torch.zeros_like(kept), kept], dim=1))
+        return torch.cat(rows) if rows else boxes.new_zeros((0, 3), dtype=torch.int64)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, iou_threshold: float):
+        max_per_class = g.op("Constant", value_t=torch.tensor([2**62], dtype=torch.int64))
+        iou = g.op("Constant", value_t=torch.tensor([iou_threshold], dtype=torch.float32))
+        skip = g.op("Constant", value_t=torch.tensor([_ClassNMS.SKIP], dtype=torch.float32))
+        return g.op("NonMaxSuppression", boxes, scores, max_per_class, iou, skip)
+
+
+def _nms_per_class(boxes: Tensor, scores: Tensor, image: Tensor, iou_threshold: float) -> Tuple[Tensor, Tensor]:
+    """NMS per (image, class) over every (proposal, class) candidate, one NMS call per class.
+
+    boxes: (P, K, 4) xyxy pixels, clipped (non-negative); scores: (P, K), -1 for the candidates that take no
+    part, else >= 0; image: (P,) int64 image of each proposal.
+    Within a class, the boxes of different images are shifted apart (image index times one more than the
+    largest coordinate), so one NMS per class is one NMS per (image, class). A sentinel proposal (outside
+    every clipped box, score 0, kept by every class and dropped again) keeps the operator from ever seeing
+    zero candidates, over which OpenVINO (2026.4) answers with a stale index.
+    Returns (proposal, class) index tensors (D,) of the survivors, in no particular order.
+    """
+    num_classes = boxes.shape[1]
+    sentinel = torch.tensor([-2.0, -2.0, -1.0, -1.0], dtype=boxes.dtype, device=boxes.device).expand(1, num_classes, 4)
+    boxes = torch.cat([boxes, sentinel])  # (P + 1, K, 4)
+    scores = torch.cat([scores, scores.new_zeros((1, num_classes))])
+    offsets = torch.cat([image, image.new_zeros(1)]).to(boxes.dtype) * (boxes.max() + 1)
+    shifted = (boxes + offsets[:, None, None]).transpose(0, 1)  # (K, P + 1, 4)
+    selected = _ClassNMS.apply(shifted, scores.t()[:, None, :], iou_threshold)
+    cls, roi = selected[:, 0], selected[:, 2]
+    real = roi < boxes.shape[0] - 1
+    return roi[real], cls[real]
 
 
 def _at_most(x: Tensor, k: int) -> Union[int, Tensor]:
