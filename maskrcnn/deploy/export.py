@@ -7,8 +7,8 @@ Shorthand:
 
 The exported graph has no loop over images and no Python branch on data: every per-image step of
 inference (proposal top-k and NMS, detection NMS and top-k) runs over the whole batch at once, each
-image's candidates kept apart by a group index (image, level) or (image, class) in one NMS, and a
-per-image rank (a cumulative count over the image's candidates, highest score first) replacing the
+image's candidates kept apart: proposals by (image, level) in one NMS, detections by class in the
+NMS operator's batch axis and by image within a class, with a per-image rank (a cumulative count over the image's candidates, highest score first) replacing the
 per-image ``[:k]``. It therefore holds for any batch size, any image size and any number of detections,
 zero included. Resizing to the original image and the mask paste are not in the graph: they run in
 Python (:func:`~maskrcnn.modeling.postprocess.to_original_image`), the same code as the eager path.
