@@ -7,9 +7,9 @@ Shorthand:
 
 The exported graph has no loop over images and no Python branch on data: every per-image step of
 inference (proposal top-k and NMS, detection NMS and top-k) runs over the whole batch at once, each
-image's candidates kept apart: proposals by (image, level) in one NMS, detections by class in the
-NMS operator's batch axis and by image within a class, with a per-image rank (a cumulative count over the image's candidates, highest score first) replacing the
-per-image ``[:k]``. It therefore holds for any batch size, any image size and any number of detections,
+image's candidates kept apart in one NMS (proposals by image and level; detections by class in the NMS
+operator's batch axis, by image within a class), with a per-image rank (a cumulative count over the
+image's candidates, highest score first) replacing the per-image ``[:k]``. It therefore holds for any batch size, any image size and any number of detections,
 zero included. Resizing to the original image and the mask paste are not in the graph: they run in
 Python (:func:`~maskrcnn.modeling.postprocess.to_original_image`), the same code as the eager path.
 
@@ -101,7 +101,8 @@ class ExportableMaskRCNN(nn.Module):
         valid = (widths >= rpn.min_size) & (heights >= rpn.min_size) & (scores >= rpn.score_thresh)
         image, slot = torch.nonzero(valid).unbind(1)
         boxes, scores = boxes[image, slot], scores[image, slot]
-        keep = _nms(boxes, scores, image * len(anchors) + levels[slot], rpn.nms_thresh)
+        keep, _ = _grouped_nms(boxes[:, None], scores[:, None], image * len(anchors) + levels[slot],
+                               rpn.nms_thresh)
         keep = keep[_rank_within_image(image[keep], n) < rpn.post_nms_topk[1]]
         return torch.cat([image[keep, None].to(boxes.dtype), boxes[keep]], dim=1)
 
@@ -122,36 +123,14 @@ class ExportableMaskRCNN(nn.Module):
                       image_sizes[image][:, None, :])  # (P, K, 4)
         widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
         valid = (probs > roi_heads.score_thresh) & (widths >= 1e-2) & (heights >= 1e-2)
-        roi, cls = _nms_per_class(boxes, torch.where(valid, probs, -1.0), image, roi_heads.nms_thresh)
+        roi, cls = _grouped_nms(boxes, torch.where(valid, probs, -1.0), image, roi_heads.nms_thresh)
         boxes, scores, image = boxes[roi, cls], probs[roi, cls], image[roi]
-        keep = torch.argsort(scores, descending=True)
         n = image_sizes.shape[0]
-        keep = keep[_rank_within_image(image[keep], n) < roi_heads.detections_per_img]
+        keep = torch.nonzero(_rank_within_image(image, n) < roi_heads.detections_per_img)[:, 0]
         # NMS returns the survivors highest score first; a stable grouping by image keeps that order.
         position = torch.arange(keep.shape[0], device=keep.device)
         keep = keep[torch.argsort(image[keep] * keep.shape[0] + position)]
         return boxes[keep], scores[keep], cls[keep] + 1, image[keep]
-
-
-def _nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
-    """NMS within each group, as one NMS over boxes shifted apart by group, with a sentinel candidate
-    appended and dropped again.
-
-    The shift (group index times one more than the largest coordinate) puts the boxes of different groups
-    out of each other's reach, as ``batched_nms`` does when traced; written out here, the graph holds one
-    NonMaxSuppression and no ``If`` (torchvision's ``batched_nms`` exports both of its routes under an
-    ``If``, which graph tools such as NNCF's quantiser cannot walk through).
-    OpenVINO (2026.4) answers NonMaxSuppression over zero boxes with one stale index; with the sentinel
-    it never sees zero boxes. The sentinel lies outside every clipped box (IoU 0), in group 0 (no
-    offset) and scores -1, below every candidate: NMS keeps it, last.
-    boxes: (C, 4) xyxy pixels, clipped (non-negative); scores: (C,) >= 0; groups: (C,) int64.
-    Returns (D,) indices into the C candidates, highest score first.
-    """
-    sentinel = torch.tensor([[-2.0, -2.0, -1.0, -1.0]], dtype=boxes.dtype, device=boxes.device)
-    boxes = torch.cat([boxes, sentinel])
-    offsets = torch.cat([groups, groups.new_zeros(1)]).to(boxes.dtype) * (boxes.max() + 1)
-    keep = nms(boxes + offsets[:, None], torch.cat([scores, scores.new_full((1,), -1.0)]), iou_threshold)
-    return keep[:-1]
 
 
 class _ClassNMS(torch.autograd.Function):
@@ -181,27 +160,32 @@ class _ClassNMS(torch.autograd.Function):
         return g.op("NonMaxSuppression", boxes, scores, max_per_class, iou, skip)
 
 
-def _nms_per_class(boxes: Tensor, scores: Tensor, image: Tensor, iou_threshold: float) -> Tuple[Tensor, Tensor]:
-    """NMS per (image, class) over every (proposal, class) candidate, one NMS call per class.
+def _grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tuple[Tensor, Tensor]:
+    """NMS within each (group, class) over C candidates of K classes, as one NonMaxSuppression whose batch
+    axis is the class.
 
-    boxes: (P, K, 4) xyxy pixels, clipped (non-negative); scores: (P, K), -1 for the candidates that take no
-    part, else >= 0; image: (P,) int64 image of each proposal.
-    Within a class, the boxes of different images are shifted apart (image index times one more than the
-    largest coordinate), so one NMS per class is one NMS per (image, class). A sentinel proposal (outside
-    every clipped box, score 0, kept by every class and dropped again) keeps the operator from ever seeing
-    zero candidates, over which OpenVINO (2026.4) answers with a stale index.
-    Returns (proposal, class) index tensors (D,) of the survivors, in no particular order.
+    boxes: (C, K, 4) xyxy pixels, clipped (non-negative); scores: (C, K), -1 for the candidates that take
+    no part, else >= 0; groups: (C,) int64 (image, or image and level).
+    Within a class, the boxes of different groups are shifted apart (group index times one more than the
+    largest coordinate), out of each other's reach. Written out here rather than through torchvision's
+    ``batched_nms``, which exports both of its routes under an ``If`` that graph tools such as NNCF's
+    quantiser cannot walk through. A sentinel candidate (outside every clipped box, group 0, score 0, kept by
+    every class and dropped again) keeps the operator from ever seeing zero boxes, over which OpenVINO
+    (2026.4) answers with a stale index.
+    Returns (candidate, class) index tensors (D,) of the survivors, highest score first.
     """
     num_classes = boxes.shape[1]
-    sentinel = torch.tensor([-2.0, -2.0, -1.0, -1.0], dtype=boxes.dtype, device=boxes.device).expand(1, num_classes, 4)
-    boxes = torch.cat([boxes, sentinel])  # (P + 1, K, 4)
+    sentinel = boxes.new_tensor([-2.0, -2.0, -1.0, -1.0]).expand(1, num_classes, 4)
+    boxes = torch.cat([boxes, sentinel])  # (C + 1, K, 4)
     scores = torch.cat([scores, scores.new_zeros((1, num_classes))])
-    offsets = torch.cat([image, image.new_zeros(1)]).to(boxes.dtype) * (boxes.max() + 1)
-    shifted = (boxes + offsets[:, None, None]).transpose(0, 1)  # (K, P + 1, 4)
+    offsets = torch.cat([groups, groups.new_zeros(1)]).to(boxes.dtype) * (boxes.max() + 1)
+    shifted = (boxes + offsets[:, None, None]).transpose(0, 1)  # (K, C + 1, 4)
     selected = _ClassNMS.apply(shifted, scores.t()[:, None, :], iou_threshold)
-    cls, roi = selected[:, 0], selected[:, 2]
-    real = roi < boxes.shape[0] - 1
-    return roi[real], cls[real]
+    cls, index = selected[:, 0], selected[:, 2]
+    real = index < boxes.shape[0] - 1
+    cls, index = cls[real], index[real]
+    order = torch.argsort(scores[index, cls], descending=True)
+    return index[order], cls[order]
 
 
 def _at_most(x: Tensor, k: int) -> Union[int, Tensor]:

@@ -21,26 +21,13 @@ import tempfile
 from pathlib import Path
 from typing import Sequence, Union
 
-import numpy as np
-import torch
-
 from maskrcnn.deploy.export import INPUT_NAMES, METADATA_KEY, read_metadata
+from maskrcnn.deploy.runtime import network_inputs
 from maskrcnn.inference import ImageInput, to_image_tensor
-from maskrcnn.modeling.maskrcnn import preprocess_images
 
 # The exporter names each node after the module that made it ("/backbone/layer1/...", "/fpn/..."); only
 # these nodes are quantised.
 QUANTIZED_SCOPES = ("/backbone/", "/fpn/")
-
-
-def network_inputs(image: torch.Tensor, metadata: dict) -> dict:
-    """One ``(3, H, W)`` 0-1 RGB image -> the graph's inputs for a batch of one, resized, normalised and
-    padded as the runtime does (``images`` (1, 3, Hp, Wp) float32, ``image_sizes`` (1, 2) int64)."""
-    batch = preprocess_images([image], pixel_mean=torch.tensor(metadata["pixel_mean"]).view(3, 1, 1),
-                              pixel_std=torch.tensor(metadata["pixel_std"]).view(3, 1, 1),
-                              min_size=metadata["min_size"], max_size=metadata["max_size"],
-                              size_divisible=metadata["size_divisible"])
-    return dict(zip(INPUT_NAMES, (batch.tensor.numpy(), np.asarray(batch.image_sizes, dtype=np.int64))))
 
 
 def quantize_int8(onnx_path: Union[str, Path], calibration_images: Sequence[ImageInput],
@@ -71,7 +58,8 @@ def quantize_int8(onnx_path: Union[str, Path], calibration_images: Sequence[Imag
         raise ValueError(f"preset must be one of {sorted(presets)}, got {preset!r}")
     metadata = read_metadata(onnx_path)
     model = openvino.Core().read_model(str(onnx_path))
-    inputs = [network_inputs(to_image_tensor(image, name=f"calibration image {i}"), metadata)
+    inputs = [dict(zip(INPUT_NAMES, network_inputs([to_image_tensor(image, name=f"calibration image {i}")],
+                                                   metadata)[1]))
               for i, image in enumerate(calibration_images)]
     # Everything whose name is outside the backbone and the FPN is left in floating point.
     outside = "^(?!" + "|".join(scope.replace("/", r"\/") for scope in QUANTIZED_SCOPES) + ").*"

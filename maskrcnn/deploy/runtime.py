@@ -12,7 +12,7 @@ eager predictor's own functions; only the network runs in the other runtime.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from maskrcnn.deploy.export import INPUT_NAMES, OUTPUT_NAMES, read_metadata
 from maskrcnn.inference import MASK_FORMATS, ImageInput, to_image_tensors, to_instances
 from maskrcnn.modeling.maskrcnn import preprocess_images
 from maskrcnn.modeling.postprocess import to_original_image
-from maskrcnn.structures import Instances
+from maskrcnn.structures import ImageList, Instances
 
 RUNTIMES = ("onnxruntime", "openvino")
 # Precisions each runtime offers: OpenVINO's bf16 sets its inference precision hint (CPUs with AVX512-BF16
@@ -62,8 +62,6 @@ class ExportedPredictor:
         self.precision = precision
         self.mask_format = mask_format
         self.bgr = bgr
-        self.pixel_mean = torch.tensor(self.metadata["pixel_mean"], dtype=torch.float32).view(3, 1, 1)
-        self.pixel_std = torch.tensor(self.metadata["pixel_std"], dtype=torch.float32).view(3, 1, 1)
         self.run_network = (_onnxruntime_session(self.path, threads) if runtime == "onnxruntime"
                             else _openvino_session(self.path, precision, threads))
 
@@ -81,11 +79,8 @@ class ExportedPredictor:
     def detect(self, images: Sequence[torch.Tensor]) -> List[Instances]:
         """images: N (3, H, W) float 0-1 RGB tensors -> N :class:`Instances` (the network runs as one batch)."""
         meta = self.metadata
-        batch = preprocess_images(list(images), pixel_mean=self.pixel_mean, pixel_std=self.pixel_std,
-                                  min_size=meta["min_size"], max_size=meta["max_size"],
-                                  size_divisible=meta["size_divisible"])
-        sizes = np.asarray(batch.image_sizes, dtype=np.int64)
-        outputs = dict(zip(OUTPUT_NAMES, self.run_network(batch.tensor.numpy(), sizes)))
+        batch, inputs = network_inputs(images, meta)
+        outputs = dict(zip(OUTPUT_NAMES, self.run_network(*inputs)))
         counts = np.bincount(outputs["image_index"], minlength=len(images)).tolist()
         split = {name: torch.from_numpy(np.ascontiguousarray(outputs[name])).split(counts)
                  for name in ("boxes", "scores", "labels", "mask_probs")}
@@ -97,6 +92,19 @@ class ExportedPredictor:
         ]
         return to_instances(pasted, [tuple(image.shape[-2:]) for image in images], class_names=self.class_names,
                             label_to_cat_id=self.label_to_cat_id)
+
+
+def network_inputs(images: Sequence[torch.Tensor],
+                   metadata: dict) -> Tuple[ImageList, Tuple[np.ndarray, np.ndarray]]:
+    """N ``(3, H, W)`` 0-1 RGB images -> the batch as the exported graph takes it: the padded
+    :class:`ImageList` (its ``image_sizes`` are the resized sizes) and the graph's inputs, ``images``
+    (N, 3, Hp, Wp) float32 resized, normalised and padded with the ``metadata`` of the exported file, and
+    ``image_sizes`` (N, 2) int64."""
+    batch = preprocess_images(list(images), pixel_mean=torch.tensor(metadata["pixel_mean"]).view(3, 1, 1),
+                              pixel_std=torch.tensor(metadata["pixel_std"]).view(3, 1, 1),
+                              min_size=metadata["min_size"], max_size=metadata["max_size"],
+                              size_divisible=metadata["size_divisible"])
+    return batch, (batch.tensor.numpy(), np.asarray(batch.image_sizes, dtype=np.int64))
 
 
 def _onnxruntime_session(path: Path, threads: Optional[int]):
