@@ -135,7 +135,7 @@ class SolverConfig:
 class TrainConfig:
     output_dir: str = "output/train"  # checkpoints, logs, figures and the resolved config go here
     device: str = "auto"  # "auto" (cuda if present), "cpu" or "cuda"
-    precision: str = "fp32"  # "fp32", "bf16" (CPU or CUDA autocast) or "fp16" (CUDA, with a grad scaler)
+    precision: str = "auto"  # "auto" (bf16 where native, else fp32), "fp32", "bf16" (autocast) or "fp16" (CUDA)
     channels_last: bool = True  # run convolutions in channels-last memory format
     seed: int = 0  # seeds Python, NumPy and torch; data order derives from it
     checkpoint_period: int = 5000  # save a checkpoint every this many iterations (and at the end)

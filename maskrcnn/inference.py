@@ -16,9 +16,9 @@ from torch import Tensor
 
 from maskrcnn.fileio import read_image
 from maskrcnn.modeling.maskrcnn import MaskRCNN
+from maskrcnn.precision import PRECISIONS, resolve_precision
 from maskrcnn.structures import Instances
 
-PRECISIONS = ("fp32", "bf16")
 MASK_FORMATS = ("bitmap", "rle", "none")
 
 
@@ -114,7 +114,8 @@ def detect(model: MaskRCNN, images: Sequence[Tensor], *, class_names: Sequence[s
     class_names: the name of each of the model's labels, ``class_names[label - 1]``.
     mask_format: "bitmap" pastes ``(N, H, W)`` bool masks; "rle" pastes each mask only over its box and
         encodes COCO RLE from those regions; "none" skips masks.
-    precision: "fp32", or "bf16" for a bfloat16 autocast forward (outputs are float32 either way).
+    precision: "fp32", "bf16" for a bfloat16 autocast forward (outputs are float32 either way), or "auto":
+        bf16 where the images' device computes it natively, else fp32 (:mod:`maskrcnn.precision`).
     label_to_cat_id: carried by each result for :meth:`Instances.to_coco`.
     Returns one :class:`Instances` per image, on the CPU.
     """
@@ -123,8 +124,9 @@ def detect(model: MaskRCNN, images: Sequence[Tensor], *, class_names: Sequence[s
         return []
     if len(class_names) != model.num_classes:
         raise ValueError(f"got {len(class_names)} class names for a model of {model.num_classes} classes")
-    device_type = images[0].device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    device = images[0].device
+    bf16 = resolve_precision(precision, device, warn=False).precision == "bf16"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         outputs = model(list(images), mask_format=mask_format)
     return to_instances(outputs, [tuple(image.shape[-2:]) for image in images], class_names=class_names,
                         label_to_cat_id=label_to_cat_id)

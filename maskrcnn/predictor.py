@@ -26,6 +26,7 @@ from maskrcnn.fileio import read_image
 from maskrcnn.inference import (MASK_FORMATS, PRECISIONS, ImageInput, check_options, detect, match_categories,
                                 to_image_tensor, to_image_tensors)
 from maskrcnn.modeling.maskrcnn import build_model, prepare_for_inference
+from maskrcnn.precision import resolve_precision
 from maskrcnn.structures import Instances
 from maskrcnn.tiling import detect_tiled
 
@@ -39,7 +40,9 @@ class Predictor:
         or None for random initialisation.
     class_names: the name of each label 1..K (default: the label numbers as strings).
     device: where the model runs ("cpu", "cuda", "cuda:1", ...).
-    precision: "fp32" or "bf16" (bfloat16 autocast around the forward).
+    precision: "auto" (default: bf16 where ``device`` computes it natively, else fp32), "fp32", or "bf16"
+        (bfloat16 autocast around the forward; warns where it is emulated). ``self.precision`` is the
+        resolved one, ``self.resolved_precision.message`` says why.
     score_thresh: detections scoring below this are dropped (replaces ``roi_heads.score_thresh``; None keeps
         the configured value).
     mask_format: "bitmap", "rle" or "none" (see :func:`detect`); default "bitmap", or "rle" when tiling.
@@ -57,7 +60,7 @@ class Predictor:
 
     def __init__(self, config: Config, weights: Union[dict, str, Path, None], *,
                  class_names: Optional[Sequence[str]] = None, device: Union[str, torch.device] = "cpu",
-                 precision: str = "fp32", score_thresh: Optional[float] = 0.05, mask_format: Optional[str] = None,
+                 precision: str = "auto", score_thresh: Optional[float] = 0.05, mask_format: Optional[str] = None,
                  bgr: bool = False, label_to_cat_id: Optional[Dict[int, int]] = None,
                  categories: Optional[Sequence[dict]] = None, tile_size: Optional[int] = None,
                  tile_overlap: int = 128, tiles_per_batch: int = 4):
@@ -76,7 +79,8 @@ class Predictor:
         self.config = config
         self.class_names = list(class_names)
         self.device = torch.device(device)
-        self.precision = precision
+        self.resolved_precision = resolve_precision(precision, self.device)
+        self.precision = self.resolved_precision.precision
         self.mask_format = mask_format
         self.bgr = bgr
         self.label_to_cat_id = None if label_to_cat_id is None else {int(k): int(v) for k, v in label_to_cat_id.items()}

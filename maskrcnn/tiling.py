@@ -32,6 +32,7 @@ from torch import Tensor
 
 from maskrcnn.modeling.maskrcnn import MaskRCNN
 from maskrcnn.modeling.paste import paste_mask_regions
+from maskrcnn.precision import resolve_precision
 from maskrcnn.rle import encode_mask_regions
 from maskrcnn.structures import Instances
 
@@ -146,7 +147,7 @@ def _merged_masks(groups: List[List[int]], mask_probs: Tensor, boxes: Tensor, im
 
 @torch.inference_mode()
 def detect_tiled(model: MaskRCNN, image: Tensor, *, class_names: Sequence[str], tile_size: int, tile_overlap: int,
-                 tiles_per_batch: int = 4, mask_format: str = "rle", precision: str = "fp32",
+                 tiles_per_batch: int = 4, mask_format: str = "rle", precision: str = "auto",
                  merge_thresh: float = 0.5, label_to_cat_id: Optional[Dict[int, int]] = None) -> Instances:
     """Detect instances in one large image tile by tile (see the module docstring).
 
@@ -157,15 +158,14 @@ def detect_tiled(model: MaskRCNN, image: Tensor, *, class_names: Sequence[str], 
     class_names: the name of each label 1..K. tile_size, tile_overlap: T and O, pixels of ``image``.
     tiles_per_batch: tiles per forward pass (memory grows with it).
     mask_format: "rle" (COCO RLE per merged detection) or "none".
-    precision: "fp32", or "bf16" for a bfloat16 autocast forward.
+    precision: "fp32", "bf16" for a bfloat16 autocast forward, or "auto" (bf16 where native, see
+        :mod:`maskrcnn.precision`).
     merge_thresh: IoU inside their tiles' shared area from which detections of two tiles are one object.
     Returns one :class:`~maskrcnn.structures.Instances` on the CPU, in full-image pixels, by score.
     """
     if mask_format not in TILED_MASK_FORMATS:
         raise ValueError(f"tiled inference returns masks as {TILED_MASK_FORMATS} (a full-size bitmap per "
                          f"detection is what tiling avoids), got mask_format={mask_format!r}")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if tiles_per_batch < 1:
         raise ValueError(f"tiles_per_batch must be at least 1, got {tiles_per_batch}")
     if not 0 < merge_thresh <= 1:
@@ -174,13 +174,14 @@ def detect_tiled(model: MaskRCNN, image: Tensor, *, class_names: Sequence[str], 
         raise ValueError(f"got {len(class_names)} class names for a model of {model.num_classes} classes")
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
+    bf16 = resolve_precision(precision, image.device, warn=False).precision == "bf16"
     image_size = (int(image.shape[1]), int(image.shape[2]))
     tiles = tile_grid(image_size, tile_size, tile_overlap)
     boxes, scores, labels, probs, tile_ids = [], [], [], [], []
     for start in range(0, len(tiles), tiles_per_batch):
         batch = tiles[start:start + tiles_per_batch]
         crops = [image[:, y0:y1, x0:x1] for x0, y0, x1, y1 in batch]
-        with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=bf16):
             outputs = model(crops, mask_format="probs")
         for tile_id, (x0, y0, _, _), output in zip(range(start, start + len(batch)), batch, outputs):
             shift = torch.tensor([x0, y0, x0, y0], dtype=torch.float32)

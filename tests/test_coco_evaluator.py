@@ -207,7 +207,7 @@ def test_run_inference_segmentations_match_full_resolution_masks(dataset_dir):
     cfg, model = _tiny_model()
     model.eval()
     dataset = CocoDetection(dataset_dir / "ann.json", dataset_dir / "images")
-    results = run_inference(model, dataset, batch_size=1, progress=False)
+    results = run_inference(model, dataset, batch_size=1, progress=False, precision="fp32")
     image, target = dataset[0]
     with torch.no_grad():
         out = model([image])[0]
@@ -224,7 +224,7 @@ def _distributed_worker(rank, world_size, port, dataset_dir, queue):
     try:
         _, model = _tiny_model()
         dataset = CocoDetection(Path(dataset_dir) / "ann.json", Path(dataset_dir) / "images")
-        queue.put((rank, run_inference(model, dataset, batch_size=1, progress=False)))
+        queue.put((rank, run_inference(model, dataset, batch_size=1, progress=False, precision="fp32")))
     finally:
         dist.destroy_process_group()
 
@@ -246,7 +246,7 @@ def test_distributed_inference_gathers_every_image_on_rank_zero(dataset_dir):
     assert returned[1] is None
     _, model = _tiny_model()
     dataset = CocoDetection(dataset_dir / "ann.json", dataset_dir / "images")
-    single = run_inference(model, dataset, batch_size=1, progress=False)
+    single = run_inference(model, dataset, batch_size=1, progress=False, precision="fp32")
     assert len(returned[0]) == len(single) > 0
     for image_id in dataset.image_ids:
         gathered = [r for r in returned[0] if r["image_id"] == image_id]

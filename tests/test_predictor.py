@@ -27,7 +27,7 @@ def weights():
 
 @pytest.fixture(scope="module")
 def predictor(weights):
-    return Predictor(tiny_config(), weights, class_names=CLASS_NAMES, score_thresh=0.2)
+    return Predictor(tiny_config(), weights, class_names=CLASS_NAMES, score_thresh=0.2, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_bgr_flag_flips_channels(predictor, image):
     assert torch.equal(to_image_tensor(bgr, bgr=True), to_image_tensor(image))
     assert not torch.equal(to_image_tensor(bgr), to_image_tensor(image))
     assert_same_detections(predictor(bgr, bgr=True), predictor(image))
-    bgr_predictor = Predictor(tiny_config(), predictor.model.state_dict(), score_thresh=0.2, bgr=True)
+    bgr_predictor = Predictor(tiny_config(), predictor.model.state_dict(), score_thresh=0.2, precision="fp32", bgr=True)
     assert_same_detections(bgr_predictor(bgr), predictor(image))
 
 
@@ -152,9 +152,9 @@ def test_indexing_and_filtering(predictor, image):
 
 
 def test_rle_and_bitmap_formats_agree(weights, image):
-    bitmap = Predictor(tiny_config(), weights, score_thresh=0.2, mask_format="bitmap")(image)
-    rle = Predictor(tiny_config(), weights, score_thresh=0.2, mask_format="rle")(image)
-    none = Predictor(tiny_config(), weights, score_thresh=0.2, mask_format="none")(image)
+    bitmap = Predictor(tiny_config(), weights, score_thresh=0.2, precision="fp32", mask_format="bitmap")(image)
+    rle = Predictor(tiny_config(), weights, score_thresh=0.2, precision="fp32", mask_format="rle")(image)
+    none = Predictor(tiny_config(), weights, score_thresh=0.2, precision="fp32", mask_format="none")(image)
     assert_same_detections(rle, bitmap)
     assert_same_detections(none, bitmap)
     assert none.masks is None
@@ -192,7 +192,7 @@ def test_to_coco_leaves_out_labels_without_a_dataset_category(predictor, weights
     coco = result.to_coco(5, label_to_cat_id=mapping)
     assert len(coco) == int((result.labels == present[0]).sum())
     assert {r["category_id"] for r in coco} == {11}
-    carried = Predictor(tiny_config(), weights, score_thresh=0.2,
+    carried = Predictor(tiny_config(), weights, score_thresh=0.2, precision="fp32",
                         label_to_cat_id=mapping)(image)
     assert carried.to_coco(5) == coco
 
@@ -202,7 +202,7 @@ def test_predictor_with_dataset_categories_drops_labels_the_dataset_lacks(predic
     names = predictor.class_names
     kept_label = int(result.labels[0])
     categories = [{"id": 40, "name": names[kept_label - 1].upper()}, {"id": 41, "name": "zebra"}]
-    restricted = Predictor(tiny_config(), weights, class_names=names, score_thresh=0.2,
+    restricted = Predictor(tiny_config(), weights, class_names=names, score_thresh=0.2, precision="fp32",
                            categories=categories)
     assert restricted.label_to_cat_id == {kept_label: 40}
     out = restricted(image)
@@ -216,11 +216,11 @@ def test_from_checkpoint_restores_config_and_class_names(weights, image, tmp_pat
     path = tmp_path / "model.pth"
     torch.save({"model": weights, "config": config_to_dict(tiny_config()), "class_names": CLASS_NAMES,
                 "iteration": 5}, path)
-    loaded = Predictor.from_checkpoint(path, score_thresh=0.2)
+    loaded = Predictor.from_checkpoint(path, score_thresh=0.2, precision="fp32")
     assert loaded.class_names == CLASS_NAMES
-    direct = Predictor(tiny_config(), weights, class_names=CLASS_NAMES, score_thresh=0.2)
+    direct = Predictor(tiny_config(), weights, class_names=CLASS_NAMES, score_thresh=0.2, precision="fp32")
     assert_same_detections(loaded(image), direct(image))
-    assert_same_detections(Predictor(tiny_config(), path, score_thresh=0.2)(image), direct(image))
+    assert_same_detections(Predictor(tiny_config(), path, score_thresh=0.2, precision="fp32")(image), direct(image))
     with pytest.raises(FileNotFoundError, match="nothere.pth"):
         Predictor.from_checkpoint(tmp_path / "nothere.pth")
 
@@ -248,14 +248,14 @@ def test_infer_tool_writes_overlays_label_maps_and_results(weights, image, tmp_p
     (folder / "notes.txt").write_text("skipped")
     main = runpy.run_path(str(Path(__file__).parents[1] / "tools" / "infer.py"))["main"]
     main(["--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(tmp_path / "out"),
-          "--score-thresh", "0.2", "--label-map"])
+          "--score-thresh", "0.2", "--label-map", "--precision", "fp32"])
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["000042.png", "000042_labels.png", "results.json",
                                                       "small.png", "small_labels.png"]
     assert cv2.imread(str(out / "000042.png")).shape == image.shape
     assert cv2.imread(str(out / "small_labels.png")).shape[0] >= 30
     results = json.loads((out / "results.json").read_text())
-    expected = Predictor(tiny_config(), weights, score_thresh=0.2)(image).to_coco(42)
+    expected = Predictor(tiny_config(), weights, score_thresh=0.2, precision="fp32")(image).to_coco(42)
     ours = [r for r in results if r["image_id"] == 42]  # digit file names become COCO-style ids
     assert [r["segmentation"] for r in ours] == [r["segmentation"] for r in expected]
     assert np.allclose([r["bbox"] + [r["score"]] for r in ours], [r["bbox"] + [r["score"]] for r in expected])
@@ -264,7 +264,7 @@ def test_infer_tool_writes_overlays_label_maps_and_results(weights, image, tmp_p
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(weights, image):
-    cpu = Predictor(tiny_config(), weights, score_thresh=0.2)(image)
-    cuda = Predictor(tiny_config(), weights, score_thresh=0.2, device="cuda")(image)
+    cpu = Predictor(tiny_config(), weights, score_thresh=0.2, precision="fp32")(image)
+    cuda = Predictor(tiny_config(), weights, score_thresh=0.2, precision="fp32", device="cuda")(image)
     assert cuda.boxes.device.type == "cpu"
     assert torch.allclose(cuda.boxes, cpu.boxes, atol=1e-2)

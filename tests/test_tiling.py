@@ -190,7 +190,7 @@ def test_tiled_detection_returns_rle_or_no_masks_and_handles_no_detections():
 def _predictor(**kwargs):
     torch.manual_seed(0)
     cfg = tiny_config()
-    return Predictor(cfg, None, class_names=["a", "b", "c"], score_thresh=0.0, **kwargs)
+    return Predictor(cfg, None, class_names=["a", "b", "c"], score_thresh=0.0, precision="fp32", **kwargs)
 
 
 def test_one_tile_predictor_equals_untiled():

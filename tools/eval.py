@@ -26,7 +26,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output", help="folder for metrics.json and results.json")
     parser.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
     parser.add_argument("--device", default="cpu", help='"cpu", "cuda" or "cuda:N"')
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: bf16 where the CPU/GPU computes it natively, else fp32")
     parser.add_argument("--num-workers", type=int, default=2, help="image loading processes")
     parser.add_argument("--backend", default="pycocotools", choices=BACKENDS,
                         help="COCOeval implementation: pycocotools (the reference) or faster-coco-eval (same numbers, "
@@ -36,10 +37,12 @@ def main(argv=None) -> None:
     owns_group = init_distributed("cuda" if args.device.startswith("cuda") else "cpu")
     device = f"cuda:{get_local_rank()}" if owns_group and args.device.startswith("cuda") else args.device
     try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, device=device, score_thresh=None)
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=device, score_thresh=None,
+                                              precision=args.precision)
+        print(predictor.resolved_precision.message)
         output = Path(args.output) if args.output else Path(args.checkpoint).parent / "eval"
         metrics = evaluate(predictor.inference_model, args.ann, args.images, output, batch_size=args.batch_size,
-                           precision=args.precision, num_workers=args.num_workers,
+                           precision=predictor.precision, num_workers=args.num_workers,
                            class_names=predictor.class_names, label_to_cat_id=predictor.label_to_cat_id,
                            backend=args.backend)
     finally:

@@ -26,7 +26,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output", required=True, help="folder for the PNGs and results.json")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="detections scoring below are dropped")
     parser.add_argument("--device", default="cpu", help='"cpu", "cuda" or "cuda:N"')
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: bf16 where the CPU/GPU computes it natively, else fp32")
     parser.add_argument("--label-map", action="store_true", help="also write a per-class label map per image")
     args = parser.parse_args(argv)
 
@@ -36,6 +37,7 @@ def main(argv=None) -> None:
     paths = image_files(source) if source.is_dir() else [source]
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision,
                                           score_thresh=args.score_thresh)
+    print(predictor.resolved_precision.message)
     num_classes = len(predictor.class_names)
     output = Path(args.output)
     results = []

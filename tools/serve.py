@@ -30,8 +30,9 @@ def main(argv=None) -> None:
     source.add_argument("--checkpoint", help="checkpoint file written by training (runs in PyTorch)")
     source.add_argument("--onnx", help="ONNX file written by tools/export.py (or its int8 .xml, with --runtime openvino)")
     parser.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES, help="runtime of --onnx")
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                        help="bf16: autocast (PyTorch) or OpenVINO's bf16 inference")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="bf16: autocast (PyTorch) or OpenVINO's bf16 inference; auto: bf16 where the CPU "
+                             "computes it natively, else fp32")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="detections scoring below are dropped")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000)
@@ -48,6 +49,7 @@ def main(argv=None) -> None:
                                               score_thresh=args.score_thresh)
     else:
         predictor = ExportedPredictor(args.onnx, runtime=args.runtime, precision=args.precision, mask_format="rle")
+    print(predictor.resolved_precision.message)
     app = create_app(lambda images: [r.filter(args.score_thresh) for r in predictor(images)],
                      class_names=predictor.class_names, draw=overlay_png, max_batch_size=args.max_batch_size,
                      max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes, max_pixels=args.max_pixels,

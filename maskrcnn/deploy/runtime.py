@@ -21,12 +21,13 @@ from maskrcnn.deploy.export import INPUT_NAMES, OUTPUT_NAMES, read_metadata
 from maskrcnn.inference import MASK_FORMATS, ImageInput, to_image_tensors, to_instances
 from maskrcnn.modeling.maskrcnn import preprocess_images
 from maskrcnn.modeling.postprocess import to_original_image
+from maskrcnn.precision import resolve_precision
 from maskrcnn.structures import ImageList, Instances
 
 RUNTIMES = ("onnxruntime", "openvino")
 # Precisions each runtime offers: OpenVINO's bf16 sets its inference precision hint (CPUs with AVX512-BF16
-# or AMX run it natively).
-RUNTIME_PRECISIONS = {"onnxruntime": ("fp32",), "openvino": ("fp32", "bf16")}
+# or AMX run it natively); "auto" is bf16 on those CPUs and fp32 elsewhere (onnxruntime: always fp32).
+RUNTIME_PRECISIONS = {"onnxruntime": ("auto", "fp32"), "openvino": ("auto", "fp32", "bf16")}
 
 
 class ExportedPredictor:
@@ -37,13 +38,14 @@ class ExportedPredictor:
         (``.xml``) written by :func:`~maskrcnn.deploy.quantize.quantize_int8` (OpenVINO only); its metadata
         supplies the class names, the input normalisation and resize, and the mask threshold.
     runtime: "onnxruntime" or "openvino".
-    precision: "fp32", or "bf16" (OpenVINO only).
+    precision: "auto" (default: OpenVINO bf16 where the CPU computes it natively, else fp32), "fp32", or
+        "bf16" (OpenVINO only; warns where it is emulated). ``self.precision`` is the resolved one.
     mask_format: "bitmap", "rle" or "none", as the eager predictor.
     bgr: NumPy inputs are BGR (OpenCV order) unless a call says otherwise.
     threads: intra-op threads of the runtime (None: the runtime's default, all cores).
     """
 
-    def __init__(self, path: Union[str, Path], *, runtime: str = "onnxruntime", precision: str = "fp32",
+    def __init__(self, path: Union[str, Path], *, runtime: str = "onnxruntime", precision: str = "auto",
                  mask_format: str = "bitmap", bgr: bool = False, threads: Optional[int] = None):
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -59,11 +61,12 @@ class ExportedPredictor:
         cat_ids = self.metadata["label_to_cat_id"]
         self.label_to_cat_id = None if cat_ids is None else {int(k): int(v) for k, v in cat_ids.items()}
         self.runtime = runtime
-        self.precision = precision
+        self.resolved_precision = resolve_precision(precision if runtime == "openvino" else "fp32", "cpu")
+        self.precision = self.resolved_precision.precision
         self.mask_format = mask_format
         self.bgr = bgr
         self.run_network = (_onnxruntime_session(self.path, threads) if runtime == "onnxruntime"
-                            else _openvino_session(self.path, precision, threads))
+                            else _openvino_session(self.path, self.precision, threads))
 
     def __call__(self, inputs: Union[ImageInput, Sequence[ImageInput]], *,
                  bgr: Optional[bool] = None) -> Union[Instances, List[Instances]]:

@@ -9,7 +9,8 @@ curve is redrawn at log steps, at most every ``PLOT_INTERVAL_S`` seconds, and af
 
 Files in ``train.output_dir``: ``config.yaml`` (the resolved configuration), ``model_{iter:07d}.pth``,
 ``model_final.pth``, ``last_checkpoint``, ``metrics.jsonl``, ``loss_curve.png``, ``train_summary.json``
-(the summary returned by :func:`train`), with ``model.weights`` ``weights_summary.json`` (see
+(the summary returned by :func:`train`), ``run_info.json`` (the precision ``train.precision`` resolved to and
+why, the CPU, its ISA and threads: see :mod:`maskrcnn.precision`), with ``model.weights`` ``weights_summary.json`` (see
 :mod:`maskrcnn.engine.weights`) and, with evaluation, ``eval_{iter:07d}/``.
 
 Iterations are counted as optimizer steps taken: the checkpoint ``model_0000100.pth`` and the log record
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -37,6 +39,7 @@ from ..distributed import (all_gather_object, all_reduce_mean, all_true, barrier
                            get_rank, get_world_size, init_distributed, is_main_process)
 from ..evaluation.coco_evaluator import evaluate
 from ..fileio import atomic_write
+from ..precision import ResolvedPrecision, machine_summary, resolve_precision
 from ..modeling.maskrcnn import build_model
 from ..structures import BitMasks, PolygonMasks
 from .checkpoint import (find_last_checkpoint, load_last_good_checkpoint, rng_of_this_rank, rng_state,
@@ -49,6 +52,7 @@ from .weights import format_summary, load_weights
 # always at the last iteration): drawing takes ~0.2 s, which at short log periods would slow training.
 PLOT_INTERVAL_S = 10.0
 WEIGHTS_SUMMARY = "weights_summary.json"  # what model.weights loaded, written at the start of a run
+RUN_INFO = "run_info.json"  # the precision the run resolved to, and why; the machine it ran on
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -75,12 +79,13 @@ def train(cfg: Config, *, resume: bool = False, model: Optional[nn.Module] = Non
     ``last_checkpoint`` are left as they were.
     """
     device = _resolve_device(cfg.train.device)
-    amp_dtype = _amp_dtype(cfg.train.precision, device)
+    precision = resolve_precision(cfg.train.precision, device, allowed=("auto", *_PRECISIONS))
+    amp_dtype = _amp_dtype(precision.precision, device)
     owns_group = init_distributed(device.type)
     try:
         if device.type == "cuda":
             device = torch.device("cuda", get_local_rank())
-        return _Run(cfg, device, amp_dtype, resume=resume, model=model).run()
+        return _Run(cfg, device, precision, amp_dtype, resume=resume, model=model).run()
     finally:
         if owns_group:
             cleanup()
@@ -89,9 +94,9 @@ def train(cfg: Config, *, resume: bool = False, model: Optional[nn.Module] = Non
 class _Run:
     """The state of one training run: built from the configuration in ``__init__``, advanced by ``run``."""
 
-    def __init__(self, cfg: Config, device: torch.device, amp_dtype: Optional[torch.dtype], *, resume: bool,
-                 model: Optional[nn.Module]):
-        self.cfg, self.device, self.amp_dtype = cfg, device, amp_dtype
+    def __init__(self, cfg: Config, device: torch.device, precision: ResolvedPrecision,
+                 amp_dtype: Optional[torch.dtype], *, resume: bool, model: Optional[nn.Module]):
+        self.cfg, self.device, self.precision, self.amp_dtype = cfg, device, precision, amp_dtype
         self.rank, self.world_size = get_rank(), get_world_size()
         self.output_dir = Path(cfg.train.output_dir)
         solver = cfg.solver
@@ -158,6 +163,10 @@ class _Run:
         if is_main_process():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.output_dir / "config.yaml", lambda f: f.write(config_to_yaml(cfg).encode()))
+            print(self.precision.message, file=sys.stderr)  # stdout is the tool's JSON summary
+            run_info = json.dumps({"precision": self.precision.to_dict(), "machine": machine_summary(device)},
+                                  indent=1)
+            atomic_write(self.output_dir / RUN_INFO, lambda f: f.write(run_info.encode()))
             self.logger = MetricsLogger(self.output_dir, start_iter=self.start_iter,
                                         tensorboard=cfg.train.tensorboard)
             if self.weights_summary is not None:
@@ -277,7 +286,7 @@ class _Run:
 
     def _evaluate(self, iteration: int) -> None:
         """COCO evaluation on the validation set, shared by all processes; rank 0 logs the metrics."""
-        precision = "bf16" if self.cfg.train.precision == "bf16" else "fp32"
+        precision = "bf16" if self.precision.precision == "bf16" else "fp32"
         metrics = evaluate(self.model, self.cfg.data.val_ann, self.cfg.data.val_images,
                            output_dir=self.output_dir / f"eval_{iteration:07d}" if is_main_process() else None,
                            device=self.device, precision=precision, class_names=self.class_names,
@@ -347,9 +356,7 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def _amp_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype of ``train.precision`` (None for fp32); ValueError where the device lacks it."""
-    if precision not in _PRECISIONS:
-        raise ValueError(f"train.precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+    """The autocast dtype of a resolved precision (None for fp32); ValueError where the device lacks it."""
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("train.precision=fp16 needs CUDA (it relies on a CUDA grad scaler); use bf16 on CPU")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():

@@ -44,6 +44,7 @@ from maskrcnn.distributed import get_rank, get_world_size, unwrap_model
 from maskrcnn.fileio import save_json
 from maskrcnn.modeling.maskrcnn import MaskRCNN
 from maskrcnn.inference import detect, match_categories
+from maskrcnn.precision import resolve_precision
 
 IOU_TYPES = ("bbox", "segm")
 BACKENDS = ("pycocotools", "faster-coco-eval")
@@ -77,7 +78,7 @@ def load_coco(ann_file: Union[str, Path], backend: str = "pycocotools"):
 
 
 def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: CocoDetection, *, batch_size: int = 2,
-                  device: Optional[Union[str, torch.device]] = None, precision: str = "fp32", with_masks: bool = True,
+                  device: Optional[Union[str, torch.device]] = None, precision: str = "auto", with_masks: bool = True,
                   num_workers: int = 0, progress: bool = True, class_names: Optional[Sequence[str]] = None,
                   label_to_cat_id: Optional[dict] = None) -> Optional[List[dict]]:
     """COCO result dicts of ``model`` on every image of ``dataset``.
@@ -85,7 +86,8 @@ def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: Coco
     model: a MaskRCNN (or its DDP wrapper); put in eval mode for the run, its training mode restored after.
     dataset: the evaluation set, images at their file size (no transforms; the model resizes).
     batch_size: images per forward pass; device: where images go (default: the model's device).
-    precision: "fp32" or "bf16" (autocast forward).
+    precision: "auto" (bf16 where the device computes it natively, else fp32), "fp32" or "bf16" (autocast
+        forward).
     class_names: the model's class names (label 1..K); default the dataset's own, for a model trained on it.
     label_to_cat_id: the model's label -> category id map; default (with default class names) the dataset's
         own mapping; None with class names given matches labels to categories by name.
@@ -100,6 +102,7 @@ def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: Coco
     mapping = match_categories(class_names, label_to_cat_id, dataset.categories)
     model = unwrap_model(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    precision = resolve_precision(precision, device, warn=False).precision
     rank, world_size = get_rank(), get_world_size()
     shard = Subset(dataset, range(rank, len(dataset), world_size))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
@@ -244,23 +247,25 @@ def evaluate_results(coco_gt, results: List[dict], iou_types: Sequence[str] = IO
 
 def evaluate(model: Union[MaskRCNN, DistributedDataParallel], ann_file: Union[str, Path], image_dir: Union[str, Path],
              output_dir: Optional[Union[str, Path]] = None, *, batch_size: int = 2,
-             device: Optional[Union[str, torch.device]] = None, precision: str = "fp32",
+             device: Optional[Union[str, torch.device]] = None, precision: str = "auto",
              iou_types: Sequence[str] = IOU_TYPES, num_workers: int = 0, verbose: bool = True,
              class_names: Optional[Sequence[str]] = None, label_to_cat_id: Optional[dict] = None,
              backend: str = "pycocotools") -> Optional[dict]:
     """Run ``model`` on a COCO dataset and score it; callable from training for periodic evaluation.
 
     Returns (on rank 0; ``None`` on other ranks) the metrics of :func:`evaluate_results` plus ``images``
-    (number of images) and ``images_per_s`` (inference throughput, image reading and RLE encoding included).
+    (number of images), ``images_per_s`` (inference throughput, image reading and RLE encoding included) and
+    ``precision`` (what ``precision`` resolved to and why, see :mod:`maskrcnn.precision`).
     class_names, label_to_cat_id: the model's classes, as in :func:`run_inference`.
     backend: the scoring backend of :func:`evaluate_results`; checked before inference starts.
     output_dir: if given, rank 0 writes ``results.json`` (COCO results) and ``metrics.json`` there, atomically.
     """
     _backend_api(backend)
+    resolved = resolve_precision(precision, device if device is not None else next(unwrap_model(model).parameters()).device)
     dataset = CocoDetection(ann_file, image_dir)
     dataset.check_images(progress=verbose and get_rank() == 0)  # a bad file fails now, not mid-inference
     start = time.perf_counter()
-    results = run_inference(model, dataset, batch_size=batch_size, device=device, precision=precision,
+    results = run_inference(model, dataset, batch_size=batch_size, device=device, precision=resolved.precision,
                             with_masks="segm" in iou_types, num_workers=num_workers, progress=verbose,
                             class_names=class_names, label_to_cat_id=label_to_cat_id)
     elapsed = time.perf_counter() - start
@@ -270,6 +275,7 @@ def evaluate(model: Union[MaskRCNN, DistributedDataParallel], ann_file: Union[st
                                progress=verbose)
     metrics["images"] = len(dataset)
     metrics["images_per_s"] = len(dataset) / elapsed
+    metrics["precision"] = resolved.to_dict()
     if output_dir is not None:
         save_json(Path(output_dir) / "results.json", results)
         save_json(Path(output_dir) / "metrics.json", metrics)

@@ -1,0 +1,149 @@
+"""Precision "auto" picks bf16 only where the hardware computes it natively, every entry point defaults to it,
+and an explicit bf16 where it is emulated runs with a warning. The CPU's answer is monkeypatched both ways,
+so these tests hold on any machine and never depend on bf16 being fast."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from maskrcnn import precision as precision_module
+from maskrcnn.config import Config
+from maskrcnn.engine.trainer import train
+from maskrcnn.precision import cpu_bf16, machine_summary, resolve_precision
+from maskrcnn.predictor import Predictor
+from tiny import tiny_config
+
+AVX2_FLAGS = ("fpu", "sse4_2", "avx", "avx2", "fma")
+AVX512_BF16_FLAGS = AVX2_FLAGS + ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+AMX_FLAGS = AVX2_FLAGS + ("avx512f", "avx512bw", "avx512vl", "amx_tile", "amx_bf16")
+
+
+@pytest.fixture
+def x86_cpu(monkeypatch):
+    """Make the CPU an x86 one with the given feature flags (oneDNN's own bf16 check follows the flags)."""
+    def make(flags, onednn_cap=None):
+        monkeypatch.setattr(precision_module.platform, "machine", lambda: "x86_64")
+        monkeypatch.setattr(precision_module, "_cpu_flags", lambda: tuple(flags))
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: "avx512bw" in flags)
+        if onednn_cap is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_cap)
+    return make
+
+
+@pytest.mark.parametrize("flags, unit", [(AVX512_BF16_FLAGS, "AVX512-BF16"), (AMX_FLAGS, "AMX")])
+def test_auto_is_bf16_where_the_cpu_has_it(x86_cpu, flags, unit):
+    x86_cpu(flags)
+    resolved = resolve_precision("auto", "cpu")
+    assert (resolved.precision, resolved.native) == ("bf16", True)
+    assert resolved.message.startswith("precision auto -> bf16: ") and unit in resolved.message
+
+
+def test_auto_is_fp32_on_an_avx2_cpu(x86_cpu):
+    x86_cpu(AVX2_FLAGS)
+    resolved = resolve_precision("auto", "cpu")
+    assert resolved.precision == "fp32"
+    assert resolved.message == (f"precision auto -> fp32: this CPU has no native bf16 "
+                                f"({torch.backends.cpu.get_cpu_capability()})")
+
+
+def test_auto_is_fp32_on_avx512_without_bf16(x86_cpu):
+    x86_cpu(AVX2_FLAGS + ("avx512f", "avx512bw", "avx512vl"))  # Skylake-X: oneDNN emulates bf16 there
+    assert resolve_precision("auto", "cpu").precision == "fp32"
+
+
+def test_an_onednn_isa_cap_below_bf16_makes_it_fp32(x86_cpu):
+    x86_cpu(AVX512_BF16_FLAGS, onednn_cap="AVX2")
+    native, why = cpu_bf16()
+    assert not native and "ONEDNN_MAX_CPU_ISA=AVX2" in why
+    x86_cpu(AVX512_BF16_FLAGS, onednn_cap="avx512_core_bf16")
+    assert cpu_bf16()[0]
+
+
+def test_explicit_bf16_where_emulated_warns_once_and_runs(x86_cpu):
+    x86_cpu(AVX2_FLAGS)
+    with pytest.warns(UserWarning, match="bf16 is emulated here .*several times slower"):
+        resolved = resolve_precision("bf16", "cpu")
+    assert (resolved.precision, resolved.native) == ("bf16", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_precision("bf16", "cpu", warn=False).precision == "bf16"
+
+
+def test_explicit_bf16_where_native_is_silent(x86_cpu):
+    x86_cpu(AVX512_BF16_FLAGS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_precision("bf16", "cpu").native
+
+
+def test_explicit_fp32_is_kept_and_unknown_names_are_refused(x86_cpu):
+    x86_cpu(AVX512_BF16_FLAGS)
+    assert resolve_precision("fp32", "cpu").precision == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of .*'auto'.*got 'fp8'"):
+        resolve_precision("fp8", "cpu")
+
+
+@pytest.mark.parametrize("flags, expected", [(AVX2_FLAGS, "fp32"), (AVX512_BF16_FLAGS, "bf16")])
+def test_predictor_defaults_to_auto(x86_cpu, flags, expected):
+    x86_cpu(flags)
+    cfg = Config()
+    cfg.model = tiny_config().model
+    predictor = Predictor(cfg, None)
+    assert predictor.precision == expected and predictor.resolved_precision.requested == "auto"
+    result = predictor(torch.rand(3, 64, 80))
+    assert result.boxes.dtype == torch.float32
+
+
+def test_every_entry_point_defaults_to_auto():
+    import inspect
+
+    from maskrcnn.deploy.runtime import ExportedPredictor
+    from maskrcnn.evaluation.coco_evaluator import evaluate
+    for function in (Predictor.__init__, ExportedPredictor.__init__, evaluate):
+        assert inspect.signature(function).parameters["precision"].default == "auto", function
+    assert Config().train.precision == "auto"
+    from maskrcnn.config import load_config
+    for name in ("maskrcnn_R18_FPN_small", "maskrcnn_R50_FPN", "maskrcnn_R50_FPN_v2"):
+        assert load_config(f"configs/{name}.yaml").train.precision == "auto", name
+
+
+@pytest.mark.parametrize("tool", ["eval", "infer", "serve"])
+def test_tools_default_to_auto(tool, monkeypatch):
+    import importlib.util
+    import argparse
+    spec = importlib.util.spec_from_file_location(f"tool_{tool}", f"tools/{tool}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    seen = {}
+
+    def parse_args(self, argv=None):
+        seen.update({a.dest: a.default for a in self._actions})
+        raise SystemExit(0)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+    with pytest.raises(SystemExit):
+        module.main([])
+    assert seen["precision"] == "auto"
+
+
+def test_training_writes_the_resolved_precision(x86_cpu, tmp_path, capsys):
+    from maskrcnn.data.shapes import generate_shapes
+    from test_trainer import tiny_config as train_config
+    x86_cpu(AVX2_FLAGS)
+    data = tmp_path / "data"
+    generate_shapes(data, num_train=2, num_val=1, seed=0, min_size=64, max_size=96)
+    train(train_config(data, tmp_path / "out", "solver.max_iter=1", "train.precision=auto"))
+    info = json.loads((tmp_path / "out" / "run_info.json").read_text())
+    assert info["precision"] == {"precision": "fp32", "requested": "auto", "native": True,
+                                 "reason": f"this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()})"}
+    assert info["machine"]["isa"] == torch.backends.cpu.get_cpu_capability()
+    assert "precision auto -> fp32: this CPU has no native bf16" in capsys.readouterr().err
+
+
+def test_machine_summary_names_cpu_isa_bf16_and_threads():
+    summary = machine_summary()
+    assert summary["cpu"] and summary["isa"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(summary["native_bf16"], bool) and summary["threads"] == torch.get_num_threads()
