@@ -49,7 +49,7 @@ figures: setup
 # crosses), from scratch and from the demo checkpoint, and print both APs at 100, 200 and 300 iterations.
 transfer: setup
 	test -f $(DEMO)/model_final.pth || $(MAKE) demo
-	$(PY) tools/transfer_demo.py --checkpoint $(DEMO)/model_final.pth --config $(DEMO_CONFIG) \
+	$(PY) -m benchmarks.transfer_demo --checkpoint $(DEMO)/model_final.pth --config $(DEMO_CONFIG) \
 		--data data/shapes_novel --output output/transfer --max-iter 300 --eval-period 100
 
 clean:

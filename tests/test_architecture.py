@@ -55,3 +55,25 @@ def test_imports_run_down_the_layers():
               if LAYERS[target] > LAYERS[room]
               or (LAYERS[target] == LAYERS[room] and (room, target) not in SIDEWAYS)]
     assert not upward, "imports that run up or sideways:\n" + "\n".join(upward)
+
+
+def test_the_package_never_imports_the_tools_or_benchmarks():
+    """``tools/`` and ``benchmarks/`` are not installed: an installed package that imported them would break."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            found += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {name}" for name in names
+                      if name.split(".")[0] in ("tools", "benchmarks")]
+    assert not found, "the package imports what is not installed:\n" + "\n".join(found)
+
+
+def test_every_tool_and_benchmark_script_runs_through_cli_run():
+    """A script's errors a user can fix come out as one line (``maskrcnn.cli.run``), never a traceback."""
+    scripts = [p for folder in ("tools", "benchmarks") for p in sorted((PACKAGE.parent / folder).glob("*.py"))
+               if 'if __name__ == "__main__":' in p.read_text()]
+    assert len(scripts) >= 10
+    bypass = [str(p.relative_to(PACKAGE.parent)) for p in scripts
+              if not p.read_text().rstrip().endswith('if __name__ == "__main__":\n    run(main)')]
+    assert not bypass, f"scripts that bypass maskrcnn.cli.run: {bypass}"

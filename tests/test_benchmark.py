@@ -4,7 +4,7 @@ outputs of the same kind; on a small model so that it runs in seconds."""
 import torch
 
 from maskrcnn.config import Config
-from maskrcnn.diagnostics.benchmark import benchmark_inference, benchmark_paste, compare_detections, format_report
+from benchmarks.speed import benchmark_inference, benchmark_paste, compare_detections, format_report
 from maskrcnn.reference import our_model_from, sample_images, well_conditioned_torchvision_model
 
 

@@ -275,7 +275,7 @@ def test_export_tool_writes_an_int8_model_and_the_report_tool_scores_it(tmp_path
     assert refused.returncode == 2 and refused.stderr.startswith("error: ") and "no image files" in refused.stderr
     assert not (tmp_path / "x.onnx").exists()
 
-    report = subprocess.run([sys.executable, str(ROOT / "tools/int8_report.py"), "--checkpoint", checkpoint,
+    report = subprocess.run([sys.executable, "-m", "benchmarks.int8_report", "--checkpoint", checkpoint,
                              "--calibration", tmp_path / "shapes" / "train", "--calibration-count", "3",
                              "--ann", tmp_path / "shapes" / "annotations" / "instances_val.json",
                              "--images", tmp_path / "shapes" / "val", "--output", tmp_path / "int8"],

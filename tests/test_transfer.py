@@ -1,22 +1,17 @@
 """The transfer comparison: AP and minutes read back from the training logs, and a tiny run end to end."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import transfer, transfer_demo
+from benchmarks.transfer import evaluation_progress, transfer_table
 from maskrcnn.cli import run
 from maskrcnn.data.shapes import NOVEL_CATEGORIES
-from maskrcnn.engine import transfer
 from maskrcnn.engine.checkpoint import save_checkpoint
-from maskrcnn.engine.transfer import evaluation_progress, transfer_table
 from maskrcnn.modeling.maskrcnn import build_model
 from test_trainer import tiny_overrides
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import transfer_demo  # noqa: E402
 
 
 def _eval(iteration, mask_ap, box_ap):

@@ -7,15 +7,15 @@ The table is generated from the dataclasses in maskrcnn/config.py, so it cannot 
 """
 
 import argparse
-import sys
 from pathlib import Path
 
+from maskrcnn.cli import run
 from maskrcnn.config import readme_with_config_reference
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check that README.md is up to date")
     args = parser.parse_args(argv)
@@ -24,12 +24,11 @@ def main(argv=None) -> int:
     if args.check:
         if updated != text:
             print("README.md's configuration reference is out of date: run python tools/config_reference.py")
-            return 1
-        return 0
+            raise SystemExit(1)
+        return
     README.write_text(updated)
     print(f"updated {README}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

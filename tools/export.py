@@ -9,7 +9,7 @@ mask probabilities (see ``maskrcnn.deploy.export``); its metadata carries the cl
 normalisation and resize, and the thresholds. Run it with ``maskrcnn.deploy.runtime.ExportedPredictor``.
 With ``--int8-calibration`` the backbone and FPN are also quantised to int8 on the first
 ``--calibration-count`` images of that folder (take them from the training split) and written as an
-OpenVINO IR next to the ONNX file (``maskrcnn.deploy.quantize``; ``tools/int8_report.py`` measures its AP).
+OpenVINO IR next to the ONNX file (``maskrcnn.deploy.quantize``; ``python -m benchmarks.int8_report`` measures its AP).
 """
 
 import argparse

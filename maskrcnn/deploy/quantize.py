@@ -9,7 +9,7 @@ output channel); OpenVINO then runs those convolutions in int8. Everything after
 RoIAlign heads, the NMS and top-k) stays in floating point: its inputs are few and its outputs decide
 which detections survive, so it gains little speed and is where rounding would move boxes and masks.
 The result is an OpenVINO IR (an ``.xml`` graph and a ``.bin`` of weights) carrying the ONNX file's
-metadata; ``tools/int8_report.py`` measures what it costs in mask AP and what it buys in speed.
+metadata; ``python -m benchmarks.int8_report`` measures what it costs in mask AP and what it buys in speed.
 """
 
 from __future__ import annotations

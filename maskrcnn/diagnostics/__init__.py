@@ -1,2 +1,2 @@
-"""Diagnostics: the model explained stage by stage (:mod:`.trace` records it, :mod:`.figures` draws it) and
-its speed against torchvision's (:mod:`.benchmark`). Nothing else in the package imports these."""
+"""Diagnostics: the model explained stage by stage (:mod:`.trace` records it, :mod:`.figures` draws it),
+for ``tools/explain.py``. Nothing else in the package imports these."""

@@ -11,7 +11,7 @@ whose category the dataset lacks (COCO's 'N/A' slots of torchvision's 90, classe
 have) are left out, and one line says how many.
 Scoring runs on one of two backends: ``"pycocotools"`` (the reference, default) or ``"faster-coco-eval"``
 (the same COCOeval with its per-image matching and accumulation in C++; identical numbers, several times
-faster on large result sets: ``tools/bench_eval.py``).
+faster on large result sets: ``python -m benchmarks.bench_eval``).
 Under ``torch.distributed`` each process runs its share of the images (every world_size-th image, from its
 rank) and rank 0 gathers the results and scores them.
 

@@ -42,13 +42,13 @@ from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste_masks_in_image
 from torchvision.ops import FrozenBatchNorm2d, box_iou, masks_to_boxes
 
-from ..config import Config, ModelConfig, load_config
-from ..data.shapes import CATEGORIES, render_image
-from ..data.transforms import ResizeShortestEdge
-from ..modeling.maskrcnn import MaskRCNN, prepare_for_inference
-from ..modeling.paste import paste_masks_in_image
-from ..reference import our_model_from, sample_images, torchvision_model, well_conditioned_torchvision_model
-from ..structures import BitMasks
+from maskrcnn.config import Config, ModelConfig, load_config
+from maskrcnn.data.shapes import CATEGORIES, render_image
+from maskrcnn.data.transforms import ResizeShortestEdge
+from maskrcnn.modeling.maskrcnn import MaskRCNN, prepare_for_inference
+from maskrcnn.modeling.paste import paste_masks_in_image
+from maskrcnn.reference import our_model_from, sample_images, torchvision_model, well_conditioned_torchvision_model
+from maskrcnn.structures import BitMasks
 
 STAGES = ("preprocess", "backbone_fpn", "rpn", "box_head", "mask_head", "postprocess")
 MODES = ("fp32", "bf16")

@@ -10,7 +10,7 @@ Each variant runs image in, :class:`~maskrcnn.structures.Instances` with pasted 
 eager fp32 and bf16 (the predictor's :func:`~maskrcnn.modeling.maskrcnn.prepare_for_inference` model,
 bf16 under autocast), onnxruntime fp32, OpenVINO f32 and bf16, and OpenVINO with the backbone and FPN
 quantised to int8 (:func:`~maskrcnn.deploy.quantize.quantize_int8`, calibrated on
-``CALIBRATION_IMAGES`` other generated images; its accuracy is ``tools/int8_report.py``'s). The variants alternate within each
+``CALIBRATION_IMAGES`` other generated images; its accuracy is ``python -m benchmarks.int8_report``'s). The variants alternate within each
 round, so that load from other processes weighs on all alike; each reports the median, minimum and
 maximum over the rounds, and the exported ones also the network alone (the graph call, without the
 Python resize, padding, rescale and paste around it). Detections are not compared here: at score
@@ -32,13 +32,14 @@ from typing import Callable, Dict, List
 import numpy as np
 import torch
 
-from ..deploy.export import INPUT_NAMES, export_onnx
-from ..deploy.quantize import quantize_int8
-from ..deploy.runtime import ExportedPredictor
-from ..inference import detect
-from ..modeling.maskrcnn import prepare_for_inference
-from ..reference import our_model_from, sample_images, well_conditioned_torchvision_model
-from .benchmark import inference_config
+from maskrcnn.deploy.export import INPUT_NAMES, export_onnx
+from maskrcnn.deploy.quantize import quantize_int8
+from maskrcnn.deploy.runtime import ExportedPredictor
+from maskrcnn.inference import detect
+from maskrcnn.modeling.maskrcnn import prepare_for_inference
+from maskrcnn.reference import our_model_from, sample_images, well_conditioned_torchvision_model
+
+from .speed import inference_config
 
 VARIANTS = ("eager fp32", "eager bf16", "onnxruntime fp32", "openvino f32", "openvino bf16", "openvino int8")
 # Calibration images of the int8 variant: other images of the same generator than the timed one.

@@ -1,5 +1,5 @@
-"""COCO at scale: synthetic COCO-sized files and the measurements of ``tools/scale_report.py`` and
-``tools/bench_eval.py``.
+"""COCO at scale: synthetic COCO-sized files and the measurements of ``python -m benchmarks.scale_report`` and
+``python -m benchmarks.bench_eval``.
 
 Synthetic objects are star-shaped polygons (``V`` vertices around an ellipse, radii jittered) in images of
 640x480 pixels, 80 categories, like COCO's; nothing is downloaded. Sizes:

@@ -1,15 +1,15 @@
 """Speed and memory of this Mask R-CNN against torchvision's, side by side in one process.
 
-    python tools/benchmark.py                     # fp32 and bf16, 800 x 1200 images, 100 detections
-    python tools/benchmark.py --mode bf16 --quick --json
-    python tools/benchmark.py --architecture configs/maskrcnn_R50_FPN_v2.yaml --quick   # the v2 model
+    python -m benchmarks.benchmark                     # fp32 and bf16, 800 x 1200 images, 100 detections
+    python -m benchmarks.benchmark --mode bf16 --quick --json
+    python -m benchmarks.benchmark --architecture configs/maskrcnn_R50_FPN_v2.yaml --quick   # the v2 model
 
 Prints, per inference stage and end to end, the median time of both models and their ratio
 (torchvision / ours), peak memory, the mask paste against torchvision's and against writing the output,
 and one training step of R50-FPN (2 images, 512 px) and of the small configuration. The R50-FPN is
 torchvision's v1 architecture unless ``--architecture`` names a config file whose model section sets
 another (``configs/maskrcnn_R50_FPN_v2.yaml``: torchvision's ``maskrcnn_resnet50_fpn_v2``). ``--json`` prints
-all figures as one JSON line instead. See :mod:`maskrcnn.diagnostics.benchmark` for what is measured and how.
+all figures as one JSON line instead. See :mod:`benchmarks.speed` for what is measured and how.
 """
 
 import argparse
@@ -19,7 +19,8 @@ import sys
 import torch
 
 from maskrcnn.cli import run
-from maskrcnn.diagnostics.benchmark import MODES, format_report, run_benchmark
+
+from .speed import MODES, format_report, run_benchmark
 
 
 def main(argv=None) -> None:

@@ -1,18 +1,20 @@
 """Time and peak memory of tiled inference on one large image (8000 x 6000 by default).
 
-    python tools/bench_tiling.py --config configs/maskrcnn_R18_FPN_small.yaml
-    python tools/bench_tiling.py --width 2000 --height 1500 --tile-size 256 --tile-overlap 64
+    python -m benchmarks.bench_tiling --config configs/maskrcnn_R18_FPN_small.yaml
+    python -m benchmarks.bench_tiling --width 2000 --height 1500 --tile-size 256 --tile-overlap 64
 
 Builds the configuration's model with seeded random weights (nothing is downloaded), draws a synthetic
 image of ellipses and runs ``Predictor(..., tile_size, tile_overlap)`` on it in a fresh process; prints the
 seconds, the peak resident set size against the size before the call, and the detection count. See
-:func:`maskrcnn.diagnostics.scale.tiled_inference_figures`.
+:func:`benchmarks.scale.tiled_inference_figures`.
 """
 
 import argparse
 import json
 
-from maskrcnn.diagnostics.scale import tiled_inference_figures
+from maskrcnn.cli import run
+
+from .scale import tiled_inference_figures
 
 
 def main(argv=None) -> None:
@@ -43,4 +45,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

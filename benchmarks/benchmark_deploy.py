@@ -1,11 +1,11 @@
 """Speed of the exported model (onnxruntime, OpenVINO f32, bf16 and int8) against eager PyTorch (fp32, bf16),
 side by side in one process on the same image.
 
-    python tools/benchmark_deploy.py                  # R50-FPN, one 800 x 1200 image, 100 detections
-    python tools/benchmark_deploy.py --size 512 --repeats 3 --json
+    python -m benchmarks.benchmark_deploy                  # R50-FPN, one 800 x 1200 image, 100 detections
+    python -m benchmarks.benchmark_deploy --size 512 --repeats 3 --json
 
 Prints a Markdown table: median (min-max) seconds per image, image in and pasted masks out, the speed
-ratio against eager fp32 and the exported graph's time alone. See :mod:`maskrcnn.diagnostics.deploy_benchmark`.
+ratio against eager fp32 and the exported graph's time alone. See :mod:`benchmarks.deploy_speed`.
 """
 
 import argparse
@@ -13,7 +13,8 @@ import json
 import sys
 
 from maskrcnn.cli import run
-from maskrcnn.diagnostics.deploy_benchmark import format_deploy_report, run_deploy_benchmark
+
+from .deploy_speed import format_deploy_report, run_deploy_benchmark
 
 
 def main(argv=None) -> None:

@@ -1,22 +1,23 @@
 """Speed of COCO scoring: pycocotools against faster-coco-eval on a synthetic COCO val-sized results file.
 
-    python tools/bench_eval.py                              # 5,000 images, 100 detections per image
-    python tools/bench_eval.py --images 500 --work /tmp/bench_eval
+    python -m benchmarks.bench_eval                              # 5,000 images, 100 detections per image
+    python -m benchmarks.bench_eval --images 500 --work /tmp/bench_eval
 
 Writes (once, into --work) a synthetic ground truth of ``--images`` 640x480 images with 7.3 polygon objects
 per image (COCO val's density) and a results file with ``--detections`` per image, then times
 ``evaluate_results`` (results loading, matching, accumulation, summary) for bbox and segm with both
 backends, each run in its own process, and prints the seconds side by side with their ratio and the AP
-of each (which must agree). See :mod:`maskrcnn.diagnostics.scale`.
+of each (which must agree). See :mod:`benchmarks.scale`.
 """
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from maskrcnn.diagnostics.scale import bench_evaluation, synthetic_results, write_synthetic_coco
+from maskrcnn.cli import run
 from maskrcnn.fileio import save_json
+
+from .scale import bench_evaluation, synthetic_results, write_synthetic_coco
 
 
 def main(argv=None) -> None:
@@ -27,8 +28,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     args = parser.parse_args(argv)
     if args.images < 1 or args.detections < 1:
-        print("error: --images and --detections must be positive", file=sys.stderr)
-        sys.exit(2)
+        raise ValueError(f"--images and --detections must be positive, got {args.images} and {args.detections}")
 
     work = Path(args.work)
     ann_file = work / f"gt_{args.images}.json"
@@ -51,4 +51,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,21 +1,22 @@
 """Annotations at COCO scale: build time, peak memory, cache load time and loader-worker memory against pycocotools.
 
-    python tools/scale_report.py                                  # a train2017-sized synthetic json
-    python tools/scale_report.py --images 5000 --annotations 36500 --work /tmp/scale
+    python -m benchmarks.scale_report                                  # a train2017-sized synthetic json
+    python -m benchmarks.scale_report --images 5000 --annotations 36500 --work /tmp/scale
 
 Writes (once, into --work) a synthetic COCO instances json (train2017's 118,287 images and 862,961 polygon
 annotations by default, about 360 MB), then measures, each in a fresh process: pycocotools' ``COCO`` build;
 ``CocoDetection`` building its packed annotations and cache; ``CocoDetection`` loading that cache; and the
 proportional set size (PSS) of ``--workers`` loader workers after a full pass over every image's
-annotations, for pycocotools' index and for ours. See :mod:`maskrcnn.diagnostics.scale`.
+annotations, for pycocotools' index and for ours. See :mod:`benchmarks.scale`.
 """
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from maskrcnn.diagnostics.scale import TRAIN2017, annotation_report, write_synthetic_coco
+from maskrcnn.cli import run
+
+from .scale import TRAIN2017, annotation_report, write_synthetic_coco
 
 
 def main(argv=None) -> None:
@@ -27,8 +28,8 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     args = parser.parse_args(argv)
     if args.images < 1 or args.annotations < 0 or args.workers < 1:
-        print("error: --images and --workers must be positive, --annotations not negative", file=sys.stderr)
-        sys.exit(2)
+        raise ValueError(f"--images and --workers must be positive and --annotations not negative, got "
+                         f"{args.images}, {args.workers} and {args.annotations}")
 
     ann_file = Path(args.work) / f"instances_synthetic_{args.images}_{args.annotations}.json"
     if not ann_file.is_file():
@@ -63,4 +64,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

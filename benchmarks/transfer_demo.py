@@ -1,6 +1,6 @@
 """Show what starting from the demo model's weights buys on shapes it has never seen.
 
-    python tools/transfer_demo.py --checkpoint output/demo/model_final.pth [--max-iter 300 --eval-period 100]
+    python -m benchmarks.transfer_demo --checkpoint output/demo/model_final.pth [--max-iter 300 --eval-period 100]
 
 Generates 100 training and 100 validation images of stars, hexagons and crosses (data/shapes_novel),
 trains the demo configuration on them from scratch and from --checkpoint (same settings and iterations),
@@ -11,7 +11,8 @@ Results go to --output (transfer.json, and each run's folder).
 import argparse
 
 from maskrcnn.cli import run
-from maskrcnn.engine.transfer import compare_transfer, transfer_table
+
+from .transfer import compare_transfer, transfer_table
 
 
 def main(argv=None) -> None:

@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from ..config import load_config
-from ..data.shapes import generate_shapes
-from ..fileio import save_json
-from .logger import METRICS_FILE
-from .trainer import train
+from maskrcnn.config import load_config
+from maskrcnn.data.shapes import generate_shapes
+from maskrcnn.engine.logger import METRICS_FILE
+from maskrcnn.engine.trainer import train
+from maskrcnn.fileio import save_json
 
 NUM_TRAIN, NUM_VAL = 100, 100  # images of the novel shapes split
 DATA_SEED = 1  # generation seed of the novel split (the basic demo set uses 0)

@@ -1,14 +1,14 @@
 """Does int8 keep the accuracy? Box and mask AP of a checkpoint run by OpenVINO in f32 and with its
 backbone and FPN quantised to int8 (NNCF), on the same evaluation set.
 
-    python tools/int8_report.py --checkpoint output/demo/model_final.pth \
+    python -m benchmarks.int8_report --checkpoint output/demo/model_final.pth \
         --calibration data/shapes/train --ann data/shapes/annotations/instances_val.json --images data/shapes/val
 
 Calibrates on the first ``--calibration-count`` images of ``--calibration`` (take them from the training
 split), evaluates both models with pycocotools and prints AP, the drop in AP points and whether it is
 within the 1-point mask AP limit under which int8 is offered. Writes ``model.onnx``, ``model.int8.xml``
 and ``int8_report.json`` to ``--output`` (default: an ``int8`` folder next to the checkpoint).
-See :mod:`maskrcnn.diagnostics.int8_report`.
+See :mod:`benchmarks.int8`.
 """
 
 import argparse
@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 from maskrcnn.cli import run
-from maskrcnn.diagnostics.int8_report import format_int8_report, run_int8_report
 from maskrcnn.fileio import save_json
+
+from .int8 import format_int8_report, run_int8_report
 
 
 def main(argv=None) -> None:

@@ -6,7 +6,7 @@ The checkpoint is exported with :func:`~maskrcnn.deploy.export.export_onnx` at t
 on calibration images that should come from the training split, and both files run the evaluation
 images one at a time through :class:`~maskrcnn.deploy.runtime.ExportedPredictor`. The time of each pass
 is reported too, but on small images it is mostly the Python around the graph; the speed of the
-network on full-size images is ``tools/benchmark_deploy.py``'s.
+network on full-size images is ``python -m benchmarks.benchmark_deploy``'s.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Union
 
-from ..deploy.export import export_onnx
-from ..deploy.quantize import quantize_int8
-from ..deploy.runtime import ExportedPredictor
-from ..evaluation.coco_evaluator import evaluate_results, load_coco
-from ..fileio import image_files
-from ..inference import match_categories
-from ..predictor import Predictor
+from maskrcnn.deploy.export import export_onnx
+from maskrcnn.deploy.quantize import quantize_int8
+from maskrcnn.deploy.runtime import ExportedPredictor
+from maskrcnn.evaluation.coco_evaluator import evaluate_results, load_coco
+from maskrcnn.fileio import image_files
+from maskrcnn.inference import match_categories
+from maskrcnn.predictor import Predictor
 
 # The largest mask AP drop (in AP points, 0-100) at which int8 is offered.
 MAX_MASK_AP_DROP = 1.0
