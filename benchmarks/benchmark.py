@@ -1,6 +1,6 @@
 """Speed and memory of this Mask R-CNN against torchvision's, side by side in one process.
 
-    python -m benchmarks.benchmark                     # fp32 and bf16, 800 x 1200 images, 100 detections
+    python -m benchmarks.benchmark                     # 800 x 1200 images, 100 detections; fp32, and bf16 where native
     python -m benchmarks.benchmark --mode bf16 --quick --json
     python -m benchmarks.benchmark --architecture configs/maskrcnn_R50_FPN_v2.yaml --quick   # the v2 model
 
@@ -20,12 +20,13 @@ import torch
 
 from maskrcnn.cli import run
 
-from .speed import MODES, format_report, run_benchmark
+from .speed import MODES, choose_modes, format_report, run_benchmark
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="both", choices=[*MODES, "both"], help="precision(s) to measure")
+    parser.add_argument("--mode", default="auto", choices=[*MODES, "both", "auto"],
+                        help="precision(s) to measure; auto: bf16 too only where the CPU/GPU computes it natively")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a few minutes on a 2-core CPU)")
     parser.add_argument("--json", action="store_true", help="print every figure as one JSON line")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -40,7 +41,8 @@ def main(argv=None) -> None:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    modes = MODES if args.mode == "both" else (args.mode,)
+    modes, why = choose_modes(args.mode, args.device)
+    print(f"[benchmark] measuring {why}", file=sys.stderr, flush=True)
     figures = run_benchmark(modes=modes, quick=args.quick, device=args.device, size=args.size,
                             detections=args.detections, train_config=args.train_config,
                             architecture=args.architecture,

@@ -47,11 +47,28 @@ from maskrcnn.data.shapes import CATEGORIES, render_image
 from maskrcnn.data.transforms import ResizeShortestEdge
 from maskrcnn.modeling.maskrcnn import MaskRCNN, prepare_for_inference
 from maskrcnn.modeling.paste import paste_masks_in_image
+from maskrcnn.precision import device_bf16, machine_summary
 from maskrcnn.reference import our_model_from, sample_images, torchvision_model, well_conditioned_torchvision_model
 from maskrcnn.structures import BitMasks
 
 STAGES = ("preprocess", "backbone_fpn", "rpn", "box_head", "mask_head", "postprocess")
 MODES = ("fp32", "bf16")
+
+
+def choose_modes(requested: str, device: str = "cpu") -> Tuple[Tuple[str, ...], str]:
+    """(the precisions to measure, why) for ``--mode`` ``requested``: "auto" measures bf16 only where the
+    device computes it natively (elsewhere it is emulated, several times slower, and nobody would run it),
+    "both" forces fp32 and bf16, "fp32" or "bf16" one of them."""
+    if requested == "both":
+        return MODES, "fp32 and bf16, as asked"
+    if requested in MODES:
+        return (requested,), f"{requested}, as asked"
+    if requested != "auto":
+        raise ValueError(f"mode must be one of {(*MODES, 'both', 'auto')}, got {requested!r}")
+    native, why = device_bf16(device)
+    if native:
+        return MODES, f"fp32 and bf16: {why}"
+    return ("fp32",), f"fp32 only: {why}, so bf16 would be emulated (--mode both measures it anyway)"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -448,7 +465,9 @@ def run_benchmark(*, modes: Sequence[str] = MODES, quick: bool = False, device: 
     ``paste_s``, ``paste_tv_s``, ``write_s``, ``paste_speedup``, ``paste_vs_write``;
     ``train_{m}_{name}_{ours_s|tv_s|speedup|mem_ours_mb|mem_tv_mb}`` per training configuration and
     ``train_{m}_speedup``, the geometric mean of their speedups; and ``device``, ``threads``,
-    ``image_size``, ``detections``, ``repeats``, ``architecture``.
+    ``image_size``, ``detections``, ``repeats``, ``architecture``, with where the figures hold: ``cpu`` (the
+    model name), ``isa`` (``torch.backends.cpu.get_cpu_capability()``), ``native_bf16``, ``bf16_reason``
+    and ``torch`` (see :func:`maskrcnn.precision.machine_summary`).
     """
     for mode in modes:
         if mode not in MODES:
@@ -464,6 +483,7 @@ def run_benchmark(*, modes: Sequence[str] = MODES, quick: bool = False, device: 
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "threads": torch.get_num_threads(), "image_size": f"{height}x{width}", "detections": detections,
         "repeats": repeats, "architecture": str(architecture) if architecture is not None else "default (v1)",
+        **{key: value for key, value in machine_summary(dev).items() if key != "threads"},
     }
     progress("building the models")
     tv = well_conditioned_torchvision_model(cfg).to(dev)
@@ -495,9 +515,17 @@ def run_benchmark(*, modes: Sequence[str] = MODES, quick: bool = False, device: 
     return figures
 
 
+def machine_line(figures: Dict[str, object]) -> str:
+    """Where the figures hold, as one line: CPU model, ISA, native bf16 and threads."""
+    return (f"CPU {figures['cpu']}, ISA {figures['isa']}, native bf16 {'yes' if figures['native_bf16'] else 'no'} "
+            f"({figures['bf16_reason']}), {figures['threads']} threads, torch {figures['torch']}"
+            + (f"; GPU {figures['gpu']}" if "gpu" in figures else ""))
+
+
 def format_report(figures: Dict[str, object]) -> str:
     """The figures of :func:`run_benchmark` as text tables: seconds, torchvision / ours, memory."""
-    lines = [f"R50-FPN architecture {figures['architecture']}; device {figures['device']}; images {figures['image_size']}, {figures['detections']} detections; "
+    lines = [machine_line(figures),
+             f"R50-FPN architecture {figures['architecture']}; device {figures['device']}; images {figures['image_size']}, {figures['detections']} detections; "
              f"medians of {figures['repeats']} runs; speedup = torchvision time / our time"]
     modes = [m for m in MODES if f"e2e_{m}_speedup" in figures]
     for mode in modes:

@@ -4,7 +4,11 @@ outputs of the same kind; on a small model so that it runs in seconds."""
 import torch
 
 from maskrcnn.config import Config
-from benchmarks.speed import benchmark_inference, benchmark_paste, compare_detections, format_report
+import pytest
+
+from benchmarks import speed
+from benchmarks.speed import benchmark_inference, benchmark_paste, choose_modes, compare_detections, format_report
+from maskrcnn.precision import machine_summary
 from maskrcnn.reference import our_model_from, sample_images, well_conditioned_torchvision_model
 
 
@@ -36,13 +40,46 @@ def test_inference_figures_compare_the_same_detections_with_the_faster_torchvisi
     assert figures["check_min_box_iou"] >= 0.99 and figures["check_mean_mask_iou"] >= 0.9
     assert figures["tv_layout"] in ("NCHW", "channels_last")
     assert figures["e2e_tv_s"] == min(figures["e2e_tv_nchw_s"], figures["e2e_tv_cl_s"])
-    report = format_report({"architecture": "configs/maskrcnn_R50_FPN_v2.yaml", "device": "cpu",
+    report = format_report({**machine_summary(), "architecture": "configs/maskrcnn_R50_FPN_v2.yaml", "device": "cpu",
                             "image_size": "96x144", "detections": 20, "repeats": 1,
                             **{f"fp32_{k}": v for k, v in figures.items()}, "e2e_fp32_speedup": figures["e2e_speedup"],
                             "paste_s": 1, "paste_tv_s": 1,
                             "write_s": 1, "paste_speedup": 1, "paste_vs_write": 1, "paste_differing_pixels": 0})
     assert "torchvision channels_last: median" in report and "same detections: 100.0% of 40" in report
-    assert report.startswith("R50-FPN architecture configs/maskrcnn_R50_FPN_v2.yaml;")
+    header, architecture = report.splitlines()[:2]
+    assert architecture.startswith("R50-FPN architecture configs/maskrcnn_R50_FPN_v2.yaml;")
+    summary = machine_summary()
+    assert header.startswith(f"CPU {summary['cpu']}, ISA {torch.backends.cpu.get_cpu_capability()}, native bf16 ")
+    assert f"{torch.get_num_threads()} threads" in header
+
+
+@pytest.mark.parametrize("native, expected", [(False, ("fp32",)), (True, ("fp32", "bf16"))])
+def test_auto_mode_measures_bf16_only_where_native(monkeypatch, native, expected):
+    monkeypatch.setattr(speed, "device_bf16", lambda device: (native, "this CPU has no native bf16 (AVX2)"
+                                                              if not native else "this CPU has native bf16 (AMX)"))
+    modes, why = choose_modes("auto")
+    assert modes == expected
+    if not native:
+        assert "fp32 only: this CPU has no native bf16 (AVX2)" in why and "--mode both" in why
+    assert choose_modes("both")[0] == ("fp32", "bf16") and choose_modes("bf16")[0] == ("bf16",)
+
+
+def test_benchmark_json_names_the_cpu_isa_and_native_bf16(monkeypatch, capsys):
+    from benchmarks import benchmark
+    seen = {}
+
+    def fake_run(**kwargs):
+        seen.update(kwargs)
+        return {**machine_summary(), "threads": torch.get_num_threads()}
+    monkeypatch.setattr(benchmark, "run_benchmark", fake_run)
+    monkeypatch.setattr(speed, "device_bf16", lambda device: (False, "this CPU has no native bf16 (AVX2)"))
+    benchmark.main(["--json"])
+    import json
+    out = capsys.readouterr()
+    figures = json.loads(out.out)
+    assert seen["modes"] == ("fp32",) and "measuring fp32 only" in out.err
+    assert {"cpu", "isa", "native_bf16", "threads"} <= set(figures)
+    assert figures["isa"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_paste_figures_time_outputs_of_the_same_kind():
