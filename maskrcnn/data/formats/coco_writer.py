@@ -229,10 +229,11 @@ def to_coco(records: Sequence[ImageRecord], class_names: Sequence[str]) -> dict:
             bbox = [float(v) for v in mask_utils.toBbox(rle)]
             if instance.ignore:  # a crowd region of every category: COCO matches detections of a class only
                 counts = rle["counts"] if isinstance(rle["counts"], str) else rle["counts"].decode("ascii")
-                annotations.extend({"id": len(annotations) + 1 + k, "image_id": image_id, "category_id": cat_id,
-                                    "segmentation": {"size": [record.height, record.width], "counts": counts},
-                                    "area": area, "bbox": bbox, "iscrowd": 1}
-                                   for k, cat_id in enumerate(category_ids.values()))
+                first_id = len(annotations) + 1
+                annotations.extend([{"id": first_id + k, "image_id": image_id, "category_id": cat_id,
+                                     "segmentation": {"size": [record.height, record.width], "counts": counts},
+                                     "area": area, "bbox": bbox, "iscrowd": 1}
+                                    for k, cat_id in enumerate(category_ids.values())])
                 continue
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": category_ids[instance.label],

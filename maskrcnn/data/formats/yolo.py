@@ -3,7 +3,8 @@
 The dataset folder holds ``data.yaml`` with ``names`` (a list, or a mapping from class index to name) and,
 as Ultralytics writes it, the subsets: ``train``, ``val`` and ``test``, each a folder of images, a ``.txt``
 file listing image paths (one a line; ``./x`` relative to the list's folder, other relative paths to the
-dataset root) or a list of those, relative to the dataset root ``path``. ``path`` counts where it names an
+dataset root) or a list of those, relative to the dataset root ``path`` (a missing ``../x`` is read as ``x``, as Ultralytics does for
+Roboflow's exports). ``path`` counts where it names an
 existing folder (absolute, or relative to ``data.yaml``'s folder); otherwise ``data.yaml``'s folder is the
 root, as for an export moved elsewhere. Each record keeps its subset (an image listed in two subsets is in
 both). Without subsets every image under ``images/`` is read. A label file without an image, in the
@@ -123,6 +124,8 @@ def _subset_images(spec, root: Path, yaml_path: Path, subset: str) -> List[Path]
     found: List[Path] = []
     for entry in spec if isinstance(spec, list) else [spec]:
         path = root / str(entry)
+        if not path.exists() and str(entry).startswith("../"):
+            path = root / str(entry)[3:]  # as Ultralytics reads Roboflow's "../train/images"
         if path.is_dir():
             found.extend(_folder_images(path))
         elif path.is_file() and path.suffix == ".txt":
