@@ -299,6 +299,7 @@ def write_conversion(out: Union[str, Path], conversion: Conversion, *, val_fract
                 for subset in subsets} or {"all": to_coco(conversion.records, conversion.class_names)}
     for record in conversion.records:
         if record.embedded is not None:
+            record.embedded_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(record.embedded_path, lambda f, data=record.embedded: f.write(data))
     if not subsets:
         return write_coco(out, datasets["all"], val_fraction=val_fraction, seed=seed)
