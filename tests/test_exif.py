@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from maskrcnn.config import config_to_dict
 from maskrcnn.data.check import check_dataset
 from maskrcnn.data.coco import CocoDetection
-from maskrcnn.data.formats import read_cvat, read_yolo, to_coco
+from maskrcnn.data.formats import read_cvat, read_labelme, read_yolo, to_coco
 from maskrcnn.fileio import decode_image, image_header, read_image
 from maskrcnn.inference import to_image_tensor
 from maskrcnn.modeling.maskrcnn import build_model
@@ -196,3 +196,12 @@ def test_service_upload_is_decoded_upright():
 
     pixels = decode_upload(_jpeg_bytes(6), "image/jpeg", max_bytes=1 << 20, max_pixels=1 << 20)
     _close_to_upright(pixels)
+
+
+def test_labelme_file_giving_the_sideways_size_is_named_with_the_orientation(tmp_path):
+    root = _labelme_photo(tmp_path / "lm", 6)
+    data = json.loads((root / "photo.json").read_text())
+    (root / "photo.json").write_text(json.dumps(dict(data, imageHeight=W, imageWidth=H)))
+    with pytest.raises(ValueError, match=r"photo.json: the annotations give 48x80 \(WxH\) but .*photo.jpg is 80x48 "
+                                         r"upright; that is its size as stored, before its EXIF orientation 6"):
+        read_labelme(root)

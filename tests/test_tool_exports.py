@@ -57,6 +57,7 @@ def test_labelme_ignore_regions_and_labels_txt_become_crowd_regions_not_classes(
     objects = [a for a in coco["annotations"] if not a["iscrowd"]]
     assert len(objects) == 3 + 6 + 3  # group 0: 2 shapes are one person (2011_000003), 4 one sofa (2011_000006)
     assert "2 ignore regions, 20 classes" in capsys.readouterr().out
+    assert "__ignore__" not in read_labelme(folder).class_names  # without a class list, too
 
 
 def test_labelme_ignore_region_is_left_out_of_training_targets_and_evaluation(tmp_path):
@@ -105,10 +106,10 @@ def test_labelme_strict_makes_a_line_an_error_and_writes_nothing(tmp_path, capsy
     assert not (tmp_path / "inst.json").exists()
 
 
-def _embedded_labelme(folder, image_data):
+def _embedded_labelme(folder, image_data, image_path="cat.png"):
     folder.mkdir()
     shape = {"label": "cat", "points": [[2, 2], [20, 2], [20, 12]], "group_id": None, "shape_type": "polygon"}
-    (folder / "cat.json").write_text(json.dumps({"version": "5.5.0", "shapes": [shape], "imagePath": "cat.png",
+    (folder / "cat.json").write_text(json.dumps({"version": "5.5.0", "shapes": [shape], "imagePath": image_path,
                                                  "imageData": image_data, "imageHeight": 16,
                                                  "imageWidth": 24}))
 
@@ -117,9 +118,9 @@ def test_labelme_image_embedded_in_the_json_is_written_beside_it(tmp_path, capsy
     pixels = np.random.default_rng(0).integers(0, 255, (16, 24, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
-    _embedded_labelme(tmp_path / "lm", base64.b64encode(buffer.getvalue()).decode())
+    _embedded_labelme(tmp_path / "lm", base64.b64encode(buffer.getvalue()).decode(), image_path="pics/cat.png")
     _convert("--from", "labelme", tmp_path / "lm", "--out", tmp_path / "inst.json")
-    assert (tmp_path / "lm" / "cat.png").read_bytes() == buffer.getvalue()
+    assert (tmp_path / "lm" / "pics" / "cat.png").read_bytes() == buffer.getvalue()
     assert "1 images written beside their labelme files" in capsys.readouterr().out
     image, target = CocoDetection(tmp_path / "inst.json", tmp_path / "lm")[0]
     np.testing.assert_array_equal((image.permute(1, 2, 0) * 255).round().byte().numpy(), pixels)
