@@ -6,14 +6,16 @@ Nothing written here is ever half-written: a crash leaves the old file or the co
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import secrets
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Callable, Tuple, Union
 
 import cv2
 import numpy as np
+from PIL import Image, ImageOps
 
 # File name endings read as images when a folder is listed.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -54,11 +56,63 @@ def save_json(path: Union[str, Path], obj) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def read_image(path: Union[str, Path], where: str = "") -> np.ndarray:
-    """Decode an image file to an ``(H, W, 3)`` uint8 RGB array.
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how the stored pixels are turned to be seen upright
+# Orientation 1..8 -> (turns of 90 degrees counter-clockwise, then a left-right mirror), applied to the
+# stored pixels to give the upright view (the EXIF 2.3 definition, as PIL's ImageOps.exif_transpose).
+_ORIENT_STEPS = {1: (0, False), 2: (0, True), 3: (2, False), 4: (2, True), 5: (3, True), 6: (3, False),
+                 7: (1, True), 8: (1, False)}
 
-    Grayscale, 16-bit and RGBA files are converted to 8-bit RGB (alpha dropped). EXIF orientation is
-    ignored: the pixels are returned as stored, the grid COCO annotations refer to.
+
+def exif_orientation(image: Union[str, Path, bytes, Image.Image]) -> int:
+    """The EXIF orientation (1..8) of an image file, encoded bytes or PIL image; 1 when the image has
+    none or an invalid one. Reads the header only."""
+    if isinstance(image, Image.Image):
+        value = image.getexif().get(EXIF_ORIENTATION)
+    else:
+        try:
+            with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
+                value = img.getexif().get(EXIF_ORIENTATION)
+        except (OSError, SyntaxError, ValueError):
+            return 1
+    return value if value in _ORIENT_STEPS else 1
+
+
+def orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """The upright view of ``pixels`` ``(H, W, ...)`` stored with EXIF ``orientation`` (1..8): ``(H, W, ...)``
+    for 1..4, ``(W, H, ...)`` for 5..8 (those turn the image by 90 degrees). A view, not a copy."""
+    turns, mirror = _ORIENT_STEPS.get(orientation, (0, False))
+    pixels = np.rot90(pixels, turns)
+    return pixels[:, ::-1] if mirror else pixels
+
+
+def swaps_axes(orientation: int) -> bool:
+    """Whether EXIF ``orientation`` turns the image by 90 degrees (the upright width is the stored height)."""
+    return orientation in (5, 6, 7, 8)
+
+
+def image_header(path: Union[str, Path]) -> Tuple[int, int, int]:
+    """``(height, width, orientation)`` of an image file from its header: the size in pixels of the upright
+    image (EXIF ``orientation`` 1..8 applied; 5..8 swap the stored width and height).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for one that is not an image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} not found")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = exif_orientation(img)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"cannot read image file {path}: {exc}") from None
+    return (width, height, orientation) if swaps_axes(orientation) else (height, width, orientation)
+
+
+def read_image(path: Union[str, Path], where: str = "") -> np.ndarray:
+    """Decode an image file to an ``(H, W, 3)`` uint8 RGB array, upright: EXIF orientation applied, as
+    phones, viewers and annotation tools show the photo (``H, W`` as :func:`image_size` gives them).
+
+    Grayscale, 16-bit and RGBA files are converted to 8-bit RGB (alpha dropped).
     where: context for error messages, e.g. "image id 3 in instances.json".
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for one that does not decode.
     """
@@ -69,7 +123,22 @@ def read_image(path: Union[str, Path], where: str = "") -> np.ndarray:
     image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise ValueError(f"cannot read image file {path}{context}: not an image format OpenCV decodes")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return np.ascontiguousarray(orient(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), exif_orientation(path)))
+
+
+def decode_image(data: bytes, where: str = "encoded image") -> np.ndarray:
+    """Decode an encoded image file held in memory (JPEG, PNG, ...) to an ``(H, W, 3)`` uint8 RGB array,
+    upright as :func:`read_image` reads the same file. ValueError naming ``where`` when it does not decode."""
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) \
+        if data else None
+    if image is None:
+        raise ValueError(f"cannot decode {where}: not an image format OpenCV decodes")
+    return np.ascontiguousarray(orient(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), exif_orientation(data)))
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """A PIL image turned upright by its EXIF orientation (the image itself when it has none)."""
+    return ImageOps.exif_transpose(image)
 
 
 def read_class_names(path: Union[str, Path]) -> list:

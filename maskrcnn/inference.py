@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from maskrcnn.fileio import read_image
+from maskrcnn.fileio import decode_image, read_image, upright
 from maskrcnn.modeling.maskrcnn import MaskRCNN
 from maskrcnn.precision import PRECISIONS, resolve_precision
 from maskrcnn.structures import Instances
@@ -30,7 +30,7 @@ def check_options(precision: str, mask_format: str) -> None:
         raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
 
 
-ImageInput = Union[str, Path, np.ndarray, Image.Image, Tensor]
+ImageInput = Union[str, Path, bytes, np.ndarray, Image.Image, Tensor]
 
 
 def _array_to_tensor(array: np.ndarray, bgr: bool, name: str) -> Tensor:
@@ -74,20 +74,24 @@ def _tensor_to_image(tensor: Tensor, name: str) -> Tensor:
 def to_image_tensor(image: ImageInput, *, bgr: bool = False, name: str = "input") -> Tensor:
     """Any supported image input -> ``(3, H, W)`` float32 RGB tensor with values in 0-1.
 
-    bgr: NumPy arrays are in OpenCV's BGR(A) channel order (paths, PIL images and tensors ignore it).
+    Files, encoded bytes (the content of an image file) and PIL images are turned upright by their EXIF
+    orientation (:mod:`maskrcnn.fileio`); arrays and tensors are taken as they are.
+    bgr: NumPy arrays are in OpenCV's BGR(A) channel order (paths, bytes, PIL images and tensors ignore it).
     name: how error messages refer to this input (a path names itself).
     """
     if isinstance(image, (str, Path)):
         tensor = _array_to_tensor(read_image(image), False, str(image))
+    elif isinstance(image, bytes):
+        tensor = _array_to_tensor(decode_image(image, name), False, name)
     elif isinstance(image, Image.Image):
-        tensor = _array_to_tensor(np.asarray(image.convert("RGB")), False, name)
+        tensor = _array_to_tensor(np.asarray(upright(image).convert("RGB")), False, name)
     elif isinstance(image, np.ndarray):
         tensor = _array_to_tensor(image, bgr, name)
     elif isinstance(image, Tensor):
         tensor = _tensor_to_image(image, name)
     else:
         raise ValueError(f"{name}: unsupported image type {type(image).__name__}; expected a file path, "
-                         "a NumPy array, a PIL image or a torch tensor")
+                         "the bytes of an image file, a NumPy array, a PIL image or a torch tensor")
     if tensor.shape[1] == 0 or tensor.shape[2] == 0:
         where = str(image) if isinstance(image, (str, Path)) else name
         raise ValueError(f"{where}: image is empty (size {tensor.shape[1]}x{tensor.shape[2]})")

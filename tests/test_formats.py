@@ -15,7 +15,7 @@ from PIL import Image
 from maskrcnn.cli import run
 from maskrcnn.data.coco import CocoDetection
 from maskrcnn.data.formats import read_cvat, read_labelme, read_yolo, split_coco, to_coco, write_coco
-from maskrcnn.data.formats.labelme import CIRCLE_VERTICES
+from maskrcnn.data.formats.coco_writer import ELLIPSE_VERTICES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import convert_dataset  # noqa: E402
@@ -33,6 +33,14 @@ def _decode(segmentation, height=H, width=W):
     rles = mask_utils.frPyObjects(segmentation, height, width) if isinstance(segmentation, list) \
         else [segmentation]
     return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
+
+
+def _unpack(conversion):
+    return conversion.records, conversion.class_names
+
+
+def _coco(conversion):
+    return to_coco(conversion.records, conversion.class_names)
 
 
 # ------------------------------------------------------------------------------------------- labelme
@@ -72,7 +80,7 @@ def _labelme_all_types(root):
 
 
 def test_labelme_shapes_become_coco_instances_matching_the_original_geometry(tmp_path):
-    records, names = read_labelme(_labelme_all_types(tmp_path / "lm"))
+    records, names = _unpack(read_labelme(_labelme_all_types(tmp_path / "lm")))
     coco = to_coco(records, names)
     assert names == ["cat", "dog"]
     assert coco["images"] == [{"id": 1, "file_name": "pics/one.png", "height": H, "width": W}]
@@ -82,7 +90,7 @@ def test_labelme_shapes_become_coco_instances_matching_the_original_geometry(tmp
     assert rectangle["segmentation"] == [[25, 10, 30, 10, 30, 20, 25, 20]]
     assert rectangle["bbox"] == [25, 10, 5, 10] and rectangle["area"] == 50
     vertices = np.array(circle["segmentation"][0]).reshape(-1, 2)
-    assert len(vertices) == CIRCLE_VERTICES
+    assert len(vertices) == ELLIPSE_VERTICES
     np.testing.assert_allclose(np.hypot(*(vertices - [10, 20]).T), 5.0)
     expected = np.zeros((H, W), dtype=bool)
     expected[5:7, 20:23] = MASK_CROP
@@ -97,7 +105,7 @@ def test_labelme_polygon_and_mask_parts_of_one_group_merge_into_one_rle(tmp_path
         _labelme_shape("dog", "mask", [[20, 5], [22, 6]], group_id=1, mask=_b64_png(MASK_CROP)),
         _labelme_shape("cat", "polygon", [[0, 0], [10, 0], [10, 10]], group_id=1),
     ])
-    coco = to_coco(*read_labelme(root))
+    coco = _coco(read_labelme(root))
     assert len(coco["annotations"]) == 2  # same group id, other label: another instance
     expected = _decode([[0, 0, 10, 0, 10, 10, 0, 10]])
     expected[5:7, 20:23] |= MASK_CROP
@@ -107,7 +115,7 @@ def test_labelme_polygon_and_mask_parts_of_one_group_merge_into_one_rle(tmp_path
 def test_converted_labelme_loads_in_the_training_dataset(tmp_path):
     root = _labelme_all_types(tmp_path / "lm")
     out = tmp_path / "instances.json"
-    write_coco(out, to_coco(*read_labelme(root)))
+    write_coco(out, _coco(read_labelme(root)))
     dataset = CocoDetection(out, root)
     image, target = dataset[0]
     assert image.shape == (3, H, W)
@@ -116,7 +124,7 @@ def test_converted_labelme_loads_in_the_training_dataset(tmp_path):
 
 
 @pytest.mark.parametrize("shape, message", [
-    (_labelme_shape("cat", "line", [[1, 1], [5, 5]]), "shape 0 (line 'cat'): unsupported shape type 'line'"),
+    (_labelme_shape("cat", "cuboid", [[1, 1], [5, 5]]), "shape 0 (cuboid 'cat'): unsupported shape type 'cuboid'"),
     (_labelme_shape("cat", "polygon", [[1, 1], [5, 5]]), "shape 0 (polygon 'cat'): 2 points, at least 3"),
     (_labelme_shape("cat", "polygon", [[1, 1], [5, 5], [42.5, 5]]), "outside the 40x30 image"),
     (_labelme_shape("cat", "mask", [[20, 5], [23, 6]], mask=_b64_png(MASK_CROP)), "mask image is 3x2"),
@@ -131,7 +139,7 @@ def test_labelme_bad_shape_is_named_with_file_and_index(tmp_path, shape, message
 
 def test_labelme_point_just_outside_within_a_pixel_is_clipped(tmp_path):
     root = _labelme_folder(tmp_path / "lm", [_labelme_shape("cat", "polygon", [[-0.5, 1], [40.8, 1], [20, 30.9]])])
-    coco = to_coco(*read_labelme(root))
+    coco = _coco(read_labelme(root))
     assert coco["annotations"][0]["segmentation"] == [[0, 1, 40, 1, 20, 30]]
 
 
@@ -181,7 +189,7 @@ def test_cvat_polygon_box_and_mask_match_the_original_geometry(tmp_path):
         f'<mask label="cat" source="manual" occluded="0" rle="{rle}" left="5" top="20" width="4" height="3" '
         'z_order="0"/>'
         '<tag label="dog" source="manual"/>'))
-    records, names = read_cvat(path)
+    records, names = _unpack(read_cvat(path))
     coco = to_coco(records, names)
     assert names == ["cat", "dog"] and coco["images"][0]["file_name"] == "a.png"
     polygon, box, turned, mask = coco["annotations"]
@@ -199,12 +207,12 @@ def test_cvat_group_id_joins_shapes_into_one_instance(tmp_path):
         '<polygon label="cat" points="1,1;5,1;5,5" group_id="3" z_order="0"/>'
         '<polygon label="cat" points="10,10;15,10;15,15" group_id="3" z_order="0"/>'
         '<polygon label="cat" points="20,20;25,20;25,25" z_order="0"/>'))
-    coco = to_coco(*read_cvat(path))
+    coco = _coco(read_cvat(path))
     assert [len(a["segmentation"]) for a in coco["annotations"]] == [2, 1]
 
 
 @pytest.mark.parametrize("shape_xml, message", [
-    ('<polyline label="cat" points="1,1;5,5;9,1"/>', r"shape 0 \(polyline 'cat'\): unsupported shape <polyline>"),
+    ('<cube label="cat" points="1,1;5,5;9,1"/>', r"shape 0 \(cube 'cat'\): unsupported element <cube>"),
     ('<polygon label="cat" points="1,1;5,5"/>', r"shape 0 \(polygon 'cat'\): 2 points, at least 3"),
     ('<polygon label="cat" points="1,1;5,5;5,33"/>', "outside the 40x30 image"),
     ('<polygon label="cow" points="1,1;5,5;5,1"/>', r"label 'cow' is not in the class list \['cat', 'dog'\]"),
@@ -238,10 +246,10 @@ def _yolo_folder(root, lines, names="names:\n  0: cat\n  1: dog\n"):
 
 def test_yolo_polygons_and_boxes_are_denormalised(tmp_path):
     root = _yolo_folder(tmp_path / "yolo", ["1 0.1 0.1 0.5 0.1 0.5 0.5", "0 0.5 0.5 0.25 0.2"])
-    records, names = read_yolo(root)
+    records, names = _unpack(read_yolo(root))
     coco = to_coco(records, names)
     assert names == ["cat", "dog"]
-    assert [im["file_name"] for im in coco["images"]] == ["train/a.png", "val/b.png"]
+    assert [im["file_name"] for im in coco["images"]] == ["images/train/a.png", "images/val/b.png"]
     polygon, box = coco["annotations"]
     np.testing.assert_allclose(polygon["segmentation"][0], [4, 3, 20, 3, 20, 15])
     assert polygon["category_id"] == 2 and box["category_id"] == 1
@@ -251,7 +259,7 @@ def test_yolo_polygons_and_boxes_are_denormalised(tmp_path):
 
 def test_yolo_names_as_a_list(tmp_path):
     root = _yolo_folder(tmp_path / "yolo", ["1 0.1 0.1 0.5 0.1 0.5 0.5"], names="names: [cat, dog]\n")
-    assert read_yolo(root)[1] == ["cat", "dog"]
+    assert read_yolo(root).class_names == ["cat", "dog"]
 
 
 @pytest.mark.parametrize("line, message", [
@@ -277,7 +285,7 @@ def test_yolo_label_file_without_image_is_an_error(tmp_path):
 
 
 def test_split_is_a_seeded_partition_of_the_images(tmp_path):
-    records, names = read_yolo(_yolo_folder(tmp_path / "yolo", ["1 0.1 0.1 0.5 0.1 0.5 0.5"]))
+    records, names = _unpack(read_yolo(_yolo_folder(tmp_path / "yolo", ["1 0.1 0.1 0.5 0.1 0.5 0.5"])))
     coco = to_coco(records * 5, names)  # 10 images, 5 with an instance
     train, val = split_coco(coco, 0.3, seed=1)
     train_ids, val_ids = {im["id"] for im in train["images"]}, {im["id"] for im in val["images"]}
@@ -299,12 +307,12 @@ def test_tool_writes_train_and_val_files(tmp_path, capsys):
 
 
 def test_tool_reports_bad_input_in_one_line_and_exits_2(tmp_path, capsys):
-    root = _labelme_folder(tmp_path / "lm", [_labelme_shape("cat", "point", [[1, 1]])])
+    root = _labelme_folder(tmp_path / "lm", [_labelme_shape("cat", "cuboid", [[1, 1]])])
     with pytest.raises(SystemExit) as info:
         run(convert_dataset.main, ["--from", "labelme", str(root), "--out", str(tmp_path / "x.json")])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "unsupported shape type 'point'" in err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "unsupported shape type 'cuboid'" in err
     assert not (tmp_path / "x.json").exists()
 
 

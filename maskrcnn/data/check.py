@@ -7,7 +7,8 @@ training or evaluation would stop on, or silently learn wrong from:
 - the json: duplicate image, annotation or category ids; image entries without a file name or a positive
   integer size; annotations of an unknown image or category;
 - the images: missing, unreadable (decoded in full, so truncated files are found), or of another size
-  than the json gives;
+  than the json gives, upright (EXIF orientation applied, as the images are read for training); an image
+  whose EXIF orientation swaps the width and height that the json gives is reported as such;
 - the boxes: not 4 finite numbers, zero or negative width or height, outside the image by more than
   ``BOUNDS_TOLERANCE`` pixels, or disagreeing with the segmentation (IoU of the box with the
   segmentation's bounding box below ``BOX_AGREEMENT_IOU``);
@@ -34,7 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from maskrcnn.data.coco import AnnotationError, _load_json, _parse_box, _parse_segmentation
-from maskrcnn.fileio import atomic_write, save_json
+from maskrcnn.fileio import atomic_write, exif_orientation, save_json, swaps_axes
 
 BOX_AGREEMENT_IOU = 0.9  # a bbox whose IoU with its segmentation's extent is below this is an error
 SMALL_AREA, LARGE_AREA = 32 ** 2, 96 ** 2  # COCO's small / medium / large area thresholds (pixels)
@@ -214,19 +215,26 @@ def _strip(exc: Exception, where: str) -> str:
 
 def _check_image_file(path: Path, height: int, width: int) -> Optional[Tuple[str, str]]:
     """``(kind, message)`` of what is wrong with an image file, or None when it is a readable image of
-    ``height`` x ``width`` pixels."""
+    ``height`` x ``width`` pixels upright (EXIF orientation applied, as every reader of the package does)."""
     if not path.is_file():
         return "missing image", f"image file {path} not found"
     try:
         with Image.open(path) as img:
             img.load()
-            file_width, file_height = img.size
+            stored_width, stored_height = img.size
+            orientation = exif_orientation(img)
     except (OSError, SyntaxError, ValueError) as exc:
         return "unreadable image", f"cannot read image file {path}: {exc}"
-    if (file_height, file_width) != (height, width):
-        return "image size mismatch", (f"image file {path} is {file_width}x{file_height} (WxH) but the json "
-                                       f"gives {width}x{height}")
-    return None
+    upright = (stored_width, stored_height) if swaps_axes(orientation) else (stored_height, stored_width)
+    if upright == (height, width):
+        return None
+    if (stored_height, stored_width) == (height, width):
+        return "exif orientation", (f"image file {path} is stored {stored_width}x{stored_height} (WxH) but its "
+                                    f"EXIF orientation {orientation} turns it to {upright[1]}x{upright[0]} "
+                                    f"upright; the json gives the stored size: its annotations were made on "
+                                    f"the sideways pixels")
+    return "image size mismatch", (f"image file {path} is {upright[1]}x{upright[0]} (WxH) but the json gives "
+                                   f"{width}x{height}")
 
 
 def _segmentation_rle(segmentation, height: int, width: int, where: str) -> dict:

@@ -1,15 +1,17 @@
 """Readers of other annotation formats (labelme, CVAT for images 1.1 XML, YOLO segmentation) into COCO json.
 
-``READERS[name](src, image_dir=..., class_names=...)`` returns ``(records, class_names)``;
-:func:`to_coco` and :func:`write_coco` turn them into a COCO instances file.
+``READERS[name](src, image_dir=..., class_names=..., strict=...)`` returns a :class:`Conversion` (records,
+class names, skipped shapes); :func:`to_coco` turns records into a COCO instances dict and
+:func:`write_conversion` writes them (one file per subset of the source, or a train/val split).
 """
 
-from maskrcnn.data.formats.coco_writer import ImageRecord, Instance, split_coco, to_coco, write_coco
+from maskrcnn.data.formats.coco_writer import (Conversion, ImageRecord, Instance, Skipped, split_coco, to_coco,
+                                               write_coco, write_conversion)
 from maskrcnn.data.formats.cvat import read_cvat
 from maskrcnn.data.formats.labelme import read_labelme
 from maskrcnn.data.formats.yolo import read_yolo
 
 READERS = {"labelme": read_labelme, "cvat": read_cvat, "yolo": read_yolo}
 
-__all__ = ["READERS", "ImageRecord", "Instance", "read_cvat", "read_labelme", "read_yolo", "split_coco", "to_coco",
-           "write_coco"]
+__all__ = ["READERS", "Conversion", "ImageRecord", "Instance", "Skipped", "read_cvat", "read_labelme", "read_yolo",
+           "split_coco", "to_coco", "write_coco", "write_conversion"]

@@ -1,15 +1,20 @@
 """What the format readers share: the converted records, point checks, COCO json, train/val split.
 
-A reader turns its annotation files into :class:`ImageRecord` objects (one per image, instances in file
-order) and a list of class names; :func:`to_coco` makes the COCO instances dict from them and
-:func:`write_coco` writes it (optionally split into train and val files). Coordinates are pixels of the
-image, ``x`` right and ``y`` down, with ``(0, 0)`` the top-left corner of the top-left pixel (COCO's
-convention, which labelme, CVAT and YOLO share).
+A reader turns its annotation files into a :class:`Conversion`: :class:`ImageRecord` objects (one per
+image, instances in file order, each with the subset the source puts it in, if any), a list of class
+names and the shapes it left out (:class:`Skipped`); :func:`to_coco` makes the COCO instances dict of
+records and :func:`write_conversion` writes them (one file per subset of the source, or optionally split
+into train and val files). Coordinates are pixels of the upright image (EXIF orientation applied, as the
+annotation tools show it), ``x`` right and ``y`` down, with ``(0, 0)`` the top-left corner of the top-left
+pixel (COCO's convention, which labelme, CVAT and YOLO share).
 """
 
 from __future__ import annotations
 
+import io
 import os
+import re
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -19,28 +24,81 @@ import pycocotools.mask as mask_utils
 from PIL import Image
 
 from maskrcnn.data.coco import BOUNDS_TOLERANCE
-from maskrcnn.fileio import save_json
+from maskrcnn.fileio import atomic_write, exif_orientation, image_header, save_json, swaps_axes
 
 Part = np.ndarray  # a polygon ``(P, 2)`` float64 xy pixels, or a mask ``(H, W)`` bool of the whole image
 
 
+ELLIPSE_VERTICES = 64  # circles and ellipses become polygons of this many vertices (area within 0.2%)
+
+
 @dataclass
 class Instance:
-    """One object: its class name and the parts that form it (polygons and/or full-image masks)."""
+    """One object: its class name and the parts that form it (polygons and/or full-image masks).
+
+    ignore: a region to leave out (labelme's ``__ignore__``) rather than an object: written as a COCO crowd
+    region (``iscrowd: 1``, RLE) of every category, so that training and evaluation match nothing there.
+    """
 
     label: str
     parts: List[Part]
     where: str  # the file and shape(s) it came from, for messages
+    ignore: bool = False
 
 
 @dataclass
 class ImageRecord:
-    """One image: ``file_name`` relative to the image folder, its size in pixels and its instances."""
+    """One image: ``file_name`` relative to the image folder, its upright size in pixels, its instances and
+    the subset (``""`` when the source has none) it belongs to. ``embedded``: the image file's bytes, taken
+    from the annotation file, to be written to ``embedded_path`` with the COCO json (the file is missing)."""
 
     file_name: str
     height: int
     width: int
     instances: List[Instance] = field(default_factory=list)
+    subset: str = ""
+    embedded: Optional[bytes] = None
+    embedded_path: Optional[Path] = None
+
+
+class Skipped:
+    """Shapes a reader leaves out, by kind: how many and in which files. With ``strict`` each one is an
+    error (ValueError naming the file and shape) instead."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self.shapes: Counter = Counter()
+        self.files: Dict[str, set] = defaultdict(set)
+        self.reasons: Dict[str, str] = {}
+
+    def add(self, kind: str, reason: str, file, where: str) -> None:
+        """Count one shape of ``kind`` (e.g. "labelme line") left out of ``file`` because of ``reason``."""
+        if self.strict:
+            raise ValueError(f"{where}: {reason} (left out without --strict)")
+        self.shapes[kind] += 1
+        self.files[kind].add(str(file))
+        self.reasons[kind] = reason
+
+    def lines(self) -> List[str]:
+        """One line per kind: ``skipped 3 labelme line shapes in 2 files (no area)``."""
+        return [f"skipped {count} {kind} shape{'s' if count > 1 else ''} in {len(self.files[kind])} "
+                f"file{'s' if len(self.files[kind]) > 1 else ''} ({self.reasons[kind]})"
+                for kind, count in sorted(self.shapes.items())]
+
+
+@dataclass
+class Conversion:
+    """What a reader returns: the images, the class names (categories 1..K in this order) and what it
+    left out."""
+
+    records: List[ImageRecord]
+    class_names: List[str]
+    skipped: Skipped = field(default_factory=Skipped)
+
+    @property
+    def subsets(self) -> List[str]:
+        """The subsets of the records in order of first appearance; ``[]`` when the source has none."""
+        return list(dict.fromkeys(r.subset for r in self.records)) if any(r.subset for r in self.records) else []
 
 
 def check_points(points, *, height: int, width: int, where: str, min_points: int = 3) -> np.ndarray:
@@ -62,7 +120,12 @@ def check_points(points, *, height: int, width: int, where: str, min_points: int
     if lo[0] < -tol or lo[1] < -tol or hi[0] > width + tol or hi[1] > height + tol:
         raise ValueError(f"{where}: points span x {lo[0]:g}..{hi[0]:g}, y {lo[1]:g}..{hi[1]:g}, outside the "
                          f"{width}x{height} image by more than {tol:g} pixel")
-    return np.stack([array[:, 0].clip(0, width), array[:, 1].clip(0, height)], 1)
+    return clip_to_image(array, height, width)
+
+
+def clip_to_image(points: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``(P, 2)`` xy points moved into the ``width`` x ``height`` image (x in 0..width, y in 0..height)."""
+    return np.stack([points[:, 0].clip(0, width), points[:, 1].clip(0, height)], 1)
 
 
 def box_polygon(x0: float, y0: float, x1: float, y1: float, angle_deg: float = 0.0) -> np.ndarray:
@@ -77,15 +140,49 @@ def box_polygon(x0: float, y0: float, x1: float, y1: float, angle_deg: float = 0
     return corners
 
 
-def image_size(path: Path, where: str) -> Tuple[int, int]:
-    """``(height, width)`` from the image file's header; FileNotFoundError / ValueError naming ``where``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{where}: image {path} not found")
+def ellipse_polygon(cx: float, cy: float, rx: float, ry: float, angle_deg: float = 0.0) -> np.ndarray:
+    """``(ELLIPSE_VERTICES, 2)`` vertices of the ellipse of centre ``cx, cy`` and radii ``rx, ry`` (pixels)
+    turned ``angle_deg`` clockwise (on screen, y down) about its centre."""
+    t = np.arange(ELLIPSE_VERTICES) * (2 * np.pi / ELLIPSE_VERTICES)
+    a = np.deg2rad(angle_deg)
+    x, y = rx * np.cos(t), ry * np.sin(t)
+    return np.stack([cx + x * np.cos(a) - y * np.sin(a), cy + x * np.sin(a) + y * np.cos(a)], 1)
+
+
+def _header(path: Path, where: str) -> Tuple[int, int, int]:
     try:
-        with Image.open(path) as img:
+        return image_header(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise type(exc)(f"{where}: {exc}") from None
+
+
+def image_size(path: Path, where: str) -> Tuple[int, int]:
+    """``(height, width)`` of the upright image (EXIF orientation applied) from the file's header;
+    FileNotFoundError / ValueError naming ``where``."""
+    return _header(path, where)[:2]
+
+
+def embedded_image_size(data: bytes, where: str) -> Tuple[int, int]:
+    """``(height, width)`` of the upright image held in ``data`` (the bytes of an image file)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-    except OSError as exc:
-        raise ValueError(f"{where}: cannot read image {path}: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"{where}: the embedded image does not decode: {exc}") from None
+    return (width, height) if swaps_axes(exif_orientation(data)) else (height, width)
+
+
+def check_size(stated: Optional[Tuple[int, int]], path: Path, where: str) -> Tuple[int, int]:
+    """The upright ``(height, width)`` of the image file ``path``; ValueError naming ``where`` when the
+    annotation file states (``stated``, unless None) another ``(height, width)``, saying so when it is the
+    size before EXIF rotation."""
+    height, width, orientation = _header(path, where)
+    if stated is not None and tuple(stated) != (height, width):
+        turned = (f"; that is its size as stored, before its EXIF orientation {orientation} turns it upright "
+                  "(the annotations were made on the sideways pixels)"
+                  if tuple(stated) == (width, height) and swaps_axes(orientation) else "")
+        raise ValueError(f"{where}: the annotations give {stated[1]}x{stated[0]} (WxH) but {path} is "
+                         f"{width}x{height} upright{turned}")
     return height, width
 
 
@@ -114,7 +211,8 @@ def segmentation_of(instance: Instance, height: int, width: int) -> Union[List[L
 def to_coco(records: Sequence[ImageRecord], class_names: Sequence[str]) -> dict:
     """The COCO instances dict: categories 1..K in the order of ``class_names``, images 1..N in the order of
     ``records``, annotations numbered from 1 with ``bbox`` and ``area`` those of the segmentation as
-    pycocotools decodes it. Raises ValueError naming the shape when an instance covers no pixel."""
+    pycocotools decodes it; an ignore region becomes one ``iscrowd: 1`` RLE annotation per category.
+    Raises ValueError naming the shape when an instance covers no pixel."""
     category_ids = {name: i + 1 for i, name in enumerate(class_names)}
     images, annotations = [], []
     for image_id, record in enumerate(records, start=1):
@@ -128,10 +226,18 @@ def to_coco(records: Sequence[ImageRecord], class_names: Sequence[str]) -> dict:
             if area == 0:
                 raise ValueError(f"{instance.where}: the shape covers no pixel of the "
                                  f"{record.width}x{record.height} image")
+            bbox = [float(v) for v in mask_utils.toBbox(rle)]
+            if instance.ignore:  # a crowd region of every category: COCO matches detections of a class only
+                counts = rle["counts"] if isinstance(rle["counts"], str) else rle["counts"].decode("ascii")
+                first_id = len(annotations) + 1
+                annotations.extend([{"id": first_id + k, "image_id": image_id, "category_id": cat_id,
+                                     "segmentation": {"size": [record.height, record.width], "counts": counts},
+                                     "area": area, "bbox": bbox, "iscrowd": 1}
+                                    for k, cat_id in enumerate(category_ids.values())])
+                continue
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": category_ids[instance.label],
-                "segmentation": segmentation, "area": area,
-                "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0})
+                "segmentation": segmentation, "area": area, "bbox": bbox, "iscrowd": 0})
     categories = [{"id": category_ids[name], "name": name, "supercategory": ""} for name in class_names]
     return {"images": images, "annotations": annotations, "categories": categories}
 
@@ -172,6 +278,37 @@ def write_coco(out: Union[str, Path], dataset: dict, *, val_fraction: float = 0.
     return files
 
 
+SUBSET_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # subset names usable in a file name
+
+
+def write_conversion(out: Union[str, Path], conversion: Conversion, *, val_fraction: float = 0.0,
+                     seed: int = 0) -> Dict[str, Path]:
+    """Write a conversion as COCO json: ``out`` (or its ``_train`` / ``_val`` split, see :func:`write_coco`)
+    when the source has no subsets, else one ``<stem>_<subset>.json`` per subset of the source. Images
+    embedded in the annotation files are written first, where they were missing. Every file is checked
+    and built before the first one is written; each is written atomically. Returns the files by split."""
+    out = Path(out)
+    subsets = conversion.subsets
+    if subsets and val_fraction > 0:
+        raise ValueError(f"the source already splits its images into subsets {subsets}; "
+                         "--val-fraction splits only a source without subsets")
+    for subset in subsets:
+        if not SUBSET_NAME.fullmatch(subset):
+            raise ValueError(f"subset name {subset!r} cannot be part of a file name (letters, digits, _ . - only)")
+    datasets = {subset: to_coco([r for r in conversion.records if r.subset == subset], conversion.class_names)
+                for subset in subsets} or {"all": to_coco(conversion.records, conversion.class_names)}
+    for record in conversion.records:
+        if record.embedded is not None:
+            record.embedded_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(record.embedded_path, lambda f, data=record.embedded: f.write(data))
+    if not subsets:
+        return write_coco(out, datasets["all"], val_fraction=val_fraction, seed=seed)
+    files = {subset: out.with_name(f"{out.stem}_{subset}{out.suffix}") for subset in subsets}
+    for subset, path in files.items():
+        save_json(path, datasets[subset])
+    return files
+
+
 def relative_name(path: Path, image_dir: Path) -> str:
     """``path`` relative to ``image_dir`` in POSIX form (``..`` steps where it lies outside)."""
     return Path(os.path.relpath(path.resolve(), image_dir.resolve())).as_posix()
@@ -193,7 +330,15 @@ def mask_from_box_crop(crop: np.ndarray, left: int, top: int, height: int, width
 
 
 def class_names_from(records: Sequence[ImageRecord], given: Optional[Sequence[str]]) -> List[str]:
-    """``given`` when set, else the sorted set of labels the records use."""
+    """``given`` when set, else the sorted set of labels the records' objects (not ignore regions) use."""
     if given is not None:
         return list(given)
-    return sorted({instance.label for record in records for instance in record.instances})
+    return sorted({instance.label for record in records for instance in record.instances if not instance.ignore})
+
+
+def check_labels(records: Sequence[ImageRecord], class_names: Sequence[str]) -> None:
+    """ValueError naming the shape of the first object whose label is not one of ``class_names``."""
+    for record in records:
+        for instance in record.instances:
+            if not instance.ignore:
+                check_label(instance.label, class_names, instance.where)

@@ -1,40 +1,52 @@
-"""CVAT for images 1.1 XML -> :class:`ImageRecord` objects.
+"""CVAT for images 1.1 XML (task and project exports) -> a :class:`Conversion`.
 
 The file (``annotations.xml`` of a "CVAT for images 1.1" export) holds ``<meta>`` with the label list
-(``<labels><label><name>``) and one ``<image name= width= height=>`` element per image, whose children
-are the shapes, each with a ``label`` attribute and an optional ``group_id``:
+(``<labels><label><name>``, under ``<task>`` or ``<project>``) and one ``<image name= width= height=
+[subset=]>`` element per image, whose children are the shapes, each with a ``label`` attribute and an
+optional ``group_id``. Shapes with area are read:
 
 - ``<polygon points="x0,y0;x1,y1;...">``, at least 3 points;
 - ``<box xtl= ytl= xbr= ybr= [rotation=]>``, rotation in degrees clockwise about the box centre;
+- ``<ellipse cx= cy= rx= ry= [rotation=]>``, made a polygon of ``ELLIPSE_VERTICES`` vertices;
 - ``<mask rle= left= top= width= height=>``: ``rle`` the comma-separated run lengths of the
   ``width`` x ``height`` region at ``(left, top)``, in row-major order, starting with a run of 0s.
 
 Shapes with the same label and ``group_id`` form one instance; other shapes are instances of their own.
-``<tag>`` elements (image-level labels) are ignored; any other shape kind is an error.
+``<polyline>``, ``<points>``, ``<skeleton>``, ``<cuboid>`` and ``<tag>`` (no outline of an object) and
+shapes without a label are skipped and counted (errors with ``strict``); any other element is an error.
+
+A project export puts images in subsets: each ``<image>`` names its ``subset`` and its file lies in
+``images/<subset>/`` (the same name may appear in several subsets); each record keeps its subset, and the
+images are written as one COCO file per subset. A task export has no subsets; its images lie in
+``images/``.
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
 
-from maskrcnn.data.formats.coco_writer import (ImageRecord, Instance, box_polygon, check_label, check_points,
-                                               class_names_from, image_size, mask_from_box_crop)
+from maskrcnn.data.formats.coco_writer import (Conversion, ImageRecord, Instance, Skipped, box_polygon,
+                                               check_labels, check_points, check_size, class_names_from,
+                                               clip_to_image, ellipse_polygon, mask_from_box_crop, relative_name)
 
-SHAPE_TAGS = ("polygon", "box", "mask")
+SHAPE_TAGS = ("polygon", "box", "ellipse", "mask")
+SKIPPED_TAGS = ("polyline", "points", "skeleton", "cuboid", "tag")  # no outline of an object
 
 
-def read_cvat(src, *, image_dir=None, class_names: Optional[Sequence[str]] = None
-              ) -> Tuple[List[ImageRecord], List[str]]:
+def read_cvat(src, *, image_dir=None, class_names: Optional[Sequence[str]] = None,
+              strict: bool = False) -> Conversion:
     """Read a CVAT for images 1.1 XML file.
 
-    image_dir: the folder holding the images by their ``name`` (default: ``images/`` beside the XML file
-    when it exists, else the XML file's folder); every image must exist there.
+    image_dir: the folder holding the images by their ``name``, under ``<subset>/`` for images of a
+    subset (default: ``images/`` beside the XML file when it exists, else the XML file's folder); every
+    image must exist there. COCO ``file_name`` entries are relative to it.
     class_names: the class list; default: the labels of ``<meta>``, else the sorted labels found.
-    Returns ``(records, class_names)``. Raises FileNotFoundError / ValueError naming the file and shape.
+    strict: shapes that are not read (see the module docstring) are errors instead of being skipped.
+    Raises FileNotFoundError / ValueError naming the file, the image and the shape.
     """
     src = Path(src)
     if not src.is_file():
@@ -48,16 +60,16 @@ def read_cvat(src, *, image_dir=None, class_names: Optional[Sequence[str]] = Non
         raise ValueError(f"{src}: not well-formed XML: {exc}") from None
     if root.tag != "annotations":
         raise ValueError(f"{src}: root element is <{root.tag}>, expected <annotations> (CVAT for images 1.1)")
-    meta_names = [label.findtext("name") for label in root.iterfind("meta//labels/label")]
-    records = [_read_image(element, src, image_dir) for element in root.iter("image")]
+    meta_names = [label.findtext("name") for label in root.iterfind("meta//labels/label")
+                  if label.find("parent") is None and label.findtext("type") not in SKIPPED_TAGS + ("skeleton",)]
+    skipped = Skipped(strict)
+    records = [_read_image(element, src, image_dir, skipped) for element in root.iter("image")]
     names = class_names_from(records, class_names if class_names is not None else meta_names or None)
-    for record in records:
-        for instance in record.instances:
-            check_label(instance.label, names, instance.where)
-    return records, names
+    check_labels(records, names)
+    return Conversion(records, names, skipped)
 
 
-def _read_image(element: ET.Element, src: Path, image_dir: Path) -> ImageRecord:
+def _read_image(element: ET.Element, src: Path, image_dir: Path, skipped: Skipped) -> ImageRecord:
     name = element.get("name")
     try:
         height, width = int(element.get("height")), int(element.get("width"))
@@ -65,20 +77,26 @@ def _read_image(element: ET.Element, src: Path, image_dir: Path) -> ImageRecord:
         raise ValueError(f"{src}: <image name={name!r}> needs integer width and height") from None
     if name is None:
         raise ValueError(f"{src}: <image id={element.get('id')!r}> has no name")
-    where_image = f"{src}: image {name!r}"
-    file_height, file_width = image_size(image_dir / name, where_image)
-    if (file_height, file_width) != (height, width):
-        raise ValueError(f"{where_image}: the XML gives {width}x{height} but {image_dir / name} is "
-                         f"{file_width}x{file_height}")
+    subset = element.get("subset") or ""
+    where_image = f"{src}: image {name!r}" + (f" of subset {subset!r}" if subset else "")
+    path = image_dir / subset / name
+    if subset and not path.is_file() and (image_dir / name).is_file():
+        path = image_dir / name  # a task export that names the subset but keeps its images in images/
+    check_size((height, width), path, where_image)
     instances: List[Instance] = []
     groups = {}
-    for index, shape in enumerate(child for child in element if child.tag != "tag"):
+    for index, shape in enumerate(element):
         label = shape.get("label")
         where = f"{where_image}: shape {index} ({shape.tag} {label!r})"
+        if shape.tag in SKIPPED_TAGS:
+            skipped.add(f"CVAT {shape.tag}", "no outline of an object", src, where)
+            continue
         if shape.tag not in SHAPE_TAGS:
-            raise ValueError(f"{where}: unsupported shape <{shape.tag}> (expected one of {SHAPE_TAGS})")
+            raise ValueError(f"{where}: unsupported element <{shape.tag}> (expected one of "
+                             f"{SHAPE_TAGS + SKIPPED_TAGS})")
         if not label:
-            raise ValueError(f"{where}: missing label")
+            skipped.add(f"CVAT unlabelled {shape.tag}", "no label", src, where)
+            continue
         part = _shape_part(shape, height, width, where)
         group_id = shape.get("group_id")
         key = (label, group_id)
@@ -90,7 +108,8 @@ def _read_image(element: ET.Element, src: Path, image_dir: Path) -> ImageRecord:
         instances.append(instance)
         if group_id not in (None, "0"):
             groups[key] = instance
-    return ImageRecord(file_name=name, height=height, width=width, instances=instances)
+    return ImageRecord(file_name=relative_name(path, image_dir), height=height, width=width,
+                       instances=instances, subset=subset)
 
 
 def _numbers(shape: ET.Element, keys: Sequence[str], where: str) -> List[float]:
@@ -114,6 +133,11 @@ def _shape_part(shape: ET.Element, height: int, width: int, where: str) -> np.nd
             raise ValueError(f"{where}: the box has no area")
         corners = box_polygon(x0, y0, x1, y1, float(shape.get("rotation", 0.0)))
         return check_points(corners, height=height, width=width, where=where)
+    if shape.tag == "ellipse":
+        cx, cy, rx, ry = _numbers(shape, ("cx", "cy", "rx", "ry"), where)
+        if rx <= 0 or ry <= 0:
+            raise ValueError(f"{where}: the ellipse has no area (rx {rx:g}, ry {ry:g})")
+        return clip_to_image(ellipse_polygon(cx, cy, rx, ry, float(shape.get("rotation", 0.0))), height, width)
     left, top, w, h = (int(v) for v in _numbers(shape, ("left", "top", "width", "height"), where))
     try:
         runs = np.array([int(v) for v in (shape.get("rle") or "").split(",")], dtype=np.int64)

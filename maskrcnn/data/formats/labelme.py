@@ -1,47 +1,61 @@
-"""labelme annotations: a folder of per-image ``.json`` files -> :class:`ImageRecord` objects.
+"""labelme annotations: a folder of per-image ``.json`` files -> a :class:`Conversion`.
 
 A labelme file (https://github.com/wkentaro/labelme, versions 3 to 5) holds ``imagePath`` (relative to the
-json file), ``imageHeight``, ``imageWidth`` and a list of ``shapes``, each with ``label``, ``points``
-(``[[x, y], ...]`` pixels), ``shape_type`` and ``group_id``. Area shape types are read:
+json file), ``imageHeight``, ``imageWidth``, optionally ``imageData`` (the image file itself, base64) and a
+list of ``shapes``, each with ``label``, ``points`` (``[[x, y], ...]`` pixels of the upright image: labelme
+applies EXIF orientation), ``shape_type`` and ``group_id``. Area shape types are read:
 
 - ``polygon`` (also a missing or null ``shape_type``, as old files have): the points, at least 3;
 - ``rectangle``: two opposite corners;
-- ``circle``: the centre and a point on the circle, made a polygon of ``CIRCLE_VERTICES`` vertices
+- ``circle``: the centre and a point on the circle, made a polygon of ``ELLIPSE_VERTICES`` vertices
   (clipped to the image);
 - ``mask``: two corners ``(x1, y1), (x2, y2)`` and ``mask``, a base64 PNG of the
   ``(y2 - y1 + 1, x2 - x1 + 1)`` region they span (corners truncated to integers, as labelme does).
 
 Shapes with the same label and the same non-null ``group_id`` form one instance (as labelme's own COCO
-export groups them); every other shape is an instance of its own. Point and line shapes have no area and
-are an error, as is any other shape type.
+export groups them); every other shape is an instance of its own. Shapes labelled ``__ignore__`` (labelme's
+label for regions to leave out) are ignore regions, written as COCO crowd regions. Shapes without area
+(``line``, ``linestrip``, ``point``, ``points``) are skipped and counted (errors with ``strict``); any other
+shape type is an error. A file whose image is missing but embedded (``imageData``) gets that image written
+beside it, at ``imagePath``, when the COCO json is written.
+
+A class list in labelme's own ``labels.txt`` layout (``__ignore__`` and ``_background_`` first) is
+accepted: those two names are not classes.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import json
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from maskrcnn.data.formats.coco_writer import (ImageRecord, Instance, box_polygon, check_label, check_points,
-                                               class_names_from, image_size, mask_from_box_crop, relative_name)
+from maskrcnn.data.formats.coco_writer import (Conversion, ImageRecord, Instance, Skipped, box_polygon,
+                                               check_labels, check_points, check_size, class_names_from,
+                                               clip_to_image, ellipse_polygon, embedded_image_size, mask_from_box_crop,
+                                               relative_name)
 
-CIRCLE_VERTICES = 64  # a circle becomes a polygon with this many vertices (area within 0.2% of the disc)
 AREA_TYPES = ("polygon", "rectangle", "circle", "mask")
+LINE_TYPES = ("line", "linestrip", "point", "points")  # no area: skipped
+IGNORE_LABEL = "__ignore__"  # labelme's label for regions to leave out
+RESERVED_LABELS = (IGNORE_LABEL, "_background_")  # the first lines of labelme's labels.txt, not classes
 
 
-def read_labelme(src, *, image_dir=None, class_names: Optional[Sequence[str]] = None
-                 ) -> Tuple[List[ImageRecord], List[str]]:
+def read_labelme(src, *, image_dir=None, class_names: Optional[Sequence[str]] = None,
+                 strict: bool = False) -> Conversion:
     """Read every ``*.json`` under the folder ``src`` (recursively, sorted by path).
 
     image_dir: the folder the COCO ``file_name`` entries are relative to (default ``src``).
-    class_names: the class list (labels outside it are an error); default: the sorted labels found.
-    Returns ``(records, class_names)``. Raises FileNotFoundError / ValueError naming the file and shape.
+    class_names: the class list (labels outside it are an error; ``__ignore__`` and ``_background_`` are
+        dropped from it); default: the sorted labels found.
+    strict: shapes without area are errors instead of being skipped.
+    Raises FileNotFoundError / ValueError naming the file and shape.
     """
     src = Path(src)
     if not src.is_dir():
@@ -50,17 +64,18 @@ def read_labelme(src, *, image_dir=None, class_names: Optional[Sequence[str]] = 
     files = sorted(src.rglob("*.json"))
     if not files:
         raise ValueError(f"no labelme .json files in {src}")
-    records = [read_labelme_file(path, image_dir) for path in tqdm(files, desc="labelme", unit="file",
-                                                                    disable=len(files) < 100)]
-    names = class_names_from(records, class_names)
-    for record in records:
-        for instance in record.instances:
-            check_label(instance.label, names, instance.where)
-    return records, names
+    skipped = Skipped(strict)
+    records = [read_labelme_file(path, image_dir, skipped)
+               for path in tqdm(files, desc="labelme", unit="file", disable=len(files) < 100)]
+    given = [name for name in class_names if name not in RESERVED_LABELS] if class_names is not None else None
+    names = class_names_from(records, given)
+    check_labels(records, names)
+    return Conversion(records, names, skipped)
 
 
-def read_labelme_file(path: Path, image_dir: Path) -> ImageRecord:
-    """One labelme json file as an :class:`ImageRecord` (image size read from the image file)."""
+def read_labelme_file(path: Path, image_dir: Path, skipped: Skipped) -> ImageRecord:
+    """One labelme json file as an :class:`ImageRecord` (image size read from the image file, or from the
+    embedded image when the file is missing); shapes without area are counted in ``skipped``."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -69,11 +84,16 @@ def read_labelme_file(path: Path, image_dir: Path) -> ImageRecord:
             or not isinstance(data.get("imagePath"), str):
         raise ValueError(f"{path}: not a labelme file (expected an object with 'shapes' and 'imagePath')")
     image_path = path.parent / data["imagePath"].replace("\\", "/")
-    height, width = image_size(image_path, str(path))
-    stated = (data.get("imageHeight"), data.get("imageWidth"))
-    if stated != (None, None) and stated != (height, width):
-        raise ValueError(f"{path}: imageHeight x imageWidth is {stated[0]}x{stated[1]} but {image_path} is "
-                         f"{height}x{width}")
+    embedded = None
+    if not image_path.is_file() and data.get("imageData"):
+        try:
+            embedded = base64.b64decode(data["imageData"], validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise ValueError(f"{path}: image {image_path} not found and 'imageData' is not base64") from None
+        height, width = embedded_image_size(embedded, f"{path}: imageData")
+    else:
+        stated = (data.get("imageHeight"), data.get("imageWidth"))
+        height, width = check_size(stated if stated != (None, None) else None, image_path, str(path))
     instances: List[Instance] = []
     groups = {}
     for index, shape in enumerate(data["shapes"]):
@@ -83,6 +103,9 @@ def read_labelme_file(path: Path, image_dir: Path) -> ImageRecord:
         where = f"{path}: shape {index} ({shape_type} {label!r})"
         if not isinstance(label, str) or not label:
             raise ValueError(f"{where}: missing label")
+        if shape_type in LINE_TYPES:
+            skipped.add(f"labelme {shape_type}", "no area", path, where)
+            continue
         part = _shape_part(shape, shape_type, height, width, where)
         group_id = shape.get("group_id")
         key = (label, group_id)
@@ -90,12 +113,12 @@ def read_labelme_file(path: Path, image_dir: Path) -> ImageRecord:
             groups[key].parts.append(part)
             groups[key].where += f", shape {index}"
             continue
-        instance = Instance(label=label, parts=[part], where=where)
+        instance = Instance(label=label, parts=[part], where=where, ignore=label == IGNORE_LABEL)
         instances.append(instance)
         if group_id is not None:
             groups[key] = instance
     return ImageRecord(file_name=relative_name(image_path, image_dir), height=height, width=width,
-                       instances=instances)
+                       instances=instances, embedded=embedded, embedded_path=image_path if embedded else None)
 
 
 def _shape_part(shape: dict, shape_type: str, height: int, width: int, where: str) -> np.ndarray:
@@ -118,9 +141,7 @@ def _shape_part(shape: dict, shape_type: str, height: int, width: int, where: st
         radius = float(np.hypot(*(rim - centre)))
         if radius <= 0:
             raise ValueError(f"{where}: the circle has radius 0")
-        angles = np.arange(CIRCLE_VERTICES) * (2 * np.pi / CIRCLE_VERTICES)
-        polygon = centre + radius * np.stack([np.cos(angles), np.sin(angles)], 1)
-        return np.stack([polygon[:, 0].clip(0, width), polygon[:, 1].clip(0, height)], 1)
+        return clip_to_image(ellipse_polygon(centre[0], centre[1], radius, radius), height, width)
     encoded = shape.get("mask")
     if not isinstance(encoded, str):
         raise ValueError(f"{where}: mask shape without a base64 'mask' image")
