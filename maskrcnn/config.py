@@ -106,6 +106,7 @@ class DataConfig:
     filter_empty: bool = True  # drop training images that have no usable annotation
     skip_bad_annotations: bool = False  # skip malformed annotations with a warning count instead of failing
     annotation_cache: bool = True  # pack the annotations into a memory-mapped cache file beside each json
+    annotation_cache_dir: str = ""  # folder for the annotation cache files instead of beside each json ("": beside)
     flip_prob: float = 0.5  # probability of a horizontal flip in training
     num_workers: int = 2  # DataLoader worker processes
     aspect_ratio_grouping: bool = True  # batch landscape and portrait images separately

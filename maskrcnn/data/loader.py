@@ -23,14 +23,14 @@ def build_train_dataset(cfg: Config) -> CocoDetection:
     """The training set of ``cfg.data`` with the training augmentation of ``cfg``."""
     return CocoDetection(cfg.data.train_ann, cfg.data.train_images, transforms=build_transforms(cfg, train=True),
                          filter_empty=cfg.data.filter_empty, skip_bad_annotations=cfg.data.skip_bad_annotations,
-                         cache=cfg.data.annotation_cache)
+                         cache=cfg.data.annotation_cache, cache_dir=cfg.data.annotation_cache_dir)
 
 
 def build_test_dataset(cfg: Config) -> CocoDetection:
     """The validation set of ``cfg.data``, every image kept, no transform (the model resizes)."""
     return CocoDetection(cfg.data.val_ann, cfg.data.val_images, transforms=build_transforms(cfg, train=False),
                          filter_empty=False, skip_bad_annotations=cfg.data.skip_bad_annotations,
-                         cache=cfg.data.annotation_cache)
+                         cache=cfg.data.annotation_cache, cache_dir=cfg.data.annotation_cache_dir)
 
 
 def build_train_loader(dataset: CocoDetection, *, images_per_batch: int, seed: int, rank: int = 0,
