@@ -68,8 +68,11 @@ def load_or_build(ann_file: Path, skip_bad_annotations: bool, build: Callable[[]
     packed = _open_or_warn(path, key)
     if packed is not None:
         return packed
+    with contextlib.suppress(OSError):  # a cache folder is made on first use; where it cannot be, see below
+        path.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(path.with_name(path.name + ".lock")):
-        packed = _open_or_warn(path, key)
+        with contextlib.suppress(CacheDamaged):  # warned above; another process may have rebuilt it since
+            packed = open_cache(path, key)
         if packed is not None:
             return packed
         packed = build()
