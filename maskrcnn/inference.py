@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from maskrcnn.errors import InputError
 from maskrcnn.fileio import read_image
 from maskrcnn.modeling.maskrcnn import MaskRCNN
 from maskrcnn.structures import Instances
@@ -174,7 +175,7 @@ def match_categories(class_names: Sequence[str], label_to_cat_id: Optional[Dict[
                       else list(class_names))
         dataset_side = ([int(c["id"]) for c in categories] if label_to_cat_id is not None
                         else [c["name"] for c in categories])
-        raise ValueError(f"the model and the dataset have no category in common (matched by {how}): model "
+        raise InputError(f"the model and the dataset have no category in common (matched by {how}): model "
                          f"{_short(model_side)}, dataset {_short(dataset_side)}")
     return mapping
 

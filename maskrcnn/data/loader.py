@@ -17,6 +17,7 @@ from maskrcnn.config import Config
 from maskrcnn.data.coco import CocoDetection
 from maskrcnn.data.samplers import GroupedBatchSampler, TrainingSampler, orientation_groups
 from maskrcnn.data.transforms import build_transforms
+from maskrcnn.errors import InputError
 
 
 def build_train_dataset(cfg: Config) -> CocoDetection:
@@ -46,7 +47,7 @@ def build_train_loader(dataset: CocoDetection, *, images_per_batch: int, seed: i
     (0 loads in this process).
     """
     if images_per_batch <= 0 or images_per_batch % world_size:
-        raise ValueError(f"images_per_batch={images_per_batch} must be a positive multiple of "
+        raise InputError(f"images_per_batch={images_per_batch} must be a positive multiple of "
                          f"world_size={world_size}")
     per_rank = images_per_batch // world_size
     if aspect_ratio_grouping:

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import Config, config_to_dict
 from ..distributed import get_rank, get_world_size, unwrap_model
+from ..errors import InputError
 from ..fileio import atomic_write
 
 LAST_CHECKPOINT = "last_checkpoint"
@@ -98,7 +99,7 @@ def read_checkpoint(path: str | Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"{path} is not a readable checkpoint: {exc}") from None
+        raise InputError(f"{path} is not a readable checkpoint: {exc}") from None
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -116,7 +117,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torc
     wanted = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     for key, target in wanted.items():
         if target is not None and checkpoint.get(key) is None:
-            raise ValueError(f"checkpoint {path} has no {key!r} entry")
+            raise InputError(f"checkpoint {path} has no {key!r} entry")
     unwrap_model(model).load_state_dict(checkpoint["model"])
     for key in ("optimizer", "scheduler", "scaler"):
         if wanted[key] is not None:
@@ -183,5 +184,5 @@ def load_last_good_checkpoint(output_dir: str | Path, model: nn.Module, optimize
         checkpoint["path"] = path
         return checkpoint
     if problems:
-        raise ValueError(f"no readable checkpoint in {output_dir}: " + "; ".join(problems))
+        raise InputError(f"no readable checkpoint in {output_dir}: " + "; ".join(problems))
     return None

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from maskrcnn.data.coco import CocoDetection
 from maskrcnn.data.loader import collate
 from maskrcnn.distributed import get_rank, get_world_size, unwrap_model
+from maskrcnn.errors import InputError, MissingPackageError
 from maskrcnn.fileio import save_json
 from maskrcnn.modeling.maskrcnn import MaskRCNN
 from maskrcnn.inference import detect, match_categories
@@ -58,9 +59,9 @@ def _backend_api(backend: str) -> tuple:
         try:
             from faster_coco_eval import COCO as FasterCOCO, COCOeval_faster
         except ImportError as error:
-            raise ImportError("the faster-coco-eval backend needs its package: pip install faster-coco-eval") from error
+            raise MissingPackageError("the faster-coco-eval backend needs its package: pip install faster-coco-eval") from error
         return FasterCOCO, COCOeval_faster
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def load_coco(ann_file: Union[str, Path], backend: str = "pycocotools"):
@@ -194,10 +195,10 @@ def evaluate_results(coco_gt, results: List[dict], iou_types: Sequence[str] = IO
     for key, known in (("image_id", coco_gt.getImgIds()), ("category_id", coco_gt.getCatIds())):
         unknown = sorted({r[key] for r in results} - set(known), key=str)
         if unknown:
-            raise ValueError(f"results name {key} values not in the ground truth: {unknown[:10]}")
+            raise InputError(f"results name {key} values not in the ground truth: {unknown[:10]}")
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:
-            raise ValueError(f"iou_types must be among {IOU_TYPES}, got {iou_type!r}")
+            raise InputError(f"iou_types must be among {IOU_TYPES}, got {iou_type!r}")
     metrics = {}
     bar = tqdm(total=3 * len(iou_types), desc=f"scoring ({backend})", unit="step", disable=not progress)
     for iou_type in iou_types:
@@ -206,7 +207,7 @@ def evaluate_results(coco_gt, results: List[dict], iou_types: Sequence[str] = IO
         if iou_type == "segm":
             for det in dets:
                 if "segmentation" not in det:
-                    raise ValueError(f"result for image id {det['image_id']} has no 'segmentation' for segm evaluation")
+                    raise InputError(f"result for image id {det['image_id']} has no 'segmentation' for segm evaluation")
                 # With a "bbox" present, loadRes would take the instance area from the box, not the mask.
                 det.pop("bbox", None)
         coco_dt = _load_results(coco_gt, dets)
