@@ -11,6 +11,7 @@ import torch
 
 from maskrcnn.cli import one_line, run
 from maskrcnn.config import config_to_dict
+from maskrcnn.data.annotation_cache import cache_path
 from maskrcnn.errors import InputError, MissingPackageError
 from maskrcnn.modeling.maskrcnn import build_model
 from test_coco_dataset import BAD_ANNOTATIONS, BAD_COMPRESSED_RLE, _tiny_coco, _write
@@ -146,3 +147,11 @@ def test_warnings_are_one_line():
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert result.stderr == "warning: annotation cache x is damaged (cut short); rebuilding it\n"
+
+
+def test_eval_puts_the_annotation_cache_where_asked(tmp_path, checkpoint):
+    ann_file, image_dir = _write(tmp_path, _tiny_coco())
+    run(eval_tool.main, ["--checkpoint", str(checkpoint), "--ann", str(ann_file), "--images", str(image_dir),
+                         "--num-workers", "0", "--output", str(tmp_path / "out"),
+                         "--annotation-cache-dir", str(tmp_path / "cache")])
+    assert cache_path(ann_file, tmp_path / "cache").is_file() and not cache_path(ann_file).exists()

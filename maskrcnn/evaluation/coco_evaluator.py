@@ -248,17 +248,19 @@ def evaluate(model: Union[MaskRCNN, DistributedDataParallel], ann_file: Union[st
              device: Optional[Union[str, torch.device]] = None, precision: str = "fp32",
              iou_types: Sequence[str] = IOU_TYPES, num_workers: int = 0, verbose: bool = True,
              class_names: Optional[Sequence[str]] = None, label_to_cat_id: Optional[dict] = None,
-             backend: str = "pycocotools") -> Optional[dict]:
+             backend: str = "pycocotools", annotation_cache_dir: Optional[Union[str, Path]] = None) -> Optional[dict]:
     """Run ``model`` on a COCO dataset and score it; callable from training for periodic evaluation.
 
     Returns (on rank 0; ``None`` on other ranks) the metrics of :func:`evaluate_results` plus ``images``
     (number of images) and ``images_per_s`` (inference throughput, image reading and RLE encoding included).
     class_names, label_to_cat_id: the model's classes, as in :func:`run_inference`.
     backend: the scoring backend of :func:`evaluate_results`; checked before inference starts.
+    annotation_cache_dir: the folder of the annotations' cache file (see :class:`CocoDetection`); None: beside
+        ``ann_file``.
     output_dir: if given, rank 0 writes ``results.json`` (COCO results) and ``metrics.json`` there, atomically.
     """
     _backend_api(backend)
-    dataset = CocoDetection(ann_file, image_dir)
+    dataset = CocoDetection(ann_file, image_dir, cache_dir=annotation_cache_dir)
     dataset.check_images(progress=verbose and get_rank() == 0)  # a bad file fails now, not mid-inference
     start = time.perf_counter()
     results = run_inference(model, dataset, batch_size=batch_size, device=device, precision=precision,
