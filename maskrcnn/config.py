@@ -161,8 +161,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     """Defaults, merged with a YAML file (if given), then with ``key.sub=value`` overrides.
 
     Returns a :class:`Config` dataclass instance. Raises ``FileNotFoundError`` for a missing file and
-    ``ValueError`` for an unknown key (with the full key it most likely meant), a value of the wrong type
-    or an unusable value (:func:`check_config`), naming the file or the override it came from.
+    :class:`~maskrcnn.errors.InputError` (a ``ValueError``) for an unknown key (with the full key it most
+    likely meant), a value of the wrong type or an unusable value (:func:`check_config`), naming the file or
+    the override it came from.
     """
     merged = OmegaConf.structured(Config)
     if path is not None:
@@ -186,7 +187,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
 
 
 def check_config(cfg: Config) -> None:
-    """ValueError naming the key for a value that has the right type but cannot work."""
+    """InputError naming the key for a value that has the right type but cannot work."""
     i = cfg.model.input
     if not i.min_size or any(s <= 0 for s in i.min_size):
         raise InputError(f"model.input.min_size must be a non-empty list of positive sizes, got {list(i.min_size)}")

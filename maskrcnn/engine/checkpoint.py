@@ -91,7 +91,7 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Optional[t
 def read_checkpoint(path: str | Path):
     """What a ``torch.save`` file holds (tensors on the CPU, read with ``weights_only``).
 
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming it when it is unreadable.
+    Raises ``FileNotFoundError`` for a missing file and ``InputError`` naming it when it is unreadable.
     """
     path = Path(path)
     if not path.is_file():
@@ -111,7 +111,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torc
     under ``torch.distributed`` each process takes its own rank's entry of ``rng_by_rank`` when the
     checkpoint has one for this world size, else ``rng``.
     Returns the checkpoint dict (tensors on the CPU). Raises ``FileNotFoundError`` for a missing file and
-    ``ValueError`` naming the file when it is unreadable or lacks a requested entry.
+    ``InputError`` naming the file when it is unreadable or lacks a requested entry.
     """
     checkpoint = read_checkpoint(path)
     wanted = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
@@ -170,7 +170,7 @@ def load_last_good_checkpoint(output_dir: str | Path, model: nn.Module, optimize
 
     A candidate that is missing, truncated or corrupt is skipped with a one-line ``warn``; returns the
     loaded checkpoint dict (with ``"path"`` added), or None when ``output_dir`` has no checkpoint at all.
-    Raises ValueError naming every file tried when none of them is readable.
+    Raises InputError naming every file tried when none of them is readable.
     """
     candidates = resume_candidates(output_dir)
     problems = []

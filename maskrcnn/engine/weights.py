@@ -45,7 +45,7 @@ def read_weights(path: str | Path) -> Tuple[Dict[str, Tensor], List[str], str]:
 
     Kinds: ``"maskrcnn checkpoint"`` (has ``class_names``) or ``"torchvision state dict"`` (keys
     ``backbone.body.*``; class names COCO's for 90 classes, else ``class_1`` ...). Raises
-    FileNotFoundError / ValueError naming the file.
+    FileNotFoundError / InputError naming the file.
     """
     loaded = read_checkpoint(path)
     if not isinstance(loaded, dict):
@@ -72,7 +72,7 @@ def load_weights(model: nn.Module, path: str | Path, class_names: Sequence[str])
     Returns a summary: ``source``, ``kind``, ``tensors_loaded`` (copied whole), ``classes_copied``
     (dataset class -> source class, for name matches), ``classes_fresh`` (dataset classes left as
     initialised), ``layers_rebuilt`` (class-specific tensors whose rows were copied by name; empty when
-    the class lists agree). Raises ValueError naming every missing, unexpected or mis-shaped key outside
+    the class lists agree). Raises InputError naming every missing, unexpected or mis-shaped key outside
     the class-specific layers.
     """
     source, source_names, kind = read_weights(path)
