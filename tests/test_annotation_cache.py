@@ -138,7 +138,8 @@ def test_cache_dir_holds_the_cache_of_a_json_in_a_read_only_folder(shapes, tmp_p
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             built = CocoDetection(ann_file, shapes[1], cache_dir=tmp_path / "cache")
-        assert list((tmp_path / "cache").glob("ann.json.*.maskrcnn-cache")) == [cache_path(ann_file, tmp_path / "cache")]
+        cache = cache_path(ann_file, tmp_path / "cache")
+        assert list((tmp_path / "cache").glob("ann.json.*.maskrcnn-cache")) == [cache]
         monkeypatch.setattr("maskrcnn.data.coco.pack_annotations",
                             lambda ann_file, skip: pytest.fail("rebuilt despite a valid cache"))
         loaded = CocoDetection(ann_file, shapes[1], cache_dir=tmp_path / "cache")

@@ -59,7 +59,8 @@ def _backend_api(backend: str) -> tuple:
         try:
             from faster_coco_eval import COCO as FasterCOCO, COCOeval_faster
         except ImportError as error:
-            raise MissingPackageError("the faster-coco-eval backend needs its package: pip install faster-coco-eval") from error
+            raise MissingPackageError("the faster-coco-eval backend needs its package: "
+                                      "pip install faster-coco-eval") from error
         return FasterCOCO, COCOeval_faster
     raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
