@@ -85,8 +85,9 @@ def _named(data, *names):
 
 def test_eval_of_a_coco_checkpoint_scores_the_dataset_categories(tmp_path, coco_checkpoint):
     ann_file, image_dir = _write(tmp_path, _named(_tiny_coco(), "cat", "dog", "bird"))
-    run(eval_tool.main, ["--checkpoint", str(coco_checkpoint), "--ann", str(ann_file), "--images", str(image_dir),
-                         "--output", str(tmp_path / "out"), "--num-workers", "0"])
+    with pytest.warns(UserWarning, match="matched by name"):
+        run(eval_tool.main, ["--checkpoint", str(coco_checkpoint), "--ann", str(ann_file), "--images",
+                             str(image_dir), "--output", str(tmp_path / "out"), "--num-workers", "0"])
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results and {r["category_id"] for r in results} == {1}  # the model sees cats, the dataset's id 1
 
