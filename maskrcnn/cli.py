@@ -1,21 +1,33 @@
-"""What every command-line tool shares: errors a user can fix come out as one line, not a traceback.
+"""What every command-line tool shares: errors a user can fix come out as one line, faults keep their traceback.
 
     if __name__ == "__main__":
         run(main)
 
-``run`` calls ``main(argv)``; a ``ValueError`` (bad configuration value or key, bad annotation, wrong
-checkpoint), a missing or unreadable file, a non-finite loss or a missing optional package is printed as
-``error: <message>`` on standard error and the process exits with status 2. ``--debug`` anywhere on the
-command line shows the full traceback instead. Any other exception is a defect and keeps its traceback.
+``run`` calls ``main(argv)``. A problem the user can fix is printed as ``error: <message>`` on standard
+error and the process exits with status 2:
+
+- an :class:`~maskrcnn.errors.InputError` (bad configuration value or key, bad annotation, checkpoint that
+  does not fit, bad option), which the package raises where it finds such a problem;
+- a missing file or folder, a path of the wrong kind, a permission refused (``FileNotFoundError``,
+  ``IsADirectoryError``, ``NotADirectoryError``, ``PermissionError``);
+- a :class:`~maskrcnn.errors.MissingPackageError` (an optional package a chosen setting needs);
+- a ``FloatingPointError``: training stopped on a non-finite loss, naming the iteration and the loss term.
+
+Anything else, a plain ``ValueError`` from inside numpy or torch included, is a defect and keeps its
+traceback. ``--debug`` anywhere on the command line shows the traceback of user errors too. Warnings are
+printed as one line each, ``warning: <message>``.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable, List, Optional
 
-USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-               FloatingPointError, ImportError)
+from maskrcnn.errors import InputError, MissingPackageError
+
+USER_ERRORS = (InputError, MissingPackageError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+               PermissionError, FloatingPointError)
 
 
 def one_line(exc: BaseException) -> str:
@@ -36,6 +48,8 @@ def run(main: Callable[[Optional[List[str]]], object], argv: Optional[List[str]]
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [arg for arg in argv if arg != "--debug"]
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {one_line(message)}\n"
     try:
         main(argv)
     except USER_ERRORS as exc:
@@ -43,3 +57,5 @@ def run(main: Callable[[Optional[List[str]]], object], argv: Optional[List[str]]
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        warnings.formatwarning = format_warning

@@ -15,6 +15,8 @@ from typing import List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from maskrcnn.errors import InputError
+
 
 @dataclass
 class InputConfig:
@@ -106,6 +108,7 @@ class DataConfig:
     filter_empty: bool = True  # drop training images that have no usable annotation
     skip_bad_annotations: bool = False  # skip malformed annotations with a warning count instead of failing
     annotation_cache: bool = True  # pack the annotations into a memory-mapped cache file beside each json
+    annotation_cache_dir: str = ""  # folder for the annotation cache files instead of beside each json ("": beside)
     flip_prob: float = 0.5  # probability of a horizontal flip in training
     num_workers: int = 2  # DataLoader worker processes
     aspect_ratio_grouping: bool = True  # batch landscape and portrait images separately
@@ -158,8 +161,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     """Defaults, merged with a YAML file (if given), then with ``key.sub=value`` overrides.
 
     Returns a :class:`Config` dataclass instance. Raises ``FileNotFoundError`` for a missing file and
-    ``ValueError`` for an unknown key (with the full key it most likely meant), a value of the wrong type
-    or an unusable value (:func:`check_config`), naming the file or the override it came from.
+    :class:`~maskrcnn.errors.InputError` (a ``ValueError``) for an unknown key (with the full key it most
+    likely meant), a value of the wrong type or an unusable value (:func:`check_config`), naming the file or
+    the override it came from.
     """
     merged = OmegaConf.structured(Config)
     if path is not None:
@@ -169,34 +173,34 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         try:
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         except OmegaConfBaseException as exc:
-            raise ValueError(f"bad configuration in {path}: {_describe(exc)}") from None
+            raise InputError(f"bad configuration in {path}: {_describe(exc)}") from None
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key.sub=value")
+            raise InputError(f"override {item!r} is not of the form key.sub=value")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
-            raise ValueError(f"bad override {item!r}: {_describe(exc, item.split('=', 1)[0].strip())}") from None
+            raise InputError(f"bad override {item!r}: {_describe(exc, item.split('=', 1)[0].strip())}") from None
     cfg = OmegaConf.to_object(merged)
     check_config(cfg)
     return cfg
 
 
 def check_config(cfg: Config) -> None:
-    """ValueError naming the key for a value that has the right type but cannot work."""
+    """InputError naming the key for a value that has the right type but cannot work."""
     i = cfg.model.input
     if not i.min_size or any(s <= 0 for s in i.min_size):
-        raise ValueError(f"model.input.min_size must be a non-empty list of positive sizes, got {list(i.min_size)}")
+        raise InputError(f"model.input.min_size must be a non-empty list of positive sizes, got {list(i.min_size)}")
     for key, value in (("model.input.max_size", i.max_size), ("model.input.size_divisible", i.size_divisible),
                        ("model.roi_heads.num_classes", cfg.model.roi_heads.num_classes),
                        ("solver.ims_per_batch", cfg.solver.ims_per_batch)):
         if value <= 0:
-            raise ValueError(f"{key} must be positive, got {value}")
+            raise InputError(f"{key} must be positive, got {value}")
     for key, values in (("model.input.pixel_mean", i.pixel_mean), ("model.input.pixel_std", i.pixel_std)):
         if len(values) != 3:
-            raise ValueError(f"{key} needs one value per RGB channel (3), got {list(values)}")
+            raise InputError(f"{key} needs one value per RGB channel (3), got {list(values)}")
     if any(s <= 0 for s in i.pixel_std):
-        raise ValueError(f"model.input.pixel_std must be positive, got {list(i.pixel_std)}")
+        raise InputError(f"model.input.pixel_std must be positive, got {list(i.pixel_std)}")
 
 
 def _all_keys(node=None, prefix: str = "") -> List[str]:
@@ -292,7 +296,7 @@ def readme_with_config_reference(readme: str) -> str:
     """``readme`` with the text between its ``config-reference`` markers replaced by the generated table."""
     start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
     if start not in readme or end not in readme:
-        raise ValueError(f"README has no {start} ... {end} section")
+        raise InputError(f"README has no {start} ... {end} section")
     head, rest = readme.split(start, 1)
     _, tail = rest.split(end, 1)
     body = ("\n## Configuration reference\n\nEvery field of `maskrcnn/config.py`, with its default. A YAML file in "

@@ -6,6 +6,7 @@ Shorthand: N detections of one image, K object classes of the model (labels 1..K
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from maskrcnn.errors import InputError
 from maskrcnn.fileio import decode_image, read_image, upright
 from maskrcnn.modeling.maskrcnn import MaskRCNN
 from maskrcnn.precision import PRECISIONS, resolve_precision
@@ -164,23 +166,42 @@ def match_categories(class_names: Sequence[str], label_to_cat_id: Optional[Dict[
     categories: the dataset's COCO categories (dicts with ``id`` and ``name``).
     Returns label -> dataset category id for every label whose category the dataset has; labels of other
     categories (COCO's 'N/A' slots, classes the dataset lacks) are absent.
-    Raises ValueError naming both lists when the model and the dataset share no category.
+
+    With ``label_to_cat_id``, labels are matched by id where the names of the matched ids agree. Where an id
+    is shared but its names differ (COCO weights, ids 1..90, on a dataset numbered 1..K), the ids mean other
+    things: every label is matched by name instead, with a warning, if every dataset category's name is
+    among the model's class names. Raises :class:`InputError` naming both sides when the names do not all
+    match, or when the model and the dataset share no category.
     """
+    by_name = {str(c["name"]).lower(): int(c["id"]) for c in categories}
+    name_mapping = {label: by_name[name.lower()] for label, name in enumerate(class_names, start=1)
+                    if name.lower() in by_name}
     if label_to_cat_id is not None:
-        dataset_ids = {int(c["id"]) for c in categories}
+        names = {int(c["id"]): str(c["name"]) for c in categories}
         mapping = {int(label): int(cat_id) for label, cat_id in label_to_cat_id.items()
-                   if int(cat_id) in dataset_ids and 1 <= int(label) <= len(class_names)}
+                   if int(cat_id) in names and 1 <= int(label) <= len(class_names)}
+        clashes = [(label, cat_id) for label, cat_id in sorted(mapping.items())
+                   if class_names[label - 1].lower() != names[cat_id].lower()]
+        if clashes:
+            model_side = [f"{cat_id} {class_names[label - 1]}" for label, cat_id in clashes]
+            dataset_side = [f"{cat_id} {names[cat_id]}" for _, cat_id in clashes]
+            missing = [c["name"] for c in categories if int(c["id"]) not in name_mapping.values()]
+            if missing:
+                raise InputError(f"the model's and the dataset's categories agree by id but not by name, and "
+                                 f"the dataset's {_short(missing)} are not among the model's class names: model "
+                                 f"{_short(model_side)}, dataset {_short(dataset_side)}")
+            warnings.warn(f"the model's and the dataset's category ids name different things (model "
+                          f"{_short(model_side)}, dataset {_short(dataset_side)}); matched by name")
+            mapping = name_mapping
     else:
-        by_name = {str(c["name"]).lower(): int(c["id"]) for c in categories}
-        mapping = {label: by_name[name.lower()] for label, name in enumerate(class_names, start=1)
-                   if name.lower() in by_name}
+        mapping = name_mapping
     if not mapping:
         how = "category ids" if label_to_cat_id is not None else "names"
         model_side = (sorted(set(int(v) for v in label_to_cat_id.values())) if label_to_cat_id is not None
                       else list(class_names))
         dataset_side = ([int(c["id"]) for c in categories] if label_to_cat_id is not None
                         else [c["name"] for c in categories])
-        raise ValueError(f"the model and the dataset have no category in common (matched by {how}): model "
+        raise InputError(f"the model and the dataset have no category in common (matched by {how}): model "
                          f"{_short(model_side)}, dataset {_short(dataset_side)}")
     return mapping
 

@@ -7,6 +7,7 @@ PACKAGE = Path(__file__).parents[1] / "maskrcnn"
 
 # Room (top-level module or subpackage) -> layer; a higher number is a higher layer.
 LAYERS = {
+    "errors": -1,
     "cli": 0, "config": 0, "structures": 0, "rle": 0, "fileio": 0, "distributed": 0, "precision": 0,
     "modeling": 1, "data": 1,
     "inference": 2, "convert": 2, "reference": 2, "tiling": 2,

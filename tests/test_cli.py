@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from maskrcnn.cli import run
+from maskrcnn.cli import one_line, run
 from maskrcnn.config import config_to_dict
+from maskrcnn.data.annotation_cache import cache_path
+from maskrcnn.errors import InputError, MissingPackageError
 from maskrcnn.modeling.maskrcnn import build_model
 from test_coco_dataset import BAD_ANNOTATIONS, BAD_COMPRESSED_RLE, _tiny_coco, _write
 from tiny import tiny_config
@@ -115,3 +118,40 @@ def test_tool_run_as_a_script_prints_one_line_and_exits_2():
                              "model.input.min_size=[]"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr == "error: model.input.min_size must be a non-empty list of positive sizes, got []\n"
+
+
+def test_fault_keeps_its_traceback(capsys):
+    def main(argv):
+        np.zeros(3).reshape(2, 2)  # a ValueError from inside numpy: a defect, not the user's input
+
+    with pytest.raises(ValueError, match="cannot reshape"):
+        run(main, [])
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("error", [InputError("bad value in x.yaml\n  expected y"), FileNotFoundError("no x.json"),
+                                   MissingPackageError("needs the z package: pip install z")])
+def test_input_error_is_one_line_with_exit_2(capsys, error):
+    def main(argv):
+        raise error
+
+    with pytest.raises(SystemExit) as info:
+        run(main, [])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == f"error: {one_line(error)}\n" and "\n" not in one_line(error)
+
+
+def test_warnings_are_one_line():
+    script = ("import warnings; from maskrcnn.cli import run; "
+              "run(lambda argv: warnings.warn('annotation cache x is damaged (cut short); rebuilding it'), [])")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert result.stderr == "warning: annotation cache x is damaged (cut short); rebuilding it\n"
+
+
+def test_eval_puts_the_annotation_cache_where_asked(tmp_path, checkpoint):
+    ann_file, image_dir = _write(tmp_path, _tiny_coco())
+    run(eval_tool.main, ["--checkpoint", str(checkpoint), "--ann", str(ann_file), "--images", str(image_dir),
+                         "--num-workers", "0", "--output", str(tmp_path / "out"),
+                         "--annotation-cache-dir", str(tmp_path / "cache")])
+    assert cache_path(ann_file, tmp_path / "cache").is_file() and not cache_path(ann_file).exists()

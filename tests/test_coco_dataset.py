@@ -432,7 +432,8 @@ def test_cache_is_written_beside_the_json_and_memory_mapped(shapes, monkeypatch)
     built = CocoDetection(ann_file, image_dir)
     cache_file = ann_file.with_name(ann_file.name + ".maskrcnn-cache")
     assert cache_file.is_file()
-    monkeypatch.setattr(CocoDetection, "_pack", lambda self, skip: pytest.fail("rebuilt despite a valid cache"))
+    monkeypatch.setattr("maskrcnn.data.coco.pack_annotations",
+                        lambda ann_file, skip: pytest.fail("rebuilt despite a valid cache"))
     loaded = CocoDetection(ann_file, image_dir)
     assert isinstance(loaded._records.arrays["coords"].base, np.memmap) or \
         isinstance(loaded._records.arrays["coords"], np.memmap)
@@ -461,7 +462,7 @@ def test_packed_records_match_the_json(shapes):
 def test_chunked_validation_packs_the_same_records(shapes, monkeypatch):
     ann_file, image_dir = shapes
     whole = CocoDetection(ann_file, image_dir, cache=False, filter_empty=True)
-    monkeypatch.setattr("maskrcnn.data.coco._CHUNK", 3)
+    monkeypatch.setattr("maskrcnn.data.packing._CHUNK", 3)
     chunked = CocoDetection(ann_file, image_dir, cache=False, filter_empty=True)
     assert chunked.image_ids == whole.image_ids
     _assert_same_records(_records(chunked), _records(whole))
@@ -474,7 +475,7 @@ def test_first_bad_annotation_in_file_order_is_reported_across_chunks(tmp_path, 
     data["annotations"][2].update(BAD_ANNOTATIONS["segmentation outside image"])
     ann_file, image_dir = _write(tmp_path, data, images=False)
     for chunk in (2, 65536):
-        monkeypatch.setattr("maskrcnn.data.coco._CHUNK", chunk)
+        monkeypatch.setattr("maskrcnn.data.packing._CHUNK", chunk)
         with pytest.raises(ValueError, match=r"annotation id 20 \(image id 2\): polygon lies outside"):
             CocoDetection(ann_file, image_dir, cache=False)
     with warnings.catch_warnings(record=True):
@@ -513,7 +514,7 @@ def test_unwritable_cache_keeps_annotations_in_memory(tiny, monkeypatch):
     def refuse(path, write):
         raise PermissionError(f"read-only: {path}")
 
-    monkeypatch.setattr("maskrcnn.data.coco.atomic_write", refuse)
+    monkeypatch.setattr("maskrcnn.data.annotation_cache.atomic_write", refuse)
     with pytest.warns(UserWarning, match="cannot write the annotation cache"):
         ds = CocoDetection(*tiny)
     assert ds.image_ids == [1, 2, 3, 4] and ds[0][1]["labels"].tolist() == [2, 3]
@@ -531,15 +532,15 @@ def test_pickled_dataset_refers_to_the_cache(shapes):
 def _build_in_process(ann_file, image_dir, builds, start):
     from maskrcnn.data import coco
 
-    pack = coco.CocoDetection._pack
+    pack = coco.pack_annotations
 
-    def counted(self, skip):
+    def counted(ann_file, skip):
         with open(builds, "a") as f:
             f.write(f"{os.getpid()}\n")
         time.sleep(0.5)  # hold the lock long enough for the other process to meet it
-        return pack(self, skip)
+        return pack(ann_file, skip)
 
-    coco.CocoDetection._pack = counted
+    coco.pack_annotations = counted
     start.wait()
     ds = coco.CocoDetection(ann_file, image_dir)
     assert len(ds) == 30

@@ -32,6 +32,8 @@ def main(argv=None) -> None:
     parser.add_argument("--backend", default="pycocotools", choices=BACKENDS,
                         help="COCOeval implementation: pycocotools (the reference) or faster-coco-eval (same numbers, "
                              "C++ matching; pip install faster-coco-eval)")
+    parser.add_argument("--annotation-cache-dir", help="folder for the annotations' cache file when the folder of "
+                                                       "--ann is read-only (default: beside --ann)")
     args = parser.parse_args(argv)
 
     owns_group = init_distributed("cuda" if args.device.startswith("cuda") else "cpu")
@@ -44,7 +46,7 @@ def main(argv=None) -> None:
         metrics = evaluate(predictor.inference_model, args.ann, args.images, output, batch_size=args.batch_size,
                            precision=predictor.precision, num_workers=args.num_workers,
                            class_names=predictor.class_names, label_to_cat_id=predictor.label_to_cat_id,
-                           backend=args.backend)
+                           backend=args.backend, annotation_cache_dir=args.annotation_cache_dir)
     finally:
         if owns_group:
             cleanup()

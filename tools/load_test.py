@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 from maskrcnn.cli import run
 from maskrcnn.deploy.serve import load_test
+from maskrcnn.errors import InputError
 
 
 def main(argv=None) -> None:
@@ -28,7 +29,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     host = urlparse(args.url).hostname
     if host not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError(f"--url must point at this machine (127.0.0.1, localhost or ::1), got {args.url}")
+        raise InputError(f"--url must point at this machine (127.0.0.1, localhost or ::1), got {args.url}")
     path = Path(args.image)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")

@@ -20,6 +20,7 @@ from PIL import Image
 from maskrcnn.cli import run
 from maskrcnn.deploy.runtime import RUNTIMES, ExportedPredictor
 from maskrcnn.deploy.serve import create_app
+from maskrcnn.errors import InputError
 from maskrcnn.predictor import PRECISIONS, Predictor
 from maskrcnn.visualize import draw_instances
 
@@ -43,7 +44,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (W x H)")
     args = parser.parse_args(argv)
     if args.host != "localhost" and not ipaddress.ip_address(args.host).is_loopback and args.token is None:
-        raise ValueError(f"listening on {args.host} needs --token")
+        raise InputError(f"listening on {args.host} needs --token")
     if args.checkpoint:
         predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, mask_format="rle",
                                               score_thresh=args.score_thresh)

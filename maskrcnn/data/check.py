@@ -34,7 +34,7 @@ import pycocotools.mask as mask_utils
 from PIL import Image
 from tqdm import tqdm
 
-from maskrcnn.data.coco import AnnotationError, _load_json, _parse_box, _parse_segmentation
+from maskrcnn.data.coco_json import AnnotationError, load_json, parse_box, parse_segmentation
 from maskrcnn.fileio import atomic_write, exif_orientation, save_json, swaps_axes
 
 BOX_AGREEMENT_IOU = 0.9  # a bbox whose IoU with its segmentation's extent is below this is an error
@@ -81,7 +81,7 @@ def check_dataset(ann_file: Union[str, Path], image_dir: Union[str, Path], *, pr
     ann_file, image_dir = Path(ann_file), Path(image_dir)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image folder not found: {image_dir}")
-    data = _load_json(ann_file)
+    data = load_json(ann_file)
     result = CheckResult()
 
     def report(severity, kind, text, image_id=None, annotation_id=None):
@@ -158,7 +158,7 @@ def check_dataset(ann_file: Union[str, Path], image_dir: Union[str, Path], *, pr
             continue
         height, width = image["height"], image["width"]
         try:
-            box = _parse_box(ann.get("bbox"), height, width, where)
+            box = parse_box(ann.get("bbox"), height, width, where)
         except AnnotationError as exc:
             bad(exc.reason, _strip(exc, where))
             box = None
@@ -239,7 +239,7 @@ def _check_image_file(path: Path, height: int, width: int) -> Optional[Tuple[str
 
 def _segmentation_rle(segmentation, height: int, width: int, where: str) -> dict:
     """The compressed RLE a segmentation decodes to; AnnotationError for malformed polygons or RLE."""
-    parsed = _parse_segmentation(segmentation, height, width, where)
+    parsed = parse_segmentation(segmentation, height, width, where)
     if isinstance(parsed, list):
         return mask_utils.merge(mask_utils.frPyObjects([p.tolist() for p in parsed], height, width))
     return parsed
@@ -312,7 +312,7 @@ def write_clean(ann_file: Union[str, Path], out: Union[str, Path], result: Check
     ann_file, out = Path(ann_file), Path(out)
     if out.resolve() == ann_file.resolve():
         raise ValueError(f"--write-clean {out} would overwrite the input; choose another file")
-    data = _load_json(ann_file)
+    data = load_json(ann_file)
     seen: Set = set()
     images = []
     for entry in data["images"]:

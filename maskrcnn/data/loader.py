@@ -17,20 +17,21 @@ from maskrcnn.config import Config
 from maskrcnn.data.coco import CocoDetection
 from maskrcnn.data.samplers import GroupedBatchSampler, TrainingSampler, orientation_groups
 from maskrcnn.data.transforms import build_transforms
+from maskrcnn.errors import InputError
 
 
 def build_train_dataset(cfg: Config) -> CocoDetection:
     """The training set of ``cfg.data`` with the training augmentation of ``cfg``."""
     return CocoDetection(cfg.data.train_ann, cfg.data.train_images, transforms=build_transforms(cfg, train=True),
                          filter_empty=cfg.data.filter_empty, skip_bad_annotations=cfg.data.skip_bad_annotations,
-                         cache=cfg.data.annotation_cache)
+                         cache=cfg.data.annotation_cache, cache_dir=cfg.data.annotation_cache_dir)
 
 
 def build_test_dataset(cfg: Config) -> CocoDetection:
     """The validation set of ``cfg.data``, every image kept, no transform (the model resizes)."""
     return CocoDetection(cfg.data.val_ann, cfg.data.val_images, transforms=build_transforms(cfg, train=False),
                          filter_empty=False, skip_bad_annotations=cfg.data.skip_bad_annotations,
-                         cache=cfg.data.annotation_cache)
+                         cache=cfg.data.annotation_cache, cache_dir=cfg.data.annotation_cache_dir)
 
 
 def build_train_loader(dataset: CocoDetection, *, images_per_batch: int, seed: int, rank: int = 0,
@@ -46,7 +47,7 @@ def build_train_loader(dataset: CocoDetection, *, images_per_batch: int, seed: i
     (0 loads in this process).
     """
     if images_per_batch <= 0 or images_per_batch % world_size:
-        raise ValueError(f"images_per_batch={images_per_batch} must be a positive multiple of "
+        raise InputError(f"images_per_batch={images_per_batch} must be a positive multiple of "
                          f"world_size={world_size}")
     per_rank = images_per_batch // world_size
     if aspect_ratio_grouping:

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import Config, config_to_dict
 from ..distributed import get_rank, get_world_size, unwrap_model
+from ..errors import InputError
 from ..fileio import atomic_write
 
 LAST_CHECKPOINT = "last_checkpoint"
@@ -90,7 +91,7 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Optional[t
 def read_checkpoint(path: str | Path):
     """What a ``torch.save`` file holds (tensors on the CPU, read with ``weights_only``).
 
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming it when it is unreadable.
+    Raises ``FileNotFoundError`` for a missing file and ``InputError`` naming it when it is unreadable.
     """
     path = Path(path)
     if not path.is_file():
@@ -98,7 +99,7 @@ def read_checkpoint(path: str | Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"{path} is not a readable checkpoint: {exc}") from None
+        raise InputError(f"{path} is not a readable checkpoint: {exc}") from None
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -110,13 +111,13 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torc
     under ``torch.distributed`` each process takes its own rank's entry of ``rng_by_rank`` when the
     checkpoint has one for this world size, else ``rng``.
     Returns the checkpoint dict (tensors on the CPU). Raises ``FileNotFoundError`` for a missing file and
-    ``ValueError`` naming the file when it is unreadable or lacks a requested entry.
+    ``InputError`` naming the file when it is unreadable or lacks a requested entry.
     """
     checkpoint = read_checkpoint(path)
     wanted = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     for key, target in wanted.items():
         if target is not None and checkpoint.get(key) is None:
-            raise ValueError(f"checkpoint {path} has no {key!r} entry")
+            raise InputError(f"checkpoint {path} has no {key!r} entry")
     unwrap_model(model).load_state_dict(checkpoint["model"])
     for key in ("optimizer", "scheduler", "scaler"):
         if wanted[key] is not None:
@@ -169,7 +170,7 @@ def load_last_good_checkpoint(output_dir: str | Path, model: nn.Module, optimize
 
     A candidate that is missing, truncated or corrupt is skipped with a one-line ``warn``; returns the
     loaded checkpoint dict (with ``"path"`` added), or None when ``output_dir`` has no checkpoint at all.
-    Raises ValueError naming every file tried when none of them is readable.
+    Raises InputError naming every file tried when none of them is readable.
     """
     candidates = resume_candidates(output_dir)
     problems = []
@@ -183,5 +184,5 @@ def load_last_good_checkpoint(output_dir: str | Path, model: nn.Module, optimize
         checkpoint["path"] = path
         return checkpoint
     if problems:
-        raise ValueError(f"no readable checkpoint in {output_dir}: " + "; ".join(problems))
+        raise InputError(f"no readable checkpoint in {output_dir}: " + "; ".join(problems))
     return None

@@ -25,6 +25,7 @@ from typing import Dict, List, Sequence, Tuple
 from torch import Tensor, nn
 
 from ..convert import coco_category_names, convert_torchvision_state_dict
+from ..errors import InputError
 from .checkpoint import read_checkpoint
 
 # parameter name -> (rows per class, leading rows of no class): the first dimension holds those leading
@@ -44,11 +45,11 @@ def read_weights(path: str | Path) -> Tuple[Dict[str, Tensor], List[str], str]:
 
     Kinds: ``"maskrcnn checkpoint"`` (has ``class_names``) or ``"torchvision state dict"`` (keys
     ``backbone.body.*``; class names COCO's for 90 classes, else ``class_1`` ...). Raises
-    FileNotFoundError / ValueError naming the file.
+    FileNotFoundError / InputError naming the file.
     """
     loaded = read_checkpoint(path)
     if not isinstance(loaded, dict):
-        raise ValueError(f"model.weights: {path} holds a {type(loaded).__name__}, not a state dict")
+        raise InputError(f"model.weights: {path} holds a {type(loaded).__name__}, not a state dict")
     state = loaded["model"] if isinstance(loaded.get("model"), dict) else loaded
     if any(key.startswith("backbone.body.") for key in state):
         state = convert_torchvision_state_dict(state)
@@ -56,12 +57,12 @@ def read_weights(path: str | Path) -> Tuple[Dict[str, Tensor], List[str], str]:
         names = coco_category_names() if k == 90 else [f"class_{i}" for i in range(1, k + 1)]
         return state, names, "torchvision state dict"
     if "roi_heads.box_predictor.cls_score.weight" not in state:
-        raise ValueError(f"model.weights: {path} is neither a maskrcnn checkpoint nor a torchvision Mask R-CNN "
+        raise InputError(f"model.weights: {path} is neither a maskrcnn checkpoint nor a torchvision Mask R-CNN "
                          "state dict (no roi_heads.box_predictor.cls_score.weight)")
     k = state["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1
     names = loaded.get("class_names") or [f"class_{i}" for i in range(1, k + 1)]
     if len(names) != k:
-        raise ValueError(f"model.weights: {path} lists {len(names)} class names for a {k}-class predictor")
+        raise InputError(f"model.weights: {path} lists {len(names)} class names for a {k}-class predictor")
     return state, list(names), "maskrcnn checkpoint"
 
 
@@ -71,7 +72,7 @@ def load_weights(model: nn.Module, path: str | Path, class_names: Sequence[str])
     Returns a summary: ``source``, ``kind``, ``tensors_loaded`` (copied whole), ``classes_copied``
     (dataset class -> source class, for name matches), ``classes_fresh`` (dataset classes left as
     initialised), ``layers_rebuilt`` (class-specific tensors whose rows were copied by name; empty when
-    the class lists agree). Raises ValueError naming every missing, unexpected or mis-shaped key outside
+    the class lists agree). Raises InputError naming every missing, unexpected or mis-shaped key outside
     the class-specific layers.
     """
     source, source_names, kind = read_weights(path)
@@ -90,7 +91,7 @@ def load_weights(model: nn.Module, path: str | Path, class_names: Sequence[str])
                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
                 if keys]
     if problems:
-        raise ValueError(f"model.weights: {path} does not fit the configured model outside the class-specific "
+        raise InputError(f"model.weights: {path} does not fit the configured model outside the class-specific "
                          f"layers (check model.backbone.depth and the head settings: torchvision's v2 weights need "
                          f"those of configs/maskrcnn_R50_FPN_v2.yaml); " + "; ".join(problems))
 

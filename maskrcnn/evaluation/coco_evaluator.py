@@ -41,6 +41,7 @@ from tqdm import tqdm
 from maskrcnn.data.coco import CocoDetection
 from maskrcnn.data.loader import collate
 from maskrcnn.distributed import get_rank, get_world_size, unwrap_model
+from maskrcnn.errors import InputError, MissingPackageError
 from maskrcnn.fileio import save_json
 from maskrcnn.modeling.maskrcnn import MaskRCNN
 from maskrcnn.inference import detect, match_categories
@@ -59,9 +60,10 @@ def _backend_api(backend: str) -> tuple:
         try:
             from faster_coco_eval import COCO as FasterCOCO, COCOeval_faster
         except ImportError as error:
-            raise ImportError("the faster-coco-eval backend needs its package: pip install faster-coco-eval") from error
+            raise MissingPackageError("the faster-coco-eval backend needs its package: "
+                                      "pip install faster-coco-eval") from error
         return FasterCOCO, COCOeval_faster
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def load_coco(ann_file: Union[str, Path], backend: str = "pycocotools"):
@@ -197,10 +199,10 @@ def evaluate_results(coco_gt, results: List[dict], iou_types: Sequence[str] = IO
     for key, known in (("image_id", coco_gt.getImgIds()), ("category_id", coco_gt.getCatIds())):
         unknown = sorted({r[key] for r in results} - set(known), key=str)
         if unknown:
-            raise ValueError(f"results name {key} values not in the ground truth: {unknown[:10]}")
+            raise InputError(f"results name {key} values not in the ground truth: {unknown[:10]}")
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:
-            raise ValueError(f"iou_types must be among {IOU_TYPES}, got {iou_type!r}")
+            raise InputError(f"iou_types must be among {IOU_TYPES}, got {iou_type!r}")
     metrics = {}
     bar = tqdm(total=3 * len(iou_types), desc=f"scoring ({backend})", unit="step", disable=not progress)
     for iou_type in iou_types:
@@ -209,7 +211,7 @@ def evaluate_results(coco_gt, results: List[dict], iou_types: Sequence[str] = IO
         if iou_type == "segm":
             for det in dets:
                 if "segmentation" not in det:
-                    raise ValueError(f"result for image id {det['image_id']} has no 'segmentation' for segm evaluation")
+                    raise InputError(f"result for image id {det['image_id']} has no 'segmentation' for segm evaluation")
                 # With a "bbox" present, loadRes would take the instance area from the box, not the mask.
                 det.pop("bbox", None)
         coco_dt = _load_results(coco_gt, dets)
@@ -250,7 +252,7 @@ def evaluate(model: Union[MaskRCNN, DistributedDataParallel], ann_file: Union[st
              device: Optional[Union[str, torch.device]] = None, precision: str = "auto",
              iou_types: Sequence[str] = IOU_TYPES, num_workers: int = 0, verbose: bool = True,
              class_names: Optional[Sequence[str]] = None, label_to_cat_id: Optional[dict] = None,
-             backend: str = "pycocotools") -> Optional[dict]:
+             backend: str = "pycocotools", annotation_cache_dir: Optional[Union[str, Path]] = None) -> Optional[dict]:
     """Run ``model`` on a COCO dataset and score it; callable from training for periodic evaluation.
 
     Returns (on rank 0; ``None`` on other ranks) the metrics of :func:`evaluate_results` plus ``images``
@@ -258,11 +260,13 @@ def evaluate(model: Union[MaskRCNN, DistributedDataParallel], ann_file: Union[st
     ``precision`` (what ``precision`` resolved to and why, see :mod:`maskrcnn.precision`).
     class_names, label_to_cat_id: the model's classes, as in :func:`run_inference`.
     backend: the scoring backend of :func:`evaluate_results`; checked before inference starts.
+    annotation_cache_dir: the folder of the annotations' cache file (see :class:`CocoDetection`); None: beside
+        ``ann_file``.
     output_dir: if given, rank 0 writes ``results.json`` (COCO results) and ``metrics.json`` there, atomically.
     """
     _backend_api(backend)
     resolved = resolve_precision(precision, device if device is not None else next(unwrap_model(model).parameters()).device)
-    dataset = CocoDetection(ann_file, image_dir)
+    dataset = CocoDetection(ann_file, image_dir, cache_dir=annotation_cache_dir)
     dataset.check_images(progress=verbose and get_rank() == 0)  # a bad file fails now, not mid-inference
     start = time.perf_counter()
     results = run_inference(model, dataset, batch_size=batch_size, device=device, precision=resolved.precision,
