@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .errors import InputError
 from .config import Config, config_to_dict
 from .fileio import atomic_write
 
@@ -83,7 +84,7 @@ def convert_torchvision_state_dict(state: Dict[str, Tensor]) -> Dict[str, Tensor
                 new_key = re.sub(pattern, repl, key)
                 break
         else:
-            raise ValueError(f"unexpected key in torchvision state dict: {key!r}")
+            raise InputError(f"unexpected key in torchvision state dict: {key!r}")
         if new_key.startswith("roi_heads.box_predictor.bbox_pred."):
             value = value[4:]  # drop the background class's 4 deltas
         elif new_key.startswith("roi_heads.mask_head.predictor."):
@@ -117,7 +118,7 @@ def config_for_torchvision_state(state: Dict[str, Tensor]) -> Config:
     bottleneck = any(k.startswith("backbone.body.layer1.0.conv3.") for k in state)
     depth = {(6, True): 50, (23, True): 101, (2, False): 18, (6, False): 34}.get((len(blocks), bottleneck))
     if depth is None:
-        raise ValueError(f"cannot tell the ResNet depth from layer3 with {len(blocks)} blocks")
+        raise InputError(f"cannot tell the ResNet depth from layer3 with {len(blocks)} blocks")
     b.depth = depth
     b.norm = "bn" if "backbone.body.bn1.num_batches_tracked" in state else "frozen_bn"
     lateral = state.get("backbone.fpn.inner_blocks.0.0.weight", state.get("backbone.fpn.inner_blocks.0.weight"))
@@ -135,7 +136,7 @@ def config_for_torchvision_state(state: Dict[str, Tensor]) -> Config:
         fcs = [state[f"roi_heads.box_head.{name}.weight"] for name in ("fc6", "fc7")
                if f"roi_heads.box_head.{name}.weight" in state]
     if not fcs:
-        raise ValueError("the state dict has no fully connected box head layer (roi_heads.box_head)")
+        raise InputError("the state dict has no fully connected box head layer (roi_heads.box_head)")
     h.box_head_fcs, h.box_head_dim = len(fcs), fcs[0].shape[0]
     mask_convs = _indices(state, r"roi_heads\.mask_head\.(\d+)\.0\.weight$")
     if mask_convs:
@@ -168,7 +169,7 @@ def convert_torchvision_checkpoint(src: str | Path, dst: str | Path, class_names
     if class_names is None:
         class_names = coco_category_names() if k == 90 else [f"class_{i}" for i in range(1, k + 1)]
     if len(class_names) != k:
-        raise ValueError(f"{src}: the model has {k} classes but {len(class_names)} class names were given")
+        raise InputError(f"{src}: the model has {k} classes but {len(class_names)} class names were given")
     payload = {"model": convert_torchvision_state_dict(state), "config": config_to_dict(cfg),
                "class_names": class_names, "iteration": 0,
                # torchvision's COCO labels are the category ids themselves

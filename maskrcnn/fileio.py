@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from maskrcnn.errors import InputError
+
 # File name endings read as images when a folder is listed.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -104,7 +106,7 @@ def image_header(path: Union[str, Path]) -> Tuple[int, int, int]:
             width, height = img.size
             orientation = exif_orientation(img)
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"cannot read image file {path}: {exc}") from None
+        raise InputError(f"cannot read image file {path}: {exc}") from None
     return (width, height, orientation) if swaps_axes(orientation) else (height, width, orientation)
 
 
@@ -122,7 +124,7 @@ def read_image(path: Union[str, Path], where: str = "") -> np.ndarray:
         raise FileNotFoundError(f"image file {path} not found{context}")
     image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
-        raise ValueError(f"cannot read image file {path}{context}: not an image format OpenCV decodes")
+        raise InputError(f"cannot read image file {path}{context}: not an image format OpenCV decodes")
     return np.ascontiguousarray(orient(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), exif_orientation(path)))
 
 
@@ -132,7 +134,7 @@ def decode_image(data: bytes, where: str = "encoded image") -> np.ndarray:
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) \
         if data else None
     if image is None:
-        raise ValueError(f"cannot decode {where}: not an image format OpenCV decodes")
+        raise InputError(f"cannot decode {where}: not an image format OpenCV decodes")
     return np.ascontiguousarray(orient(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), exif_orientation(data)))
 
 
@@ -161,5 +163,5 @@ def image_files(folder: Union[str, Path], *, recursive: bool = False) -> list:
     found = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir())
                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not found:
-        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+        raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return found

@@ -182,8 +182,6 @@ def test_ground_truth_overlays_and_infer_overlays_are_upright(tmp_path):
     assert cv2.imread(str(tmp_path / "out" / "photo.png")).shape[:2] == (H, W)
 
 
-@pytest.mark.xfail(strict=True, reason="CocoDetection.check_images compares the stored header size (Image.open) "
-                                       "with the json; it must use maskrcnn.fileio.image_header (data/coco.py)")
 def test_training_check_of_the_image_files_accepts_an_upright_size(tmp_path):
     _photo(tmp_path / "photo.jpg", 6)
     CocoDetection(_coco_file(tmp_path / "inst.json", H, W), tmp_path).check_images()

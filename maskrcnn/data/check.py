@@ -34,6 +34,7 @@ import pycocotools.mask as mask_utils
 from PIL import Image
 from tqdm import tqdm
 
+from maskrcnn.errors import InputError
 from maskrcnn.data.coco_json import AnnotationError, load_json, parse_box, parse_segmentation
 from maskrcnn.fileio import atomic_write, exif_orientation, save_json, swaps_axes
 
@@ -311,7 +312,7 @@ def write_clean(ann_file: Union[str, Path], out: Union[str, Path], result: Check
     annotations of those images). Refuses to write over ``ann_file``. Returns the counts removed."""
     ann_file, out = Path(ann_file), Path(out)
     if out.resolve() == ann_file.resolve():
-        raise ValueError(f"--write-clean {out} would overwrite the input; choose another file")
+        raise InputError(f"--write-clean {out} would overwrite the input; choose another file")
     data = load_json(ann_file)
     seen: Set = set()
     images = []

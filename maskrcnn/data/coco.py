@@ -29,7 +29,6 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
-from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
@@ -37,7 +36,7 @@ from maskrcnn.data.annotation_cache import load_or_build
 from maskrcnn.data.coco_json import AnnotationError, BOUNDS_TOLERANCE, contiguous_labels
 from maskrcnn.data.packing import pack_annotations
 from maskrcnn.errors import InputError
-from maskrcnn.fileio import read_image
+from maskrcnn.fileio import image_header, read_image
 from maskrcnn.structures import BitMasks, InstanceMasks, PolygonMasks
 
 __all__ = ["AnnotationError", "BOUNDS_TOLERANCE", "CocoDetection"]  # the first two live in coco_json
@@ -144,10 +143,9 @@ class CocoDetection(torch.utils.data.Dataset):
                 missing += 1
                 continue
             try:
-                with Image.open(path) as img:
-                    width, height = img.size
-            except OSError as exc:
-                problems.append(f"cannot read image file {path} ({where}): {exc}")
+                height, width, _ = image_header(path)  # the upright size: EXIF orientation applied
+            except ValueError as exc:
+                problems.append(f"{exc} ({where})")
                 continue
             if (height, width) != (record["height"], record["width"]):
                 problems.append(_size_mismatch(path, (height, width), record, self.ann_file))

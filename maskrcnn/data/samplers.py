@@ -15,6 +15,8 @@ from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 
+from maskrcnn.errors import InputError
+
 _PERMUTATION_STREAM = 0  # seed-sequence tags keeping the epoch order and the augmentation seeds independent
 _AUGMENTATION_STREAM = 1
 
@@ -29,7 +31,7 @@ class TrainingSampler:
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
         if size <= 0:
-            raise ValueError(f"cannot sample from an empty dataset (size={size})")
+            raise InputError(f"cannot sample from an empty dataset (size={size})")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if start < 0:

@@ -30,6 +30,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from tqdm import tqdm
 
+from maskrcnn.errors import InputError
+
 CATEGORIES = [
     {"id": 1, "name": "square", "supercategory": "shape"},
     {"id": 3, "name": "circle", "supercategory": "shape"},
@@ -62,11 +64,11 @@ def generate_shapes(out_dir: str | Path, *, num_train: int = 2000, num_val: int 
     and both annotation files exist, ``True`` after generating. ``progress`` shows a tqdm bar.
     """
     if not 1 <= min_size <= max_size:
-        raise ValueError(f"expected 1 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
+        raise InputError(f"expected 1 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}")
     if num_train < 0 or num_val < 0:
-        raise ValueError(f"image counts must be non-negative, got num_train={num_train}, num_val={num_val}")
+        raise InputError(f"image counts must be non-negative, got num_train={num_train}, num_val={num_val}")
     if categories not in CATEGORY_SETS:
-        raise ValueError(f"categories must be one of {sorted(CATEGORY_SETS)}, got {categories!r}")
+        raise InputError(f"categories must be one of {sorted(CATEGORY_SETS)}, got {categories!r}")
     out_dir = Path(out_dir)
     meta = {"format_version": FORMAT_VERSION, "num_train": num_train, "num_val": num_val, "seed": seed,
             "min_size": min_size, "max_size": max_size}

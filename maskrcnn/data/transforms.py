@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import torch
 
+from maskrcnn.errors import InputError
 from maskrcnn.config import Config
 
 
@@ -27,7 +28,7 @@ class ResizeShortestEdge:
 
     def __init__(self, min_sizes: Sequence[int], max_size: int):
         if not min_sizes or min(min_sizes) <= 0 or max_size <= 0:
-            raise ValueError(f"expected positive sizes, got min_sizes={list(min_sizes)}, max_size={max_size}")
+            raise InputError(f"expected positive sizes, got min_sizes={list(min_sizes)}, max_size={max_size}")
         self.min_sizes = [int(s) for s in min_sizes]
         self.max_size = int(max_size)
 
@@ -50,7 +51,7 @@ class RandomHorizontalFlip:
 
     def __init__(self, prob: float = 0.5):
         if not 0.0 <= prob <= 1.0:
-            raise ValueError(f"flip probability must be in [0, 1], got {prob}")
+            raise InputError(f"flip probability must be in [0, 1], got {prob}")
         self.prob = prob
 
     def __call__(self, image: np.ndarray, target: dict, rng: np.random.Generator) -> Tuple[np.ndarray, dict]:

@@ -18,6 +18,7 @@ from typing import Dict, List
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..errors import InputError, MissingPackageError
 from ..fileio import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -51,7 +52,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ImportError("train.tensorboard=true needs the tensorboard package "
+                raise MissingPackageError("train.tensorboard=true needs the tensorboard package "
                                   "(pip install tensorboard), or set train.tensorboard=false") from None
             self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=start_iter + 1)
 
@@ -121,5 +122,5 @@ def read_records(path: Path) -> List[Dict]:
         except json.JSONDecodeError:
             if number == len(lines):
                 break
-            raise ValueError(f"{path}, line {number}: not a JSON record") from None
+            raise InputError(f"{path}, line {number}: not a JSON record") from None
     return records

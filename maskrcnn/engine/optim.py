@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..errors import InputError
 from ..config import SolverConfig
 
 # Modules whose parameters count as normalisation parameters (weight decay ``weight_decay_norm``).
@@ -58,13 +59,13 @@ def build_optimizer(model: nn.Module, solver_cfg: SolverConfig) -> torch.optim.O
     """
     groups = parameter_groups(model, solver_cfg)
     if not groups:
-        raise ValueError("the model has no trainable parameters (every parameter has requires_grad False)")
+        raise InputError("the model has no trainable parameters (every parameter has requires_grad False)")
     fused = all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
     if solver_cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=solver_cfg.lr, momentum=solver_cfg.momentum, fused=fused)
     if solver_cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=solver_cfg.lr, betas=tuple(solver_cfg.betas), fused=fused)
-    raise ValueError(f"solver.optimizer must be 'sgd' or 'adamw', got {solver_cfg.optimizer!r}")
+    raise InputError(f"solver.optimizer must be 'sgd' or 'adamw', got {solver_cfg.optimizer!r}")
 
 
 def lr_factor(iteration: int, solver_cfg: SolverConfig) -> float:
@@ -81,7 +82,7 @@ def lr_factor(iteration: int, solver_cfg: SolverConfig) -> float:
         low = solver_cfg.min_lr_factor
         factor = low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
-        raise ValueError(f"solver.schedule must be 'multistep' or 'cosine', got {solver_cfg.schedule!r}")
+        raise InputError(f"solver.schedule must be 'multistep' or 'cosine', got {solver_cfg.schedule!r}")
     if iteration < solver_cfg.warmup_iters:
         alpha = iteration / solver_cfg.warmup_iters
         factor *= solver_cfg.warmup_factor * (1.0 - alpha) + alpha

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..errors import InputError
 from ..config import Config, config_to_yaml
 from ..data.loader import build_train_dataset, build_train_loader
 from ..distributed import (all_gather_object, all_reduce_mean, all_true, barrier, cleanup, get_local_rank,
@@ -101,19 +102,19 @@ class _Run:
         self.output_dir = Path(cfg.train.output_dir)
         solver = cfg.solver
         if solver.ims_per_batch % self.world_size:
-            raise ValueError(f"solver.ims_per_batch={solver.ims_per_batch} is not divisible by the "
+            raise InputError(f"solver.ims_per_batch={solver.ims_per_batch} is not divisible by the "
                              f"{self.world_size} processes")
         for key, value in (("solver.max_iter", solver.max_iter), ("train.log_period", cfg.train.log_period),
                            ("train.checkpoint_period", cfg.train.checkpoint_period)):
             if value <= 0:
-                raise ValueError(f"{key} must be positive, got {value}")
+                raise InputError(f"{key} must be positive, got {value}")
         _seed_all(cfg.train.seed + self.rank)
 
         self.dataset = build_train_dataset(cfg)
         self.dataset.check_images(progress=is_main_process())  # a bad file fails now, not mid-training
         self.class_names = list(self.dataset.class_names)
         if len(self.class_names) != cfg.model.roi_heads.num_classes:
-            raise ValueError(f"{cfg.data.train_ann} has {len(self.class_names)} categories but "
+            raise InputError(f"{cfg.data.train_ann} has {len(self.class_names)} categories but "
                              f"model.roi_heads.num_classes is {cfg.model.roi_heads.num_classes}")
 
         self.model = model if model is not None else build_model(cfg.model)
@@ -123,7 +124,7 @@ class _Run:
         if cfg.train.sync_bn and self.world_size > 1:
             m = cfg.model
             if device.type != "cuda" or not any(isinstance(x, nn.BatchNorm2d) for x in self.model.modules()):
-                raise ValueError(f"train.sync_bn needs CUDA and a batch norm (backbone.norm, backbone.fpn_norm, "
+                raise InputError(f"train.sync_bn needs CUDA and a batch norm (backbone.norm, backbone.fpn_norm, "
                                  f"roi_heads.box_head_norm or roi_heads.mask_head_norm = bn), got device "
                                  f"{device.type}, norms {m.backbone.norm}, {m.backbone.fpn_norm or 'none'}, "
                                  f"{m.roi_heads.box_head_norm or 'none'}, {m.roi_heads.mask_head_norm or 'none'}")
@@ -349,18 +350,18 @@ def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+        raise InputError(f"train.device must be 'auto', 'cpu' or 'cuda', got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available")
+        raise InputError("train.device=cuda but no CUDA device is available")
     return torch.device(name)
 
 
 def _amp_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of a resolved precision (None for fp32); ValueError where the device lacks it."""
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs CUDA (it relies on a CUDA grad scaler); use bf16 on CPU")
+        raise InputError("train.precision=fp16 needs CUDA (it relies on a CUDA grad scaler); use bf16 on CPU")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("train.precision=bf16 is not supported by this GPU; use fp16")
+        raise InputError("train.precision=bf16 is not supported by this GPU; use fp16")
     return _PRECISIONS[precision]
 
 

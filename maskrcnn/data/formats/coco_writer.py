@@ -23,6 +23,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image
 
+from maskrcnn.errors import InputError
 from maskrcnn.data.coco import BOUNDS_TOLERANCE
 from maskrcnn.fileio import atomic_write, exif_orientation, image_header, save_json, swaps_axes
 
@@ -74,7 +75,7 @@ class Skipped:
     def add(self, kind: str, reason: str, file, where: str) -> None:
         """Count one shape of ``kind`` (e.g. "labelme line") left out of ``file`` because of ``reason``."""
         if self.strict:
-            raise ValueError(f"{where}: {reason} (left out without --strict)")
+            raise InputError(f"{where}: {reason} (left out without --strict)")
         self.shapes[kind] += 1
         self.files[kind].add(str(file))
         self.reasons[kind] = reason
@@ -110,15 +111,15 @@ def check_points(points, *, height: int, width: int, where: str, min_points: int
     try:
         array = np.asarray(points, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: points are not [x, y] number pairs") from None
+        raise InputError(f"{where}: points are not [x, y] number pairs") from None
     if array.ndim != 2 or array.shape[1] != 2 or not np.isfinite(array).all():
-        raise ValueError(f"{where}: points are not [x, y] number pairs")
+        raise InputError(f"{where}: points are not [x, y] number pairs")
     if len(array) < min_points:
-        raise ValueError(f"{where}: {len(array)} points, at least {min_points} needed")
+        raise InputError(f"{where}: {len(array)} points, at least {min_points} needed")
     tol = BOUNDS_TOLERANCE
     lo, hi = array.min(0), array.max(0)
     if lo[0] < -tol or lo[1] < -tol or hi[0] > width + tol or hi[1] > height + tol:
-        raise ValueError(f"{where}: points span x {lo[0]:g}..{hi[0]:g}, y {lo[1]:g}..{hi[1]:g}, outside the "
+        raise InputError(f"{where}: points span x {lo[0]:g}..{hi[0]:g}, y {lo[1]:g}..{hi[1]:g}, outside the "
                          f"{width}x{height} image by more than {tol:g} pixel")
     return clip_to_image(array, height, width)
 
@@ -168,7 +169,7 @@ def embedded_image_size(data: bytes, where: str) -> Tuple[int, int]:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"{where}: the embedded image does not decode: {exc}") from None
+        raise InputError(f"{where}: the embedded image does not decode: {exc}") from None
     return (width, height) if swaps_axes(exif_orientation(data)) else (height, width)
 
 
@@ -181,7 +182,7 @@ def check_size(stated: Optional[Tuple[int, int]], path: Path, where: str) -> Tup
         turned = (f"; that is its size as stored, before its EXIF orientation {orientation} turns it upright "
                   "(the annotations were made on the sideways pixels)"
                   if tuple(stated) == (width, height) and swaps_axes(orientation) else "")
-        raise ValueError(f"{where}: the annotations give {stated[1]}x{stated[0]} (WxH) but {path} is "
+        raise InputError(f"{where}: the annotations give {stated[1]}x{stated[0]} (WxH) but {path} is "
                          f"{width}x{height} upright{turned}")
     return height, width
 
@@ -189,7 +190,7 @@ def check_size(stated: Optional[Tuple[int, int]], path: Path, where: str) -> Tup
 def check_label(label, class_names: Sequence[str], where: str) -> str:
     """``label`` when it is one of ``class_names``; ValueError naming ``where`` and the known names."""
     if label not in class_names:
-        raise ValueError(f"{where}: label {label!r} is not in the class list {list(class_names)}")
+        raise InputError(f"{where}: label {label!r} is not in the class list {list(class_names)}")
     return label
 
 
@@ -224,7 +225,7 @@ def to_coco(records: Sequence[ImageRecord], class_names: Sequence[str]) -> dict:
                    if isinstance(segmentation, list) else segmentation)
             area = float(mask_utils.area(rle))
             if area == 0:
-                raise ValueError(f"{instance.where}: the shape covers no pixel of the "
+                raise InputError(f"{instance.where}: the shape covers no pixel of the "
                                  f"{record.width}x{record.height} image")
             bbox = [float(v) for v in mask_utils.toBbox(rle)]
             if instance.ignore:  # a crowd region of every category: COCO matches detections of a class only
@@ -246,10 +247,10 @@ def split_coco(dataset: dict, val_fraction: float, seed: int) -> Tuple[dict, dic
     """Split a COCO dict by image into ``(train, val)``; ``round(val_fraction * N)`` images (at least one,
     and at least one left for training) drawn at random with ``seed`` go to val. Ids are kept."""
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+        raise InputError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
     count = len(dataset["images"])
     if count < 2:
-        raise ValueError(f"cannot split {count} image(s) into a training and a validation set")
+        raise InputError(f"cannot split {count} image(s) into a training and a validation set")
     num_val = min(max(1, round(val_fraction * count)), count - 1)
     val_ids = {dataset["images"][i]["id"] for i in np.random.default_rng(seed).permutation(count)[:num_val]}
 
@@ -290,11 +291,11 @@ def write_conversion(out: Union[str, Path], conversion: Conversion, *, val_fract
     out = Path(out)
     subsets = conversion.subsets
     if subsets and val_fraction > 0:
-        raise ValueError(f"the source already splits its images into subsets {subsets}; "
+        raise InputError(f"the source already splits its images into subsets {subsets}; "
                          "--val-fraction splits only a source without subsets")
     for subset in subsets:
         if not SUBSET_NAME.fullmatch(subset):
-            raise ValueError(f"subset name {subset!r} cannot be part of a file name (letters, digits, _ . - only)")
+            raise InputError(f"subset name {subset!r} cannot be part of a file name (letters, digits, _ . - only)")
     datasets = {subset: to_coco([r for r in conversion.records if r.subset == subset], conversion.class_names)
                 for subset in subsets} or {"all": to_coco(conversion.records, conversion.class_names)}
     for record in conversion.records:
@@ -321,7 +322,7 @@ def mask_from_box_crop(crop: np.ndarray, left: int, top: int, height: int, width
     h, w = crop.shape
     tol = BOUNDS_TOLERANCE
     if left < -tol or top < -tol or left + w > width + tol or top + h > height + tol:
-        raise ValueError(f"{where}: mask of {w}x{h} at ({left}, {top}) lies outside the {width}x{height} image")
+        raise InputError(f"{where}: mask of {w}x{h} at ({left}, {top}) lies outside the {width}x{height} image")
     mask = np.zeros((height, width), dtype=bool)
     y0, x0 = max(top, 0), max(left, 0)
     y1, x1 = min(top + h, height), min(left + w, width)

@@ -29,6 +29,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from maskrcnn.errors import InputError
 from maskrcnn.data.formats.coco_writer import (Conversion, ImageRecord, Instance, Skipped, box_polygon,
                                                check_labels, check_points, check_size, class_names_from,
                                                clip_to_image, ellipse_polygon, mask_from_box_crop, relative_name)
@@ -57,9 +58,9 @@ def read_cvat(src, *, image_dir=None, class_names: Optional[Sequence[str]] = Non
     try:
         root = ET.parse(src).getroot()
     except ET.ParseError as exc:
-        raise ValueError(f"{src}: not well-formed XML: {exc}") from None
+        raise InputError(f"{src}: not well-formed XML: {exc}") from None
     if root.tag != "annotations":
-        raise ValueError(f"{src}: root element is <{root.tag}>, expected <annotations> (CVAT for images 1.1)")
+        raise InputError(f"{src}: root element is <{root.tag}>, expected <annotations> (CVAT for images 1.1)")
     meta_names = [label.findtext("name") for label in root.iterfind("meta//labels/label")
                   if label.find("parent") is None and label.findtext("type") not in SKIPPED_TAGS + ("skeleton",)]
     skipped = Skipped(strict)
@@ -74,9 +75,9 @@ def _read_image(element: ET.Element, src: Path, image_dir: Path, skipped: Skippe
     try:
         height, width = int(element.get("height")), int(element.get("width"))
     except (TypeError, ValueError):
-        raise ValueError(f"{src}: <image name={name!r}> needs integer width and height") from None
+        raise InputError(f"{src}: <image name={name!r}> needs integer width and height") from None
     if name is None:
-        raise ValueError(f"{src}: <image id={element.get('id')!r}> has no name")
+        raise InputError(f"{src}: <image id={element.get('id')!r}> has no name")
     subset = element.get("subset") or ""
     where_image = f"{src}: image {name!r}" + (f" of subset {subset!r}" if subset else "")
     path = image_dir / subset / name
@@ -92,7 +93,7 @@ def _read_image(element: ET.Element, src: Path, image_dir: Path, skipped: Skippe
             skipped.add(f"CVAT {shape.tag}", "no outline of an object", src, where)
             continue
         if shape.tag not in SHAPE_TAGS:
-            raise ValueError(f"{where}: unsupported element <{shape.tag}> (expected one of "
+            raise InputError(f"{where}: unsupported element <{shape.tag}> (expected one of "
                              f"{SHAPE_TAGS + SKIPPED_TAGS})")
         if not label:
             skipped.add(f"CVAT unlabelled {shape.tag}", "no label", src, where)
@@ -116,7 +117,7 @@ def _numbers(shape: ET.Element, keys: Sequence[str], where: str) -> List[float]:
     try:
         return [float(shape.get(key)) for key in keys]
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: attributes {', '.join(keys)} must all be numbers") from None
+        raise InputError(f"{where}: attributes {', '.join(keys)} must all be numbers") from None
 
 
 def _shape_part(shape: ET.Element, height: int, width: int, where: str) -> np.ndarray:
@@ -125,28 +126,28 @@ def _shape_part(shape: ET.Element, height: int, width: int, where: str) -> np.nd
         try:
             points = [[float(v) for v in pair.split(",")] for pair in (shape.get("points") or "").split(";")]
         except ValueError:
-            raise ValueError(f"{where}: points {shape.get('points')!r} are not 'x,y;x,y;...'") from None
+            raise InputError(f"{where}: points {shape.get('points')!r} are not 'x,y;x,y;...'") from None
         return check_points(points, height=height, width=width, where=where)
     if shape.tag == "box":
         x0, y0, x1, y1 = _numbers(shape, ("xtl", "ytl", "xbr", "ybr"), where)
         if x1 <= x0 or y1 <= y0:
-            raise ValueError(f"{where}: the box has no area")
+            raise InputError(f"{where}: the box has no area")
         corners = box_polygon(x0, y0, x1, y1, float(shape.get("rotation", 0.0)))
         return check_points(corners, height=height, width=width, where=where)
     if shape.tag == "ellipse":
         cx, cy, rx, ry = _numbers(shape, ("cx", "cy", "rx", "ry"), where)
         if rx <= 0 or ry <= 0:
-            raise ValueError(f"{where}: the ellipse has no area (rx {rx:g}, ry {ry:g})")
+            raise InputError(f"{where}: the ellipse has no area (rx {rx:g}, ry {ry:g})")
         return clip_to_image(ellipse_polygon(cx, cy, rx, ry, float(shape.get("rotation", 0.0))), height, width)
     left, top, w, h = (int(v) for v in _numbers(shape, ("left", "top", "width", "height"), where))
     try:
         runs = np.array([int(v) for v in (shape.get("rle") or "").split(",")], dtype=np.int64)
     except ValueError:
-        raise ValueError(f"{where}: rle {shape.get('rle')[:50]!r}... is not comma-separated integers") from None
+        raise InputError(f"{where}: rle {shape.get('rle')[:50]!r}... is not comma-separated integers") from None
     if w <= 0 or h <= 0 or (runs < 0).any() or runs.sum() != w * h:
-        raise ValueError(f"{where}: rle runs sum to {runs.sum()}, expected width x height = {w}x{h} = {w * h}")
+        raise InputError(f"{where}: rle runs sum to {runs.sum()}, expected width x height = {w}x{h} = {w * h}")
     values = np.arange(len(runs)) % 2 == 1  # runs alternate 0s, 1s, 0s, ...
     crop = np.repeat(values, runs).reshape(h, w)
     if not crop.any():
-        raise ValueError(f"{where}: the mask is empty")
+        raise InputError(f"{where}: the mask is empty")
     return mask_from_box_crop(crop, left, top, height, width, where)

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from maskrcnn.errors import InputError
 from maskrcnn.data.formats.coco_writer import (Conversion, ImageRecord, Instance, Skipped, box_polygon,
                                                check_labels, check_points, check_size, class_names_from,
                                                clip_to_image, ellipse_polygon, embedded_image_size, mask_from_box_crop,
@@ -63,7 +64,7 @@ def read_labelme(src, *, image_dir=None, class_names: Optional[Sequence[str]] = 
     image_dir = Path(image_dir) if image_dir is not None else src
     files = sorted(src.rglob("*.json"))
     if not files:
-        raise ValueError(f"no labelme .json files in {src}")
+        raise InputError(f"no labelme .json files in {src}")
     skipped = Skipped(strict)
     records = [read_labelme_file(path, image_dir, skipped)
                for path in tqdm(files, desc="labelme", unit="file", disable=len(files) < 100)]
@@ -79,17 +80,17 @@ def read_labelme_file(path: Path, image_dir: Path, skipped: Skipped) -> ImageRec
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable JSON file: {exc}") from None
+        raise InputError(f"{path}: not a readable JSON file: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("shapes"), list) \
             or not isinstance(data.get("imagePath"), str):
-        raise ValueError(f"{path}: not a labelme file (expected an object with 'shapes' and 'imagePath')")
+        raise InputError(f"{path}: not a labelme file (expected an object with 'shapes' and 'imagePath')")
     image_path = path.parent / data["imagePath"].replace("\\", "/")
     embedded = None
     if not image_path.is_file() and data.get("imageData"):
         try:
             embedded = base64.b64decode(data["imageData"], validate=True)
         except (binascii.Error, TypeError, ValueError):
-            raise ValueError(f"{path}: image {image_path} not found and 'imageData' is not base64") from None
+            raise InputError(f"{path}: image {image_path} not found and 'imageData' is not base64") from None
         height, width = embedded_image_size(embedded, f"{path}: imageData")
     else:
         stated = (data.get("imageHeight"), data.get("imageWidth"))
@@ -98,11 +99,11 @@ def read_labelme_file(path: Path, image_dir: Path, skipped: Skipped) -> ImageRec
     groups = {}
     for index, shape in enumerate(data["shapes"]):
         if not isinstance(shape, dict):
-            raise ValueError(f"{path}: shape {index} is not an object")
+            raise InputError(f"{path}: shape {index} is not an object")
         label, shape_type = shape.get("label"), shape.get("shape_type") or "polygon"
         where = f"{path}: shape {index} ({shape_type} {label!r})"
         if not isinstance(label, str) or not label:
-            raise ValueError(f"{where}: missing label")
+            raise InputError(f"{where}: missing label")
         if shape_type in LINE_TYPES:
             skipped.add(f"labelme {shape_type}", "no area", path, where)
             continue
@@ -124,38 +125,38 @@ def read_labelme_file(path: Path, image_dir: Path, skipped: Skipped) -> ImageRec
 def _shape_part(shape: dict, shape_type: str, height: int, width: int, where: str) -> np.ndarray:
     """A shape as a polygon ``(P, 2)`` float64 or a full-image mask ``(H, W)`` bool."""
     if shape_type not in AREA_TYPES:
-        raise ValueError(f"{where}: unsupported shape type {shape_type!r} (expected one of {AREA_TYPES})")
+        raise InputError(f"{where}: unsupported shape type {shape_type!r} (expected one of {AREA_TYPES})")
     points = shape.get("points")
     if shape_type == "polygon":
         return check_points(points, height=height, width=width, where=where)
     corners = check_points(points, height=height, width=width, where=where, min_points=2)
     if len(corners) != 2:
-        raise ValueError(f"{where}: {len(corners)} points, expected 2")
+        raise InputError(f"{where}: {len(corners)} points, expected 2")
     if shape_type == "rectangle":
         (x0, y0), (x1, y1) = corners.min(0), corners.max(0)
         if x1 <= x0 or y1 <= y0:
-            raise ValueError(f"{where}: the rectangle has no area")
+            raise InputError(f"{where}: the rectangle has no area")
         return box_polygon(x0, y0, x1, y1)
     if shape_type == "circle":
         centre, rim = corners
         radius = float(np.hypot(*(rim - centre)))
         if radius <= 0:
-            raise ValueError(f"{where}: the circle has radius 0")
+            raise InputError(f"{where}: the circle has radius 0")
         return clip_to_image(ellipse_polygon(centre[0], centre[1], radius, radius), height, width)
     encoded = shape.get("mask")
     if not isinstance(encoded, str):
-        raise ValueError(f"{where}: mask shape without a base64 'mask' image")
+        raise InputError(f"{where}: mask shape without a base64 'mask' image")
     try:
         with Image.open(io.BytesIO(base64.b64decode(encoded))) as img:
             crop = np.asarray(img).astype(bool)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{where}: 'mask' is not a base64 image: {exc}") from None
+        raise InputError(f"{where}: 'mask' is not a base64 image: {exc}") from None
     if crop.ndim == 3:
         crop = crop.any(2)
     (x0, y0), (x1, y1) = np.asarray(points, dtype=np.float64).astype(int)
     if crop.shape != (y1 - y0 + 1, x1 - x0 + 1):
-        raise ValueError(f"{where}: mask image is {crop.shape[1]}x{crop.shape[0]} but the points span "
+        raise InputError(f"{where}: mask image is {crop.shape[1]}x{crop.shape[0]} but the points span "
                          f"{x1 - x0 + 1}x{y1 - y0 + 1} pixels")
     if not crop.any():
-        raise ValueError(f"{where}: the mask is empty")
+        raise InputError(f"{where}: the mask is empty")
     return mask_from_box_crop(crop, int(x0), int(y0), height, width, where)

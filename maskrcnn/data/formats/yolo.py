@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from maskrcnn.errors import InputError
 from maskrcnn.data.formats.coco_writer import (Conversion, ImageRecord, Instance, box_polygon, check_label,
                                                check_points, image_size, relative_name)
 from maskrcnn.fileio import image_files
@@ -93,9 +94,9 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not readable YAML: {exc}") from None
+        raise InputError(f"{path}: not readable YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping with 'names' (and 'path', 'train', 'val')")
+        raise InputError(f"{path}: expected a mapping with 'names' (and 'path', 'train', 'val')")
     return data
 
 
@@ -103,10 +104,10 @@ def _read_names(data: dict, path: Path) -> List[str]:
     names = data.get("names")
     if isinstance(names, dict):
         if sorted(names) != list(range(len(names))):
-            raise ValueError(f"{path}: 'names' keys must be the class indices 0..{len(names) - 1}")
+            raise InputError(f"{path}: 'names' keys must be the class indices 0..{len(names) - 1}")
         names = [names[i] for i in range(len(names))]
     if not isinstance(names, list) or not names:
-        raise ValueError(f"{path}: expected 'names', a list of class names or a mapping index -> name")
+        raise InputError(f"{path}: expected 'names', a list of class names or a mapping index -> name")
     return [str(name) for name in names]
 
 
@@ -171,9 +172,9 @@ def _read_labels(path: Path, names: Sequence[str], height: int, width: int) -> L
         try:
             values = [float(v) for v in line.split()]
         except ValueError:
-            raise ValueError(f"{where}: expected numbers, got {line[:60]!r}") from None
+            raise InputError(f"{where}: expected numbers, got {line[:60]!r}") from None
         if not values[0].is_integer() or not 0 <= values[0] < len(names):
-            raise ValueError(f"{where}: class index {values[0]:g} is not one of the {len(names)} names "
+            raise InputError(f"{where}: class index {values[0]:g} is not one of the {len(names)} names "
                              f"0..{len(names) - 1}")
         label = check_label(names[int(values[0])], names, where)
         coords = np.asarray(values[1:], dtype=np.float64)
@@ -182,7 +183,7 @@ def _read_labels(path: Path, names: Sequence[str], height: int, width: int) -> L
             points = box_polygon(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
             where += f" (box {label!r})"
         elif len(coords) % 2:
-            raise ValueError(f"{where}: odd number of coordinates ({len(coords)})")
+            raise InputError(f"{where}: odd number of coordinates ({len(coords)})")
         else:
             points = coords.reshape(-1, 2) * [width, height]
             where += f" (polygon {label!r})"
