@@ -129,6 +129,7 @@ class BatchQueue:
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self.held = 0  # requests between reserve() and release()
+        self.queued = 0  # requests submitted and not yet answered (waiting or running)
         self.batch_sizes: List[int] = []  # every batch run so far
         self.batch_seconds = 0.0  # how long the last batch ran
         self._queue: Optional[asyncio.Queue] = None
@@ -153,9 +154,11 @@ class BatchQueue:
         """Queue one image and wait for its detections; cancelling the wait drops the image from the queue."""
         job = [image, asyncio.get_running_loop().create_future()]
         self._queue.put_nowait(job)
+        self.queued += 1
         try:
             return await job[1]
         finally:
+            self.queued -= 1
             job[0] = None  # answered or given up: the queue no longer holds the pixels
 
     async def run(self) -> None:
@@ -324,7 +327,7 @@ def create_app(predict: Callable[[List[np.ndarray]], List[Instances]], *, class_
         sizes = queue.batch_sizes
         return {"status": "ok", "classes": list(class_names), "batches": len(sizes), "images": sum(sizes),
                 "largest_batch": max(sizes, default=0), "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
-                "held": queue.held, "max_queue": max_queue, **counts}
+                "held": queue.held, "queued": queue.queued, "max_queue": max_queue, **counts}
 
     async def answer(request: Request, stage: List[str]) -> Tuple[np.ndarray, Instances]:
         """Read, check and decode the upload, then wait for its detections -> (pixels, detections);
