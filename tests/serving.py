@@ -28,9 +28,9 @@ ROOT = Path(__file__).parents[1]
 CLASS_NAMES = ["circle", "square", "triangle"]
 
 
-def png_bytes(array: np.ndarray) -> bytes:
+def png_bytes(array: np.ndarray, compress_level: int = 6) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 
