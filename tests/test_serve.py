@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskrcnn.deploy.serve import UploadError, decode_upload, post_image
+from maskrcnn.deploy.serve import UploadError, decode_upload, load_test, post_image
 from serving import ROOT, get_json, png_bytes, serve_tool, tiny_predictor, write_checkpoint
 
 TOKEN = "s3cret"
@@ -123,6 +123,16 @@ def test_malformed_requests_get_4xx_and_the_service_keeps_serving(service):
         mixed = list(pool.map(lambda data: post_image(base + "/predict", data, token=TOKEN)[0],
                               [b"junk", png_bytes(image(40, 40, 2)), bomb_png(), png_bytes(image(50, 30, 3))]))
     assert mixed == [400, 200, 413, 200]
+
+
+def test_load_test_counts_answers_refusals_and_errors(service):
+    base, _ = service
+    data = png_bytes(image(40, 50, 4))
+    good = load_test(base + "/predict", data, content_type="image/png", concurrency=2, requests=4, max_seconds=60,
+                     token=TOKEN)
+    assert (good["requests"], good["refused"], good["errors"]) == (4, 0, 0) and good["p95_s"] >= good["p50_s"] > 0
+    bad = load_test(base + "/predict", data, content_type="image/png", concurrency=1, requests=2, max_seconds=60)
+    assert (bad["requests"], bad["refused"], bad["errors"]) == (2, 0, 2)  # no token: 401
 
 
 def serve_cli(*args: str) -> subprocess.CompletedProcess:

@@ -417,16 +417,17 @@ def post_image(url: str, data: bytes, *, filename: str = "image.png", content_ty
 def load_test(url: str, data: bytes, *, content_type: str, concurrency: int, requests: int, max_seconds: float,
               token: Optional[str] = None) -> dict:
     """Send up to ``requests`` uploads of ``data`` to ``url`` from ``concurrency`` threads, stopping new
-    requests after ``max_seconds``. Returns ``requests`` (sent), ``errors`` (non-200 answers),
-    ``requests_per_s`` and the latency percentiles ``p50_s`` and ``p95_s``."""
+    requests after ``max_seconds``. Returns ``requests`` (sent), ``refused`` (503 answers: the service's
+    queue was full), ``errors`` (other non-200 answers), ``requests_per_s`` and the latency percentiles
+    ``p50_s`` and ``p95_s``."""
     latencies: List[float] = []
-    errors = 0
+    refused = errors = 0
     lock = threading.Lock()
     counter = iter(range(requests))
     start = time.perf_counter()
 
     def client():
-        nonlocal errors
+        nonlocal refused, errors
         while time.perf_counter() - start < max_seconds:
             with lock:
                 if next(counter, None) is None:
@@ -435,7 +436,8 @@ def load_test(url: str, data: bytes, *, content_type: str, concurrency: int, req
             status, _ = post_image(url, data, content_type=content_type, token=token)
             with lock:
                 latencies.append(time.perf_counter() - sent)
-                errors += status != 200
+                refused += status == 503
+                errors += status not in (200, 503)
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for thread in threads:
@@ -443,5 +445,6 @@ def load_test(url: str, data: bytes, *, content_type: str, concurrency: int, req
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - start
-    return {"requests": len(latencies), "errors": errors, "requests_per_s": len(latencies) / elapsed,
+    return {"requests": len(latencies), "refused": refused, "errors": errors,
+            "requests_per_s": len(latencies) / elapsed,
             "p50_s": float(np.percentile(latencies, 50)), "p95_s": float(np.percentile(latencies, 95))}
