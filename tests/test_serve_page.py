@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
+from PIL import Image
 
 from browser import chromium
 from maskrcnn.data.shapes import render_image
@@ -82,3 +83,36 @@ def test_an_upload_in_the_page_shows_the_apis_detections_and_the_slider_filters_
         shots = Path(os.environ.get("MASKRCNN_SCREENSHOTS") or tempfile.mkdtemp(prefix="maskrcnn-screens-"))
         shots.mkdir(parents=True, exist_ok=True)
         assert driver.save_screenshot(str(shots / "service_page.png"))
+
+
+def test_the_page_draws_a_rotated_jpeg_as_stored_like_the_service(service, tmp_path):
+    """A JPEG whose EXIF says "rotate 90°": the service decodes the pixels as stored, and so must the page,
+    or every box and mask would land on the wrong pixels."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:, :32] = 255  # left half white, as stored
+    picture = Image.fromarray(stored)
+    exif = picture.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    path = tmp_path / "rotated.jpg"
+    picture.save(path, quality=95, exif=exif.tobytes())
+    status, body = post_image(service + "/predict", path.read_bytes(), content_type="image/jpeg", token=TOKEN)
+    assert status == 200 and (json.loads(body)["height"], json.loads(body)["width"]) == (32, 64)
+
+    with chromium() as driver:
+        wait = WebDriverWait(driver, 60)
+        driver.get(service + "/")
+        wait.until(lambda d: d.find_element(By.ID, "token-form").is_displayed())
+        driver.find_element(By.ID, "token").send_keys(TOKEN + "\n")
+        wait.until(lambda d: d.find_element(By.ID, "status").text == "Ready.")
+        slider = driver.find_element(By.ID, "score")
+        driver.execute_script("arguments[0].value = 1; arguments[0].dispatchEvent(new Event('input'));", slider)
+        driver.find_element(By.ID, "file").send_keys(str(path))
+        wait.until(lambda d: "detections." in d.find_element(By.ID, "status").text)
+        red = driver.execute_script(
+            "const ctx = document.getElementById('canvas').getContext('2d');"
+            "return arguments[0].map(([x, y]) => ctx.getImageData(x, y, 1, 1).data[0]);",
+            [[8, 4], [56, 4], [8, 28], [56, 28]])
+    assert [value > 128 for value in red] == [True, False, True, False], red
