@@ -28,6 +28,19 @@ def service(tmp_path_factory):
         yield base
 
 
+def open_page(driver, base: str):
+    """Open the page, give it the token it asks for, wait until it is ready; returns a 60 s WebDriverWait."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, 60)
+    driver.get(base + "/")
+    wait.until(lambda d: d.find_element(By.ID, "token-form").is_displayed())
+    driver.find_element(By.ID, "token").send_keys(TOKEN + "\n")
+    wait.until(lambda d: d.find_element(By.ID, "status").text == "Ready.")
+    return wait
+
+
 def test_the_page_is_self_contained_and_opens_no_cross_origin_access(service):
     request = urllib.request.Request(service + "/", headers={"Origin": "http://elsewhere.example"})
     with urllib.request.urlopen(request, timeout=10) as response:  # no token needed for the page itself
@@ -42,7 +55,6 @@ def test_the_page_is_self_contained_and_opens_no_cross_origin_access(service):
 
 def test_an_upload_in_the_page_shows_the_apis_detections_and_the_slider_filters_them(service, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     pixels, _ = render_image(np.random.default_rng(5), min_size=240, max_size=320)
     path = tmp_path / "shapes.png"
@@ -53,11 +65,7 @@ def test_an_upload_in_the_page_shows_the_apis_detections_and_the_slider_filters_
     assert len(expected) >= 2, "the tiny model should find a few regions at score 0.05"
 
     with chromium() as driver:
-        wait = WebDriverWait(driver, 60)
-        driver.get(service + "/")
-        wait.until(lambda d: d.find_element(By.ID, "token-form").is_displayed())
-        driver.find_element(By.ID, "token").send_keys(TOKEN + "\n")
-        wait.until(lambda d: d.find_element(By.ID, "status").text == "Ready.")
+        wait = open_page(driver, service)
         driver.find_element(By.ID, "file").send_keys(str(path))
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#detections tbody tr")) == len(expected))
         rows = [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
@@ -89,7 +97,6 @@ def test_the_page_draws_a_rotated_jpeg_as_stored_like_the_service(service, tmp_p
     """A JPEG whose EXIF says "rotate 90°": the service decodes the pixels as stored, and so must the page,
     or every box and mask would land on the wrong pixels."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     stored = np.zeros((32, 64, 3), np.uint8)
     stored[:, :32] = 255  # left half white, as stored
@@ -102,11 +109,7 @@ def test_the_page_draws_a_rotated_jpeg_as_stored_like_the_service(service, tmp_p
     assert status == 200 and (json.loads(body)["height"], json.loads(body)["width"]) == (32, 64)
 
     with chromium() as driver:
-        wait = WebDriverWait(driver, 60)
-        driver.get(service + "/")
-        wait.until(lambda d: d.find_element(By.ID, "token-form").is_displayed())
-        driver.find_element(By.ID, "token").send_keys(TOKEN + "\n")
-        wait.until(lambda d: d.find_element(By.ID, "status").text == "Ready.")
+        wait = open_page(driver, service)
         slider = driver.find_element(By.ID, "score")
         driver.execute_script("arguments[0].value = 1; arguments[0].dispatchEvent(new Event('input'));", slider)
         driver.find_element(By.ID, "file").send_keys(str(path))
