@@ -3,36 +3,22 @@ malformed requests."""
 
 import io
 import json
-import socket
+import os
 import struct
 import subprocess
 import sys
-import time
-import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from maskrcnn.config import config_to_dict
-from maskrcnn.deploy.serve import UploadError, decode_upload, post_image
-from maskrcnn.predictor import Predictor
-from tiny import tiny_config
+from maskrcnn.deploy.serve import UploadError, decode_upload, is_loopback, load_test, post_image
+from serving import ROOT, get_json, png_bytes, serve_tool, tiny_predictor, write_checkpoint
 
-ROOT = Path(__file__).parents[1]
-CLASS_NAMES = ["circle", "square", "triangle"]
 TOKEN = "s3cret"
 MAX_BYTES = 200_000
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
@@ -77,48 +63,15 @@ def test_a_good_upload_decodes_to_rgb():
     assert decoded.shape == (9, 7, 3) and np.array_equal(decoded[..., 1], gray)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     """tools/serve.py on a tiny random model, guarded by a token; yields (base url, predictor of the same model)."""
-    torch.manual_seed(0)
-    predictor = Predictor(tiny_config(), None, class_names=CLASS_NAMES, score_thresh=0.2, mask_format="rle")
-    checkpoint = tmp_path_factory.mktemp("serve") / "model.pth"
-    torch.save({"model": predictor.model.state_dict(), "config": config_to_dict(tiny_config()),
-                "class_names": CLASS_NAMES}, checkpoint)
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tools/serve.py"), "--checkpoint", str(checkpoint), "--port", str(port),
-         "--token", TOKEN, "--score-thresh", "0.2", "--max-batch-size", "4", "--max-wait-ms", "200",
-         "--max-bytes", str(MAX_BYTES), "--max-pixels", "1000000"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            request = urllib.request.Request(base + "/health", headers={"Authorization": f"Bearer {TOKEN}"})
-            with urllib.request.urlopen(request, timeout=5) as response:
-                assert response.status == 200
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"the service did not start: {process.communicate()[1][-2000:]}")
-            time.sleep(0.5)
-    yield base, predictor
-    process.terminate()
-    process.wait(timeout=30)
-
-
-def health(base: str) -> dict:
-    request = urllib.request.Request(base + "/health", headers={"Authorization": f"Bearer {TOKEN}"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
+    predictor = tiny_predictor(score_thresh=0.2)
+    checkpoint = write_checkpoint(predictor, tmp_path_factory.mktemp("serve") / "model.pth")
+    with serve_tool(["--checkpoint", str(checkpoint), "--token", TOKEN, "--score-thresh", "0.2",
+                     "--max-batch-size", "4", "--max-wait-ms", "200", "--max-bytes", str(MAX_BYTES),
+                     "--max-pixels", "1000000"], token=TOKEN) as base:
+        yield base, predictor
 
 
 def test_concurrent_requests_are_batched_and_match_the_predictor(service):
@@ -138,7 +91,7 @@ def test_concurrent_requests_are_batched_and_match_the_predictor(service):
             assert detection["box"] == pytest.approx(box, abs=1e-3)
             assert detection["score"] == pytest.approx(score, abs=1e-5)
             assert detection["class_name"] == name and detection["segmentation"] == rle
-    stats = health(base)
+    stats = get_json(base + "/health", TOKEN)
     assert stats["images"] >= 8 and 1 < stats["largest_batch"] <= 4, stats
 
 
@@ -172,7 +125,33 @@ def test_malformed_requests_get_4xx_and_the_service_keeps_serving(service):
     assert mixed == [400, 200, 413, 200]
 
 
+def test_load_test_counts_answers_refusals_and_errors(service):
+    base, _ = service
+    data = png_bytes(image(40, 50, 4))
+    good = load_test(base + "/predict", data, content_type="image/png", concurrency=2, requests=4, max_seconds=60,
+                     token=TOKEN)
+    assert (good["requests"], good["refused"], good["errors"]) == (4, 0, 0) and good["p95_s"] >= good["p50_s"] > 0
+    bad = load_test(base + "/predict", data, content_type="image/png", concurrency=1, requests=2, max_seconds=60)
+    assert (bad["requests"], bad["refused"], bad["errors"]) == (2, 0, 2)  # no token: 401
+
+
+def serve_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "tools/serve.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env)
+
+
+def test_only_loopback_addresses_and_localhost_count_as_loopback():
+    assert all(map(is_loopback, ["127.0.0.1", "127.8.9.10", "::1", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "192.168.1.2", "::", "some.name", "localhost.example"]))
+
+
 def test_serve_refuses_to_listen_off_loopback_without_a_token():
-    done = subprocess.run([sys.executable, str(ROOT / "tools/serve.py"), "--checkpoint", "unused.pth",
-                           "--host", "0.0.0.0"], capture_output=True, text=True, cwd=ROOT)
+    done = serve_cli("--checkpoint", "unused.pth", "--host", "some.name")
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "--token" in done.stderr
+
+
+def test_serve_accepts_a_host_name_with_a_token():
+    # Past the address check, the next thing it meets is the missing checkpoint (nothing is bound).
+    done = serve_cli("--checkpoint", "missing.pth", "--host", "some.name", "--token", TOKEN)
+    assert done.returncode == 2 and "missing.pth" in done.stderr and "--token" not in done.stderr, done.stderr

@@ -5,7 +5,8 @@ at several concurrency levels.
     python tools/load_test.py --url http://127.0.0.1:8000 --image data/shapes/val/000001.jpg
 
 Each level sends ``--requests`` uploads of the image from that many client threads (bounded in count and
-in ``--max-seconds`` per level) and prints requests/s and p50 / p95 latency. Only loopback URLs are
+in ``--max-seconds`` per level) and prints requests/s, p50 / p95 latency and how many requests the
+service refused (503: its ``--max-queue`` was full) or failed. Only loopback URLs are
 accepted: this is a measuring tool, not a load generator for other machines.
 """
 
@@ -34,13 +35,13 @@ def main(argv=None) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     content_type = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
-    print("| concurrency | requests | errors | requests/s | p50 latency (s) | p95 latency (s) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| concurrency | requests | refused | errors | requests/s | p50 latency (s) | p95 latency (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for concurrency in args.concurrency:
         r = load_test(args.url.rstrip("/") + "/predict", path.read_bytes(), content_type=content_type,
                       concurrency=concurrency, requests=args.requests, max_seconds=args.max_seconds,
                       token=args.token)
-        print(f"| {concurrency} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} | "
+        print(f"| {concurrency} | {r['requests']} | {r['refused']} | {r['errors']} | {r['requests_per_s']:.2f} | "
               f"{r['p50_s']:.3f} | {r['p95_s']:.3f} |", flush=True)
 
 

@@ -5,21 +5,21 @@
     curl -F image=@street.jpg http://127.0.0.1:8000/predict
     curl -F image=@street.jpg "http://127.0.0.1:8000/predict?overlay=1" -o overlay.png
 
-Endpoints: ``POST /predict`` (multipart field ``image``; JSON, or a PNG with ``?overlay=1``) and
-``GET /health``; see ``maskrcnn.deploy.serve``. It listens on 127.0.0.1 unless ``--host`` says otherwise;
-any other host needs ``--token`` (requests then carry ``Authorization: Bearer <token>``).
+Endpoints: ``POST /predict`` (multipart field ``image``; JSON, or a PNG with ``?overlay=1``),
+``GET /health`` and ``GET /`` (a page: drop an image, see its masks); see ``maskrcnn.deploy.serve`` and
+docs/service.md. It listens on 127.0.0.1 unless ``--host`` says otherwise; any other address or host name
+needs ``--token`` (requests then carry ``Authorization: Bearer <token>``).
 """
 
 import argparse
 import io
-import ipaddress
 
 import uvicorn
 from PIL import Image
 
 from maskrcnn.cli import run
 from maskrcnn.deploy.runtime import RUNTIMES, ExportedPredictor
-from maskrcnn.deploy.serve import create_app
+from maskrcnn.deploy.serve import create_app, is_loopback
 from maskrcnn.errors import InputError
 from maskrcnn.predictor import PRECISIONS, Predictor
 from maskrcnn.visualize import draw_instances
@@ -40,11 +40,14 @@ def main(argv=None) -> None:
     parser.add_argument("--token", help="bearer token every request must carry (required off loopback)")
     parser.add_argument("--max-batch-size", type=int, default=4, help="images per batch at most")
     parser.add_argument("--max-wait-ms", type=float, default=10.0, help="wait for more images after the first")
+    parser.add_argument("--max-queue", type=int, default=32,
+                        help="requests held at once (uploading, decoding, waiting, running); more get 503")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request, upload to answer")
     parser.add_argument("--max-bytes", type=int, default=20 * 2**20, help="largest upload in bytes")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (W x H)")
     args = parser.parse_args(argv)
-    if args.host != "localhost" and not ipaddress.ip_address(args.host).is_loopback and args.token is None:
-        raise InputError(f"listening on {args.host} needs --token")
+    if args.token is None and not is_loopback(args.host):
+        raise InputError(f"listening on {args.host} needs --token (only loopback and localhost go without)")
     if args.checkpoint:
         predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, mask_format="rle",
                                               score_thresh=args.score_thresh)
@@ -53,8 +56,8 @@ def main(argv=None) -> None:
     print(predictor.resolved_precision.message)
     app = create_app(lambda images: [r.filter(args.score_thresh) for r in predictor(images)],
                      class_names=predictor.class_names, draw=overlay_png, max_batch_size=args.max_batch_size,
-                     max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes, max_pixels=args.max_pixels,
-                     token=args.token)
+                     max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout,
+                     max_bytes=args.max_bytes, max_pixels=args.max_pixels, token=args.token)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
