@@ -51,6 +51,28 @@ def _versions() -> Dict[str, str]:
     return found
 
 
+def read_results(path: Union[str, Path]) -> List[dict]:
+    """COCO result dicts from a JSON file (``results.json`` of ``tools/eval.py`` or ``tools/analyze.py``).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file (and the entry) when it
+    is not JSON, not a list, or an entry lacks ``image_id``, ``category_id``, ``score`` or ``bbox``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {path}")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"results file {path} is not JSON: {error}") from error
+    if not isinstance(results, list):
+        raise ValueError(f"results file {path} holds a {type(results).__name__}, expected a list of COCO results")
+    for n, result in enumerate(results):
+        missing = [k for k in ("image_id", "category_id", "score", "bbox") if not isinstance(result, dict) or k not in result]
+        if missing:
+            raise ValueError(f"results file {path}: entry {n} lacks {', '.join(missing)}")
+    return results
+
+
 def _fmt(value: Optional[float], scale: float = 100) -> str:
     return "-" if value is None else f"{scale * value:.1f}"
 
