@@ -44,15 +44,18 @@ def _detection(image_id, cat, box, score):
 
 
 def _dataset(root: Path, num_images: int = 6, crowd: bool = False) -> Path:
-    """``num_images`` noise images with two rectangles each (categories in turn), written with their json.
+    """``num_images`` images with two filled rectangles each (categories in turn), written with their json.
     Odd annotations are polygons, even ones RLE; with ``crowd`` image 1 also holds a crowd region."""
     (root / "images").mkdir(parents=True)
     rng = np.random.default_rng(0)
     images, annotations = [], []
     for image_id in range(1, num_images + 1):
         images.append({"id": image_id, "file_name": f"{image_id:03d}.png", "height": SIZE, "width": SIZE})
-        cv2.imwrite(str(root / "images" / f"{image_id:03d}.png"), rng.integers(0, 255, (SIZE, SIZE, 3), np.uint8))
-        for k, box in enumerate([(4, 6, 30, 24), (40, 36, 32, 36)]):
+        pixels = np.tile(np.linspace(60, 160, SIZE, dtype=np.uint8)[:, None, None], (1, SIZE, 3))
+        for x, y, w, h in [(4, 6, 30, 24), (40, 36, 32, 36)]:
+            pixels[y:y + h, x:x + w] = rng.integers(0, 255, 3)
+        cv2.imwrite(str(root / "images" / f"{image_id:03d}.png"), pixels)
+        for box in [(4, 6, 30, 24), (40, 36, 32, 36)]:
             ann_id = len(annotations) + 1
             x, y, w, h = box
             segmentation = [[x, y, x + w, y, x + w, y + h, x, y + h]] if ann_id % 2 else _rle(*box)
@@ -240,6 +243,7 @@ def test_report_gallery_in_a_browser(tmp_path):
         Select(driver.find_element(By.ID, "error")).select_by_visible_text("duplicate")
         assert cards() and all("dupe" in card.text for card in cards())
         Select(driver.find_element(By.ID, "error")).select_by_visible_text("any")
+        driver.execute_script("document.getElementById('gallery').scrollIntoView()")
         driver.save_screenshot(str(screenshots / "analyze_report.png"))
 
 

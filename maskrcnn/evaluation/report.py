@@ -37,6 +37,7 @@ THUMB_SIZE = 320  # longest side of a gallery thumbnail, pixels
 OUTCOME_COLORS = {"tp": (40, 200, 70), "fp": (235, 50, 50), "miss": (255, 190, 0), "gt": (255, 255, 255)}
 OUTCOME_NAMES = {"tp": "true positive", "fp": "false positive (error type)", "miss": "missed ground truth",
                  "gt": "matched ground truth"}
+_DRAW_ORDER = ("gt", "fp", "tp", "miss")  # later on top: a true positive over its duplicates
 VERSIONED = ("maskrcnn", "torch", "torchvision", "numpy", "pycocotools", "opencv-python", "opencv-python-headless")
 
 
@@ -136,7 +137,7 @@ def _draw_thumbnail(image: np.ndarray, marks: List[dict], size: int) -> np.ndarr
     scale = size / max(height, width)
     thumb = cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))),
                        interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    for mark in sorted(marks, key=lambda m: m["outcome"] != "gt"):  # ground truth under the detections
+    for mark in sorted(marks, key=lambda m: _DRAW_ORDER.index(m["outcome"])):
         color = OUTCOME_COLORS[mark["outcome"]]
         thickness = 1 if mark["outcome"] == "gt" else 2
         if mark["rle"] is not None:
