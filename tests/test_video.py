@@ -9,13 +9,10 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
-import torch
 
 from maskrcnn.cli import run
-from maskrcnn.config import config_to_dict
-from maskrcnn.modeling.maskrcnn import build_model
 from maskrcnn.video import VideoReader, VideoWriter
-from tiny import tiny_config
+from tiny import save_tiny_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import infer as infer_tool  # noqa: E402
@@ -37,9 +34,7 @@ def _clip(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("video") / "model.pth"
-    torch.manual_seed(0)
-    torch.save({"model": build_model(tiny_config().model).state_dict(), "config": config_to_dict(tiny_config()),
-                "class_names": ["a", "b", "c"], "iteration": 0}, path)
+    save_tiny_checkpoint(path, ["a", "b", "c"])
     return path
 
 
