@@ -272,6 +272,16 @@ def test_analyze_tool_from_a_checkpoint_and_from_its_results(case, checkpoint, t
     assert "Training split" in (tmp_path / "a" / "index.html").read_text()
 
 
+def test_missing_image_is_a_one_line_error_naming_it(case, tmp_path, capsys):
+    ann_file, coco_gt = case
+    (tmp_path / "results.json").write_text(json.dumps(_perfect(coco_gt)))
+    with pytest.raises(SystemExit):
+        run(analyze_tool.main, ["--results", str(tmp_path / "results.json"), "--ann", str(ann_file), "--images",
+                                str(tmp_path), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "6 image files" in err and "001.png (image id 1)" in err
+
+
 @pytest.mark.parametrize("content, message", [(None, "results file not found"), ("{", "is not JSON"),
                                               ('[{"image_id": 1}]', "entry 0 lacks category_id, score, bbox")])
 def test_bad_results_file_is_a_one_line_error(case, tmp_path, capsys, content, message):

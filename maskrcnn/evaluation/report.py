@@ -214,9 +214,14 @@ def write_report(output_dir: Union[str, Path], coco_gt, results: List[dict], ima
     command: the command line that produced the report, shown on the page.
     train: optional (ground truth, results) of a training split, for the train - validation gap.
     score_thresh: detections shown in the gallery and counted in the confusion matrix score at least this.
-    Raises ``FileNotFoundError`` / ``ValueError`` naming an image file that is missing or does not decode.
+    Raises ``FileNotFoundError`` naming a missing image file (checked first) and ``ValueError`` naming one
+    that does not decode.
     """
-    output_dir = Path(output_dir)
+    output_dir, image_dir = Path(output_dir), Path(image_dir)
+    missing = [img for img in coco_gt.dataset["images"] if not (image_dir / img["file_name"]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image files of the ground truth are not in {image_dir}, e.g. "
+                                f"{missing[0]['file_name']} (image id {missing[0]['id']})")
     (output_dir / "images").mkdir(parents=True, exist_ok=True)
     iou_types = ("bbox", "segm") if results and all("segmentation" in r for r in results) else ("bbox",)
     metrics = evaluate_results(coco_gt, results, iou_types, verbose=False)
@@ -235,7 +240,7 @@ def write_report(output_dir: Union[str, Path], coco_gt, results: List[dict], ima
     records = []
     items = gallery_items(coco_gt, results, shown, score_thresh=score_thresh)
     for n, (record, marks) in enumerate(tqdm(items, desc="thumbnails", unit="img", disable=not progress)):
-        image = read_image(Path(image_dir) / record["file"], f"image id {record['id']} of the ground truth")
+        image = read_image(image_dir / record["file"], f"image id {record['id']} of the ground truth")
         record["thumb"] = f"images/{n}.jpg"
         _save_jpeg(output_dir / record["thumb"], _draw_thumbnail(image, marks, thumb_size))
         records.append(record)
