@@ -93,7 +93,8 @@ def _only(kind, coco_gt):
             results.append(_detection(det["image_id"], _other(det["category_id"]), (x + w // 2, y, w, h),
                                       det["score"]))
         elif kind == "bkg":  # a detection of nothing, beside the right one
-            results += [det, _detection(det["image_id"], det["category_id"], (x + 34, y + 40, 6, 6), det["score"] + 0.005)]
+            results += [det, _detection(det["image_id"], det["category_id"], (x + 34, y + 40, 6, 6),
+                                        det["score"] + 0.005)]
         # "miss": the detection is left out
     return results
 
@@ -225,8 +226,8 @@ def test_report_gallery_in_a_browser(tmp_path):
     html = page.read_text()
     assert "http://" not in html and "https://" not in html  # nothing loaded from the network
     analysis = analyze_errors(coco_gt, results, "segm")
-    with_circle = sum(3 in set(analysis.gt_class[gt_rows]) | set(analysis.det_class[rows][analysis.det_score[rows] >= 0.5])
-                      for rows, gt_rows, _ in analysis.images.values())
+    shown = [(gt_rows, rows[analysis.det_score[rows] >= 0.5]) for rows, gt_rows, _ in analysis.images.values()]
+    with_circle = sum(3 in set(analysis.gt_class[gt]) | set(analysis.det_class[dets]) for gt, dets in shown)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
     screenshots = Path(os.environ.get("MASKRCNN_SCREENSHOTS") or tmp_path)
@@ -243,7 +244,8 @@ def test_report_gallery_in_a_browser(tmp_path):
         assert len(cards()) == 6 and not first_page & {card.get_attribute("data-id") for card in cards()}
         driver.find_element(By.ID, "prev").click()
         Select(driver.find_element(By.ID, "class")).select_by_visible_text("circle")
-        assert len(cards()) == min(with_circle, 24) and "(%d images)" % with_circle in driver.find_element(By.ID, "page").text
+        assert len(cards()) == min(with_circle, 24)
+        assert f"({with_circle} images)" in driver.find_element(By.ID, "page").text
         Select(driver.find_element(By.ID, "class")).select_by_visible_text("all")
         Select(driver.find_element(By.ID, "error")).select_by_visible_text("duplicate")
         assert cards() and all("dupe" in card.text for card in cards())
@@ -263,7 +265,8 @@ def test_analyze_tool_from_a_checkpoint_and_from_its_results(case, checkpoint, t
     ann_file, _ = case
     images = ann_file.parent / "images"
     run(analyze_tool.main, ["--checkpoint", str(checkpoint), "--ann", str(ann_file), "--images", str(images),
-                            "--output", str(tmp_path / "a"), "--train-ann", str(ann_file), "--train-images", str(images)])
+                            "--output", str(tmp_path / "a"), "--train-ann", str(ann_file),
+                            "--train-images", str(images)])
     assert (tmp_path / "a" / "index.html").is_file() and (tmp_path / "a" / "results.json").is_file()
     run(analyze_tool.main, ["--results", str(tmp_path / "a" / "results.json"), "--ann", str(ann_file),
                             "--images", str(images), "--output", str(tmp_path / "b")])

@@ -68,7 +68,8 @@ def read_results(path: Union[str, Path]) -> List[dict]:
     if not isinstance(results, list):
         raise ValueError(f"results file {path} holds a {type(results).__name__}, expected a list of COCO results")
     for n, result in enumerate(results):
-        missing = [k for k in ("image_id", "category_id", "score", "bbox") if not isinstance(result, dict) or k not in result]
+        missing = [k for k in ("image_id", "category_id", "score", "bbox")
+                   if not isinstance(result, dict) or k not in result]
         if missing:
             raise ValueError(f"results file {path}: entry {n} lacks {', '.join(missing)}")
     return results
@@ -318,7 +319,8 @@ def _pr_section(analyses: Dict[str, ErrorAnalysis], strict: Dict[str, ErrorAnaly
             charts.append(_pr_chart(name, lines))
     return ('<section id="pr"><h2>Precision-recall per class</h2><p>Each curve is precision at 101 recall '
             'points, interpolated as COCO does; the gap between the IoU 0.50 and 0.75 curves is localisation '
-            'quality, a curve ending early is missed objects.</p><div class="grid">' + "".join(charts) + "</div></section>")
+            'quality, a curve ending early is missed objects.</p><div class="grid">' + "".join(charts)
+            + "</div></section>")
 
 
 def _confusion_section(analyses: Dict[str, ErrorAnalysis], names: Sequence[str], score_thresh: float) -> str:
