@@ -229,14 +229,10 @@ def write_report(output_dir: Union[str, Path], coco_gt, results: List[dict], ima
     train_metrics = evaluate_results(train[0], train[1], iou_types, verbose=False) if train else None
     cat_ids = sorted(coco_gt.getCatIds())
     names = [coco_gt.cats[cat]["name"] for cat in cat_ids]
-    sections, analyses = [], {}
-    for iou_type in iou_types:
-        analyses[iou_type] = analyze_errors(coco_gt, results, iou_type)
+    analyses = {iou_type: analyze_errors(coco_gt, results, iou_type) for iou_type in iou_types}
     strict = {iou_type: analyze_errors(coco_gt, results, iou_type, pos_thresh=0.75) for iou_type in iou_types}
-    sections.append(_ap_section(metrics, train_metrics, iou_types))
-    sections.append(_errors_section(analyses, cat_ids, names))
-    sections.append(_pr_section(analyses, strict, cat_ids, names))
-    sections.append(_confusion_section(analyses, names, score_thresh))
+    sections = [_ap_section(metrics, train_metrics, iou_types), _errors_section(analyses, cat_ids, names),
+                _pr_section(analyses, strict, cat_ids, names), _confusion_section(analyses, names, score_thresh)]
     shown = analyses[iou_types[-1]]
     records = []
     items = gallery_items(coco_gt, results, shown, score_thresh=score_thresh)
