@@ -33,6 +33,7 @@ demo: setup
 		--images $(SHAPES)/val --output $(DEMO)
 	$(PY) tools/infer.py --checkpoint $(DEMO)/model_final.pth --input $(SHAPES)/val --output $(DEMO)/overlays \
 		--score-thresh 0.5 --label-map
+	$(PY) tools/analyze.py --results $(DEMO)/results.json --ann $(SHAPES)/annotations/instances_val.json --images $(SHAPES)/val --output $(DEMO)/report
 	@echo
 	@echo "checkpoint:   $(DEMO)/model_final.pth"
 	@echo "metrics:      $(DEMO)/metrics.json"

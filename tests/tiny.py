@@ -21,3 +21,15 @@ def tiny_config() -> Config:
     m.rpn.post_nms_topk_train = m.rpn.post_nms_topk_test = 100
     m.roi_heads.detections_per_img = 20
     return cfg
+
+
+def save_tiny_checkpoint(path, class_names) -> None:
+    """Write a checkpoint of the tiny model with random weights (seed 0) for ``class_names`` (labels 1..3)."""
+    import torch
+
+    from maskrcnn.config import config_to_dict
+    from maskrcnn.modeling.maskrcnn import build_model
+
+    torch.manual_seed(0)
+    torch.save({"model": build_model(tiny_config().model).state_dict(), "config": config_to_dict(tiny_config()),
+                "class_names": list(class_names), "iteration": 0}, path)

@@ -6,6 +6,9 @@ Writes, per image, ``<name>.png`` (masks, boxes and labels drawn over the image)
 ``--label-map`` ``<name>_labels.png`` (pixels coloured by class, with a legend), plus ``results.json``:
 COCO result dicts for every image, whose ``image_id`` is the file name, or its number when the name is
 all digits (COCO style, ``000000397133.jpg`` -> 397133), and whose ``category_id`` is the model label.
+
+A video file (``.mp4``, ``.avi``, ``.mov``, ...) gives ``<name>.mp4`` (the overlay, same size and frame rate)
+and ``<name>.jsonl`` (one line per frame: its COCO results, masks as RLE), frames run ``--batch-size`` at a time.
 """
 
 import argparse
@@ -16,19 +19,21 @@ from tqdm import tqdm
 from maskrcnn.cli import run
 from maskrcnn.fileio import image_files, save_json
 from maskrcnn.predictor import PRECISIONS, Predictor, read_image
+from maskrcnn.video import VIDEO_SUFFIXES, detect_video
 from maskrcnn.visualize import add_legend, draw_instances, label_map, save_png
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint file written by training")
-    parser.add_argument("--input", required=True, help="an image file or a folder of images")
+    parser.add_argument("--input", required=True, help="an image file, a folder of images or a video file")
     parser.add_argument("--output", required=True, help="folder for the PNGs and results.json")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="detections scoring below are dropped")
     parser.add_argument("--device", default="cpu", help='"cpu", "cuda" or "cuda:N"')
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: bf16 where the CPU/GPU computes it natively, else fp32")
     parser.add_argument("--label-map", action="store_true", help="also write a per-class label map per image")
+    parser.add_argument("--batch-size", type=int, default=4, help="video frames per forward pass")
     args = parser.parse_args(argv)
 
     source = Path(args.input)
@@ -40,6 +45,10 @@ def main(argv=None) -> None:
     print(predictor.resolved_precision.message)
     num_classes = len(predictor.class_names)
     output = Path(args.output)
+    if source.suffix.lower() in VIDEO_SUFFIXES:
+        done = detect_video(predictor, source, output, batch_size=args.batch_size, score_thresh=args.score_thresh)
+        print(f"{done['frames']} frames, {done['frames_per_s']:.2f} frames/s; written to {output}")
+        return
     results = []
     for path in tqdm(paths, desc="inference", unit="img", disable=len(paths) == 1):
         image = read_image(path)
