@@ -259,7 +259,7 @@ def config_to_dict(cfg: Config) -> dict:
 def config_reference_markdown() -> str:
     """A Markdown table of every configuration field: key, default and the comment beside it in this file.
 
-    The README's configuration reference is this text, so the two cannot drift apart (a test checks it).
+    docs/configuration.md's reference is this text, so the two cannot drift apart (a test checks it).
     """
     import dataclasses
     import inspect
@@ -296,7 +296,7 @@ def readme_with_config_reference(readme: str) -> str:
     """``readme`` with the text between its ``config-reference`` markers replaced by the generated table."""
     start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
     if start not in readme or end not in readme:
-        raise InputError(f"README has no {start} ... {end} section")
+        raise InputError(f"the page has no {start} ... {end} section")
     head, rest = readme.split(start, 1)
     _, tail = rest.split(end, 1)
     body = ("\n## Configuration reference\n\nEvery field of `maskrcnn/config.py`, with its default. A YAML file in "

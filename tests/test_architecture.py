@@ -1,6 +1,7 @@
 """The package's imports run one way, down the layers that docs/architecture.md lists."""
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "maskrcnn"
@@ -49,6 +50,13 @@ def test_every_room_has_a_layer():
     rooms = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
              if (p.suffix == ".py" and p.stem != "__init__") or (p.is_dir() and (p / "__init__.py").exists())}
     assert rooms == set(LAYERS), "a new room needs a layer here and a line in docs/architecture.md"
+
+
+def test_architecture_page_lists_every_room():
+    """docs/architecture.md has a line for each room of the layer table: `name.py` or `name/`."""
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    listed = set(re.findall(r"^\| `(\w+)(?:\.py|/)` \|", page, flags=re.M))
+    assert set(LAYERS) <= listed, f"rooms without a line in docs/architecture.md: {sorted(set(LAYERS) - listed)}"
 
 
 def test_imports_run_down_the_layers():

@@ -254,7 +254,7 @@ def test_int8_model_runs_behind_the_predictor_interface(exported, quantized):
 
 
 @pytest.mark.slow
-def test_export_tool_writes_an_int8_model_and_the_report_tool_scores_it(tmp_path):
+def test_export_tool_writes_an_int8_model(tmp_path):
     torch.manual_seed(0)
     generate_shapes(tmp_path / "shapes", num_train=4, num_val=3, seed=0, min_size=64, max_size=96)
     cfg = tiny_config()
@@ -274,15 +274,3 @@ def test_export_tool_writes_an_int8_model_and_the_report_tool_scores_it(tmp_path
     refused = run_tool("--checkpoint", checkpoint, "--output", tmp_path / "x.onnx", "--int8-calibration", empty)
     assert refused.returncode == 2 and refused.stderr.startswith("error: ") and "no image files" in refused.stderr
     assert not (tmp_path / "x.onnx").exists()
-
-    report = subprocess.run([sys.executable, "-m", "benchmarks.int8_report", "--checkpoint", checkpoint,
-                             "--calibration", tmp_path / "shapes" / "train", "--calibration-count", "3",
-                             "--ann", tmp_path / "shapes" / "annotations" / "instances_val.json",
-                             "--images", tmp_path / "shapes" / "val", "--output", tmp_path / "int8"],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert report.returncode == 0, report.stderr
-    written = json.loads((tmp_path / "int8" / "int8_report.json").read_text())
-    assert written["calibration_images"] == 3 and written["openvino int8"]["images"] == 3
-    for variant in ("openvino f32", "openvino int8"):
-        assert 0.0 <= written[variant]["segm"]["AP"] <= 1.0
-    assert "openvino int8" in report.stdout and "limit" in report.stdout

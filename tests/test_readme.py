@@ -1,11 +1,14 @@
-"""The README's commands run as written: every fenced ``bash`` command and ``python`` snippet, in a fresh
-process from the root of a copy of the repository, in README order (later commands use what earlier ones
-made, as a reader's would).
+"""The README's commands run as written: every fenced ``bash`` command and ``python`` snippet of the README
+and of every page it links (``docs/*.md``), in a fresh process from the root of a copy of the repository:
+the README's in order, then each linked page's in the order the README first links them (later commands
+use what earlier ones made, as a reader's would). A command that ran already, word for word, is not run
+again: a page repeats the README's short path in full.
 
 Only sizes are shrunk, through the overrides the README documents, and the table below lists each;
 commands that need a GPU, the COCO dataset or the network, or that would act on this test run itself,
 are skipped with the reason. A service (``tools/serve.py``) runs in the background, on loopback, while the
-commands after it talk to it, and is stopped at the end. A README command that no longer runs fails this test.
+commands after it talk to it, and is stopped at the end. A documented command that no longer runs fails
+this test, and so does a link to a page that does not exist.
 """
 
 import os
@@ -20,6 +23,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Pages the README links that are written on other branches; until they land, their links may point nowhere.
 
 # Command prefix -> documented settings appended to it (make variables or key.sub=value overrides).
 SHRUNK = {
@@ -58,7 +63,7 @@ SKIPPED = {
 
 def readme_commands(text: str):
     """(kind, command) for each command of the fenced bash blocks (continuation lines joined) and each
-    python block, in README order."""
+    python block of a Markdown page, in page order."""
     for kind, body in re.findall(r"^```(bash|python)\n(.*?)^```", text, flags=re.S | re.M):
         if kind == "python":
             yield kind, body
@@ -73,7 +78,23 @@ def _matches(command: str, table: dict):
     return next((prefix for prefix in table if command.startswith(prefix)), None)
 
 
-COMMANDS = list(readme_commands((REPO / "README.md").read_text()))
+def linked_pages(page: Path):
+    """The Markdown files of this repository that ``page`` links, in order of first link."""
+    targets = re.findall(r"\]\(([^)#\s]+\.md)(?:#[^)]*)?\)", page.read_text())
+    return list(dict.fromkeys((page.parent / target).resolve().relative_to(REPO).as_posix() for target in targets
+                              if "://" not in target))
+
+
+PAGES = ["README.md", *linked_pages(REPO / "README.md")]
+COMMANDS = list(dict.fromkeys(command for page in PAGES if (REPO / page).is_file()
+                              for command in readme_commands((REPO / page).read_text())))
+
+
+def test_the_readme_links_every_page_and_every_linked_page_exists():
+    missing = [page for page in PAGES if not (REPO / page).is_file()]
+    assert not missing, f"the README links pages that do not exist: {missing}"
+    unlinked = sorted({f"docs/{path.name}" for path in (REPO / "docs").glob("*.md")} - set(PAGES))
+    assert not unlinked, f"docs pages the README does not link: {unlinked}"
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +124,7 @@ def _environment(root: Path) -> dict:
 def test_every_command_is_run_or_skipped_for_a_reason():
     assert COMMANDS, "the README has no commands"
     for prefix in [*SHRUNK, *SKIPPED, *SERVICES]:
-        assert any(cmd.startswith(prefix) for _, cmd in COMMANDS), f"no README command starts with {prefix!r}"
+        assert any(cmd.startswith(prefix) for _, cmd in COMMANDS), f"no documented command starts with {prefix!r}"
 
 
 def _start_service(command: str, health: str, workdir: Path) -> subprocess.Popen:
