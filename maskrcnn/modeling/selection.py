@@ -1,0 +1,111 @@
+"""Selection over a whole batch at once: NMS of many groups kept apart by the operator's axes, ranks within
+a group, clipping to each image, and the split back into per-image lists. Proposal selection (rpn.py) and
+detection selection (postprocess.py) are written with these, loop-free over images, so that the same code
+runs eagerly and traced into the exported graph.
+
+Shorthand:
+    B   entries of the NMS batch axis;  C  its class axis;  S  boxes of an entry
+    N   images;  G  groups of a ranking;  M  selected rows
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Union
+
+import torch
+from torch import Tensor
+from torchvision.ops import nms
+
+# A score at or below this takes no part in :func:`grouped_nms` (real scores are probabilities, >= 0).
+SKIP = -0.5
+
+
+class GroupedNMS(torch.autograd.Function):
+    """NMS within each (entry, class) of ``scores`` apart, with the semantics of ONNX NonMaxSuppression.
+
+    boxes: (B, S, 4) xyxy pixels, shared by the C classes of an entry; scores: (B, C, S), those at or below
+    ``SKIP`` taking no part; iou_threshold: a box whose IoU with a kept higher-scoring box of its (entry,
+    class) exceeds this is dropped.
+    Returns (M, 3) int64 rows (entry, class, box) of the survivors.
+
+    Eager mode runs torchvision's ``nms`` on each non-empty (entry, class) alone; exported, the function is
+    one NonMaxSuppression operator. Groups are never mixed, so a group's survivors depend on its own boxes
+    only: not on the other images of a batch, nor on where an image sits in it.
+    """
+
+    @staticmethod
+    def forward(ctx, boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+        entry, cls, box = torch.nonzero(scores > SKIP).unbind(1)
+        group = entry * scores.shape[1] + cls
+        order = torch.argsort(group, stable=True)
+        sizes = torch.unique_consecutive(group[order], return_counts=True)[1].tolist()
+        kept = []
+        for members in order.split(sizes):
+            e, c, b = entry[members], cls[members], box[members]
+            kept.append(members[nms(boxes[e, b], scores[e, c, b], iou_threshold)])
+        kept = torch.cat(kept) if kept else order
+        return torch.stack([entry[kept], cls[kept], box[kept]], dim=1)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, iou_threshold: float):
+        max_per_class = g.op("Constant", value_t=torch.tensor([2**62], dtype=torch.int64))
+        iou = g.op("Constant", value_t=torch.tensor([iou_threshold], dtype=torch.float32))
+        skip = g.op("Constant", value_t=torch.tensor([SKIP], dtype=torch.float32))
+        return g.op("NonMaxSuppression", boxes, scores, max_per_class, iou, skip)
+
+
+def grouped_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """:class:`GroupedNMS`: (B, S, 4) boxes, (B, C, S) scores -> (M, 3) rows (entry, class, box)."""
+    return GroupedNMS.apply(boxes, scores, iou_threshold)
+
+
+def rank_within_group(scores: Tensor, group: Tensor, num_groups: Union[int, Tensor]) -> Tensor:
+    """scores: (M,); group: (M,) int64 in 0..G-1 -> (M,) int64 each element's 0-based rank by descending
+    score among the elements of its group."""
+    order = torch.argsort(scores, descending=True)
+    one_hot = (group[order, None] == torch.arange(num_groups, device=group.device)[None]).to(torch.int64)  # (M, G)
+    ranks = (one_hot.cumsum(0) * one_hot).sum(1) - 1
+    return torch.empty_like(ranks).scatter(0, order, ranks)
+
+
+def best_per_group(scores: Tensor, group: Tensor, num_groups: Union[int, Tensor], k: int) -> Tensor:
+    """The ``k`` highest-scoring elements of each group: (M,) scores and int64 groups -> (D,) int64 indices,
+    grouped by ascending group, highest score first within a group."""
+    keep = torch.nonzero(rank_within_group(scores, group, num_groups) < k)[:, 0]
+    order = torch.argsort(scores[keep], descending=True)
+    keep = keep[order]
+    # A stable grouping of the score order by group: the key is (group, position in the score order).
+    position = torch.arange(keep.shape[0], device=keep.device)
+    return keep[torch.argsort(group[keep] * keep.shape[0] + position)]
+
+
+def at_most(x: Tensor, k: int, dim: int) -> Union[int, Tensor]:
+    """min(k, x.shape[dim]), kept as a graph value while tracing so that it follows the input's size."""
+    if torch.jit.is_tracing():
+        return torch.clamp(torch._shape_as_tensor(x)[dim], max=k)
+    return min(k, x.shape[dim])
+
+
+def clip_to_images(boxes: Tensor, image_sizes: Tensor) -> Tensor:
+    """boxes (..., 4) xyxy pixels clipped to [0, w] x [0, h]; image_sizes (..., 2) int64 (h, w) of each box's
+    image, broadcast against ``boxes``' leading dimensions."""
+    h = image_sizes[..., 0:1].to(boxes.dtype)
+    w = image_sizes[..., 1:2].to(boxes.dtype)
+    x = torch.min(boxes[..., 0::2].clamp(min=0), w)
+    y = torch.min(boxes[..., 1::2].clamp(min=0), h)
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+
+
+def to_rois(boxes: Sequence[Tensor]) -> Tensor:
+    """N per-image (Ri, 4) boxes -> (R, 5) RoIs: image index, then x1, y1, x2, y2."""
+    concat = torch.cat(list(boxes))
+    index = torch.cat([torch.full((len(b),), i, dtype=concat.dtype, device=concat.device)
+                       for i, b in enumerate(boxes)])
+    return torch.cat([index[:, None], concat], dim=1)
+
+
+def split_by_image(image_index: Tensor, num_images: int, *values: Tensor) -> List[List[Tensor]]:
+    """Per-image pieces of tensors whose rows are grouped by ascending ``image_index`` (M,): for each of
+    ``values`` (M, ...) a list of ``num_images`` tensors (Mi, ...)."""
+    counts = torch.bincount(image_index, minlength=num_images).tolist()
+    return [list(v.split(counts)) for v in values]
