@@ -15,6 +15,10 @@ from typing import List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+# Overlays and figures draw the detections scoring at least this: a display choice, apart from the model's
+# own threshold (``model.roi_heads.score_thresh``, which decides what inference returns).
+DISPLAY_SCORE_THRESH = 0.5
+
 
 @dataclass
 class InputConfig:

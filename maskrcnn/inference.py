@@ -16,10 +16,10 @@ from torch import Tensor
 
 from maskrcnn.fileio import read_image
 from maskrcnn.modeling.maskrcnn import MaskRCNN
+from maskrcnn.modeling.postprocess import MASK_FORMATS
 from maskrcnn.structures import Instances
 
 PRECISIONS = ("fp32", "bf16")
-MASK_FORMATS = ("bitmap", "rle", "none")
 
 
 def check_options(precision: str, mask_format: str) -> None:

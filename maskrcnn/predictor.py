@@ -40,8 +40,8 @@ class Predictor:
     class_names: the name of each label 1..K (default: the label numbers as strings).
     device: where the model runs ("cpu", "cuda", "cuda:1", ...).
     precision: "fp32" or "bf16" (bfloat16 autocast around the forward).
-    score_thresh: detections scoring below this are dropped (replaces ``roi_heads.score_thresh``; None keeps
-        the configured value).
+    score_thresh: detections scoring below this are dropped (replaces ``roi_heads.score_thresh``); None, the
+        default, keeps the configured value.
     mask_format: "bitmap", "rle" or "none" (see :func:`detect`); default "bitmap", or "rle" when tiling.
     bgr: NumPy inputs are BGR (OpenCV order) unless a call says otherwise.
     label_to_cat_id: the model's label -> category id map (a checkpoint's ``label_to_cat_id``), used by
@@ -57,7 +57,7 @@ class Predictor:
 
     def __init__(self, config: Config, weights: Union[dict, str, Path, None], *,
                  class_names: Optional[Sequence[str]] = None, device: Union[str, torch.device] = "cpu",
-                 precision: str = "fp32", score_thresh: Optional[float] = 0.05, mask_format: Optional[str] = None,
+                 precision: str = "fp32", score_thresh: Optional[float] = None, mask_format: Optional[str] = None,
                  bgr: bool = False, label_to_cat_id: Optional[Dict[int, int]] = None,
                  categories: Optional[Sequence[dict]] = None, tile_size: Optional[int] = None,
                  tile_overlap: int = 128, tiles_per_batch: int = 4):

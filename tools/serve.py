@@ -32,7 +32,8 @@ def main(argv=None) -> None:
     parser.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES, help="runtime of --onnx")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="bf16: autocast (PyTorch) or OpenVINO's bf16 inference")
-    parser.add_argument("--score-thresh", type=float, default=0.5, help="detections scoring below are dropped")
+    parser.add_argument("--score-thresh", type=float, default=None,
+                        help="detections scoring below are dropped (default: the model's own threshold)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--token", help="bearer token every request must carry (required off loopback)")
@@ -47,8 +48,9 @@ def main(argv=None) -> None:
         predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, mask_format="rle",
                                               score_thresh=args.score_thresh)
     else:
-        predictor = ExportedPredictor(args.onnx, runtime=args.runtime, precision=args.precision, mask_format="rle")
-    app = create_app(lambda images: [r.filter(args.score_thresh) for r in predictor(images)],
+        predictor = ExportedPredictor(args.onnx, runtime=args.runtime, precision=args.precision, mask_format="rle",
+                                      score_thresh=args.score_thresh)
+    app = create_app(predictor,
                      class_names=predictor.class_names, draw=overlay_png, max_batch_size=args.max_batch_size,
                      max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes, max_pixels=args.max_pixels,
                      token=args.token)
@@ -57,7 +59,7 @@ def main(argv=None) -> None:
 
 def overlay_png(image, result) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(draw_instances(image, result, score_thresh=0.0)).save(buffer, format="PNG")
+    Image.fromarray(draw_instances(image, result, score_thresh=None)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -53,6 +53,7 @@ def select_detections(boxes: Tensor, scores: Tensor, image_index: Tensor, image_
             if _enough(image[keep], image, count, num_images, topk):
                 break
             count *= 4
+    keep = torch.sort(keep).values  # candidate order (proposal, then class): equal scores rank as torchvision's
     keep = keep[best_per_group(score[keep], image[keep], num_images, topk)]
     return {"boxes": boxes[roi[keep], cls[keep]], "scores": score[keep], "labels": cls[keep] + 1,
             "image_index": image[keep]}

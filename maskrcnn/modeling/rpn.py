@@ -191,6 +191,9 @@ class RPN(nn.Module):
         own_level = levels[None, :] == torch.arange(len(anchors), device=levels.device)[:, None]
         nms_scores = torch.where(valid[:, None, :] & own_level[None], scores[:, None, :], SKIP)
         image, _, slot = grouped_nms(boxes, nms_scores, self.nms_thresh).unbind(1)
+        # Survivors in anchor order, so that equal scores rank as torchvision ranks them.
+        order = torch.argsort(image * boxes.shape[1] + slot)
+        image, slot = image[order], slot[order]
         keep = best_per_group(scores[image, slot], image, n, post_topk)
         image, slot = image[keep], slot[keep]
         return torch.cat([image[:, None].to(boxes.dtype), boxes[image, slot]], dim=1)

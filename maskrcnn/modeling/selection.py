@@ -61,22 +61,27 @@ def grouped_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
 def rank_within_group(scores: Tensor, group: Tensor, num_groups: Union[int, Tensor]) -> Tensor:
     """scores: (M,); group: (M,) int64 in 0..G-1 -> (M,) int64 each element's 0-based rank by descending
-    score among the elements of its group."""
-    order = torch.argsort(scores, descending=True)
-    one_hot = (group[order, None] == torch.arange(num_groups, device=group.device)[None]).to(torch.int64)  # (M, G)
-    ranks = (one_hot.cumsum(0) * one_hot).sum(1) - 1
+    score among the elements of its group, equal scores ranked in the elements' order."""
+    order, ranks = _ranked(scores, group, num_groups)
     return torch.empty_like(ranks).scatter(0, order, ranks)
 
 
 def best_per_group(scores: Tensor, group: Tensor, num_groups: Union[int, Tensor], k: int) -> Tensor:
     """The ``k`` highest-scoring elements of each group: (M,) scores and int64 groups -> (D,) int64 indices,
-    grouped by ascending group, highest score first within a group."""
-    keep = torch.nonzero(rank_within_group(scores, group, num_groups) < k)[:, 0]
-    order = torch.argsort(scores[keep], descending=True)
-    keep = keep[order]
+    grouped by ascending group, highest score first within a group, equal scores in the elements' order."""
+    order, ranks = _ranked(scores, group, num_groups)
+    keep = order[ranks < k]
     # A stable grouping of the score order by group: the key is (group, position in the score order).
     position = torch.arange(keep.shape[0], device=keep.device)
     return keep[torch.argsort(group[keep] * keep.shape[0] + position)]
+
+
+def _ranked(scores: Tensor, group: Tensor, num_groups: Union[int, Tensor]):
+    """The elements by descending score (a stable sort: ONNX TopK also puts the lower index first among
+    equals), and the rank of each within its group in that order: two (M,) int64 tensors."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    one_hot = (group[order, None] == torch.arange(num_groups, device=group.device)[None]).to(torch.int64)  # (M, G)
+    return order, (one_hot.cumsum(0) * one_hot).sum(1) - 1
 
 
 def at_most(x: Tensor, k: int, dim: int) -> Union[int, Tensor]:
