@@ -76,10 +76,24 @@ def best_per_group(scores: Tensor, group: Tensor, num_groups: Union[int, Tensor]
     return keep[torch.argsort(group[keep] * keep.shape[0] + position)]
 
 
+class DescendingOrder(torch.autograd.Function):
+    """(M,) scores -> (M,) int64 indices by descending score, equal scores in index order: a stable sort in
+    eager mode, ONNX TopK over all M exported (which also puts the lower index first among equals)."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor) -> Tensor:
+        return torch.sort(scores, descending=True, stable=True).indices
+
+    @staticmethod
+    def symbolic(g, scores):
+        _, indices = g.op("TopK", scores, g.op("Shape", scores), axis_i=0, largest_i=1, sorted_i=1, outputs=2)
+        return indices
+
+
 def _ranked(scores: Tensor, group: Tensor, num_groups: Union[int, Tensor]):
-    """The elements by descending score (a stable sort: ONNX TopK also puts the lower index first among
-    equals), and the rank of each within its group in that order: two (M,) int64 tensors."""
-    order = torch.sort(scores, descending=True, stable=True).indices
+    """The elements by descending score (:class:`DescendingOrder`) and the rank of each within its group in
+    that order: two (M,) int64 tensors."""
+    order = DescendingOrder.apply(scores)
     one_hot = (group[order, None] == torch.arange(num_groups, device=group.device)[None]).to(torch.int64)  # (M, G)
     return order, (one_hot.cumsum(0) * one_hot).sum(1) - 1
 
