@@ -175,11 +175,14 @@ def prepare_for_inference(model: MaskRCNN) -> MaskRCNN:
 
 
 def resize_image(image: Tensor, min_size: int, max_size: int) -> Tensor:
-    """(3, H, W) -> (3, h, w) bilinear, with scale = min(min_size / min(H, W), max_size / max(H, W))."""
+    """(3, H, W) -> (3, h, w) bilinear (pixel centres aligned, no antialiasing), with scale = min(min_size /
+    min(H, W), max_size / max(H, W)) and each side rounded to the nearest pixel: the training resize
+    (:class:`~maskrcnn.data.transforms.ResizeShortestEdge`, OpenCV) to its uint8 rounding. torchvision rounds
+    the sides down instead (a 77 px image at ``min_size`` 320 becomes 319 px)."""
     h, w = image.shape[-2:]
     scale = min(min_size / min(h, w), max_size / max(h, w))
-    return F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
-                         align_corners=False)[0]
+    size = (int(h * scale + 0.5), int(w * scale + 0.5))
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 def check_images(images) -> None:
