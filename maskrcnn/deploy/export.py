@@ -6,8 +6,8 @@ S the mask side (28).
 The graph is :meth:`MaskRCNN.infer <maskrcnn.modeling.maskrcnn.MaskRCNN.infer>` traced: the eager model's
 own inference over a padded batch, which has no loop over images and no Python branch on data, so that the
 graph holds for any batch size, any image size and any number of detections, zero included. Its NMS
-(:class:`~maskrcnn.modeling.selection.GroupedNMS`) exports as one ONNX NonMaxSuppression operator that keeps
-images, levels and classes apart on the operator's batch and class axes. Resizing to the original image and
+(:func:`~maskrcnn.modeling.selection.grouped_nms`) exports as one ONNX NonMaxSuppression operator that keeps
+images, levels and classes apart on the operator's batch and class axes, and its stable ranking as TopK. Resizing to the original image and
 the mask paste are not in the graph: they run in Python
 (:func:`~maskrcnn.modeling.postprocess.to_original_image`), the same code as the eager path.
 
@@ -31,13 +31,35 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.onnx import register_custom_op_symbolic, symbolic_helper
 
 from maskrcnn.modeling.maskrcnn import INFERENCE_OUTPUTS, MaskRCNN, prepare_for_inference
+from maskrcnn.modeling.selection import SKIP
 
 INPUT_NAMES = ("images", "image_sizes")
 OUTPUT_NAMES = (*INFERENCE_OUTPUTS, "image_index")
 METADATA_KEY = "maskrcnn"
 OPSET = 17
+
+
+@symbolic_helper.parse_args("v", "v", "f")
+def _grouped_nms(g, boxes, scores, iou_threshold: float):
+    """``maskrcnn::grouped_nms`` as ONNX NonMaxSuppression: the same (entry, class, box) rows. A runtime
+    that needs another operator gets another symbolic here; the selection itself stays in the model."""
+    max_per_class = g.op("Constant", value_t=torch.tensor([2**62], dtype=torch.int64))
+    iou = g.op("Constant", value_t=torch.tensor([iou_threshold], dtype=torch.float32))
+    skip = g.op("Constant", value_t=torch.tensor([SKIP], dtype=torch.float32))
+    return g.op("NonMaxSuppression", boxes, scores, max_per_class, iou, skip)
+
+
+def _descending_order(g, scores):
+    """``maskrcnn::descending_order`` as ONNX TopK over all elements (equal values: lower index first)."""
+    _, indices = g.op("TopK", scores, g.op("Shape", scores), axis_i=0, largest_i=1, sorted_i=1, outputs=2)
+    return indices
+
+
+register_custom_op_symbolic("maskrcnn::grouped_nms", _grouped_nms, OPSET)
+register_custom_op_symbolic("maskrcnn::descending_order", _descending_order, OPSET)
 
 
 class _Inference(nn.Module):

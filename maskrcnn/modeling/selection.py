@@ -1,7 +1,9 @@
 """Selection over a whole batch at once: NMS of many groups kept apart by the operator's axes, ranks within
 a group, clipping to each image, and the split back into per-image lists. Proposal selection (rpn.py) and
 detection selection (postprocess.py) are written with these, loop-free over images, so that the same code
-runs eagerly and traced into the exported graph.
+runs eagerly and traced into the exported graph. The two operators without a plain ONNX equivalent,
+``maskrcnn::grouped_nms`` and ``maskrcnn::descending_order``, are custom operators: the export gives each its
+ONNX form (:mod:`maskrcnn.deploy.export`), the algorithm stays here.
 
 Shorthand:
     B   entries of the NMS batch axis;  C  its class axis;  S  boxes of an entry
@@ -20,7 +22,8 @@ from torchvision.ops import nms
 SKIP = -0.5
 
 
-class GroupedNMS(torch.autograd.Function):
+@torch.library.custom_op("maskrcnn::grouped_nms", mutates_args=())
+def grouped_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """NMS within each (entry, class) of ``scores`` apart, with the semantics of ONNX NonMaxSuppression.
 
     boxes: (B, S, 4) xyxy pixels, shared by the C classes of an entry; scores: (B, C, S), those at or below
@@ -28,35 +31,27 @@ class GroupedNMS(torch.autograd.Function):
     class) exceeds this is dropped.
     Returns (M, 3) int64 rows (entry, class, box) of the survivors.
 
-    Eager mode runs torchvision's ``nms`` on each non-empty (entry, class) alone; exported, the function is
-    one NonMaxSuppression operator. Groups are never mixed, so a group's survivors depend on its own boxes
-    only: not on the other images of a batch, nor on where an image sits in it.
+    It runs torchvision's ``nms`` on each non-empty (entry, class) alone; :mod:`maskrcnn.deploy.export`
+    exports it as one NonMaxSuppression operator. Groups are never mixed, so that a group's survivors depend
+    on its own boxes only: not on the other images of a batch, nor on where an image sits in it.
     """
-
-    @staticmethod
-    def forward(ctx, boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-        entry, cls, box = torch.nonzero(scores > SKIP).unbind(1)
-        group = entry * scores.shape[1] + cls
-        order = torch.argsort(group, stable=True)
-        sizes = torch.unique_consecutive(group[order], return_counts=True)[1].tolist()
-        kept = []
-        for members in order.split(sizes):
-            e, c, b = entry[members], cls[members], box[members]
-            kept.append(members[nms(boxes[e, b], scores[e, c, b], iou_threshold)])
-        kept = torch.cat(kept) if kept else order
-        return torch.stack([entry[kept], cls[kept], box[kept]], dim=1)
-
-    @staticmethod
-    def symbolic(g, boxes, scores, iou_threshold: float):
-        max_per_class = g.op("Constant", value_t=torch.tensor([2**62], dtype=torch.int64))
-        iou = g.op("Constant", value_t=torch.tensor([iou_threshold], dtype=torch.float32))
-        skip = g.op("Constant", value_t=torch.tensor([SKIP], dtype=torch.float32))
-        return g.op("NonMaxSuppression", boxes, scores, max_per_class, iou, skip)
+    entry, cls, box = torch.nonzero(scores > SKIP).unbind(1)
+    group = entry * scores.shape[1] + cls
+    order = torch.argsort(group, stable=True)
+    sizes = torch.unique_consecutive(group[order], return_counts=True)[1].tolist()
+    kept = []
+    for members in order.split(sizes):
+        e, c, b = entry[members], cls[members], box[members]
+        kept.append(members[nms(boxes[e, b], scores[e, c, b], iou_threshold)])
+    kept = torch.cat(kept) if kept else order
+    return torch.stack([entry[kept], cls[kept], box[kept]], dim=1)
 
 
-def grouped_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """:class:`GroupedNMS`: (B, S, 4) boxes, (B, C, S) scores -> (M, 3) rows (entry, class, box)."""
-    return GroupedNMS.apply(boxes, scores, iou_threshold)
+@torch.library.custom_op("maskrcnn::descending_order", mutates_args=())
+def descending_order(scores: Tensor) -> Tensor:
+    """(M,) scores -> (M,) int64 indices by descending score, equal scores in index order (a stable sort;
+    :mod:`maskrcnn.deploy.export` exports it as ONNX TopK, which also puts the lower index first)."""
+    return torch.sort(scores, descending=True, stable=True).indices
 
 
 def rank_within_group(scores: Tensor, group: Tensor, num_groups: Union[int, Tensor]) -> Tensor:
@@ -76,24 +71,10 @@ def best_per_group(scores: Tensor, group: Tensor, num_groups: Union[int, Tensor]
     return keep[torch.argsort(group[keep] * keep.shape[0] + position)]
 
 
-class DescendingOrder(torch.autograd.Function):
-    """(M,) scores -> (M,) int64 indices by descending score, equal scores in index order: a stable sort in
-    eager mode, ONNX TopK over all M exported (which also puts the lower index first among equals)."""
-
-    @staticmethod
-    def forward(ctx, scores: Tensor) -> Tensor:
-        return torch.sort(scores, descending=True, stable=True).indices
-
-    @staticmethod
-    def symbolic(g, scores):
-        _, indices = g.op("TopK", scores, g.op("Shape", scores), axis_i=0, largest_i=1, sorted_i=1, outputs=2)
-        return indices
-
-
 def _ranked(scores: Tensor, group: Tensor, num_groups: Union[int, Tensor]):
-    """The elements by descending score (:class:`DescendingOrder`) and the rank of each within its group in
+    """The elements by descending score (:func:`descending_order`) and the rank of each within its group in
     that order: two (M,) int64 tensors."""
-    order = DescendingOrder.apply(scores)
+    order = descending_order(scores)
     one_hot = (group[order, None] == torch.arange(num_groups, device=group.device)[None]).to(torch.int64)  # (M, G)
     return order, (one_hot.cumsum(0) * one_hot).sum(1) - 1
 
