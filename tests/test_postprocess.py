@@ -114,7 +114,7 @@ def test_rescale_boxes_maps_resized_pixels_to_the_original_image():
     assert torch.equal(rescale_boxes(boxes, (100, 200), (50, 400)), torch.tensor([[20.0, 10.0, 60.0, 20.0]]))
 
 
-@pytest.mark.parametrize("mask_format", ["bitmap", "rle", "none"])
+@pytest.mark.parametrize("mask_format", ["bitmap", "rle", "probs", "none"])
 def test_to_original_image_mask_formats_agree(mask_format):
     g = torch.Generator().manual_seed(1)
     result = {"boxes": torch.tensor([[2.0, 3.0, 30.0, 20.0], [10.0, 10.0, 12.5, 11.0]]),
@@ -123,12 +123,13 @@ def test_to_original_image_mask_formats_agree(mask_format):
     bitmap = to_original_image(result, (32, 48), (64, 96))["masks"]
     out = to_original_image(result, (32, 48), (64, 96), mask_format=mask_format)
     assert torch.equal(out["boxes"], result["boxes"] * 2)
-    assert torch.equal(out["mask_probs"], result["mask_probs"]), "the unpasted probabilities come back too"
     if mask_format == "rle":
         decoded = torch.from_numpy(mask_utils.decode(out["masks"])).permute(2, 0, 1).bool()
         assert torch.equal(decoded, bitmap)
+    elif mask_format == "probs":
+        assert torch.equal(out["mask_probs"], result["mask_probs"]) and "masks" not in out
     elif mask_format == "none":
-        assert "masks" not in out
+        assert "masks" not in out and "mask_probs" not in out
     else:
         assert bitmap.shape == (2, 64, 96) and bitmap[0].any()
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from maskrcnn.deploy.export import INPUT_NAMES, OUTPUT_NAMES, read_metadata
-from maskrcnn.inference import MASK_FORMATS, ImageInput, to_image_tensors, to_instances
+from maskrcnn.inference import ImageInput, check_mask_format, to_image_tensors, to_instances
 from maskrcnn.modeling.maskrcnn import preprocess_images
 from maskrcnn.modeling.postprocess import to_original_image
 from maskrcnn.structures import ImageList, Instances
@@ -52,8 +52,7 @@ class ExportedPredictor:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         if precision not in RUNTIME_PRECISIONS[runtime]:
             raise ValueError(f"{runtime} runs precision {RUNTIME_PRECISIONS[runtime]}, got {precision!r}")
-        if mask_format not in MASK_FORMATS:
-            raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+        check_mask_format(mask_format)
         self.path = Path(path)
         if self.path.suffix == ".xml" and runtime != "openvino":
             raise ValueError(f"{self.path} is an OpenVINO IR: run it with runtime='openvino'")

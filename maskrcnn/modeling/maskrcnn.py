@@ -49,10 +49,10 @@ class MaskRCNN(nn.Module):
             ``labels`` (M,) int64 in 1..K, ``masks`` (BitMasks or PolygonMasks of the image's size) and
             optionally ``crowd_boxes`` (C, 4); images are used at their given size (resizing is data
             augmentation). Returns a dict of scalar losses.
-        inference: images are resized as above; ``mask_format`` ("bitmap", "rle" or "none", see
+        inference: images are resized as above; ``mask_format`` ("bitmap", "rle", "probs" or "none", see
             :func:`~maskrcnn.modeling.postprocess.to_original_image`) says what the masks come back as.
             Returns per image ``boxes`` (D, 4) xyxy in original pixels, ``scores`` (D,), ``labels`` (D,)
-            int64, ``mask_probs`` (D, S, S) (unpasted) and ``masks`` ((D, Hi, Wi) bool, or D COCO RLE dicts).
+            int64 and ``masks`` ((D, Hi, Wi) bool, or D COCO RLE dicts) or ``mask_probs`` (D, S, S).
 
     The forward is a sequence of named stages, each a method: :meth:`preprocess`, :meth:`extract_features`,
     :meth:`propose`, then ``roi_heads.losses`` (training); or :meth:`preprocess`, :meth:`infer` (backbone,

@@ -15,7 +15,9 @@ from ..rle import encode_mask_regions
 from .paste import paste_mask_regions, paste_masks_in_image
 from .selection import SKIP, best_per_group, clip_to_images, grouped_nms, rank_within_group
 
-MASK_FORMATS = ("bitmap", "rle", "none")
+# What becomes of the S x S mask probabilities (see to_original_image); predictors return masks in all of
+# them but "probs", which Instances do not hold.
+MASK_FORMATS = ("bitmap", "rle", "probs", "none")
 
 
 def select_detections(boxes: Tensor, scores: Tensor, image_index: Tensor, image_sizes: Tensor, *,
@@ -105,16 +107,16 @@ def to_original_image(result: Dict[str, Tensor], resized_size: Tuple[int, int], 
         original image and thresholded at ``mask_threshold``:
         "bitmap": ``masks`` (D, H, W) bool;
         "rle": ``masks`` as D COCO RLE dicts, encoded from each box's region (no full-image canvas);
-        "none": no ``masks`` entry.
+        "probs": the unpasted ``mask_probs`` (D, S, S) float;
+        "none": no mask entry.
     memory_mb: budget of the chunked paste.
-    Returns ``boxes`` (D, 4) xyxy in original pixels, ``scores``, ``labels``, the unpasted ``mask_probs``
-    (D, S, S) and the ``masks`` entry.
+    Returns ``boxes`` (D, 4) xyxy in original pixels, ``scores``, ``labels`` and the mask entry.
     """
     if mask_format not in MASK_FORMATS:
         raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
     probs = result["mask_probs"]
     out = {"boxes": rescale_boxes(result["boxes"], resized_size, original_size),
-           "scores": result["scores"], "labels": result["labels"], "mask_probs": probs}
+           "scores": result["scores"], "labels": result["labels"]}
     if mask_format == "bitmap":
         out["masks"] = paste_masks_in_image(probs, out["boxes"], original_size, threshold=mask_threshold,
                                             memory_mb=memory_mb)
@@ -122,4 +124,6 @@ def to_original_image(result: Dict[str, Tensor], resized_size: Tuple[int, int], 
         regions = paste_mask_regions(probs, out["boxes"], original_size, threshold=mask_threshold,
                                      memory_mb=memory_mb)
         out["masks"] = encode_mask_regions(regions, original_size)
+    elif mask_format == "probs":
+        out["mask_probs"] = probs
     return out
