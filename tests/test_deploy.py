@@ -90,7 +90,8 @@ def exported(weights, tmp_path_factory):
 
 def match(expected_boxes, expected_labels, got_boxes, got_labels, name: str):
     """Each expected detection's match among the got ones: the same label and box IoU > 0.99, one to one."""
-    assert len(got_boxes) == len(expected_boxes), f"{name}: {len(got_boxes)} detections, eager has {len(expected_boxes)}"
+    assert len(got_boxes) == len(expected_boxes), \
+        f"{name}: {len(got_boxes)} detections, eager has {len(expected_boxes)}"
     if len(expected_boxes) == 0:
         return torch.zeros(0, dtype=torch.int64)
     iou = box_iou(expected_boxes, got_boxes)
@@ -173,7 +174,8 @@ def test_runtime_mask_probabilities_match_eager(exported, runtime):
     the paste and the mask threshold, on the mixed batch."""
     predictor, path = exported
     images, metadata = list(IMAGES.values()), read_metadata(path)
-    expected, got = per_image(network(predictor, "eager"), images, metadata), per_image(network(path, runtime), images, metadata)
+    expected = per_image(network(predictor, "eager"), images, metadata)
+    got = per_image(network(path, runtime), images, metadata)
     for name, e, g in zip(IMAGES, expected, got):
         index = match(e["boxes"], e["labels"], g["boxes"], g["labels"], f"{runtime}, {name}")
         assert len(index) >= 20
@@ -182,7 +184,8 @@ def test_runtime_mask_probabilities_match_eager(exported, runtime):
 
 
 # Three images of one padded size (so that their features do not depend on the batch's padding).
-SAME_SIZE = [rgb(120, 200, 20), rgb(115, 192, 21), np.random.default_rng(22).integers(0, 256, (100, 170), dtype=np.uint8)]
+SAME_SIZE = [rgb(120, 200, 20), rgb(115, 192, 21),
+             np.random.default_rng(22).integers(0, 256, (100, 170), dtype=np.uint8)]
 
 
 @pytest.mark.parametrize("runtime", ["eager", *RUNTIMES])

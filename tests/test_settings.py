@@ -39,8 +39,8 @@ def test_tool_threshold_defaults_are_none_or_the_configs(path):
     for option, default in _threshold_defaults(path):
         if default is None or (isinstance(default, ast.Constant) and default.value is None):
             continue
-        assert isinstance(default, ast.Name), f"{path.name} {option}: default {ast.unparse(default)} is written " \
-                                              f"in the tool; pass None (the model's own) or name a maskrcnn.config setting"
+        assert isinstance(default, ast.Name), (f"{path.name} {option}: default {ast.unparse(default)} is written in "
+                                               "the tool; pass None (the model's own) or name a maskrcnn.config setting")
         value = getattr(_module(path), default.id)
         assert getattr(maskrcnn.config, default.id, object()) is value, \
             f"{path.name} {option}: default {default.id} is not a maskrcnn.config setting"

@@ -7,8 +7,8 @@ The graph is :meth:`MaskRCNN.infer <maskrcnn.modeling.maskrcnn.MaskRCNN.infer>` 
 own inference over a padded batch, which has no loop over images and no Python branch on data, so that the
 graph holds for any batch size, any image size and any number of detections, zero included. Its NMS
 (:func:`~maskrcnn.modeling.selection.grouped_nms`) exports as one ONNX NonMaxSuppression operator that keeps
-images, levels and classes apart on the operator's batch and class axes, and its stable ranking as TopK. Resizing to the original image and
-the mask paste are not in the graph: they run in Python
+images, levels and classes apart on the operator's batch and class axes, and its stable ranking as TopK.
+Resizing to the original image and the mask paste are not in the graph: they run in Python
 (:func:`~maskrcnn.modeling.postprocess.to_original_image`), the same code as the eager path.
 
 Graph inputs: ``images`` (N, 3, Hp, Wp) float32, normalised (``(x - mean) / std`` of 0-1 RGB), resized
