@@ -242,6 +242,20 @@ def test_an_image_without_detections_in_a_batch(exported_with_an_empty_image, ru
     assert [len(r) for r in exported_predictor([PLAIN, PLAIN[:90]])] == [0, 0]
 
 
+def test_runtime_score_threshold_filters_above_the_graphs(weights, exported):
+    """A threshold above the graph's drops what the eager model at that threshold drops; one below the
+    graph's cannot bring back what the graph dropped and is refused."""
+    _, path = exported
+    images = list(IMAGES.values())
+    expected = eager_predictor(weights, 0.5)(images)
+    got = ExportedPredictor(path, score_thresh=0.5)(images)
+    assert 0 < sum(len(r) for r in got) < sum(len(r) for r in ExportedPredictor(path)(images))
+    for name, e, g in zip(IMAGES, expected, got):
+        assert_parity(e, g, f"threshold 0.5, {name}")
+    with pytest.raises(ValueError, match="below the threshold 0.05"):
+        ExportedPredictor(path, score_thresh=0.01)
+
+
 def test_openvino_bf16_runs(exported):
     _, path = exported
     results = ExportedPredictor(path, runtime="openvino", precision="bf16")([IMAGES["rgb 120x200"], PLAIN])
