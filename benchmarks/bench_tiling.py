@@ -25,7 +25,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tile-size", type=int, default=512, help="tile side in pixels (the model's input size)")
     parser.add_argument("--tile-overlap", type=int, default=128, help="pixels shared by neighbouring tiles")
     parser.add_argument("--tiles-per-batch", type=int, default=4, help="tiles per forward pass")
-    parser.add_argument("--score-thresh", type=float, default=0.3, help="detections scoring below are dropped")
+    parser.add_argument("--score-thresh", type=float, default=None,
+                        help="detections scoring below are dropped (default: the config's roi_heads.score_thresh)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     args = parser.parse_args(argv)

@@ -17,6 +17,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from maskrcnn.errors import InputError
 
+# Overlays and figures draw the detections scoring at least this: a display choice, apart from the model's
+# own threshold (``model.roi_heads.score_thresh``, which decides what inference returns).
+DISPLAY_SCORE_THRESH = 0.5
+
 
 @dataclass
 class InputConfig:

@@ -18,18 +18,25 @@ from torch import Tensor
 from maskrcnn.errors import InputError
 from maskrcnn.fileio import decode_image, read_image, upright
 from maskrcnn.modeling.maskrcnn import MaskRCNN
+from maskrcnn.modeling.postprocess import MASK_FORMATS
 from maskrcnn.precision import PRECISIONS, resolve_precision
 from maskrcnn.structures import Instances
-
-MASK_FORMATS = ("bitmap", "rle", "none")
 
 
 def check_options(precision: str, mask_format: str) -> None:
     """ValueError unless ``precision`` and ``mask_format`` are among the supported values."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_mask_format(mask_format)
+
+
+def check_mask_format(mask_format: str) -> None:
+    """ValueError unless ``mask_format`` is one a predictor returns: any of ``MASK_FORMATS`` but "probs"."""
     if mask_format not in MASK_FORMATS:
         raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+    if mask_format == "probs":
+        raise ValueError("mask_format 'probs' leaves each mask as its unpasted S x S probabilities, which "
+                         "Instances do not hold: use 'bitmap', 'rle' or 'none'")
 
 
 ImageInput = Union[str, Path, bytes, np.ndarray, Image.Image, Tensor]

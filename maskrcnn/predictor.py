@@ -43,8 +43,8 @@ class Predictor:
     precision: "auto" (default: bf16 where ``device`` computes it natively, else fp32), "fp32", or "bf16"
         (bfloat16 autocast around the forward; warns where it is emulated). ``self.precision`` is the
         resolved one, ``self.resolved_precision.message`` says why.
-    score_thresh: detections scoring below this are dropped (replaces ``roi_heads.score_thresh``; None keeps
-        the configured value).
+    score_thresh: detections scoring below this are dropped (replaces ``roi_heads.score_thresh``); None, the
+        default, keeps the configured value.
     mask_format: "bitmap", "rle" or "none" (see :func:`detect`); default "bitmap", or "rle" when tiling.
     bgr: NumPy inputs are BGR (OpenCV order) unless a call says otherwise.
     label_to_cat_id: the model's label -> category id map (a checkpoint's ``label_to_cat_id``), used by
@@ -60,7 +60,7 @@ class Predictor:
 
     def __init__(self, config: Config, weights: Union[dict, str, Path, None], *,
                  class_names: Optional[Sequence[str]] = None, device: Union[str, torch.device] = "cpu",
-                 precision: str = "auto", score_thresh: Optional[float] = 0.05, mask_format: Optional[str] = None,
+                 precision: str = "auto", score_thresh: Optional[float] = None, mask_format: Optional[str] = None,
                  bgr: bool = False, label_to_cat_id: Optional[Dict[int, int]] = None,
                  categories: Optional[Sequence[dict]] = None, tile_size: Optional[int] = None,
                  tile_overlap: int = 128, tiles_per_batch: int = 4):

@@ -17,6 +17,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 
+from maskrcnn.config import DISPLAY_SCORE_THRESH
 from maskrcnn.data.check import ground_truth
 from maskrcnn.fileio import atomic_write, read_image
 from maskrcnn.structures import Instances
@@ -54,19 +55,19 @@ def _check_image(image: np.ndarray, image_size) -> None:
                          f"{image_size[1]}x{image_size[0]} image")
 
 
-def draw_instances(image: np.ndarray, result: Instances, *, score_thresh: float = 0.5, class_colors: bool = False,
-                   alpha: float = 0.5) -> np.ndarray:
+def draw_instances(image: np.ndarray, result: Instances, *, score_thresh: Optional[float] = DISPLAY_SCORE_THRESH,
+                   class_colors: bool = False, alpha: float = 0.5) -> np.ndarray:
     """Overlay detections on an image: translucent mask fills with outlines, boxes, "name score" labels.
 
     image: ``(H, W, 3)`` uint8 RGB of the size the detections refer to (``result.image_size``).
     result: detections (masks as bitmaps, RLE or absent).
-    score_thresh: detections scoring below this are not drawn.
+    score_thresh: detections scoring below this are not drawn; None draws every detection of ``result``.
     class_colors: colour by class label (stable across images) instead of by detection.
     alpha: opacity of the mask fill.
     Returns a new ``(H, W, 3)`` uint8 RGB array; the input is not modified.
     """
     _check_image(image, result.image_size)
-    result = result.filter(score_thresh)
+    result = result if score_thresh is None else result.filter(score_thresh)
     out = image.copy()
     palette = colors(result.labels.tolist() if class_colors else range(len(result)))
     masks = _mask_array(result.masks, result.image_size)
@@ -105,7 +106,7 @@ def draw_ground_truth(image: np.ndarray, *, boxes, labels: Sequence[int], class_
     result = Instances(boxes=torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4),
                        scores=torch.ones(count), labels=torch.as_tensor(list(labels), dtype=torch.int64),
                        class_names=list(class_names), masks=list(masks), image_size=image.shape[:2])
-    return draw_instances(image, result, score_thresh=0.0, class_colors=True)
+    return draw_instances(image, result, score_thresh=None, class_colors=True)
 
 
 def write_ground_truth_overlays(ann_file: Union[str, Path], image_dir: Union[str, Path], out_dir: Union[str, Path],

@@ -2,11 +2,13 @@
 
 The model is a small well-conditioned one (``maskrcnn.reference.well_conditioned_torchvision_model``):
 its detections are decided by margins far above float round-off, so that eager and exported runs can be
-held to the same detections. Parity criteria: the top 90 eager detections of each image are each matched
-by a detection of the same label with box IoU > 0.99, scores within 1e-3, and each mask's pixels that
-differ at most 1/1000 of the mask's own pixels (one pixel for masks under 1000 pixels).
+held to the same detections. Parity criteria: every eager detection of each image is matched by a detection
+of the same label with box IoU > 0.99, scores within 1e-3, its S x S mask probabilities within 1e-4 (read
+from the graph's outputs, before any threshold), and each pasted mask's pixels that differ at most 1/1000 of
+the mask's own pixels (one pixel for masks under 1000 pixels).
 """
 
+import itertools
 import json
 import subprocess
 import sys
@@ -21,9 +23,10 @@ from torchvision.ops import box_iou
 
 from maskrcnn.config import Config, config_to_dict
 from maskrcnn.data.shapes import generate_shapes
-from maskrcnn.deploy.export import export_onnx, read_metadata
+from maskrcnn.deploy.export import OUTPUT_NAMES, export_onnx, read_metadata
 from maskrcnn.deploy.quantize import QUANTIZED_SCOPES, quantize_int8, quantized_node_names
-from maskrcnn.deploy.runtime import ExportedPredictor
+from maskrcnn.deploy.runtime import ExportedPredictor, network_inputs
+from maskrcnn.inference import to_image_tensor
 from maskrcnn.predictor import Predictor
 from maskrcnn.reference import our_model_from, well_conditioned_torchvision_model
 from tiny import tiny_config
@@ -85,19 +88,28 @@ def exported(weights, tmp_path_factory):
     return predictor, path
 
 
-def assert_parity(expected, got, name: str, top: int = 90) -> None:
-    assert len(got) == len(expected), f"{name}: {len(got)} detections, eager has {len(expected)}"
-    assert got.image_size == expected.image_size
-    n = min(top, len(expected))
-    if n == 0:
-        return
-    iou = box_iou(expected.boxes[:n], got.boxes)
-    iou[expected.labels[:n, None] != got.labels[None]] = 0  # (n, D): match within the same label
-    best, match = iou.max(dim=1)
+def match(expected_boxes, expected_labels, got_boxes, got_labels, name: str):
+    """Each expected detection's match among the got ones: the same label and box IoU > 0.99, one to one."""
+    assert len(got_boxes) == len(expected_boxes), \
+        f"{name}: {len(got_boxes)} detections, eager has {len(expected_boxes)}"
+    if len(expected_boxes) == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    iou = box_iou(expected_boxes, got_boxes)
+    iou[expected_labels[:, None] != got_labels[None]] = 0  # (D, D): match within the same label
+    best, index = iou.max(dim=1)
     assert bool((best > 0.99).all()), f"{name}: detections {torch.nonzero(best <= 0.99)[:, 0].tolist()} unmatched"
-    score_diff = (got.scores[match] - expected.scores[:n]).abs().max().item()
+    assert len(set(index.tolist())) == len(index), f"{name}: two detections match the same one"
+    return index
+
+
+def assert_parity(expected, got, name: str) -> None:
+    assert got.image_size == expected.image_size
+    index = match(expected.boxes, expected.labels, got.boxes, got.labels, name)
+    if len(index) == 0:
+        return
+    score_diff = (got.scores[index] - expected.scores).abs().max().item()
     assert score_diff <= 1e-3, f"{name}: scores differ by {score_diff}"
-    a, b = expected.masks[:n].flatten(1), got.masks[match].flatten(1)
+    a, b = expected.masks.flatten(1), got.masks[index].flatten(1)
     differing, area = (a ^ b).sum(1), a.sum(1)
     # A pixel whose probability sits at the threshold may flip with float rounding: one pixel is allowed
     # in a mask of under 1000 pixels.
@@ -134,6 +146,68 @@ def test_runtime_matches_eager_on_a_mixed_batch(exported, runtime):
         assert g.class_names == e.class_names and g.label_to_cat_id == {1: 11, 2: 12, 3: 13}
 
 
+def network(predictor_or_path, runtime: str):
+    """The network alone, as a function (images, image_sizes) -> the graph's outputs (NumPy arrays):
+    the eager predictor's model (``MaskRCNN.infer``) or the exported file in a runtime."""
+    if runtime != "eager":
+        return ExportedPredictor(predictor_or_path, runtime=runtime).run_network
+    model = predictor_or_path.inference_model
+
+    def run(images, image_sizes):
+        with torch.no_grad():
+            return [t.numpy() for t in model.infer(torch.from_numpy(images), torch.from_numpy(image_sizes))]
+
+    return run
+
+
+def per_image(run, images, metadata) -> list:
+    """The graph's outputs for a batch of images, split by image: a dict of tensors per image."""
+    _, inputs = network_inputs([to_image_tensor(image) for image in images], metadata)
+    outputs = {name: torch.from_numpy(value) for name, value in zip(OUTPUT_NAMES, run(*inputs))}
+    return [{name: value[outputs["image_index"] == i] for name, value in outputs.items() if name != "image_index"}
+            for i in range(len(images))]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_runtime_mask_probabilities_match_eager(exported, runtime):
+    """Every detection of the graph against the eager model's, with its S x S mask probabilities before
+    the paste and the mask threshold, on the mixed batch."""
+    predictor, path = exported
+    images, metadata = list(IMAGES.values()), read_metadata(path)
+    expected = per_image(network(predictor, "eager"), images, metadata)
+    got = per_image(network(path, runtime), images, metadata)
+    for name, e, g in zip(IMAGES, expected, got):
+        index = match(e["boxes"], e["labels"], g["boxes"], g["labels"], f"{runtime}, {name}")
+        assert len(index) >= 20
+        torch.testing.assert_close(g["scores"][index], e["scores"], rtol=0, atol=1e-4)
+        torch.testing.assert_close(g["mask_probs"][index], e["mask_probs"], rtol=0, atol=1e-4)
+
+
+# Three images of one padded size (so that their features do not depend on the batch's padding).
+SAME_SIZE = [rgb(120, 200, 20), rgb(115, 192, 21),
+             np.random.default_rng(22).integers(0, 256, (100, 170), dtype=np.uint8)]
+
+
+@pytest.mark.parametrize("runtime", ["eager", *RUNTIMES])
+def test_detections_do_not_depend_on_batch_neighbours(exported, runtime):
+    """Each image's detections are the same at every position of a batch, to the bit: NMS keeps images
+    apart on the operator's axes, not by shifting their coordinates by the image's place in the batch.
+    Alone, they are the same detections; their values differ by convolution rounding at most (the
+    runtimes pick their convolution kernels by batch size)."""
+    predictor, path = exported
+    run, metadata = network(predictor if runtime == "eager" else path, runtime), read_metadata(path)
+    alone = [per_image(run, [image], metadata)[0] for image in SAME_SIZE]
+    seen = {}
+    for order in [*itertools.permutations(range(3)), (1, 1, 0)]:
+        for position, (i, got) in enumerate(zip(order, per_image(run, [SAME_SIZE[i] for i in order], metadata))):
+            where = f"{runtime}: image {i} at position {position} of {order}"
+            first = seen.setdefault(i, got)
+            assert all(torch.equal(got[name], first[name]) for name in got), where
+            assert len(got["boxes"]) >= 20 and torch.equal(got["labels"], alone[i]["labels"]), where
+            for name in ("boxes", "scores", "mask_probs"):
+                torch.testing.assert_close(got[name], alone[i][name], rtol=0, atol=1e-3, msg=where)
+
+
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_runtime_matches_eager_on_single_images(exported, runtime):
     predictor, path = exported
@@ -166,6 +240,20 @@ def test_an_image_without_detections_in_a_batch(exported_with_an_empty_image, ru
     alone = exported_predictor(PLAIN)
     assert len(alone) == 0 and alone.masks.shape == (0, 100, 100)
     assert [len(r) for r in exported_predictor([PLAIN, PLAIN[:90]])] == [0, 0]
+
+
+def test_runtime_score_threshold_filters_above_the_graphs(weights, exported):
+    """A threshold above the graph's drops what the eager model at that threshold drops; one below the
+    graph's cannot bring back what the graph dropped and is refused."""
+    _, path = exported
+    images = list(IMAGES.values())
+    expected = eager_predictor(weights, 0.5)(images)
+    got = ExportedPredictor(path, score_thresh=0.5)(images)
+    assert 0 < sum(len(r) for r in got) < sum(len(r) for r in ExportedPredictor(path)(images))
+    for name, e, g in zip(IMAGES, expected, got):
+        assert_parity(e, g, f"threshold 0.5, {name}")
+    with pytest.raises(ValueError, match="below the threshold 0.05"):
+        ExportedPredictor(path, score_thresh=0.01)
 
 
 def test_openvino_bf16_runs(exported):

@@ -1,33 +1,19 @@
-"""Detection selection (score threshold, per-class NMS, top-k) and the map back to the original image,
-against torchvision's RoIHeads.postprocess_detections and batched_nms."""
+"""Detection selection (score threshold, per-class NMS, top-k, over a batch) and the map back to the original
+image, against torchvision's RoIHeads.postprocess_detections and its nms class by class."""
 
 import pycocotools.mask as mask_utils
 import pytest
 import torch
 from torchvision.models.detection.roi_heads import RoIHeads as TVRoIHeads
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 from maskrcnn.modeling.box_coder import BoxCoder
-from maskrcnn.modeling.postprocess import rescale_boxes, select_detections, to_original_image, top_class_nms
-
-
-@pytest.mark.parametrize("topk", [1, 5, 40, 500])
-def test_top_class_nms_equals_batched_nms(topk):
-    g = torch.Generator().manual_seed(topk)
-    # Clustered boxes over few classes: most candidates are suppressed, so the search must grow.
-    centres = torch.rand(30, 2, generator=g) * 200
-    boxes = centres.repeat(40, 1) + torch.randn(1200, 2, generator=g) * 4
-    sizes = 20 + torch.rand(1200, 2, generator=g) * 10
-    boxes = torch.cat([boxes - sizes / 2, boxes + sizes / 2], dim=1)
-    scores = torch.rand(1200, generator=g)
-    labels = torch.randint(1, 4, (1200,), generator=g)
-    expected = batched_nms(boxes, scores, labels, 0.5)[:topk]
-    assert torch.equal(top_class_nms(boxes, scores, labels, 0.5, topk), expected)
+from maskrcnn.modeling.postprocess import rescale_boxes, select_detections, to_original_image
 
 
 def _near_threshold_pairs(seed: int, pairs: int = 750, classes: int = 80, iou: float = 0.5):
     """Pairs of equal boxes of one class shifted sideways so that their IoU lies within ~1e-5 of ``iou``,
-    at coordinates up to 1,200 px: enough candidates for batched_nms's class-by-class route."""
+    at coordinates up to 1,200 px."""
     g = torch.Generator().manual_seed(seed)
     corner = torch.rand(pairs, 2, generator=g) * 1000
     size = 20 + torch.rand(pairs, 2, generator=g) * 200
@@ -38,18 +24,55 @@ def _near_threshold_pairs(seed: int, pairs: int = 750, classes: int = 80, iou: f
     return torch.cat([first, second]), torch.rand(2 * pairs, generator=g), labels
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_top_class_nms_equals_batched_nms_for_pairs_at_the_threshold(seed):
-    """batched_nms runs a 1,500-candidate set class by class; NMS over a subset of a few hundred must take
-    the same route, or float32 rounding of class-shifted coordinates flips pairs at the threshold."""
+def _as_candidates(boxes, scores, labels, classes):
+    """Candidates (C, 4), (C,), (C,) labels -> select_detections' inputs for one image: one proposal per
+    candidate, its class scoring ``score`` and the others 0."""
+    probs = torch.zeros(len(boxes), classes + 1)
+    probs[torch.arange(len(boxes)), labels] = scores
+    return boxes[:, None].expand(-1, classes, 4), probs
+
+
+def _class_by_class(boxes, scores, labels, iou, topk):
+    """The oracle: torchvision's nms on each class alone, the ``topk`` best survivors (indices)."""
+    kept = torch.cat([torch.nonzero(labels == c)[:, 0][nms(boxes[labels == c], scores[labels == c], iou)]
+                      for c in labels.unique()])
+    return kept[torch.sort(scores[kept], descending=True, stable=True).indices][:topk]
+
+
+@pytest.mark.parametrize("topk", [1, 5, 40, 100, 2000])
+@pytest.mark.parametrize("seed", range(3))
+def test_select_detections_equals_nms_class_by_class(topk, seed):
+    """NMS on the best candidates first, grown fourfold until enough survive, keeps exactly what NMS over
+    every candidate keeps, also for pairs whose IoU lies within 1e-5 of the threshold."""
     boxes, scores, labels = _near_threshold_pairs(seed)
-    expected = batched_nms(boxes, scores, labels, 0.5)[:100]
-    assert torch.equal(top_class_nms(boxes, scores, labels, 0.5, 100), expected)
+    expected = _class_by_class(boxes, scores, labels, 0.5, topk)
+    per_class, probs = _as_candidates(boxes, scores, labels, 80)
+    out = select_detections(per_class, probs, torch.zeros(len(boxes), dtype=torch.int64), torch.tensor([[1300, 1300]]),
+                            score_thresh=1e-9, nms_thresh=0.5, topk=topk)
+    assert torch.equal(out["scores"], scores[expected]) and torch.equal(out["labels"], labels[expected])
+    assert torch.equal(out["boxes"], boxes[expected])
 
 
-def test_top_class_nms_on_a_small_set_is_batched_nms_itself():
-    boxes, scores, labels = _near_threshold_pairs(0, pairs=200)
-    assert torch.equal(top_class_nms(boxes, scores, labels, 0.5, 30), batched_nms(boxes, scores, labels, 0.5)[:30])
+def test_detections_of_an_image_do_not_depend_on_its_batch_neighbours():
+    """An image's detections are the same, to the bit, alone and at every position of a batch: images are
+    kept apart on the NMS operator's class axis, not by shifting their coordinates apart (whose float
+    rounding decides pairs near the IoU threshold by the image's place in the batch)."""
+    images = [_as_candidates(*_near_threshold_pairs(seed, pairs=300, classes=20), 20) for seed in range(3)]
+
+    def detect(order):
+        boxes = torch.cat([images[i][0] for i in order])
+        probs = torch.cat([images[i][1] for i in order])
+        image_index = torch.arange(len(order)).repeat_interleave(torch.tensor([len(images[i][0]) for i in order]))
+        out = select_detections(boxes, probs, image_index, torch.tensor([[1300, 1300]] * len(order)),
+                                score_thresh=0.05, nms_thresh=0.5, topk=100)
+        return [{k: v[out["image_index"] == p] for k, v in out.items() if k != "image_index"}
+                for p in range(len(order))]
+
+    alone = [detect([i])[0] for i in range(3)]
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0], [1, 1]):
+        for position, image in enumerate(order):
+            got = detect(order)[position]
+            assert all(torch.equal(got[k], alone[image][k]) for k in got), (order, position)
 
 
 def test_select_detections_equals_torchvision_postprocess():
@@ -62,18 +85,27 @@ def test_select_detections_equals_torchvision_postprocess():
     tv = TVRoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, (10.0, 10.0, 5.0, 5.0), 0.05, 0.5, 100)
     tv_boxes, tv_scores, tv_labels = tv.postprocess_detections(logits, deltas, [proposals], [image_size])
     ours = select_detections(BoxCoder((10.0, 10.0, 5.0, 5.0)).decode(deltas[:, 4:], proposals),
-                             logits.softmax(-1), image_size, score_thresh=0.05, nms_thresh=0.5, topk=100)
-    assert len(ours["boxes"]) == 100
+                             logits.softmax(-1), torch.zeros(500, dtype=torch.int64), torch.tensor([image_size]),
+                             score_thresh=0.05, nms_thresh=0.5, topk=100)
+    assert len(ours["boxes"]) == 100 and (ours["image_index"] == 0).all()
     assert torch.equal(ours["labels"], tv_labels[0])
     torch.testing.assert_close(ours["scores"], tv_scores[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(ours["boxes"], tv_boxes[0], rtol=0, atol=1e-4)
 
 
+def test_select_detections_keeps_a_score_equal_to_the_threshold():
+    """The threshold keeps what scores at least it, as Instances.filter does."""
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0]])[:, None].expand(1, 2, 4)
+    out = select_detections(boxes, torch.tensor([[0.5, 0.25, 0.25]]), torch.zeros(1, dtype=torch.int64),
+                            torch.tensor([[20, 20]]), score_thresh=0.25, nms_thresh=0.5, topk=100)
+    assert out["scores"].tolist() == [0.25, 0.25] and out["labels"].tolist() == [1, 2]
+
+
 def test_select_detections_of_nothing_above_the_threshold_is_empty():
     proposals = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     scores = torch.tensor([[0.99, 0.005, 0.005]])
-    out = select_detections(proposals[:, None].expand(1, 2, 4), scores, (20, 20), score_thresh=0.05, nms_thresh=0.5,
-                            topk=100)
+    out = select_detections(proposals[:, None].expand(1, 2, 4), scores, torch.zeros(1, dtype=torch.int64),
+                            torch.tensor([[20, 20]]), score_thresh=0.05, nms_thresh=0.5, topk=100)
     assert out["boxes"].shape == (0, 4) and out["labels"].dtype == torch.int64 and len(out["scores"]) == 0
 
 

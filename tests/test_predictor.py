@@ -231,7 +231,7 @@ def test_bf16_precision_returns_float32(weights, image):
     assert result.masks.shape[1:] == (48, 72)
 
 
-@pytest.mark.parametrize("kwargs", [{"precision": "fp16"}, {"mask_format": "png"}])
+@pytest.mark.parametrize("kwargs", [{"precision": "fp16"}, {"mask_format": "png"}, {"mask_format": "probs"}])
 def test_unknown_options_are_rejected(weights, kwargs):
     with pytest.raises(ValueError, match=list(kwargs)[0]):
         Predictor(tiny_config(), weights, **kwargs)

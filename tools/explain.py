@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from maskrcnn.cli import run
+from maskrcnn.config import DISPLAY_SCORE_THRESH
 from maskrcnn.diagnostics.figures import explain_checkpoint, mask_caption
 from maskrcnn.diagnostics.trace import locate_image
 
@@ -37,7 +38,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output", default="output/explain", help="folder for the figures and explain.md "
                                                                      "(default: output/explain)")
     parser.add_argument("--device", default="cpu", help='"cpu", "cuda" or "cuda:N"')
-    parser.add_argument("--score-thresh", type=float, default=0.5, help="detections drawn score at least this")
+    parser.add_argument("--score-thresh", type=float, default=DISPLAY_SCORE_THRESH,
+                        help="detections drawn score at least this")
     parser.add_argument("--num-rois", type=int, default=4, help="positive RoIs shown in mask_targets.png")
     parser.add_argument("--seed", type=int, default=0, help="seeds the sampling of anchors and RoIs")
     args = parser.parse_args(argv)

@@ -25,8 +25,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint file written by training")
     parser.add_argument("--output", required=True, help="the .onnx file to write")
-    parser.add_argument("--score-thresh", type=float, default=0.05,
-                        help="detections scoring below are dropped inside the graph")
+    parser.add_argument("--score-thresh", type=float, default=None,
+                        help="detections scoring below are dropped inside the graph (default: the checkpoint's "
+                             "roi_heads.score_thresh)")
     parser.add_argument("--int8-calibration", help="folder of calibration images: also write an int8 OpenVINO IR")
     parser.add_argument("--calibration-count", type=int, default=100, help="calibration images used")
     args = parser.parse_args(argv)

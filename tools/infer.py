@@ -28,7 +28,8 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint file written by training")
     parser.add_argument("--input", required=True, help="an image file, a folder of images or a video file")
     parser.add_argument("--output", required=True, help="folder for the PNGs and results.json")
-    parser.add_argument("--score-thresh", type=float, default=0.5, help="detections scoring below are dropped")
+    parser.add_argument("--score-thresh", type=float, default=None,
+                        help="detections scoring below are dropped (default: the checkpoint's roi_heads.score_thresh)")
     parser.add_argument("--device", default="cpu", help='"cpu", "cuda" or "cuda:N"')
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: bf16 where the CPU/GPU computes it natively, else fp32")
@@ -53,7 +54,7 @@ def main(argv=None) -> None:
     for path in tqdm(paths, desc="inference", unit="img", disable=len(paths) == 1):
         image = read_image(path)
         instances = predictor(image)
-        save_png(output / f"{path.stem}.png", draw_instances(image, instances, score_thresh=args.score_thresh))
+        save_png(output / f"{path.stem}.png", draw_instances(image, instances, score_thresh=None))
         if args.label_map:
             labels = sorted(set(instances.labels.tolist()))
             classes = label_map(instances.masks, instances.labels, num_classes, scores=instances.scores)

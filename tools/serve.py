@@ -34,7 +34,8 @@ def main(argv=None) -> None:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="bf16: autocast (PyTorch) or OpenVINO's bf16 inference; auto: bf16 where the CPU "
                              "computes it natively, else fp32")
-    parser.add_argument("--score-thresh", type=float, default=0.5, help="detections scoring below are dropped")
+    parser.add_argument("--score-thresh", type=float, default=None,
+                        help="detections scoring below are dropped (default: the model's own threshold)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--token", help="bearer token every request must carry (required off loopback)")
@@ -52,9 +53,10 @@ def main(argv=None) -> None:
         predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, mask_format="rle",
                                               score_thresh=args.score_thresh)
     else:
-        predictor = ExportedPredictor(args.onnx, runtime=args.runtime, precision=args.precision, mask_format="rle")
+        predictor = ExportedPredictor(args.onnx, runtime=args.runtime, precision=args.precision, mask_format="rle",
+                                      score_thresh=args.score_thresh)
     print(predictor.resolved_precision.message)
-    app = create_app(lambda images: [r.filter(args.score_thresh) for r in predictor(images)],
+    app = create_app(predictor,
                      class_names=predictor.class_names, draw=overlay_png, max_batch_size=args.max_batch_size,
                      max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout,
                      max_bytes=args.max_bytes, max_pixels=args.max_pixels, token=args.token)
@@ -63,7 +65,7 @@ def main(argv=None) -> None:
 
 def overlay_png(image, result) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(draw_instances(image, result, score_thresh=0.0)).save(buffer, format="PNG")
+    Image.fromarray(draw_instances(image, result, score_thresh=None)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -24,7 +24,8 @@ from maskrcnn.config import Config
 
 class ResizeShortestEdge:
     """Scale the image so that its shorter side is a size drawn from ``min_sizes`` (pixels), unless its
-    longer side would then exceed ``max_size``, in which case the longer side becomes ``max_size``."""
+    longer side would then exceed ``max_size``, in which case the longer side becomes ``max_size``. Sides
+    are rounded down, as :func:`maskrcnn.modeling.maskrcnn.resize_image` and torchvision round them."""
 
     def __init__(self, min_sizes: Sequence[int], max_size: int):
         if not min_sizes or min(min_sizes) <= 0 or max_size <= 0:
@@ -36,7 +37,7 @@ class ResizeShortestEdge:
         height, width = image.shape[:2]
         short = self.min_sizes[int(rng.integers(len(self.min_sizes)))]
         scale = min(short / min(height, width), self.max_size / max(height, width))
-        new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+        new_h, new_w = int(height * scale), int(width * scale)  # rounded down, as inference and torchvision
         if (new_h, new_w) == (height, width):
             return image, target
         image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)

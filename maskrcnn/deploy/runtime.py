@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from maskrcnn.deploy.export import INPUT_NAMES, OUTPUT_NAMES, read_metadata
-from maskrcnn.inference import MASK_FORMATS, ImageInput, to_image_tensors, to_instances
+from maskrcnn.inference import ImageInput, check_mask_format, to_image_tensors, to_instances
 from maskrcnn.modeling.maskrcnn import preprocess_images
 from maskrcnn.modeling.postprocess import to_original_image
 from maskrcnn.precision import resolve_precision
@@ -41,22 +41,28 @@ class ExportedPredictor:
     precision: "auto" (default: OpenVINO bf16 where the CPU computes it natively, else fp32), "fp32", or
         "bf16" (OpenVINO only; warns where it is emulated). ``self.precision`` is the resolved one.
     mask_format: "bitmap", "rle" or "none", as the eager predictor.
+    score_thresh: detections scoring below this are dropped; None keeps the threshold the graph was exported
+        with (its metadata's ``score_thresh``), below which it has already dropped them: a lower one is refused.
     bgr: NumPy inputs are BGR (OpenCV order) unless a call says otherwise.
     threads: intra-op threads of the runtime (None: the runtime's default, all cores).
     """
 
     def __init__(self, path: Union[str, Path], *, runtime: str = "onnxruntime", precision: str = "auto",
-                 mask_format: str = "bitmap", bgr: bool = False, threads: Optional[int] = None):
+                 mask_format: str = "bitmap", bgr: bool = False, threads: Optional[int] = None,
+                 score_thresh: Optional[float] = None):
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         if precision not in RUNTIME_PRECISIONS[runtime]:
             raise ValueError(f"{runtime} runs precision {RUNTIME_PRECISIONS[runtime]}, got {precision!r}")
-        if mask_format not in MASK_FORMATS:
-            raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+        check_mask_format(mask_format)
         self.path = Path(path)
         if self.path.suffix == ".xml" and runtime != "openvino":
             raise ValueError(f"{self.path} is an OpenVINO IR: run it with runtime='openvino'")
         self.metadata = read_metadata(self.path)
+        if score_thresh is not None and score_thresh < self.metadata["score_thresh"]:
+            raise ValueError(f"score_thresh {score_thresh} is below the threshold {self.metadata['score_thresh']} "
+                             f"{self.path} was exported with: re-export it with the lower threshold")
+        self.score_thresh = self.metadata["score_thresh"] if score_thresh is None else float(score_thresh)
         self.class_names = list(self.metadata["class_names"])
         cat_ids = self.metadata["label_to_cat_id"]
         self.label_to_cat_id = None if cat_ids is None else {int(k): int(v) for k, v in cat_ids.items()}
@@ -84,6 +90,8 @@ class ExportedPredictor:
         meta = self.metadata
         batch, inputs = network_inputs(images, meta)
         outputs = dict(zip(OUTPUT_NAMES, self.run_network(*inputs)))
+        kept = outputs["scores"] >= self.score_thresh
+        outputs = {name: value[kept] for name, value in outputs.items()}
         counts = np.bincount(outputs["image_index"], minlength=len(images)).tolist()
         split = {name: torch.from_numpy(np.ascontiguousarray(outputs[name])).split(counts)
                  for name in ("boxes", "scores", "labels", "mask_probs")}

@@ -29,6 +29,7 @@ class MaskHead(nn.Module):
         num_classes: K (background excluded).
         norm: normalisation after each 3x3 convolution: "" (none, the standard head), "bn" (batch norm
             over the RoIs) or "gn" (group norm, 32 groups); with a norm the convolutions have no bias.
+        resolution: side of the pooled RoI features it takes (14); its masks are ``mask_side`` = twice that.
 
     forward(x: (R, C, 14, 14)) -> (R, K, 28, 28) logits.
     class_logits(x: (R, C, 14, 14), classes: (R,) int64 in 1..K) -> (R, 28, 28) logits of each RoI's own
@@ -36,8 +37,9 @@ class MaskHead(nn.Module):
     """
 
     def __init__(self, *, in_channels: int, conv_dim: int = 256, num_convs: int = 4, num_classes: int,
-                 norm: str = ""):
+                 norm: str = "", resolution: int = 14):
         super().__init__()
+        self.resolution = resolution
         self.convs = nn.ModuleList(
             nn.Conv2d(in_channels if i == 0 else conv_dim, conv_dim, 3, padding=1, bias=not norm)
             for i in range(num_convs)
@@ -56,6 +58,11 @@ class MaskHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.predictor(self.upsampled_features(x))
+
+    @property
+    def mask_side(self) -> int:
+        """S, the side of the predicted masks: the 2x deconvolution doubles the pooled side."""
+        return 2 * self.resolution
 
     def conv_norm_pairs(self) -> Iterator[ConvNormPair]:
         """Each 3x3 convolution with the normalisation after it (see :mod:`~maskrcnn.modeling.layers`)."""

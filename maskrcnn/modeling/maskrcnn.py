@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,10 @@ from .poolers import MultiLevelRoIAlign
 from .postprocess import to_original_image
 from .roi_heads import BoxHead, BoxPredictor, RoIHeads
 from .rpn import RPN, RPNHead
+from .selection import split_by_image
+
+# The outputs of MaskRCNN.infer before image_index, the names of one image's detections.
+INFERENCE_OUTPUTS = ("boxes", "scores", "labels", "mask_probs")
 
 
 class MaskRCNN(nn.Module):
@@ -48,11 +52,12 @@ class MaskRCNN(nn.Module):
         inference: images are resized as above; ``mask_format`` ("bitmap", "rle", "probs" or "none", see
             :func:`~maskrcnn.modeling.postprocess.to_original_image`) says what the masks come back as.
             Returns per image ``boxes`` (D, 4) xyxy in original pixels, ``scores`` (D,), ``labels`` (D,)
-            int64 and ``masks`` ((D, Hi, Wi) bool, or D COCO RLE dicts) or ``mask_probs`` (D, 28, 28).
+            int64 and ``masks`` ((D, Hi, Wi) bool, or D COCO RLE dicts) or ``mask_probs`` (D, S, S).
 
     The forward is a sequence of named stages, each a method: :meth:`preprocess`, :meth:`extract_features`,
-    :meth:`propose`, then ``roi_heads.losses`` (training) or ``roi_heads.detect_boxes``,
-    ``roi_heads.predict_masks`` and :meth:`postprocess` (inference).
+    :meth:`propose`, then ``roi_heads.losses`` (training); or :meth:`preprocess`, :meth:`infer` (backbone,
+    FPN, ``rpn.propose``, ``roi_heads.detect``, ``roi_heads.mask_probs`` over the whole batch) and
+    :meth:`postprocess` (inference).
     """
 
     def __init__(self, *, backbone: ResNet, fpn: FPN, rpn: RPN, roi_heads: RoIHeads, num_classes: int,
@@ -85,11 +90,28 @@ class MaskRCNN(nn.Module):
             proposals, rpn_losses = self.propose(batch, features, targets)
             return {**rpn_losses, **self.roi_heads.losses(features, proposals, targets)}
         batch = self.preprocess(images, resize=True)
-        features = self.extract_features(batch)
-        proposals, _ = self.propose(batch, features)
-        detections = self.roi_heads.detect_boxes(features, proposals, batch.image_sizes)
-        detections = self.roi_heads.predict_masks(features, detections)
+        sizes = torch.tensor(batch.image_sizes, dtype=torch.int64, device=batch.tensor.device)
+        outputs = self.infer(batch.tensor, sizes)
+        per_image = split_by_image(outputs[-1], len(images), *outputs[:-1])
+        detections = [dict(zip(INFERENCE_OUTPUTS, values)) for values in zip(*per_image)]
         return self.postprocess(detections, batch, images, mask_format=mask_format)
+
+    def infer(self, images: Tensor, image_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Inference over a padded batch without loops over images or branches on data, the network that
+        :mod:`maskrcnn.deploy.export` traces.
+
+        images: (N, 3, Hp, Wp) normalised, resized and padded as :meth:`preprocess` makes them; image_sizes:
+        (N, 2) int64 (h, w) of each image inside the padding.
+        Returns ``boxes`` (D, 4) xyxy pixels of the resized input, ``scores`` (D,), ``labels`` (D,) int64 in
+        1..K, ``mask_probs`` (D, S, S) float and ``image_index`` (D,) int64, grouped by ascending image and
+        highest score first within an image.
+        """
+        features = self.fpn(self.backbone(images))
+        rois = self.rpn.propose(features, image_sizes, images.shape[-2:])
+        det = self.roi_heads.detect(features, rois, image_sizes)
+        det_rois = torch.cat([det["image_index"][:, None].to(det["boxes"].dtype), det["boxes"]], dim=1)
+        mask_probs = self.roi_heads.mask_probs(features, det_rois, det["labels"])
+        return det["boxes"], det["scores"], det["labels"], mask_probs, det["image_index"]
 
     def extract_features(self, batch: ImageList) -> List[Tensor]:
         """Backbone and FPN: the padded batch -> pyramid levels P2..P6, each (N, C, Hi, Wi)."""
@@ -153,7 +175,10 @@ def prepare_for_inference(model: MaskRCNN) -> MaskRCNN:
 
 
 def resize_image(image: Tensor, min_size: int, max_size: int) -> Tensor:
-    """(3, H, W) -> (3, h, w) bilinear, with scale = min(min_size / min(H, W), max_size / max(H, W))."""
+    """(3, H, W) -> (3, h, w) bilinear (pixel centres aligned, no antialiasing), with scale = min(min_size /
+    min(H, W), max_size / max(H, W)) and each side rounded down, as torchvision does (a 77 px side at
+    ``min_size`` 320 becomes 319 px): the pixels of the training resize
+    (:class:`~maskrcnn.data.transforms.ResizeShortestEdge`, OpenCV) to its uint8 rounding."""
     h, w = image.shape[-2:]
     scale = min(min_size / min(h, w), max_size / max(h, w))
     return F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
@@ -244,7 +269,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
                                        sampling_ratio=h.sampling_ratio, canonical_scale=h.canonical_scale,
                                        canonical_level=h.canonical_level, fast=cfg.fast_roi_align),
         mask_head=MaskHead(in_channels=b.fpn_channels, conv_dim=h.mask_head_dim, num_convs=h.mask_head_convs,
-                           num_classes=h.num_classes, norm=h.mask_head_norm),
+                           num_classes=h.num_classes, norm=h.mask_head_norm, resolution=h.mask_pooler_resolution),
         box_coder=BoxCoder(h.bbox_reg_weights),
         matcher=Matcher(high_threshold=h.fg_iou_thresh, low_threshold=h.bg_iou_thresh,
                         allow_low_quality_matches=False),

@@ -16,6 +16,7 @@ from torchvision.ops import box_area
 from torchvision.ops import roi_align as tv_roi_align
 
 from .roi_align import roi_align as fast_roi_align
+from .selection import to_rois
 
 
 def assign_levels(boxes: Tensor, *, min_level: int, max_level: int, canonical_scale: int,
@@ -51,10 +52,7 @@ class MultiLevelRoIAlign(nn.Module):
         self.fast = fast
 
     def forward(self, features: List[Tensor], boxes: List[Tensor]) -> Tensor:
-        concat = torch.cat(boxes)
-        batch_index = torch.cat([torch.full((len(b), 1), i, dtype=concat.dtype, device=concat.device)
-                                 for i, b in enumerate(boxes)])
-        return self.pool(features, torch.cat([batch_index, concat], dim=1))
+        return self.pool(features, to_rois(boxes))
 
     def pool(self, features: List[Tensor], rois: Tensor) -> Tensor:
         """rois: (R, 5) float, image index then x1, y1, x2, y2 pixels of the resized input -> (R, C, S, S).

@@ -1,83 +1,92 @@
 """Inference post-processing: detection selection, and mapping detections back to the original image.
 
-Shorthand: R proposals of one image, K object classes, D detections, S = 28 mask side.
+Shorthand: N images, R proposals of the batch, K object classes, C candidates (proposal, class), D detections,
+S = 28 mask side.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Tuple, Union
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, clip_boxes_to_image, nms, remove_small_boxes
 
 from ..rle import encode_mask_regions
 from .paste import paste_mask_regions, paste_masks_in_image
+from .selection import SKIP, best_per_group, clip_to_images, grouped_nms, rank_within_group
 
+# What becomes of the S x S mask probabilities (see to_original_image); predictors return masks in all of
+# them but "probs", which Instances do not hold.
 MASK_FORMATS = ("bitmap", "rle", "probs", "none")
 
 
-def select_detections(boxes: Tensor, scores: Tensor, image_size: Tuple[int, int], *, score_thresh: float,
-                      nms_thresh: float, topk: int) -> Dict[str, Tensor]:
-    """Per-class candidates -> final detections of one image.
+def select_detections(boxes: Tensor, scores: Tensor, image_index: Tensor, image_sizes: Tensor, *,
+                      score_thresh: float, nms_thresh: float, topk: int) -> Dict[str, Tensor]:
+    """Per-class candidates of a whole batch -> its final detections, without loops over images.
 
-    boxes: (R, K, 4) per-class decoded boxes, xyxy pixels of the resized input; scores: (R, K+1) softmax
-    probabilities with background at index 0; image_size: (h, w) for clipping.
-    Every (proposal, class) pair scoring above ``score_thresh`` is a candidate; candidates under 0.01 px
-    are dropped; NMS runs per class; the ``topk`` best survive.
-    Returns ``boxes`` (D, 4), ``scores`` (D,), ``labels`` (D,) int64 in 1..K, highest score first.
+    boxes: (R, K, 4) per-class decoded boxes of the R proposals of the batch, xyxy pixels of the resized
+    input; scores: (R, K+1) softmax probabilities with background at index 0; image_index: (R,) int64 image
+    of each proposal; image_sizes: (N, 2) int64 (h, w) of each resized image, for clipping.
+    Every (proposal, class) pair scoring at least ``score_thresh`` is a candidate; candidates under 0.01 px
+    are dropped; NMS runs per (image, class); the ``topk`` best of each image survive.
+    Returns ``boxes`` (D, 4), ``scores`` (D,), ``labels`` (D,) int64 in 1..K and ``image_index`` (D,) int64,
+    grouped by ascending image, highest score first within an image.
+
+    NMS puts the classes on the batch axis of :func:`~maskrcnn.modeling.selection.grouped_nms` and the images
+    on its class axis (each image scoring only its own proposals), so that no image's candidates meet
+    another's. Eagerly, NMS first runs on each image's best ``4 * topk`` candidates only, growing fourfold
+    until ``topk`` of them survive or all are in: greedy NMS settles a candidate by the higher-scoring
+    candidates of its group alone, so this keeps exactly what NMS over all candidates keeps among the best.
     """
-    num_classes = boxes.shape[1]
-    boxes = clip_boxes_to_image(boxes, image_size).reshape(-1, 4)  # (R, K, 4) -> (R*K, 4)
-    labels = torch.arange(1, num_classes + 1, device=boxes.device).repeat(len(scores))
-    scores = scores[:, 1:].reshape(-1)
-    keep = torch.nonzero(scores > score_thresh)[:, 0]
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    keep = remove_small_boxes(boxes, min_size=1e-2)
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    keep = top_class_nms(boxes, scores, labels, nms_thresh, topk)
-    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+    num_images = image_sizes.shape[0]
+    boxes = clip_to_images(boxes, image_sizes[image_index][:, None, :])
+    probs = scores[:, 1:]
+    widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    roi, cls = torch.nonzero((probs >= score_thresh) & (widths >= 1e-2) & (heights >= 1e-2)).unbind(1)
+    image, score = image_index[roi], probs[roi, cls]
+    if torch.jit.is_tracing():  # a graph has no early exit: NMS over every candidate
+        keep = _nms_per_image_and_class(boxes, roi, cls, image, score, num_images, nms_thresh)
+    else:
+        rank, count = rank_within_group(score, image, num_images), 4 * topk
+        while True:
+            taken = torch.nonzero(rank < count)[:, 0]
+            keep = taken[_nms_per_image_and_class(boxes, roi[taken], cls[taken], image[taken], score[taken],
+                                                  num_images, nms_thresh)]
+            if _enough(image[keep], image, count, num_images, topk):
+                break
+            count *= 4
+    keep = torch.sort(keep).values  # candidate order (proposal, then class): equal scores rank as torchvision's
+    keep = keep[best_per_group(score[keep], image[keep], num_images, topk)]
+    return {"boxes": boxes[roi[keep], cls[keep]], "scores": score[keep], "labels": cls[keep] + 1,
+            "image_index": image[keep]}
 
 
-def top_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float, topk: int) -> Tensor:
-    """Exactly ``batched_nms(boxes, scores, labels, iou_threshold)[:topk]``, deciding only the candidates it needs.
+def _nms_per_image_and_class(boxes: Tensor, roi: Tensor, cls: Tensor, image: Tensor, score: Tensor,
+                             num_images: Union[int, Tensor], iou_threshold: float) -> Tensor:
+    """NMS within each (image, class) of C candidates: boxes (R, K, 4); roi, cls, image (C,) int64 and
+    score (C,) of each candidate -> (M,) int64 indices of the surviving candidates.
 
-    boxes: (C, 4) xyxy pixels; scores: (C,); labels: (C,) int64 class of each candidate.
-    ``batched_nms`` has two routes, chosen by the number of candidates (at most 1,000 on the CPU or 25,000 on
-    CUDA: one NMS over boxes shifted apart by class, whose float32 rounding of the shifted coordinates
-    decides pairs within about 1e-3 of the threshold; above: NMS class by class). Small sets run
-    ``batched_nms`` itself. Large ones take the class-by-class route on the best candidates first: greedy
-    NMS settles a candidate by the higher-scoring candidates alone, so NMS over the best n keeps exactly
-    what NMS over all of them keeps among those n. Starting from n = 4 topk, n grows fourfold until
-    ``topk`` candidates survive or all are in: with K classes and R proposals this runs NMS on a few
-    hundred candidates instead of R*K. Returns (D,) int64 indices, highest score first (equal scores
-    aside, the indices ``batched_nms`` gives).
+    The K classes are the NMS batch axis (entry k holds every proposal's class-k box) and the images its
+    class axis: a candidate is scored in its own (class, image) slot, every other slot is skipped.
     """
-    if not _takes_class_by_class_route(boxes):
-        return batched_nms(boxes, scores, labels, iou_threshold)[:topk]
-    order = torch.sort(scores, descending=True, stable=True).indices
-    count = min(4 * topk, len(order))
-    while True:
-        best = order[:count]
-        keep = _class_by_class_nms(boxes[best], scores[best], labels[best], iou_threshold)
-        if len(keep) >= topk or count == len(order):
-            return best[keep[:topk]]
-        count = min(4 * count, len(order))
+    num_rois, num_classes = boxes.shape[0], boxes.shape[1]
+    slots = torch.full((num_classes * num_images * num_rois,), SKIP, dtype=score.dtype, device=score.device)
+    slots = slots.scatter(0, (cls * num_images + image) * num_rois + roi, score)
+    nms_scores = slots.view(num_classes, num_images, num_rois)  # (K, N, R)
+    kept_cls, kept_image, kept_roi = grouped_nms(boxes.transpose(0, 1), nms_scores, iou_threshold).unbind(1)
+    # Back from (class, image, proposal) to the candidate: each (proposal, class) is one candidate at most.
+    candidate = torch.full((num_classes * num_rois,), -1, dtype=torch.int64, device=roi.device)
+    candidate = candidate.scatter(0, cls * num_rois + roi, torch.arange(roi.shape[0], device=roi.device))
+    return candidate[kept_cls * num_rois + kept_roi]
 
 
-def _takes_class_by_class_route(boxes: Tensor) -> bool:
-    """Whether ``batched_nms`` runs NMS class by class on these (C, 4) boxes (its size rule)."""
-    return boxes.numel() > (4000 if boxes.device.type == "cpu" else 100_000)
-
-
-def _class_by_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
-    """NMS within each class, survivors by decreasing score: ``batched_nms``'s route for large sets."""
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    for label in torch.unique(labels):
-        members = torch.nonzero(labels == label)[:, 0]
-        keep[members[nms(boxes[members], scores[members], iou_threshold)]] = True
-    kept = torch.nonzero(keep)[:, 0]
-    return kept[scores[kept].sort(descending=True)[1]]
+def _enough(kept_image: Tensor, image: Tensor, count: int, num_images: int, topk: int) -> bool:
+    """Whether NMS over each image's best ``count`` candidates settles its ``topk`` best survivors: every
+    image has ``topk`` survivors (kept_image, (M,) int64) or no candidate beyond the ``count`` taken (image,
+    (C,) int64 image of every candidate)."""
+    survivors = torch.bincount(kept_image, minlength=num_images)
+    candidates = torch.bincount(image, minlength=num_images)
+    return bool(((survivors >= topk) | (candidates <= count)).all())
 
 
 def rescale_boxes(boxes: Tensor, from_size: Tuple[int, int], to_size: Tuple[int, int]) -> Tensor:
@@ -105,9 +114,9 @@ def to_original_image(result: Dict[str, Tensor], resized_size: Tuple[int, int], 
     """
     if mask_format not in MASK_FORMATS:
         raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+    probs = result["mask_probs"]
     out = {"boxes": rescale_boxes(result["boxes"], resized_size, original_size),
            "scores": result["scores"], "labels": result["labels"]}
-    probs = result["mask_probs"]
     if mask_format == "bitmap":
         out["masks"] = paste_masks_in_image(probs, out["boxes"], original_size, threshold=mask_threshold,
                                             memory_mb=memory_mb)

@@ -21,6 +21,7 @@ from .mask_head import MaskHead, mask_loss, mask_targets
 from .matcher import Matcher, match_boxes, sample_balanced
 from .poolers import MultiLevelRoIAlign
 from .postprocess import select_detections
+from .selection import split_by_image, to_rois
 
 
 class BoxHead(nn.Module):
@@ -117,7 +118,7 @@ class RoIHeads(nn.Module):
     forward(features, proposals, image_sizes, targets) ->
         training: dict of losses (loss_classifier, loss_box_reg, loss_mask);
         inference: per image a dict with ``boxes`` (D, 4) xyxy pixels of the resized input, ``scores`` (D,),
-        ``labels`` (D,) in 1..K and ``mask_probs`` (D, 28, 28) float probabilities of the detected class.
+        ``labels`` (D,) in 1..K and ``mask_probs`` (D, S, S) float probabilities of the detected class.
     """
 
     def __init__(self, *, box_pooler: MultiLevelRoIAlign, box_head: BoxHead, box_predictor: BoxPredictor,
@@ -185,7 +186,7 @@ class RoIHeads(nn.Module):
         fg_boxes = [b[i] for b, i in zip(boxes, fg)]
         fg_classes = torch.cat([c[i] for c, i in zip(gt_classes, fg)])
         targets_28 = mask_targets([t["masks"] for t in targets], fg_boxes, [m[i] for m, i in zip(matched, fg)],
-                                  2 * self.mask_pooler.output_size)
+                                  self.mask_head.mask_side)
         if len(fg_classes) == 0:
             # No foreground RoI anywhere in the batch: keep the mask head in the graph with a zero loss.
             losses["loss_mask"] = sum(p.sum() for p in self.mask_head.parameters()) * 0
@@ -196,28 +197,40 @@ class RoIHeads(nn.Module):
 
     def detect_boxes(self, features: List[Tensor], proposals: List[Tensor],
                      image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
-        """Box head and detection selection: per image ``boxes`` (D, 4), ``scores`` (D,), ``labels`` (D,)."""
-        x = self.box_head(self.box_pooler(features, proposals))
+        """Box head and detection selection: per image ``boxes`` (D, 4), ``scores`` (D,), ``labels`` (D,).
+        :meth:`detect` on the proposals as RoIs, split by image."""
+        sizes = torch.as_tensor(image_sizes, dtype=torch.int64, device=features[0].device).view(-1, 2)
+        out = self.detect(features, to_rois(proposals), sizes)
+        names = ("boxes", "scores", "labels")
+        split = split_by_image(out["image_index"], len(proposals), *(out[name] for name in names))
+        return [dict(zip(names, values)) for values in zip(*split)]
+
+    def detect(self, features: List[Tensor], rois: Tensor, image_sizes: Tensor) -> Dict[str, Tensor]:
+        """Box head and detection selection over a batch, without loops over images.
+
+        rois: (R, 5) proposals, image index then x1, y1, x2, y2 in pixels of the resized input; image_sizes:
+        (N, 2) int64 (h, w). Returns ``boxes`` (D, 4), ``scores`` (D,), ``labels`` (D,) int64 in 1..K and
+        ``image_index`` (D,) int64, grouped by ascending image, highest score first within an image
+        (:func:`~maskrcnn.modeling.postprocess.select_detections`).
+        """
+        x = self.box_head(self.box_pooler.pool(features, rois))
         pred_class_logits, pred_deltas = self.box_predictor(x)
         scores = F.softmax(pred_class_logits.float(), dim=-1)
-        concat = torch.cat(proposals)
-        boxes = self.box_coder.decode(pred_deltas.float(), concat)  # (R, K, 4)
-        counts = [len(p) for p in proposals]
-        return [
-            select_detections(b, s, size, score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
-                              topk=self.detections_per_img)
-            for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes)
-        ]
+        boxes = self.box_coder.decode(pred_deltas.float(), rois[:, 1:])  # (R, K, 4)
+        return select_detections(boxes, scores, rois[:, 0].to(torch.int64), image_sizes,
+                                 score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
+                                 topk=self.detections_per_img)
 
     def predict_masks(self, features: List[Tensor], detections: List[Dict[str, Tensor]]) -> List[Dict[str, Tensor]]:
-        """Mask head on the detected boxes: each image's detections with ``mask_probs`` (D, S, S) float
-        added (S = twice the mask pooler's side, 28 by default), the mask probabilities of the detected class."""
-        det_boxes = [r["boxes"] for r in detections]
-        if sum(len(b) for b in det_boxes):
-            logits = self.mask_head.class_logits(self.mask_pooler(features, det_boxes),
-                                                 torch.cat([r["labels"] for r in detections]))
-            probs = logits.float().sigmoid()
-        else:
-            side = 2 * self.mask_pooler.output_size
-            probs = features[0].new_zeros((0, side, side), dtype=torch.float32)
-        return [{**r, "mask_probs": p} for r, p in zip(detections, probs.split([len(b) for b in det_boxes]))]
+        """Mask head on the detected boxes: each image's detections with ``mask_probs`` (D, S, S) added
+        (:meth:`mask_probs`)."""
+        probs = self.mask_probs(features, to_rois([r["boxes"] for r in detections]),
+                                torch.cat([r["labels"] for r in detections]))
+        return [{**r, "mask_probs": p} for r, p in zip(detections, probs.split([len(r["boxes"]) for r in detections]))]
+
+    def mask_probs(self, features: List[Tensor], rois: Tensor, labels: Tensor) -> Tensor:
+        """rois: (D, 5) detections, image index then x1, y1, x2, y2 in pixels of the resized input; labels:
+        (D,) int64 in 1..K -> (D, S, S) float mask probabilities of each detection's class (S =
+        ``mask_head.mask_side``)."""
+        logits = self.mask_head.class_logits(self.mask_pooler.pool(features, rois), labels)
+        return logits.float().sigmoid()

@@ -17,11 +17,11 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
 from .matcher import Matcher, ignore_crowd, match_boxes, sample_balanced
+from .selection import SKIP, at_most, best_per_group, clip_to_images, grouped_nms, split_by_image
 
 
 class RPNHead(nn.Module):
@@ -126,63 +126,77 @@ class RPN(nn.Module):
 
     def forward(self, features: List[Tensor], image_sizes: List[Tuple[int, int]], padded_size: Tuple[int, int],
                 targets=None) -> Tuple[List[Tensor], Dict[str, Tensor]]:
-        logits, deltas = self.head(features)
-        feature_shapes = [tuple(f.shape[-2:]) for f in features]
-        anchors = self.anchor_generator(feature_shapes, padded_size, features[0].device)
-        num_per_level = [len(a) for a in anchors]
+        logits, deltas, anchors = self.predict(features, padded_size)
         n = features[0].shape[0]
-        # (N, A, Hi, Wi) -> (N, Hi, Wi, A) -> (N, Ai), concatenated over levels to (N, T)
-        pred_logits = torch.cat([x.permute(0, 2, 3, 1).reshape(n, -1) for x in logits], dim=1)
-        # (N, 4A, Hi, Wi) -> (N, A, 4, Hi, Wi) -> (N, Hi, Wi, A, 4) -> (N, Ai, 4), concatenated to (N, T, 4)
-        pred_deltas = torch.cat([
-            x.view(n, -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).reshape(n, -1, 4) for x in deltas
-        ], dim=1)
-        all_anchors = torch.cat(anchors)
-        with torch.no_grad():
-            boxes = self.select_proposals(pred_deltas.detach(), pred_logits.detach().float(), all_anchors,
-                                          image_sizes, num_per_level)
+        sizes = torch.as_tensor(image_sizes, dtype=torch.int64, device=features[0].device).view(n, 2)
+        rois = self.select_proposals(logits, deltas, anchors, sizes)
+        proposals = split_by_image(rois[:, 0].to(torch.int64), n, rois[:, 1:])[0]
         losses = {}
         if self.training:
+            all_anchors = torch.cat(anchors)
             gt_labels, gt_deltas = self.label_anchors(all_anchors, targets)
-            losses = rpn_losses(pred_logits, pred_deltas, gt_labels, gt_deltas,
+            losses = rpn_losses(torch.cat(logits, dim=1), torch.cat(deltas, dim=1), gt_labels, gt_deltas,
                                 batch_size_per_image=self.batch_size_per_image,
                                 positive_fraction=self.positive_fraction)
-        return boxes, losses
+        return proposals, losses
 
-    def select_proposals(self, pred_deltas: Tensor, logits: Tensor, anchors: Tensor,
-                         image_sizes: List[Tuple[int, int]], num_per_level: List[int]) -> List[Tensor]:
-        """Top-k per level, decode, clip, drop small and low-scoring, per-level NMS, top-k per image.
+    def propose(self, features: List[Tensor], image_sizes: Tensor, padded_size) -> Tensor:
+        """Inference over a batch without loops over images: features as :meth:`forward`, image_sizes (N, 2)
+        int64 (h, w), padded_size (Hp, Wp) -> (P, 5) RoIs, as :meth:`select_proposals` returns them."""
+        logits, deltas, anchors = self.predict(features, padded_size)
+        return self.select_proposals(logits, deltas, anchors, image_sizes)
 
-        pred_deltas: (N, T, 4) anchor deltas; logits: (N, T) objectness logits; anchors: (T, 4) xyxy
-        pixels of the padded input. Only the anchors that survive the per-level top-k are decoded.
+    def predict(self, features: List[Tensor], padded_size) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+        """The head on every level, flattened to anchor order: per level ``pred_objectness_logits`` (N, Ai),
+        ``pred_anchor_deltas`` (N, Ai, 4) and the anchors (Ai, 4), xyxy pixels of the padded input."""
+        logits, deltas = self.head(features)
+        anchors = self.anchor_generator([f.shape[-2:] for f in features], padded_size, features[0].device)
+        n = features[0].shape[0]
+        # (N, A, Hi, Wi) -> (N, Hi, Wi, A) -> (N, Ai)
+        logits = [x.permute(0, 2, 3, 1).reshape(n, -1) for x in logits]
+        # (N, 4A, Hi, Wi) -> (N, A, 4, Hi, Wi) -> (N, Hi, Wi, A, 4) -> (N, Ai, 4)
+        deltas = [x.view(n, -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).reshape(n, -1, 4) for x in deltas]
+        return logits, deltas, anchors
+
+    @torch.no_grad()
+    def select_proposals(self, logits: List[Tensor], deltas: List[Tensor], anchors: List[Tensor],
+                         image_sizes: Tensor) -> Tensor:
+        """Top-k per image and level, decode, clip, drop small and low-scoring, NMS per (image, level), top-k
+        per image, over the whole batch at once.
+
+        logits: per level (N, Ai) objectness logits; deltas: per level (N, Ai, 4) anchor deltas; anchors: per
+        level (Ai, 4) xyxy pixels of the padded input; image_sizes: (N, 2) int64 (h, w) of each resized image.
+        Only the anchors that survive the per-level top-k are decoded.
+        Returns (P, 5) float RoIs: image index, then x1, y1, x2, y2 in pixels of the resized input; grouped by
+        ascending image, highest objectness first within an image.
         """
         pre_topk = self.pre_nms_topk[0 if self.training else 1]
         post_topk = self.post_nms_topk[0 if self.training else 1]
-        index, levels, offset = [], [], 0
-        for level, count in enumerate(num_per_level):
-            k = min(pre_topk, count)
-            top = logits[:, offset:offset + count].topk(k, dim=1).indices
-            index.append(top + offset)
-            levels.append(torch.full((k,), level, dtype=torch.int64, device=logits.device))
-            offset += count
-        index = torch.cat(index, dim=1)
+        n = logits[0].shape[0]
+        batch = torch.arange(n, device=logits[0].device)[:, None]
+        scores, boxes, levels = [], [], []
+        for level, (x, d, a) in enumerate(zip(logits, deltas, anchors)):
+            top = x.topk(at_most(x, pre_topk, 1), dim=1).indices  # (N, k)
+            scores.append(x[batch, top])
+            # (N, k, 4) deltas of the selected anchors -> (N*k, 1, 4) boxes -> (N, k, 4)
+            boxes.append(self.box_coder.decode(d[batch, top].reshape(-1, 4).float(),
+                                               a[top].reshape(-1, 4)).view(n, -1, 4))
+            levels.append(torch.full_like(top[0], level))
+        scores = torch.sigmoid(torch.cat(scores, dim=1).float())  # (N, k) over the levels
+        boxes = clip_to_images(torch.cat(boxes, dim=1), image_sizes[:, None, :])
         levels = torch.cat(levels)
-        n = len(logits)
-        batch = torch.arange(n, device=logits.device)[:, None]
-        scores = torch.sigmoid(logits[batch, index])
-        # (N, k, 4) deltas of the selected anchors -> (N*k, 1, 4) boxes -> (N, k, 4)
-        proposals = self.box_coder.decode(pred_deltas[batch, index].reshape(-1, 4).float(),
-                                          anchors[index].reshape(-1, 4)).view(n, -1, 4)
-        out = []
-        for boxes, prob, size in zip(proposals, scores, image_sizes):
-            boxes = clip_boxes_to_image(boxes, size)
-            keep = remove_small_boxes(boxes, self.min_size)
-            boxes, prob, lvl = boxes[keep], prob[keep], levels[keep]
-            keep = torch.nonzero(prob >= self.score_thresh)[:, 0]
-            boxes, prob, lvl = boxes[keep], prob[keep], lvl[keep]
-            keep = batched_nms(boxes, prob, lvl, self.nms_thresh)[:post_topk]
-            out.append(boxes[keep])
-        return out
+        widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+        valid = (widths >= self.min_size) & (heights >= self.min_size) & (scores >= self.score_thresh)
+        # (N, k) -> (N, L, k): the levels on the NMS class axis, each anchor scored in its own level only
+        own_level = levels[None, :] == torch.arange(len(anchors), device=levels.device)[:, None]
+        nms_scores = torch.where(valid[:, None, :] & own_level[None], scores[:, None, :], SKIP)
+        image, _, slot = grouped_nms(boxes, nms_scores, self.nms_thresh).unbind(1)
+        # Survivors in anchor order, so that equal scores rank as torchvision ranks them.
+        order = torch.argsort(image * boxes.shape[1] + slot)
+        image, slot = image[order], slot[order]
+        keep = best_per_group(scores[image, slot], image, n, post_topk)
+        image, slot = image[keep], slot[keep]
+        return torch.cat([image[:, None].to(boxes.dtype), boxes[image, slot]], dim=1)
 
     @torch.no_grad()
     def label_anchors(self, anchors: Tensor, targets: List[dict]) -> Tuple[Tensor, Tensor]:
