@@ -26,16 +26,16 @@ from maskrcnn.structures import Instances
 def check_options(precision: str, mask_format: str) -> None:
     """ValueError unless ``precision`` and ``mask_format`` are among the supported values."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     check_mask_format(mask_format)
 
 
 def check_mask_format(mask_format: str) -> None:
     """ValueError unless ``mask_format`` is one a predictor returns: any of ``MASK_FORMATS`` but "probs"."""
     if mask_format not in MASK_FORMATS:
-        raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+        raise InputError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
     if mask_format == "probs":
-        raise ValueError("mask_format 'probs' leaves each mask as its unpasted S x S probabilities, which "
+        raise InputError("mask_format 'probs' leaves each mask as its unpasted S x S probabilities, which "
                          "Instances do not hold: use 'bitmap', 'rle' or 'none'")
 
 
@@ -45,11 +45,11 @@ ImageInput = Union[str, Path, bytes, np.ndarray, Image.Image, Tensor]
 def _array_to_tensor(array: np.ndarray, bgr: bool, name: str) -> Tensor:
     """``(H, W)``, ``(H, W, 1|3|4)`` uint8 array -> ``(3, H, W)`` float tensor in 0-1, RGB."""
     if array.dtype != np.uint8:
-        raise ValueError(f"{name}: expected a uint8 image array, got dtype {array.dtype}")
+        raise InputError(f"{name}: expected a uint8 image array, got dtype {array.dtype}")
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise ValueError(f"{name}: expected an H x W, H x W x 1, H x W x 3 or H x W x 4 array, "
+        raise InputError(f"{name}: expected an H x W, H x W x 1, H x W x 3 or H x W x 4 array, "
                          f"got shape {array.shape}")
     if array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
@@ -65,17 +65,17 @@ def _tensor_to_image(tensor: Tensor, name: str) -> Tensor:
     if tensor.dim() == 2:
         tensor = tensor[None]
     if tensor.dim() != 3 or tensor.shape[0] not in (1, 3, 4):
-        raise ValueError(f"{name}: expected a 3 x H x W (or 1 x H x W, 4 x H x W, H x W) tensor, "
+        raise InputError(f"{name}: expected a 3 x H x W (or 1 x H x W, 4 x H x W, H x W) tensor, "
                          f"got shape {tuple(tensor.shape)}")
     tensor = tensor[:3].expand(3, -1, -1)  # grayscale (1, H, W) repeats, RGBA (4, H, W) drops alpha
     if tensor.dtype == torch.uint8:
         return tensor.float().div(255)
     if not tensor.is_floating_point():
-        raise ValueError(f"{name}: expected a uint8 or float image tensor, got dtype {tensor.dtype}")
+        raise InputError(f"{name}: expected a uint8 or float image tensor, got dtype {tensor.dtype}")
     if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{name}: the image holds NaN or infinite values")
+        raise InputError(f"{name}: the image holds NaN or infinite values")
     if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
-        raise ValueError(f"{name}: float image tensors must hold values in 0-1, got range "
+        raise InputError(f"{name}: float image tensors must hold values in 0-1, got range "
                          f"[{tensor.min().item():.3g}, {tensor.max().item():.3g}]")
     return tensor.float()
 
@@ -99,11 +99,11 @@ def to_image_tensor(image: ImageInput, *, bgr: bool = False, name: str = "input"
     elif isinstance(image, Tensor):
         tensor = _tensor_to_image(image, name)
     else:
-        raise ValueError(f"{name}: unsupported image type {type(image).__name__}; expected a file path, "
+        raise InputError(f"{name}: unsupported image type {type(image).__name__}; expected a file path, "
                          "the bytes of an image file, a NumPy array, a PIL image or a torch tensor")
     if tensor.shape[1] == 0 or tensor.shape[2] == 0:
         where = str(image) if isinstance(image, (str, Path)) else name
-        raise ValueError(f"{where}: image is empty (size {tensor.shape[1]}x{tensor.shape[2]})")
+        raise InputError(f"{where}: image is empty (size {tensor.shape[1]}x{tensor.shape[2]})")
     return tensor
 
 
@@ -136,7 +136,7 @@ def detect(model: MaskRCNN, images: Sequence[Tensor], *, class_names: Sequence[s
     if not images:
         return []
     if len(class_names) != model.num_classes:
-        raise ValueError(f"got {len(class_names)} class names for a model of {model.num_classes} classes")
+        raise InputError(f"got {len(class_names)} class names for a model of {model.num_classes} classes")
     device = images[0].device
     bf16 = resolve_precision(precision, device, warn=False).precision == "bf16"
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -28,6 +28,8 @@ from typing import Dict, Tuple, Union
 
 import torch
 
+from maskrcnn.errors import InputError
+
 PRECISIONS = ("auto", "fp32", "bf16")  # what inference entry points accept; training adds "fp16" (CUDA)
 
 # ONEDNN_MAX_CPU_ISA values that let oneDNN use bf16 dot products ("ALL" and "DEFAULT" mean no cap).
@@ -128,7 +130,7 @@ def resolve_precision(requested: str, device: Union[str, torch.device], *, allow
     (``warn=False``: for the inner calls of an entry point that has warned already). ``allowed`` lists the accepted names (a ``ValueError`` names them otherwise).
     """
     if requested not in allowed:
-        raise ValueError(f"precision must be one of {allowed}, got {requested!r}")
+        raise InputError(f"precision must be one of {allowed}, got {requested!r}")
     if requested == "fp32":
         return ResolvedPrecision("fp32", requested, "asked for", True)
     if requested == "fp16":

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from maskrcnn.config import Config, config_from_dict
+from maskrcnn.errors import InputError
 from maskrcnn.fileio import read_image
 from maskrcnn.inference import (MASK_FORMATS, PRECISIONS, ImageInput, check_options, detect, match_categories,
                                 to_image_tensor, to_image_tensors)
@@ -68,7 +69,7 @@ class Predictor:
             mask_format = "bitmap" if tile_size is None else "rle"
         check_options(precision, mask_format)
         if tile_size is not None and mask_format == "bitmap":
-            raise ValueError("tiled inference returns masks as RLE (mask_format='rle') or none: a full-size bitmap "
+            raise InputError("tiled inference returns masks as RLE (mask_format='rle') or none: a full-size bitmap "
                              "per detection is what tiling avoids")
         self.tile_size, self.tile_overlap, self.tiles_per_batch = tile_size, tile_overlap, tiles_per_batch
         model_cfg = copy.deepcopy(config.model)
@@ -107,7 +108,7 @@ class Predictor:
         checkpoint = _load_file(path)
         for key in ("model", "config"):
             if key not in checkpoint:
-                raise ValueError(f"checkpoint {path} has no {key!r} entry")
+                raise InputError(f"checkpoint {path} has no {key!r} entry")
         kwargs.setdefault("class_names", checkpoint.get("class_names"))
         kwargs.setdefault("label_to_cat_id", checkpoint.get("label_to_cat_id"))
         return cls(config_from_dict(checkpoint["config"]), checkpoint["model"], **kwargs)

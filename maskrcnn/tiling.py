@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from maskrcnn.errors import InputError
 from maskrcnn.modeling.maskrcnn import MaskRCNN
 from maskrcnn.modeling.paste import paste_mask_regions
 from maskrcnn.precision import resolve_precision
@@ -45,7 +46,7 @@ def tile_grid(image_size: Tuple[int, int], tile_size: int, overlap: int) -> List
     image_size: ``(H, W)``. tile_size: T >= 1. overlap: O in [0, T). An image side at most T gets one tile.
     """
     if tile_size < 1 or not 0 <= overlap < tile_size:
-        raise ValueError(f"tiles need tile_size >= 1 and 0 <= tile_overlap < tile_size, got {tile_size}, {overlap}")
+        raise InputError(f"tiles need tile_size >= 1 and 0 <= tile_overlap < tile_size, got {tile_size}, {overlap}")
 
     def starts(length: int) -> List[int]:
         if length <= tile_size:
@@ -164,16 +165,16 @@ def detect_tiled(model: MaskRCNN, image: Tensor, *, class_names: Sequence[str], 
     Returns one :class:`~maskrcnn.structures.Instances` on the CPU, in full-image pixels, by score.
     """
     if mask_format not in TILED_MASK_FORMATS:
-        raise ValueError(f"tiled inference returns masks as {TILED_MASK_FORMATS} (a full-size bitmap per "
+        raise InputError(f"tiled inference returns masks as {TILED_MASK_FORMATS} (a full-size bitmap per "
                          f"detection is what tiling avoids), got mask_format={mask_format!r}")
     if tiles_per_batch < 1:
-        raise ValueError(f"tiles_per_batch must be at least 1, got {tiles_per_batch}")
+        raise InputError(f"tiles_per_batch must be at least 1, got {tiles_per_batch}")
     if not 0 < merge_thresh <= 1:
-        raise ValueError(f"merge_thresh must be in (0, 1], got {merge_thresh}")
+        raise InputError(f"merge_thresh must be in (0, 1], got {merge_thresh}")
     if len(class_names) != model.num_classes:
-        raise ValueError(f"got {len(class_names)} class names for a model of {model.num_classes} classes")
+        raise InputError(f"got {len(class_names)} class names for a model of {model.num_classes} classes")
     if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
+        raise InputError(f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
     bf16 = resolve_precision(precision, image.device, warn=False).precision == "bf16"
     image_size = (int(image.shape[1]), int(image.shape[2]))
     tiles = tile_grid(image_size, tile_size, tile_overlap)

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from maskrcnn.errors import InputError
 from maskrcnn.structures import Instances
 from maskrcnn.visualize import draw_instances
 
@@ -46,7 +47,7 @@ class VideoReader:
         ok, first = self._capture.read() if self._capture.isOpened() else (False, None)
         if not ok or first is None:
             self._capture.release()
-            raise ValueError(f"cannot read video file {self.path}: not a video OpenCV decodes, or no frames")
+            raise InputError(f"cannot read video file {self.path}: not a video OpenCV decodes, or no frames")
         self._first = first
         self.height, self.width = first.shape[:2]
         self.fps = float(self._capture.get(cv2.CAP_PROP_FPS)) or 25.0
@@ -62,7 +63,7 @@ class VideoReader:
     def batches(self, size: int) -> Iterator[List[np.ndarray]]:
         """Lists of up to ``size`` consecutive frames."""
         if size < 1:
-            raise ValueError(f"batch size must be at least 1, got {size}")
+            raise InputError(f"batch size must be at least 1, got {size}")
         batch = []
         for frame in self:
             batch.append(frame)
@@ -114,13 +115,13 @@ class VideoWriter:
         self._tmp = _temporary(self.path)
         self._writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*FOURCC), self.fps, self.size)
         if not self._writer.isOpened():
-            raise ValueError(f"cannot write video file {self.path} with codec {FOURCC}")
+            raise InputError(f"cannot write video file {self.path} with codec {FOURCC}")
         return self
 
     def write(self, frame: np.ndarray) -> None:
         """Append one ``(H, W, 3)`` uint8 RGB frame of the video's size."""
         if frame.shape[:2] != self.size[::-1]:
-            raise ValueError(f"frame is {frame.shape[1]}x{frame.shape[0]}, video {self.path} is "
+            raise InputError(f"frame is {frame.shape[1]}x{frame.shape[0]}, video {self.path} is "
                              f"{self.size[0]}x{self.size[1]}")
         self._writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
 

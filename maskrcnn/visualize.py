@@ -19,6 +19,7 @@ import torch
 
 from maskrcnn.config import DISPLAY_SCORE_THRESH
 from maskrcnn.data.check import ground_truth
+from maskrcnn.errors import InputError
 from maskrcnn.fileio import atomic_write, read_image
 from maskrcnn.structures import Instances
 
@@ -48,10 +49,10 @@ def _mask_array(masks: Union[torch.Tensor, np.ndarray, list, None], image_size) 
 
 def _check_image(image: np.ndarray, image_size) -> None:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got "
+        raise InputError(f"expected an (H, W, 3) uint8 RGB image, got "
                          f"{getattr(image, 'shape', None)} {getattr(image, 'dtype', type(image).__name__)}")
     if tuple(image.shape[:2]) != tuple(image_size):
-        raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} but the detections are for a "
+        raise InputError(f"image is {image.shape[1]}x{image.shape[0]} but the detections are for a "
                          f"{image_size[1]}x{image_size[0]} image")
 
 
@@ -168,9 +169,9 @@ def label_map(masks: Union[torch.Tensor, np.ndarray, list], labels: Sequence[int
     labels = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64).reshape(-1)
     masks = _mask_array(masks, image_size)
     if len(masks) != len(labels):
-        raise ValueError(f"got {len(masks)} masks but {len(labels)} labels")
+        raise InputError(f"got {len(masks)} masks but {len(labels)} labels")
     if len(labels) and (labels.min() < 1 or labels.max() > num_classes):
-        raise ValueError(f"labels must be in 1..{num_classes}, got {sorted(set(labels.tolist()))}")
+        raise InputError(f"labels must be in 1..{num_classes}, got {sorted(set(labels.tolist()))}")
     if scores is None:
         order = np.arange(len(labels))[::-1]
     else:
@@ -190,7 +191,7 @@ def add_legend(image: np.ndarray, labels: Sequence[int], names: Sequence[str], *
     Returns ``(max(H, rows * row_height), W + legend width, 3)`` uint8 RGB; new area is black.
     """
     if len(labels) != len(names):
-        raise ValueError(f"got {len(labels)} labels but {len(names)} names")
+        raise InputError(f"got {len(labels)} labels but {len(names)} names")
     text_width = max((cv2.getTextSize(n, _FONT, _FONT_SCALE, 1)[0][0] for n in names), default=0)
     height, width = image.shape[:2]
     out = np.zeros((max(height, len(labels) * row_height), width + row_height + text_width + 8, 3), np.uint8)
@@ -207,7 +208,7 @@ def save_png(path: Union[str, Path], image: np.ndarray) -> None:
     """Atomically write an ``(H, W, 3)`` uint8 RGB array as a PNG file (creating the folder)."""
     ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     if not ok:
-        raise ValueError(f"could not encode {path} as PNG")
+        raise InputError(f"could not encode {path} as PNG")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(data.tobytes()))

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from maskrcnn.cli import run
+from maskrcnn.config import DISPLAY_SCORE_THRESH
 from maskrcnn.data.coco import CocoDetection
 from maskrcnn.evaluation.coco_evaluator import load_coco, run_inference
 from maskrcnn.evaluation.report import read_results, write_report
@@ -33,7 +34,8 @@ def main(argv=None) -> None:
     parser.add_argument("--train-ann", help="COCO instances json of a training split, for the generalisation gap")
     parser.add_argument("--train-images", help="folder holding the images of --train-ann")
     parser.add_argument("--train-results", help="COCO results json of the training split (else the checkpoint runs)")
-    parser.add_argument("--score-thresh", type=float, default=0.5, help="gallery and confusion matrix threshold")
+    parser.add_argument("--score-thresh", type=float, default=DISPLAY_SCORE_THRESH,
+                        help="gallery and confusion matrix threshold")
     parser.add_argument("--device", default="cpu", help='"cpu", "cuda" or "cuda:N"')
     parser.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
     args = parser.parse_args(argv)

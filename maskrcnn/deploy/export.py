@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.onnx import register_custom_op_symbolic, symbolic_helper
 
+from maskrcnn.errors import InputError
 from maskrcnn.modeling.maskrcnn import INFERENCE_OUTPUTS, MaskRCNN, prepare_for_inference
 from maskrcnn.modeling.selection import SKIP
 
@@ -79,7 +80,7 @@ def deploy_metadata(model: MaskRCNN, *, class_names: Sequence[str],
     """What a runtime needs besides the graph: class names, input normalisation and resize, size
     divisibility, the thresholds baked into the graph, the mask threshold and the label -> category map."""
     if len(class_names) != model.num_classes:
-        raise ValueError(f"got {len(class_names)} class names for a model of {model.num_classes} classes")
+        raise InputError(f"got {len(class_names)} class names for a model of {model.num_classes} classes")
     roi_heads, rpn = model.roi_heads, model.rpn
     return {
         "class_names": list(class_names),
@@ -171,10 +172,10 @@ def read_metadata(path: Union[str, Path]) -> dict:
 
         model = openvino.Core().read_model(str(path))
         if not model.has_rt_info([METADATA_KEY]):
-            raise ValueError(f"{path}: no {METADATA_KEY!r} metadata; was it written by maskrcnn's quantize_int8?")
+            raise InputError(f"{path}: no {METADATA_KEY!r} metadata; was it written by maskrcnn's quantize_int8?")
         return json.loads(model.get_rt_info([METADATA_KEY]).astype(str))
     proto = onnx.load(str(path), load_external_data=False)
     entries = {p.key: p.value for p in proto.metadata_props}
     if METADATA_KEY not in entries:
-        raise ValueError(f"{path}: no {METADATA_KEY!r} metadata; was it written by maskrcnn's export_onnx?")
+        raise InputError(f"{path}: no {METADATA_KEY!r} metadata; was it written by maskrcnn's export_onnx?")
     return json.loads(entries[METADATA_KEY])

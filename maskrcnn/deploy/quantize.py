@@ -23,6 +23,7 @@ from typing import Sequence, Union
 
 from maskrcnn.deploy.export import INPUT_NAMES, METADATA_KEY, read_metadata
 from maskrcnn.deploy.runtime import network_inputs
+from maskrcnn.errors import InputError
 from maskrcnn.inference import ImageInput, to_image_tensor
 
 # The exporter names each node after the module that made it ("/backbone/layer1/...", "/fpn/..."); only
@@ -50,12 +51,12 @@ def quantize_int8(onnx_path: Union[str, Path], calibration_images: Sequence[Imag
     nncf.set_log_level(logging.WARNING)  # NNCF lists every node it leaves alone at INFO
     onnx_path, output_path = Path(onnx_path), Path(output_path)
     if output_path.suffix != ".xml":
-        raise ValueError(f"the int8 model is an OpenVINO IR: output must end in .xml, got {output_path}")
+        raise InputError(f"the int8 model is an OpenVINO IR: output must end in .xml, got {output_path}")
     if not calibration_images:
-        raise ValueError("quantisation needs at least one calibration image")
+        raise InputError("quantisation needs at least one calibration image")
     presets = {"mixed": nncf.QuantizationPreset.MIXED, "performance": nncf.QuantizationPreset.PERFORMANCE}
     if preset not in presets:
-        raise ValueError(f"preset must be one of {sorted(presets)}, got {preset!r}")
+        raise InputError(f"preset must be one of {sorted(presets)}, got {preset!r}")
     metadata = read_metadata(onnx_path)
     model = openvino.Core().read_model(str(onnx_path))
     inputs = [dict(zip(INPUT_NAMES, network_inputs([to_image_tensor(image, name=f"calibration image {i}")],

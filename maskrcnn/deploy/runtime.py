@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from maskrcnn.deploy.export import INPUT_NAMES, OUTPUT_NAMES, read_metadata
+from maskrcnn.errors import InputError
 from maskrcnn.inference import ImageInput, check_mask_format, to_image_tensors, to_instances
 from maskrcnn.modeling.maskrcnn import preprocess_images
 from maskrcnn.modeling.postprocess import to_original_image
@@ -51,16 +52,16 @@ class ExportedPredictor:
                  mask_format: str = "bitmap", bgr: bool = False, threads: Optional[int] = None,
                  score_thresh: Optional[float] = None):
         if runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+            raise InputError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         if precision not in RUNTIME_PRECISIONS[runtime]:
-            raise ValueError(f"{runtime} runs precision {RUNTIME_PRECISIONS[runtime]}, got {precision!r}")
+            raise InputError(f"{runtime} runs precision {RUNTIME_PRECISIONS[runtime]}, got {precision!r}")
         check_mask_format(mask_format)
         self.path = Path(path)
         if self.path.suffix == ".xml" and runtime != "openvino":
-            raise ValueError(f"{self.path} is an OpenVINO IR: run it with runtime='openvino'")
+            raise InputError(f"{self.path} is an OpenVINO IR: run it with runtime='openvino'")
         self.metadata = read_metadata(self.path)
         if score_thresh is not None and score_thresh < self.metadata["score_thresh"]:
-            raise ValueError(f"score_thresh {score_thresh} is below the threshold {self.metadata['score_thresh']} "
+            raise InputError(f"score_thresh {score_thresh} is below the threshold {self.metadata['score_thresh']} "
                              f"{self.path} was exported with: re-export it with the lower threshold")
         self.score_thresh = self.metadata["score_thresh"] if score_thresh is None else float(score_thresh)
         self.class_names = list(self.metadata["class_names"])

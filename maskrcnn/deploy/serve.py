@@ -51,6 +51,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
+from maskrcnn.errors import InputError
 from maskrcnn.structures import Instances
 
 IMAGE_CONTENT_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/tiff", "image/webp", "image/gif")
@@ -119,11 +120,11 @@ class BatchQueue:
     def __init__(self, predict: Callable[[List[np.ndarray]], List[Instances]], *, max_batch_size: int = 4,
                  max_wait_ms: float = 10.0, max_queue: int = 32):
         if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+            raise InputError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+            raise InputError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         if max_queue < max_batch_size:
-            raise ValueError(f"max_queue ({max_queue}) must be at least max_batch_size ({max_batch_size})")
+            raise InputError(f"max_queue ({max_queue}) must be at least max_batch_size ({max_batch_size})")
         self.predict = predict
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
@@ -300,7 +301,7 @@ def create_app(predict: Callable[[List[np.ndarray]], List[Instances]], *, class_
         otherwise).
     """
     if timeout_s <= 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        raise InputError(f"timeout_s must be > 0, got {timeout_s}")
     queue = BatchQueue(predict, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue)
     decoder = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="decode")
     counts = {"refused": 0, "dropped": 0, "timed_out": 0}

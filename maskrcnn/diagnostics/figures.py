@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from maskrcnn.data.coco import CocoDetection
+from maskrcnn.errors import InputError
 from maskrcnn.fileio import atomic_write
 from maskrcnn.predictor import Predictor
 from maskrcnn.diagnostics.trace import (explain, load_example, read_eval_metrics, read_training_log)
@@ -447,7 +448,7 @@ def explain_checkpoint(checkpoint: Union[str, Path], *, ann_file: Union[str, Pat
     image, target = load_example(dataset, image_id)
     heldout = None
     if (heldout_ann is None) != (heldout_images is None):
-        raise ValueError("a held-out image needs both an annotation file and an image folder")
+        raise InputError("a held-out image needs both an annotation file and an image folder")
     if heldout_ann is not None:
         heldout = load_example(CocoDetection(heldout_ann, heldout_images), heldout_image_id)
     result = explain(predictor.model, image, target, class_names=predictor.class_names, heldout=heldout,

@@ -44,6 +44,7 @@ from torchvision.ops import box_area, box_iou, clip_boxes_to_image
 
 from maskrcnn.data.coco import CocoDetection
 from maskrcnn.data.transforms import ResizeShortestEdge
+from maskrcnn.errors import InputError
 from maskrcnn.evaluation.coco_evaluator import load_coco
 from maskrcnn.rle import encode_masks
 from maskrcnn.modeling.mask_head import mask_loss, mask_probs_of_class, mask_targets
@@ -68,13 +69,13 @@ def locate_image(ann_file: Union[str, Path], image_path: Union[str, Path],
         ids = [i for i, image in coco.imgs.items() if Path(image["file_name"]).name == path.name]
         if len(ids) != 1:
             found = "no image" if not ids else f"{len(ids)} images"
-            raise ValueError(f"{ann_file}: {found} with file name {path.name!r}; pass the image id explicitly")
+            raise InputError(f"{ann_file}: {found} with file name {path.name!r}; pass the image id explicitly")
         image_id = ids[0]
     if image_id not in coco.imgs:
-        raise ValueError(f"image id {image_id} is not in {ann_file}")
+        raise InputError(f"image id {image_id} is not in {ann_file}")
     file_name = coco.imgs[image_id]["file_name"]
     if Path(file_name).name != path.name:
-        raise ValueError(f"{ann_file}: image id {image_id} is the file {file_name!r}, not {path.name!r}")
+        raise InputError(f"{ann_file}: image id {image_id} is the file {file_name!r}, not {path.name!r}")
     return image_id, path.parents[len(Path(file_name).parts) - 1]
 
 
@@ -88,10 +89,10 @@ def load_example(dataset: CocoDetection, image_id: Optional[int] = None, *,
     """
     if image_id is not None:
         if image_id not in dataset.image_ids:
-            raise ValueError(f"image id {image_id} is not in {dataset.ann_file}")
+            raise InputError(f"image id {image_id} is not in {dataset.ann_file}")
         image, target = dataset[dataset.image_ids.index(image_id)]
         if len(target["boxes"]) == 0:
-            raise ValueError(f"image id {image_id} in {dataset.ann_file} has no instance annotation to explain")
+            raise InputError(f"image id {image_id} in {dataset.ann_file} has no instance annotation to explain")
         return image, target
     fallback = None
     for index in range(len(dataset)):
@@ -101,7 +102,7 @@ def load_example(dataset: CocoDetection, image_id: Optional[int] = None, *,
         if fallback is None and len(target["boxes"]):
             fallback = image, target
     if fallback is None:
-        raise ValueError(f"{dataset.ann_file} has no image with an instance annotation to explain")
+        raise InputError(f"{dataset.ann_file} has no image with an instance annotation to explain")
     return fallback
 
 
@@ -117,9 +118,9 @@ def read_training_log(path: Union[str, Path]) -> List[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {number} is not JSON: {exc.msg}") from None
+            raise InputError(f"{path}: line {number} is not JSON: {exc.msg}") from None
         if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
-            raise ValueError(f"{path}: line {number} is not a record with an integer 'iteration'")
+            raise InputError(f"{path}: line {number} is not a record with an integer 'iteration'")
         records.append(record)
     return records
 
@@ -133,13 +134,13 @@ def read_eval_metrics(path: Union[str, Path]) -> Optional[dict]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+        raise InputError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
     if isinstance(data, dict) and isinstance(data.get("segm"), dict):
         return data
     if isinstance(data, dict) and "eval" in data and (
             data["eval"] is None or isinstance(data["eval"], dict) and isinstance(data["eval"].get("segm"), dict)):
         return data["eval"]
-    raise ValueError(f"{path}: expected evaluation metrics ('segm' and 'bbox' entries) or a training summary "
+    raise InputError(f"{path}: expected evaluation metrics ('segm' and 'bbox' entries) or a training summary "
                      "with an 'eval' entry")
 
 
@@ -176,7 +177,7 @@ def trace_training_step(model: MaskRCNN, image: Tensor, target: dict, *, seed: i
         mask_logits: ``(P, K, S, S)`` the mask head's logits for them.
     """
     if len(target["boxes"]) == 0:
-        raise ValueError(f"image id {target.get('image_id')} has no instance annotation to explain")
+        raise InputError(f"image id {target.get('image_id')} has no instance annotation to explain")
     captured: Dict[str, object] = {}
 
     def record(name, inputs=False):
@@ -433,7 +434,7 @@ def explain(model: MaskRCNN, image: Tensor, target: dict, *, class_names: Sequen
     ``curve`` (training records with ``total_loss``) and ``validation`` (latest validation metrics or None).
     """
     if len(class_names) != model.num_classes:
-        raise ValueError(f"got {len(class_names)} class names for a model of {model.num_classes} classes")
+        raise InputError(f"got {len(class_names)} class names for a model of {model.num_classes} classes")
     device = next(model.parameters()).device
     train_image, train_target = training_input(model, image, target)
     train_image = train_image.to(device)

@@ -117,7 +117,7 @@ def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: Coco
             for images, targets in loader:
                 for image, target in zip(images, targets):
                     if tuple(image.shape[1:]) != tuple(target["orig_size"]):
-                        raise ValueError(f"image id {target['image_id']}: the dataset returned a "
+                        raise InputError(f"image id {target['image_id']}: the dataset returned a "
                                          f"{image.shape[2]}x{image.shape[1]} image for a {target['orig_size'][1]}x"
                                          f"{target['orig_size'][0]} file; evaluation needs untransformed images")
                 images = [image.to(device, non_blocking=True) for image in images]

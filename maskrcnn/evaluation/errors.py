@@ -38,6 +38,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pycocotools.mask as mask_utils
 
+from maskrcnn.errors import InputError
+
 ERROR_TYPES = ("cls", "loc", "both", "dupe", "bkg", "miss")
 SPECIAL_TYPES = ("false_pos", "false_neg")
 ERROR_NAMES = {"cls": "classification", "loc": "localisation", "both": "classification + localisation",
@@ -188,7 +190,7 @@ def analyze_errors(coco_gt, results: Sequence[dict], iou_type: str, *, pos_thres
     Raises ``ValueError`` naming the image id of a result without ``segmentation`` for "segm".
     """
     if iou_type not in ("bbox", "segm"):
-        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+        raise InputError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
     by_image: Dict[int, List[int]] = {}
     for index, result in enumerate(results):
         by_image.setdefault(result["image_id"], []).append(index)
@@ -203,7 +205,7 @@ def analyze_errors(coco_gt, results: Sequence[dict], iou_type: str, *, pos_thres
         if iou_type == "segm":
             missing = [results[i]["image_id"] for i in indices if "segmentation" not in results[i]]
             if missing:
-                raise ValueError(f"result for image id {missing[0]} has no 'segmentation' for segm analysis")
+                raise InputError(f"result for image id {missing[0]} has no 'segmentation' for segm analysis")
         key = "bbox" if iou_type == "bbox" else "segmentation"
         dets = [results[i][key] for i in indices]
         det_cls = np.array([results[i]["category_id"] for i in indices], dtype=np.int64)

@@ -27,6 +27,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from tqdm import tqdm
 
+from maskrcnn.errors import InputError
 from maskrcnn.evaluation.coco_evaluator import SUMMARY_KEYS, evaluate_results
 from maskrcnn.evaluation.errors import (ERROR_NAMES, ERROR_TYPES, SPECIAL_TYPES, RECALL_POINTS, ErrorAnalysis,
                                         analyze_errors, confusion_matrix)
@@ -64,14 +65,14 @@ def read_results(path: Union[str, Path]) -> List[dict]:
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"results file {path} is not JSON: {error}") from error
+        raise InputError(f"results file {path} is not JSON: {error}") from error
     if not isinstance(results, list):
-        raise ValueError(f"results file {path} holds a {type(results).__name__}, expected a list of COCO results")
+        raise InputError(f"results file {path} holds a {type(results).__name__}, expected a list of COCO results")
     for n, result in enumerate(results):
         missing = [k for k in ("image_id", "category_id", "score", "bbox")
                    if not isinstance(result, dict) or k not in result]
         if missing:
-            raise ValueError(f"results file {path}: entry {n} lacks {', '.join(missing)}")
+            raise InputError(f"results file {path}: entry {n} lacks {', '.join(missing)}")
     return results
 
 
@@ -159,7 +160,7 @@ def _draw_thumbnail(image: np.ndarray, marks: List[dict], size: int) -> np.ndarr
 def _save_jpeg(path: Path, image: np.ndarray) -> None:
     ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
     if not ok:
-        raise ValueError(f"cannot encode thumbnail {path}")
+        raise InputError(f"cannot encode thumbnail {path}")
     atomic_write(path, lambda f: f.write(data.tobytes()))
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskrcnn.errors import InputError
 from ..config import ModelConfig
 from ..structures import BitMasks, ImageList, PolygonMasks
 from .anchors import AnchorGenerator
@@ -81,7 +82,7 @@ class MaskRCNN(nn.Module):
         check_images(images)
         if self.training:
             if targets is None or len(targets) != len(images):
-                raise ValueError("training needs one target dict per image")
+                raise InputError("training needs one target dict per image")
             check_targets(images, targets, self.num_classes)
             targets = [{k: (v.to(images[i].device) if k in ("boxes", "labels", "crowd_boxes") else v)
                         for k, v in t.items()} for i, t in enumerate(targets)]
@@ -188,16 +189,16 @@ def resize_image(image: Tensor, min_size: int, max_size: int) -> Tensor:
 def check_images(images) -> None:
     """ValueError naming the offending image unless every image is a non-empty (3, H, W) float tensor."""
     if not isinstance(images, (list, tuple)) or len(images) == 0:
-        raise ValueError("images must be a non-empty list of (3, H, W) float tensors")
+        raise InputError("images must be a non-empty list of (3, H, W) float tensors")
     for i, image in enumerate(images):
         if not isinstance(image, Tensor):
-            raise ValueError(f"image {i}: expected a torch.Tensor, got {type(image).__name__}")
+            raise InputError(f"image {i}: expected a torch.Tensor, got {type(image).__name__}")
         if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"image {i}: expected shape (3, H, W), got {tuple(image.shape)}")
+            raise InputError(f"image {i}: expected shape (3, H, W), got {tuple(image.shape)}")
         if not image.is_floating_point():
-            raise ValueError(f"image {i}: expected a float tensor with values in 0-1, got dtype {image.dtype}")
+            raise InputError(f"image {i}: expected a float tensor with values in 0-1, got dtype {image.dtype}")
         if image.shape[1] == 0 or image.shape[2] == 0:
-            raise ValueError(f"image {i}: empty image of shape {tuple(image.shape)}")
+            raise InputError(f"image {i}: empty image of shape {tuple(image.shape)}")
 
 
 def check_targets(images: List[Tensor], targets: List[dict], num_classes: int) -> None:
@@ -207,29 +208,29 @@ def check_targets(images: List[Tensor], targets: List[dict], num_classes: int) -
         h, w = image.shape[-2:]
         for key in ("boxes", "labels", "masks"):
             if key not in target:
-                raise ValueError(f"{name}: missing '{key}'")
+                raise InputError(f"{name}: missing '{key}'")
         boxes, labels, masks = target["boxes"], target["labels"], target["masks"]
         if boxes.dim() != 2 or boxes.shape[1] != 4:
-            raise ValueError(f"{name}: boxes must have shape (M, 4), got {tuple(boxes.shape)}")
+            raise InputError(f"{name}: boxes must have shape (M, 4), got {tuple(boxes.shape)}")
         if len(labels) != len(boxes) or len(masks) != len(boxes):
-            raise ValueError(f"{name}: {len(boxes)} boxes, {len(labels)} labels and {len(masks)} masks differ")
+            raise InputError(f"{name}: {len(boxes)} boxes, {len(labels)} labels and {len(masks)} masks differ")
         if len(boxes):
             bad = torch.nonzero((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))[:, 0]
             if len(bad):
-                raise ValueError(f"{name}: box {int(bad[0])} is degenerate (x2 <= x1 or y2 <= y1): "
+                raise InputError(f"{name}: box {int(bad[0])} is degenerate (x2 <= x1 or y2 <= y1): "
                                  f"{boxes[bad[0]].tolist()}")
             tol = 1.0
             outside = torch.nonzero((boxes[:, 0] < -tol) | (boxes[:, 1] < -tol) | (boxes[:, 2] > w + tol)
                                     | (boxes[:, 3] > h + tol))[:, 0]
             if len(outside):
-                raise ValueError(f"{name}: box {int(outside[0])} {boxes[outside[0]].tolist()} lies outside the "
+                raise InputError(f"{name}: box {int(outside[0])} {boxes[outside[0]].tolist()} lies outside the "
                                  f"{w}x{h} image")
             if int(labels.min()) < 1 or int(labels.max()) > num_classes:
-                raise ValueError(f"{name}: labels must be in 1..{num_classes}, got {labels.tolist()}")
+                raise InputError(f"{name}: labels must be in 1..{num_classes}, got {labels.tolist()}")
         if not isinstance(masks, (BitMasks, PolygonMasks)):
-            raise ValueError(f"{name}: masks must be BitMasks or PolygonMasks, got {type(masks).__name__}")
+            raise InputError(f"{name}: masks must be BitMasks or PolygonMasks, got {type(masks).__name__}")
         if tuple(masks.image_size) != (h, w):
-            raise ValueError(f"{name}: masks are {masks.image_size[1]}x{masks.image_size[0]} but the image is "
+            raise InputError(f"{name}: masks are {masks.image_size[1]}x{masks.image_size[0]} but the image is "
                              f"{w}x{h}")
 
 
@@ -237,11 +238,11 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     """The one place where configuration becomes constructor arguments."""
     b, a, r, h = cfg.backbone, cfg.anchors, cfg.rpn, cfg.roi_heads
     if len(a.sizes) != 5:
-        raise ValueError(f"anchors.sizes needs one size per level P2..P6 (5 values), got {list(a.sizes)}")
+        raise InputError(f"anchors.sizes needs one size per level P2..P6 (5 values), got {list(a.sizes)}")
     for key, norm in (("backbone.fpn_norm", b.fpn_norm), ("roi_heads.box_head_norm", h.box_head_norm),
                       ("roi_heads.mask_head_norm", h.mask_head_norm)):
         if norm not in HEAD_NORMS:
-            raise ValueError(f'{key}: norm must be "", "bn" or "gn", got {norm!r}')
+            raise InputError(f'{key}: norm must be "", "bn" or "gn", got {norm!r}')
     backbone = ResNet(depth=b.depth, norm=b.norm, freeze_at=b.freeze_at, pretrained=b.pretrained)
     fpn = FPN(in_channels=backbone.out_channels, out_channels=b.fpn_channels, norm=b.fpn_norm)
     anchor_generator = AnchorGenerator(sizes=a.sizes, aspect_ratios=a.aspect_ratios)
