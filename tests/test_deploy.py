@@ -61,7 +61,7 @@ def weights():
 
 def eager_predictor(weights, score_thresh: float) -> Predictor:
     return Predictor(small_config(score_thresh), weights, class_names=CLASS_NAMES, score_thresh=score_thresh,
-                     label_to_cat_id={1: 11, 2: 12, 3: 13})
+                     label_to_cat_id={1: 11, 2: 12, 3: 13}, precision="fp32")
 
 
 def rgb(h: int, w: int, seed: int) -> np.ndarray:
@@ -139,7 +139,7 @@ def test_runtime_matches_eager_on_a_mixed_batch(exported, runtime):
     predictor, path = exported
     images = list(IMAGES.values())
     expected = predictor(images)
-    got = ExportedPredictor(path, runtime=runtime)(images)
+    got = ExportedPredictor(path, runtime=runtime, precision="fp32")(images)
     assert all(len(r) >= 20 for r in expected)
     for name, e, g in zip(IMAGES, expected, got):
         assert_parity(e, g, f"{runtime}, {name}")
@@ -150,7 +150,7 @@ def network(predictor_or_path, runtime: str):
     """The network alone, as a function (images, image_sizes) -> the graph's outputs (NumPy arrays):
     the eager predictor's model (``MaskRCNN.infer``) or the exported file in a runtime."""
     if runtime != "eager":
-        return ExportedPredictor(predictor_or_path, runtime=runtime).run_network
+        return ExportedPredictor(predictor_or_path, runtime=runtime, precision="fp32").run_network
     model = predictor_or_path.inference_model
 
     def run(images, image_sizes):
@@ -211,7 +211,7 @@ def test_detections_do_not_depend_on_batch_neighbours(exported, runtime):
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_runtime_matches_eager_on_single_images(exported, runtime):
     predictor, path = exported
-    exported_predictor = ExportedPredictor(path, runtime=runtime, mask_format="rle")
+    exported_predictor = ExportedPredictor(path, runtime=runtime, mask_format="rle", precision="fp32")
     for name in ("strip 17x600", "gray 75x100"):
         expected, got = predictor(IMAGES[name]), exported_predictor(IMAGES[name])
         assert [r["segmentation"] for r in got.to_coco(1)[:5]] == [r["segmentation"] for r in expected.to_coco(1)[:5]]
@@ -233,7 +233,7 @@ def test_an_image_without_detections_in_a_batch(exported_with_an_empty_image, ru
     predictor, path, images = exported_with_an_empty_image
     expected = predictor(images)
     assert [len(r) > 0 for r in expected] == [True, False, True]
-    exported_predictor = ExportedPredictor(path, runtime=runtime)
+    exported_predictor = ExportedPredictor(path, runtime=runtime, precision="fp32")
     got = exported_predictor(images)
     for i, (e, g) in enumerate(zip(expected, got)):
         assert_parity(e, g, f"{runtime}, image {i}")
@@ -248,12 +248,12 @@ def test_runtime_score_threshold_filters_above_the_graphs(weights, exported):
     _, path = exported
     images = list(IMAGES.values())
     expected = eager_predictor(weights, 0.5)(images)
-    got = ExportedPredictor(path, score_thresh=0.5)(images)
-    assert 0 < sum(len(r) for r in got) < sum(len(r) for r in ExportedPredictor(path)(images))
+    got = ExportedPredictor(path, score_thresh=0.5, precision="fp32")(images)
+    assert 0 < sum(len(r) for r in got) < sum(len(r) for r in ExportedPredictor(path, precision="fp32")(images))
     for name, e, g in zip(IMAGES, expected, got):
         assert_parity(e, g, f"threshold 0.5, {name}")
     with pytest.raises(ValueError, match="below the threshold 0.05"):
-        ExportedPredictor(path, score_thresh=0.01)
+        ExportedPredictor(path, score_thresh=0.01, precision="fp32")
 
 
 def test_openvino_bf16_runs(exported):
@@ -295,7 +295,7 @@ def test_export_tool_writes_a_file_that_runs(tmp_path):
     meta = read_metadata(tmp_path / "out" / "model.onnx")
     assert meta["class_names"] == CLASS_NAMES and meta["label_to_cat_id"] == {"1": 5, "2": 6, "3": 7}
     assert json.loads(json.dumps(meta)) == meta
-    result = ExportedPredictor(tmp_path / "out" / "model.onnx")(IMAGES["rgb 90x61"])
+    result = ExportedPredictor(tmp_path / "out" / "model.onnx", precision="fp32")(IMAGES["rgb 90x61"])
     assert result.image_size == (90, 61)
     missing = run_tool("--checkpoint", tmp_path / "nothere.pth", "--output", tmp_path / "x.onnx")
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "nothere.pth" in missing.stderr
@@ -325,8 +325,8 @@ def test_int8_quantises_the_backbone_and_fpn_only(exported, quantized):
 def test_int8_model_runs_behind_the_predictor_interface(exported, quantized):
     _, path = exported
     images = [IMAGES["rgb 120x200"], IMAGES["strip 17x600"], PLAIN]
-    reference = ExportedPredictor(path, runtime="openvino")(images)
-    results = ExportedPredictor(quantized, runtime="openvino")(images)
+    reference = ExportedPredictor(path, runtime="openvino", precision="fp32")(images)
+    results = ExportedPredictor(quantized, runtime="openvino", precision="fp32")(images)
     assert [r.masks.shape[1:] for r in results] == [(120, 200), (17, 600), (100, 100)]
     # On images like the calibration ones (noise), the 20 best f32 detections keep their label and most of
     # them their place: measured 85 % and 80 % at IoU > 0.9 (mean best IoU 0.92), against at most 20 %
@@ -338,7 +338,7 @@ def test_int8_model_runs_behind_the_predictor_interface(exported, quantized):
         best = iou.max(dim=1).values
         assert float(best.mean()) > 0.85 and float((best > 0.9).float().mean()) >= 0.6, best
     with pytest.raises(ValueError, match="OpenVINO IR"):
-        ExportedPredictor(quantized, runtime="onnxruntime")
+        ExportedPredictor(quantized, runtime="onnxruntime", precision="fp32")
 
 
 @pytest.mark.slow
@@ -355,7 +355,8 @@ def test_export_tool_writes_an_int8_model(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "on 3 images" in done.stdout
     assert read_metadata(tmp_path / "out" / "model.int8.xml")["class_names"] == ["square", "circle", "triangle"]
-    result = ExportedPredictor(tmp_path / "out" / "model.int8.xml", runtime="openvino")(IMAGES["rgb 90x61"])
+    result = ExportedPredictor(tmp_path / "out" / "model.int8.xml", runtime="openvino",
+                               precision="fp32")(IMAGES["rgb 90x61"])
     assert result.image_size == (90, 61)
     empty = tmp_path / "empty"
     empty.mkdir()
