@@ -51,6 +51,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
+from maskrcnn.errors import InputError
+from maskrcnn.fileio import decode_image, exif_orientation, swaps_axes
 from maskrcnn.structures import Instances
 
 IMAGE_CONTENT_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/tiff", "image/webp", "image/gif")
@@ -70,7 +72,8 @@ class UploadError(ValueError):
 
 
 def decode_upload(data: bytes, content_type: Optional[str], *, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """Check and decode one uploaded image -> ``(H, W, 3)`` uint8 RGB array.
+    """Check and decode one uploaded image -> ``(H, W, 3)`` uint8 RGB array, upright: EXIF orientation
+    applied, as :func:`~maskrcnn.fileio.decode_image` (and so the predictor) reads the same bytes.
 
     Raises :class:`UploadError` with 415 for a content type other than an image's, 400 for an empty or
     undecodable file, 413 for a file over ``max_bytes`` or an image whose header declares more than
@@ -82,24 +85,25 @@ def decode_upload(data: bytes, content_type: Optional[str], *, max_bytes: int, m
         raise UploadError(400, "the uploaded file is empty")
     if len(data) > max_bytes:
         raise UploadError(413, f"the uploaded file has {len(data)} bytes; the limit is {max_bytes}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is the limit here
-            image = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError as error:  # PIL's own limit, far above any sensible max_pixels
-        raise UploadError(413, f"the image declares too many pixels: {error}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise UploadError(400, f"the uploaded file is not an image ({type(error).__name__}: {error})") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise UploadError(413, f"the image declares {width}x{height} = {width * height} pixels; the limit is "
-                               f"{max_pixels}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return np.asarray(image.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as error:
-        raise UploadError(400, f"the uploaded image cannot be decoded ({type(error).__name__}: {error})") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is the limit here
+        try:
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                width, height = image.size
+                orientation = exif_orientation(image)
+        except Image.DecompressionBombError as error:  # PIL's own limit, far above any sensible max_pixels
+            raise UploadError(413, f"the image declares too many pixels: {error}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise UploadError(400, f"the uploaded file is not an image ({type(error).__name__}: {error})") from None
+        if swaps_axes(orientation):
+            width, height = height, width
+        if width * height > max_pixels:
+            raise UploadError(413, f"the image declares {width}x{height} = {width * height} pixels (upright); the "
+                                   f"limit is {max_pixels}")
+        try:
+            return decode_image(data, where="the uploaded image")
+        except InputError as error:
+            raise UploadError(400, str(error)) from None
 
 
 class BatchQueue:
