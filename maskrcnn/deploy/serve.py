@@ -3,11 +3,12 @@
     app = create_app(predictor, class_names=names, draw=overlay_png, max_batch_size=4, max_wait_ms=10)
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-``POST /predict`` takes one image as a multipart upload (field ``image``) and returns JSON: the image
-size and per detection ``box`` (x1, y1, x2, y2 pixels of the uploaded image), ``score``, ``label``,
-``class_name`` and ``segmentation`` (COCO RLE with string counts); ``?overlay=1`` returns a PNG with the
-detections drawn instead. ``GET /health`` reports the model's classes, the batches run so far and the
-requests refused, dropped or timed out. ``GET /`` is a web page that uploads an image and draws the answer.
+``POST /predict`` takes one image as a multipart upload (field ``image``), read upright (EXIF orientation
+applied), and returns JSON: the image size and per detection ``box`` (x1, y1, x2, y2 pixels of the upright
+image), ``score``, ``label``, ``class_name`` and ``segmentation`` (COCO RLE with string counts);
+``?overlay=1`` returns a PNG with the detections drawn instead. ``GET /health`` reports the model's classes,
+the batches run so far and the requests refused, dropped or timed out. ``GET /`` is a web page that uploads
+an image and draws the answer.
 Concurrent requests are gathered into one batch of at most ``max_batch_size`` images, waiting at most
 ``max_wait_ms`` after the first; the network runs one batch at a time in a worker thread.
 
@@ -204,7 +205,7 @@ class BatchQueue:
 
 
 def instances_to_json(result: Instances) -> dict:
-    """One image's detections as the service returns them (boxes xyxy in the uploaded image's pixels)."""
+    """One image's detections as the service returns them (boxes xyxy, pixels of the upright uploaded image)."""
     coco = result.to_coco(0, label_to_cat_id={label: label for label in result.labels.tolist()})  # every label
     segmentations = [r.get("segmentation") for r in coco]
     detections = []
