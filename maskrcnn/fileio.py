@@ -68,7 +68,7 @@ _ORIENT_STEPS = {1: (0, False), 2: (0, True), 3: (2, False), 4: (2, True), 5: (3
 def exif_orientation(image: Union[str, Path, bytes, Image.Image]) -> int:
     """The EXIF orientation (1..8) of an image file, encoded bytes or PIL image; 1 when the image has
     none or an invalid one. Reads the header only: no pixel is decoded (a PNG's eXIf chunk counts when it
-    comes before the pixel data, as the PNG specification places it)."""
+    comes before the pixel data, where PIL's header reading finds it)."""
     if isinstance(image, Image.Image):
         value = _header_exif(image).get(EXIF_ORIENTATION)
     else:
