@@ -67,16 +67,23 @@ _ORIENT_STEPS = {1: (0, False), 2: (0, True), 3: (2, False), 4: (2, True), 5: (3
 
 def exif_orientation(image: Union[str, Path, bytes, Image.Image]) -> int:
     """The EXIF orientation (1..8) of an image file, encoded bytes or PIL image; 1 when the image has
-    none or an invalid one. Reads the header only."""
+    none or an invalid one. Reads the header only: no pixel is decoded (a PNG's eXIf chunk counts when it
+    comes before the pixel data, where PIL's header reading finds it)."""
     if isinstance(image, Image.Image):
-        value = image.getexif().get(EXIF_ORIENTATION)
+        value = _header_exif(image).get(EXIF_ORIENTATION)
     else:
         try:
             with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
-                value = img.getexif().get(EXIF_ORIENTATION)
+                value = _header_exif(img).get(EXIF_ORIENTATION)
         except (OSError, SyntaxError, ValueError):
             return 1
     return value if value in _ORIENT_STEPS else 1
+
+
+def _header_exif(image: Image.Image) -> Image.Exif:
+    """The EXIF of an opened PIL image as its header holds it. PIL's base-class reading: the PNG plugin's
+    own ``getexif`` decodes every pixel first, to look for an eXIf chunk after them."""
+    return Image.Image.getexif(image)
 
 
 def orient(pixels: np.ndarray, orientation: int) -> np.ndarray:

@@ -15,13 +15,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
 from maskrcnn.config import config_to_dict
 from maskrcnn.data.check import check_dataset
 from maskrcnn.data.coco import CocoDetection
 from maskrcnn.data.formats import read_cvat, read_labelme, read_yolo, to_coco
-from maskrcnn.fileio import decode_image, image_header, read_image
+from maskrcnn.fileio import decode_image, exif_orientation, image_header, read_image
 from maskrcnn.inference import to_image_tensor
 from maskrcnn.modeling.maskrcnn import build_model
 from maskrcnn.predictor import Predictor
@@ -187,13 +187,33 @@ def test_training_check_of_the_image_files_accepts_an_upright_size(tmp_path):
     CocoDetection(_coco_file(tmp_path / "inst.json", H, W), tmp_path).check_images()
 
 
-@pytest.mark.xfail(strict=True, reason="the service decodes uploads with PIL without EXIF orientation "
-                                       "(deploy/serve.py decode_upload); it must turn them upright through fileio")
-def test_service_upload_is_decoded_upright():
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_service_upload_is_decoded_upright(orientation):
     from maskrcnn.deploy.serve import decode_upload
 
-    pixels = decode_upload(_jpeg_bytes(6), "image/jpeg", max_bytes=1 << 20, max_pixels=1 << 20)
+    pixels = decode_upload(_jpeg_bytes(orientation), "image/jpeg", max_bytes=1 << 20, max_pixels=1 << 20)
     _close_to_upright(pixels)
+
+
+def _png_bytes(orientation=None):
+    """The upright picture as a PNG, with an eXIf chunk (before the pixel data) when ``orientation`` is given."""
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(_upright()).save(buffer, format="PNG", exif=exif)
+    return buffer.getvalue()
+
+
+def test_orientation_is_read_from_the_header_without_decoding_a_png(monkeypatch):
+    """PIL's PNG plugin decodes every pixel of a PNG without eXIf before it answers; the header is enough."""
+    def no_decoding(self):
+        raise AssertionError("the PNG's pixels were decoded")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decoding)
+    for orientation, data in ((1, _png_bytes()), (6, _png_bytes(6))):
+        assert exif_orientation(data) == orientation
+        assert exif_orientation(Image.open(io.BytesIO(data))) == orientation
 
 
 def test_labelme_file_giving_the_sideways_size_is_named_with_the_orientation(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from maskrcnn.deploy.serve import UploadError, decode_upload, is_loopback, load_test, post_image
+from maskrcnn.fileio import read_image
 from serving import ROOT, get_json, png_bytes, serve_tool, tiny_predictor, write_checkpoint
 
 TOKEN = "s3cret"
@@ -40,7 +41,7 @@ def test_a_decompression_bomb_is_refused_from_its_header():
         decode_upload(data, "image/png", max_bytes=MAX_BYTES, max_pixels=10**7)
     assert error.value.status == 413
     # Under the pixel limit the same kind of file reaches the decoder, which finds no pixel data: a 400.
-    with pytest.raises(UploadError, match="cannot be decoded") as error:
+    with pytest.raises(UploadError, match="cannot decode the uploaded image") as error:
         decode_upload(bomb_png(300, 300), "image/png", max_bytes=MAX_BYTES, max_pixels=10**7)
     assert error.value.status == 400
 
@@ -61,6 +62,35 @@ def test_a_good_upload_decodes_to_rgb():
     gray = np.random.default_rng(1).integers(0, 256, (9, 7), dtype=np.uint8)
     decoded = decode_upload(png_bytes(gray), "image/png", max_bytes=MAX_BYTES, max_pixels=100)
     assert decoded.shape == (9, 7, 3) and np.array_equal(decoded[..., 1], gray)
+
+
+def jpeg_bytes(stored: np.ndarray, orientation: int) -> bytes:
+    """A JPEG of the ``stored`` pixels whose EXIF orientation tag is ``orientation``."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format="JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+def test_uploads_decode_as_the_package_reads_the_same_file(tmp_path):
+    """Upright (EXIF orientation 6: stored 40 wide, 24 high, seen 24 wide, 40 high) and 16-bit depth scaled to
+    8 bits, as ``read_image`` reads the file."""
+    deep = np.random.default_rng(2).integers(0, 2**16, (9, 7), dtype=np.uint16)
+    for name, data, content_type in (("rotated.jpg", jpeg_bytes(image(24, 40, 3), 6), "image/jpeg"),
+                                     ("deep.png", png_bytes(deep), "image/png")):
+        (tmp_path / name).write_bytes(data)
+        decoded = decode_upload(data, content_type, max_bytes=MAX_BYTES, max_pixels=10**7)
+        np.testing.assert_array_equal(decoded, read_image(tmp_path / name), err_msg=name)
+    assert decoded.shape == (9, 7, 3) and np.array_equal(decoded[..., 1], (deep >> 8).astype(np.uint8))
+
+
+def test_the_pixel_limit_names_the_upright_size():
+    with pytest.raises(UploadError, match=r"declares 24x40 = 960 pixels \(upright\); the limit is 959") as error:
+        decode_upload(jpeg_bytes(image(24, 40, 3), 6), "image/jpeg", max_bytes=MAX_BYTES, max_pixels=959)
+    assert error.value.status == 413
+    assert decode_upload(jpeg_bytes(image(24, 40, 3), 6), "image/jpeg", max_bytes=MAX_BYTES,
+                         max_pixels=960).shape == (40, 24, 3)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +123,19 @@ def test_concurrent_requests_are_batched_and_match_the_predictor(service):
             assert detection["class_name"] == name and detection["segmentation"] == rle
     stats = get_json(base + "/health", TOKEN)
     assert stats["images"] >= 8 and 1 < stats["largest_batch"] <= 4, stats
+
+
+def test_a_rotated_jpeg_is_answered_as_the_predictor_sees_its_bytes(service):
+    base, predictor = service
+    data = jpeg_bytes(image(60, 90, 9), 6)
+    status, body = post_image(base + "/predict", data, content_type="image/jpeg", token=TOKEN)
+    assert status == 200
+    answer, expected = json.loads(body), predictor(data)
+    assert (answer["height"], answer["width"]) == expected.image_size == (90, 60)
+    assert len(answer["detections"]) == len(expected) > 0
+    np.testing.assert_allclose([d["box"] for d in answer["detections"]], expected.boxes.tolist(), atol=1e-3)
+    status, body = post_image(base + "/predict?overlay=1", data, content_type="image/jpeg", token=TOKEN)
+    assert status == 200 and Image.open(io.BytesIO(body)).size == (60, 90)
 
 
 def test_overlay_returns_a_png_of_the_image_size(service):

@@ -177,11 +177,13 @@ def test_a_waiting_request_whose_client_left_is_dropped_before_it_runs(predictor
     network.gate.clear()
     with serve_app(make_app(network, max_batch_size=1, max_wait_ms=0)) as (base, port):
         first = ThreadPoolExecutor(1).submit(post_image, base + "/predict", png_bytes(image(40, 40)))
+        deadline = time.monotonic() + 20
+        while get_json(base + "/health")["queued"] < 1 and time.monotonic() < deadline:  # the first one runs
+            time.sleep(0.05)
         body = multipart_head("b0") + png_bytes(image(50, 50)) + b"\r\n--b0--\r\n"
         leaving = socket.create_connection(("127.0.0.1", port), timeout=10)
         leaving.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
                         b"boundary=b0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        deadline = time.monotonic() + 20
         while get_json(base + "/health")["queued"] < 2 and time.monotonic() < deadline:  # running + waiting
             time.sleep(0.05)
         leaving.close()

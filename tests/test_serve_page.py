@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
+import torch
 from PIL import Image
 
 from browser import chromium
 from maskrcnn.data.shapes import render_image
-from maskrcnn.deploy.serve import post_image
-from serving import png_bytes, serve_tool, tiny_predictor, write_checkpoint
+from maskrcnn.deploy.serve import create_app, post_image
+from maskrcnn.structures import Instances
+from serving import png_bytes, serve_app, serve_tool, tiny_predictor, write_checkpoint
 
 TOKEN = "page-token"
 
@@ -88,34 +90,64 @@ def test_an_upload_in_the_page_shows_the_apis_detections_and_the_slider_filters_
         assert [row.find_elements(By.TAG_NAME, "td")[2].text for row in visible] == [d["class_name"] for d in kept]
         driver.execute_script("arguments[0].value = 0; arguments[0].dispatchEvent(new Event('input'));", slider)
 
-        shots = Path(os.environ.get("MASKRCNN_SCREENSHOTS") or tempfile.mkdtemp(prefix="maskrcnn-screens-"))
-        shots.mkdir(parents=True, exist_ok=True)
-        assert driver.save_screenshot(str(shots / "service_page.png"))
+        save_screenshot(driver, "service_page.png")
 
 
-def test_the_page_draws_a_rotated_jpeg_as_stored_like_the_service(service, tmp_path):
-    """A JPEG whose EXIF says "rotate 90°": the service decodes the pixels as stored, and so must the page,
-    or every box and mask would land on the wrong pixels."""
+def find_bright_square(images):
+    """A predict callable that detects, in each image it is handed, the box and mask of its bright pixels:
+    where the service's decoding puts the square, its answer puts the detection."""
+    results = []
+    for pixels in images:
+        bright = torch.from_numpy(pixels.min(axis=2) > 128)
+        ys, xs = torch.nonzero(bright, as_tuple=True)
+        box = [[xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]]
+        results.append(Instances(boxes=torch.tensor(box, dtype=torch.float32), scores=torch.tensor([0.9]),
+                                 labels=torch.tensor([2]), class_names=["square"], masks=bright[None],
+                                 image_size=pixels.shape[:2]))
+    return results
+
+
+def test_the_page_draws_a_rotated_jpeg_upright_with_its_boxes_on_the_object(tmp_path):
+    """A JPEG stored sideways with EXIF orientation 6 ("turn 90° clockwise to view"): the service decodes it
+    upright, and the page draws it upright, so the detection of a bright square sits on the square."""
     from selenium.webdriver.common.by import By
 
-    stored = np.zeros((32, 64, 3), np.uint8)
-    stored[:, :32] = 255  # left half white, as stored
-    picture = Image.fromarray(stored)
-    exif = picture.getexif()
-    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    height, width = 48, 96
+    upright = np.full((height, width, 3), 40, np.uint8)
+    upright[6:22, 60:84] = 255  # the square, top right in the upright view
+    exif = Image.Exif()
+    exif[0x0112] = 6
     path = tmp_path / "rotated.jpg"
-    picture.save(path, quality=95, exif=exif.tobytes())
-    status, body = post_image(service + "/predict", path.read_bytes(), content_type="image/jpeg", token=TOKEN)
-    assert status == 200 and (json.loads(body)["height"], json.loads(body)["width"]) == (32, 64)
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright))).save(path, quality=95, exif=exif)  # stored 48 x 96
 
-    with chromium() as driver:
-        wait = open_page(driver, service)
-        slider = driver.find_element(By.ID, "score")
-        driver.execute_script("arguments[0].value = 1; arguments[0].dispatchEvent(new Event('input'));", slider)
+    app = create_app(find_bright_square, class_names=["circle", "square"], draw=lambda pixels, result: b"",
+                     token=TOKEN)
+    with serve_app(app) as (base, _), chromium() as driver:
+        wait = open_page(driver, base)
         driver.find_element(By.ID, "file").send_keys(str(path))
-        wait.until(lambda d: "detections." in d.find_element(By.ID, "status").text)
-        red = driver.execute_script(
+        wait.until(lambda d: "detections." in d.find_element(By.ID, "status").text
+                   or d.find_element(By.ID, "status").get_attribute("class") == "error")
+        status = driver.find_element(By.ID, "status").text
+        assert status == "rotated.jpg: 96×48, 1 detections.", status
+        canvas = driver.find_element(By.ID, "canvas")
+        size = int(canvas.get_attribute("height")), int(canvas.get_attribute("width"))
+        box = [float(v) for v in driver.find_element(By.CSS_SELECTOR, "#detections td.box").text.split(", ")]
+        centre = [round((box[0] + box[2]) / 2), round((box[1] + box[3]) / 2)]
+        where_stored_would_be = [28, 12]  # the square of the stored pixels, stretched to the upright size
+        drawn = driver.execute_script(
             "const ctx = document.getElementById('canvas').getContext('2d');"
-            "return arguments[0].map(([x, y]) => ctx.getImageData(x, y, 1, 1).data[0]);",
-            [[8, 4], [56, 4], [8, 28], [56, 28]])
-    assert [value > 128 for value in red] == [True, False, True, False], red
+            "return arguments[0].map(([x, y]) => Array.from(ctx.getImageData(x, y, 1, 1).data));",
+            [centre, where_stored_would_be, [8, 40]])
+        save_screenshot(driver, "service_page_rotated.png")
+    assert size == (height, width)
+    assert box == pytest.approx([60, 6, 84, 22], abs=1)
+    # Under the box centre: the white square under the translucent mask; elsewhere the dark background.
+    assert drawn[0][1] > 100, drawn
+    assert max(drawn[1][:3]) < 80 and max(drawn[2][:3]) < 80, drawn
+
+
+def save_screenshot(driver, name: str) -> None:
+    """The page as it looks now, in ``MASKRCNN_SCREENSHOTS`` (or a new temporary folder)."""
+    shots = Path(os.environ.get("MASKRCNN_SCREENSHOTS") or tempfile.mkdtemp(prefix="maskrcnn-screens-"))
+    shots.mkdir(parents=True, exist_ok=True)
+    assert driver.save_screenshot(str(shots / name))

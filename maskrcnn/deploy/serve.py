@@ -3,11 +3,12 @@
     app = create_app(predictor, class_names=names, draw=overlay_png, max_batch_size=4, max_wait_ms=10)
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-``POST /predict`` takes one image as a multipart upload (field ``image``) and returns JSON: the image
-size and per detection ``box`` (x1, y1, x2, y2 pixels of the uploaded image), ``score``, ``label``,
-``class_name`` and ``segmentation`` (COCO RLE with string counts); ``?overlay=1`` returns a PNG with the
-detections drawn instead. ``GET /health`` reports the model's classes, the batches run so far and the
-requests refused, dropped or timed out. ``GET /`` is a web page that uploads an image and draws the answer.
+``POST /predict`` takes one image as a multipart upload (field ``image``), read upright (EXIF orientation
+applied), and returns JSON: the image size and per detection ``box`` (x1, y1, x2, y2 pixels of the upright
+image), ``score``, ``label``, ``class_name`` and ``segmentation`` (COCO RLE with string counts);
+``?overlay=1`` returns a PNG with the detections drawn instead. ``GET /health`` reports the model's classes,
+the batches run so far and the requests refused, dropped or timed out. ``GET /`` is a web page that uploads
+an image and draws the answer.
 Concurrent requests are gathered into one batch of at most ``max_batch_size`` images, waiting at most
 ``max_wait_ms`` after the first; the network runs one batch at a time in a worker thread.
 
@@ -52,6 +53,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from maskrcnn.errors import InputError
+from maskrcnn.fileio import decode_image, exif_orientation, swaps_axes
 from maskrcnn.structures import Instances
 
 IMAGE_CONTENT_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/tiff", "image/webp", "image/gif")
@@ -71,7 +73,8 @@ class UploadError(ValueError):
 
 
 def decode_upload(data: bytes, content_type: Optional[str], *, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """Check and decode one uploaded image -> ``(H, W, 3)`` uint8 RGB array.
+    """Check and decode one uploaded image -> ``(H, W, 3)`` uint8 RGB array, upright: EXIF orientation
+    applied, as :func:`~maskrcnn.fileio.decode_image` (and so the predictor) reads the same bytes.
 
     Raises :class:`UploadError` with 415 for a content type other than an image's, 400 for an empty or
     undecodable file, 413 for a file over ``max_bytes`` or an image whose header declares more than
@@ -83,24 +86,25 @@ def decode_upload(data: bytes, content_type: Optional[str], *, max_bytes: int, m
         raise UploadError(400, "the uploaded file is empty")
     if len(data) > max_bytes:
         raise UploadError(413, f"the uploaded file has {len(data)} bytes; the limit is {max_bytes}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is the limit here
-            image = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError as error:  # PIL's own limit, far above any sensible max_pixels
-        raise UploadError(413, f"the image declares too many pixels: {error}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise UploadError(400, f"the uploaded file is not an image ({type(error).__name__}: {error})") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise UploadError(413, f"the image declares {width}x{height} = {width * height} pixels; the limit is "
-                               f"{max_pixels}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return np.asarray(image.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as error:
-        raise UploadError(400, f"the uploaded image cannot be decoded ({type(error).__name__}: {error})") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is the limit here
+        try:
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                width, height = image.size
+                orientation = exif_orientation(image)
+        except Image.DecompressionBombError as error:  # PIL's own limit, far above any sensible max_pixels
+            raise UploadError(413, f"the image declares too many pixels: {error}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise UploadError(400, f"the uploaded file is not an image ({type(error).__name__}: {error})") from None
+        if swaps_axes(orientation):
+            width, height = height, width
+        if width * height > max_pixels:
+            raise UploadError(413, f"the image declares {width}x{height} = {width * height} pixels (upright); the "
+                                   f"limit is {max_pixels}")
+        try:
+            return decode_image(data, where="the uploaded image")
+        except InputError as error:
+            raise UploadError(400, str(error)) from None
 
 
 class BatchQueue:
@@ -201,7 +205,7 @@ class BatchQueue:
 
 
 def instances_to_json(result: Instances) -> dict:
-    """One image's detections as the service returns them (boxes xyxy in the uploaded image's pixels)."""
+    """One image's detections as the service returns them (boxes xyxy, pixels of the upright uploaded image)."""
     coco = result.to_coco(0, label_to_cat_id={label: label for label in result.labels.tolist()})  # every label
     segmentations = [r.get("segmentation") for r in coco]
     detections = []
