@@ -138,3 +138,15 @@ def test_unknown_mask_format_is_refused():
     with pytest.raises(ValueError, match="mask_format must be one of"):
         to_original_image({"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0),
                            "mask_probs": torch.zeros(0, 28, 28)}, (1, 1), (1, 1), mask_format="png")
+
+
+def test_equal_scores_rank_as_torchvision_ranks_each_image_alone():
+    """Saturated scores tie exactly (sigmoid 1.0 in float32); which of them survive a top-k cut must be the
+    ones torchvision keeps (it sorts each image's survivors with ``torch.sort``), whatever else the batch holds."""
+    from maskrcnn.modeling.selection import descending_order
+    scores = torch.tensor([1.0, 0.5, 1.0, 1.0, 0.7, 1.0] * 300)
+    group = torch.zeros(len(scores), dtype=torch.int64)
+    alone = descending_order(scores, group)
+    assert torch.equal(alone, torch.sort(scores, descending=True).indices)
+    batch = descending_order(torch.cat([scores.flip(0), scores]), torch.cat([group, group + 1]))
+    assert torch.equal(batch[len(scores):] - len(scores), alone)

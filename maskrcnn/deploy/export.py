@@ -53,8 +53,9 @@ def _grouped_nms(g, boxes, scores, iou_threshold: float):
     return g.op("NonMaxSuppression", boxes, scores, max_per_class, iou, skip)
 
 
-def _descending_order(g, scores):
-    """``maskrcnn::descending_order`` as ONNX TopK over all elements (equal values: lower index first)."""
+def _descending_order(g, scores, group):
+    """``maskrcnn::descending_order`` as ONNX TopK over all elements: each group's elements come by descending
+    score in it too (equal values: lower index first)."""
     _, indices = g.op("TopK", scores, g.op("Shape", scores), axis_i=0, largest_i=1, sorted_i=1, outputs=2)
     return indices
 

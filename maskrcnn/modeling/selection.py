@@ -48,22 +48,30 @@ def grouped_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
 
 @torch.library.custom_op("maskrcnn::descending_order", mutates_args=())
-def descending_order(scores: Tensor) -> Tensor:
-    """(M,) scores -> (M,) int64 indices by descending score, equal scores in index order (a stable sort;
-    :mod:`maskrcnn.deploy.export` exports it as ONNX TopK, which also puts the lower index first)."""
-    return torch.sort(scores, descending=True, stable=True).indices
+def descending_order(scores: Tensor, group: Tensor) -> Tensor:
+    """(M,) scores and (M,) int64 groups -> (M,) int64 indices in which each group's elements come by
+    descending score. Each group is sorted alone, in its elements' order, by ``torch.sort``: equal scores
+    then rank as torchvision ranks them (its NMS helpers sort each image's survivors so), and never by what
+    the other groups (the other images of a batch) hold. :mod:`maskrcnn.deploy.export` exports it as one
+    ONNX TopK over all elements, which also gives each group's elements by descending score (equal scores:
+    lower index first)."""
+    order = torch.argsort(group, stable=True)
+    sizes = torch.unique_consecutive(group[order], return_counts=True)[1].tolist()
+    parts = [members[torch.sort(scores[members], descending=True).indices] for members in order.split(sizes)]
+    return torch.cat(parts) if parts else order
 
 
 def rank_within_group(scores: Tensor, group: Tensor, num_groups: Union[int, Tensor]) -> Tensor:
     """scores: (M,); group: (M,) int64 in 0..G-1 -> (M,) int64 each element's 0-based rank by descending
-    score among the elements of its group, equal scores ranked in the elements' order."""
+    score among the elements of its group (equal scores as :func:`descending_order` ranks them)."""
     order, ranks = _ranked(scores, group, num_groups)
     return torch.empty_like(ranks).scatter(0, order, ranks)
 
 
 def best_per_group(scores: Tensor, group: Tensor, num_groups: Union[int, Tensor], k: int) -> Tensor:
     """The ``k`` highest-scoring elements of each group: (M,) scores and int64 groups -> (D,) int64 indices,
-    grouped by ascending group, highest score first within a group, equal scores in the elements' order."""
+    grouped by ascending group, highest score first within a group (equal scores as :func:`descending_order`
+    ranks them)."""
     order, ranks = _ranked(scores, group, num_groups)
     keep = order[ranks < k]
     # A stable grouping of the score order by group: the key is (group, position in the score order).
@@ -72,9 +80,9 @@ def best_per_group(scores: Tensor, group: Tensor, num_groups: Union[int, Tensor]
 
 
 def _ranked(scores: Tensor, group: Tensor, num_groups: Union[int, Tensor]):
-    """The elements by descending score (:func:`descending_order`) and the rank of each within its group in
-    that order: two (M,) int64 tensors."""
-    order = descending_order(scores)
+    """The elements, each group's by descending score (:func:`descending_order`), and the rank of each within
+    its group in that order: two (M,) int64 tensors."""
+    order = descending_order(scores, group)
     one_hot = (group[order, None] == torch.arange(num_groups, device=group.device)[None]).to(torch.int64)  # (M, G)
     return order, (one_hot.cumsum(0) * one_hot).sum(1) - 1
 
