@@ -47,7 +47,7 @@ from maskrcnn.data.shapes import CATEGORIES, render_image
 from maskrcnn.data.transforms import ResizeShortestEdge
 from maskrcnn.modeling.maskrcnn import MaskRCNN, prepare_for_inference
 from maskrcnn.modeling.paste import paste_masks_in_image
-from maskrcnn.precision import device_bf16, machine_summary
+from maskrcnn.precision import channels_last_is_faster, device_bf16, machine_summary
 from maskrcnn.reference import our_model_from, sample_images, torchvision_model, well_conditioned_torchvision_model
 from maskrcnn.structures import BitMasks
 
@@ -391,7 +391,8 @@ def benchmark_train_step(cfg: ModelConfig, *, num_images: int, mode: str, repeat
 
     Both start from the same seeded weights and train on the same batch of ``num_images`` images at input
     size ``cfg.input.min_size[-1]``; torchvision's transform, which resizes in training too, then keeps
-    that size. Ours runs channels-last as the trainer runs it; torchvision runs in both layouts (its default
+    that size. Ours runs in the layout the trainer picks (:func:`maskrcnn.precision.channels_last_is_faster`);
+    torchvision runs in both layouts (its default
     and channels-last) and is compared in the faster one. Times are medians of ``repeats`` interleaved
     steps. Keys: ``ours_s``, ``tv_s``, ``tv_nchw_s``, ``tv_cl_s``, ``tv_layout``, ``speedup``,
     ``mem_ours_mb``, ``mem_tv_mb``.
@@ -403,7 +404,8 @@ def benchmark_train_step(cfg: ModelConfig, *, num_images: int, mode: str, repeat
     tv = torchvision_model(cfg, norm_layer=norm).to(device)
     tv.transform.min_size = (size,)
     ours = our_model_from(tv, cfg).to(device)
-    ours.to(memory_format=torch.channels_last)  # as the trainer runs it (train.channels_last)
+    if channels_last_is_faster(device)[0]:  # the layout the trainer picks (train.channels_last unset)
+        ours.to(memory_format=torch.channels_last)
     tv_cl = copy.deepcopy(tv).to(memory_format=torch.channels_last)
     images, our_targets, tv_targets = training_batch(num_images, size, cfg.input.max_size, device, seed)
 

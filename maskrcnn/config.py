@@ -143,7 +143,7 @@ class TrainConfig:
     output_dir: str = "output/train"  # checkpoints, logs, figures and the resolved config go here
     device: str = "auto"  # "auto" (cuda if present), "cpu" or "cuda"
     precision: str = "auto"  # "auto" (bf16 where native, else fp32), "fp32", "bf16" (autocast) or "fp16" (CUDA)
-    channels_last: bool = True  # run convolutions in channels-last memory format
+    channels_last: Optional[bool] = None  # channels-last convolutions; None: where faster (CUDA, AVX-512 CPUs)
     seed: int = 0  # seeds Python, NumPy and torch; data order derives from it
     checkpoint_period: int = 5000  # save a checkpoint every this many iterations (and at the end)
     log_period: int = 20  # append metrics to the JSONL log and refresh the loss curve this often

@@ -11,7 +11,7 @@ import torch
 from maskrcnn import precision as precision_module
 from maskrcnn.config import Config
 from maskrcnn.engine.trainer import train
-from maskrcnn.precision import cpu_bf16, machine_summary, resolve_precision
+from maskrcnn.precision import channels_last_is_faster, cpu_bf16, machine_summary, resolve_precision
 from maskrcnn.predictor import Predictor
 from tiny import tiny_config
 
@@ -140,6 +140,7 @@ def test_training_writes_the_resolved_precision(x86_cpu, tmp_path, capsys):
     assert info["precision"] == {"precision": "fp32", "requested": "auto", "native": True,
                                  "reason": f"this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()})"}
     assert info["machine"]["isa"] == torch.backends.cpu.get_cpu_capability()
+    assert info["layout"] == channels_last_is_faster("cpu")[1]
     assert "precision auto -> fp32: this CPU has no native bf16" in capsys.readouterr().err
 
 
@@ -147,3 +148,15 @@ def test_machine_summary_names_cpu_isa_bf16_and_threads():
     summary = machine_summary()
     assert summary["cpu"] and summary["isa"] == torch.backends.cpu.get_cpu_capability()
     assert isinstance(summary["native_bf16"], bool) and summary["threads"] == torch.get_num_threads()
+
+
+@pytest.mark.parametrize("isa, cap, expected", [("AVX512", None, True), ("AVX2", None, False),
+                                                ("AVX512", "AVX2", False), ("DEFAULT", None, False)])
+def test_training_layout_is_channels_last_only_where_it_trains_faster(monkeypatch, isa, cap, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    faster, why = channels_last_is_faster("cpu")
+    assert faster is expected and why.startswith("channels-last" if expected else "NCHW")

@@ -40,7 +40,7 @@ from ..distributed import (all_gather_object, all_reduce_mean, all_true, barrier
                            get_rank, get_world_size, init_distributed, is_main_process)
 from ..evaluation.coco_evaluator import evaluate
 from ..fileio import atomic_write
-from ..precision import ResolvedPrecision, machine_summary, resolve_precision
+from ..precision import ResolvedPrecision, channels_last_is_faster, machine_summary, resolve_precision
 from ..modeling.maskrcnn import build_model
 from ..structures import BitMasks, PolygonMasks
 from .checkpoint import (find_last_checkpoint, load_last_good_checkpoint, rng_of_this_rank, rng_state,
@@ -119,7 +119,12 @@ class _Run:
 
         self.model = model if model is not None else build_model(cfg.model)
         self.model.to(device)
-        if cfg.train.channels_last:
+        channels_last = cfg.train.channels_last
+        if channels_last is None:
+            channels_last, self.layout_reason = channels_last_is_faster(device)
+        else:
+            self.layout_reason = f"{'channels-last' if channels_last else 'NCHW'}: train.channels_last={channels_last}"
+        if channels_last:
             self.model.to(memory_format=torch.channels_last)
         if cfg.train.sync_bn and self.world_size > 1:
             m = cfg.model
@@ -164,9 +169,9 @@ class _Run:
         if is_main_process():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.output_dir / "config.yaml", lambda f: f.write(config_to_yaml(cfg).encode()))
-            print(self.precision.message, file=sys.stderr)  # stdout is the tool's JSON summary
-            run_info = json.dumps({"precision": self.precision.to_dict(), "machine": machine_summary(device)},
-                                  indent=1)
+            print(f"{self.precision.message}; layout {self.layout_reason}", file=sys.stderr)  # stdout: JSON summary
+            run_info = json.dumps({"precision": self.precision.to_dict(), "layout": self.layout_reason,
+                                   "machine": machine_summary(device)}, indent=1)
             atomic_write(self.output_dir / RUN_INFO, lambda f: f.write(run_info.encode()))
             self.logger = MetricsLogger(self.output_dir, start_iter=self.start_iter,
                                         tensorboard=cfg.train.tensorboard)
