@@ -7,7 +7,8 @@ sizes may differ (the model pads them), ``targets`` the matching list of target 
 
 from __future__ import annotations
 
-from typing import Iterator, List, Tuple
+import multiprocessing
+from typing import Iterator, List, Optional, Tuple
 
 import cv2
 import torch
@@ -58,7 +59,7 @@ def build_train_loader(dataset: CocoDetection, *, images_per_batch: int, seed: i
         batches = BatchSampler(sampler, per_rank, drop_last=True)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
                         worker_init_fn=_single_threaded_worker if num_workers else None,
-                        persistent_workers=num_workers > 0)
+                        multiprocessing_context=worker_context(num_workers), persistent_workers=num_workers > 0)
     return iter(loader)
 
 
@@ -66,6 +67,18 @@ def collate(batch: List[Tuple[torch.Tensor, dict]]) -> Tuple[List[torch.Tensor],
     """Samples -> ``(images, targets)`` lists; images keep their own sizes."""
     images, targets = zip(*batch)
     return list(images), list(targets)
+
+
+def worker_context(num_workers: int) -> Optional[str]:
+    """How loader workers start: "forkserver" (a clean process forked per worker), not a fork of the caller.
+
+    A fork copies the caller's locks but not its threads: once OpenCV's or OpenMP's thread pool has run in
+    another thread of the caller (an image decoded in a worker thread, a service in the same process), a
+    forked worker that touches that pool waits forever. None (no workers) where ``num_workers`` is 0.
+    """
+    if num_workers == 0:
+        return None
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def _single_threaded_worker(worker_id: int) -> None:

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from maskrcnn.data.coco import CocoDetection
-from maskrcnn.data.loader import collate
+from maskrcnn.data.loader import collate, worker_context
 from maskrcnn.distributed import get_rank, get_world_size, unwrap_model
 from maskrcnn.errors import InputError, MissingPackageError
 from maskrcnn.fileio import save_json
@@ -107,7 +107,8 @@ def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: Coco
     precision = resolve_precision(precision, device, warn=False).precision
     rank, world_size = get_rank(), get_world_size()
     shard = Subset(dataset, range(rank, len(dataset), world_size))
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                        multiprocessing_context=worker_context(num_workers))
     was_training = model.training
     model.eval()
     results = []
