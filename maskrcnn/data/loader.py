@@ -7,8 +7,8 @@ sizes may differ (the model pads them), ``targets`` the matching list of target 
 
 from __future__ import annotations
 
-import multiprocessing
-from typing import Iterator, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, List, Tuple
 
 import cv2
 import torch
@@ -59,8 +59,9 @@ def build_train_loader(dataset: CocoDetection, *, images_per_batch: int, seed: i
         batches = BatchSampler(sampler, per_rank, drop_last=True)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
                         worker_init_fn=_single_threaded_worker if num_workers else None,
-                        multiprocessing_context=worker_context(num_workers), persistent_workers=num_workers > 0)
-    return iter(loader)
+                        persistent_workers=num_workers > 0)
+    with workers_fork_safely():
+        return iter(loader)
 
 
 def collate(batch: List[Tuple[torch.Tensor, dict]]) -> Tuple[List[torch.Tensor], List[dict]]:
@@ -69,16 +70,21 @@ def collate(batch: List[Tuple[torch.Tensor, dict]]) -> Tuple[List[torch.Tensor],
     return list(images), list(targets)
 
 
-def worker_context(num_workers: int) -> Optional[str]:
-    """How loader workers start: "forkserver" (a clean process forked per worker), not a fork of the caller.
+@contextmanager
+def workers_fork_safely() -> Iterator[None]:
+    """Start loader workers (``iter(loader)``) inside this: OpenCV's thread pool is parked (one thread) while
+    they fork, then restored.
 
-    A fork copies the caller's locks but not its threads: once OpenCV's or OpenMP's thread pool has run in
-    another thread of the caller (an image decoded in a worker thread, a service in the same process), a
-    forked worker that touches that pool waits forever. None (no workers) where ``num_workers`` is 0.
+    A fork copies the caller's locks and condition variables but not its threads: once OpenCV's pool has run
+    (a large resize or decode, in any thread), a forked worker that reconfigures or uses that pool waits
+    forever on threads that do not exist in it.
     """
-    if num_workers == 0:
-        return None
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def _single_threaded_worker(worker_id: int) -> None:

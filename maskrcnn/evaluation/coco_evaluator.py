@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from maskrcnn.data.coco import CocoDetection
-from maskrcnn.data.loader import collate, worker_context
+from maskrcnn.data.loader import collate, workers_fork_safely
 from maskrcnn.distributed import get_rank, get_world_size, unwrap_model
 from maskrcnn.errors import InputError, MissingPackageError
 from maskrcnn.fileio import save_json
@@ -107,15 +107,16 @@ def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: Coco
     precision = resolve_precision(precision, device, warn=False).precision
     rank, world_size = get_rank(), get_world_size()
     shard = Subset(dataset, range(rank, len(dataset), world_size))
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                        multiprocessing_context=worker_context(num_workers))
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     was_training = model.training
     model.eval()
     results = []
     dropped = 0
     try:
         with tqdm(total=len(shard), desc="inference", unit="img", disable=not progress or rank != 0) as bar:
-            for images, targets in loader:
+            with workers_fork_safely():
+                batches = iter(loader)
+            for images, targets in batches:
                 for image, target in zip(images, targets):
                     if tuple(image.shape[1:]) != tuple(target["orig_size"]):
                         raise InputError(f"image id {target['image_id']}: the dataset returned a "
