@@ -1,7 +1,4 @@
-import subprocess
-import sys
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,33 +170,3 @@ def test_loader_splits_the_batch_between_ranks(cfg):
     with pytest.raises(ValueError, match="multiple of world_size"):
         build_train_loader(dataset, images_per_batch=3, seed=0, world_size=2)
 
-
-def test_workers_start_after_opencv_ran_in_another_thread(tmp_path):
-    """A loader made after OpenCV's thread pool ran in another thread of the process (as the service's
-    decoder threads or a notebook's do) delivers batches: its workers do not fork that pool's locks. Run in
-    a subprocess under a timeout, since the failure is a hang."""
-    script = f"""
-import cv2, numpy as np
-from concurrent.futures import ThreadPoolExecutor
-from maskrcnn.config import load_config
-from maskrcnn.data.loader import build_train_dataset, build_train_loader
-from maskrcnn.data.shapes import generate_shapes
-
-if __name__ == "__main__":
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(cv2.resize, np.zeros((2000, 2000, 3), np.uint8), (999, 999)).result()
-    generate_shapes({str(tmp_path)!r}, num_train=4, num_val=1, seed=0, min_size=64, max_size=96)
-    cfg = load_config(None, ["data.train_ann={tmp_path}/annotations/instances_train.json",
-                             "data.train_images={tmp_path}/train"])
-    batches = build_train_loader(build_train_dataset(cfg), images_per_batch=2, seed=0, num_workers=2)
-    images, targets = next(batches)
-    print(len(images))
-"""
-    (tmp_path / "load.py").write_text(script)
-    try:
-        done = subprocess.run([sys.executable, str(tmp_path / "load.py")], capture_output=True, text=True,
-                              timeout=120, cwd=Path(__file__).resolve().parents[1])
-    except subprocess.TimeoutExpired:
-        pytest.fail("the loader's workers hung after OpenCV ran in another thread")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "2"
