@@ -1,4 +1,7 @@
+import subprocess
+import sys
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,12 +132,34 @@ def _same_batch(a, b):
             assert torch.equal(s["masks"].tensor, t["masks"].tensor)
 
 
-def test_loader_with_workers_matches_in_process_loading(cfg):
+def test_loader_with_workers_matches_in_process_loading(cfg, tmp_path):
+    """Workers deliver the batches in-process loading does. The workers fork in a fresh process: a fork of
+    this test process would inherit the thread pools that earlier tests left running."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from maskrcnn.config import Config
+from maskrcnn.data.loader import build_train_dataset, build_train_loader
+from test_loader import _same_batch, _take
+
+if __name__ == "__main__":
+    cfg = Config()
+    cfg.data.train_ann, cfg.data.train_images = {cfg.data.train_ann!r}, {cfg.data.train_images!r}
+    cfg.model.input.min_size, cfg.model.input.max_size = {list(cfg.model.input.min_size)!r}, {cfg.model.input.max_size!r}
     dataset = build_train_dataset(cfg)
     serial = _take(build_train_loader(dataset, images_per_batch=2, seed=7, num_workers=0), 6)
     parallel = _take(build_train_loader(dataset, images_per_batch=2, seed=7, num_workers=2), 6)
     for a, b in zip(serial, parallel):
         _same_batch(a, b)
+    print(len(parallel))
+"""
+    (tmp_path / "workers.py").write_text(script)
+    done = subprocess.run([sys.executable, str(tmp_path / "workers.py")], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "6"
+    dataset = build_train_dataset(cfg)
+    serial = _take(build_train_loader(dataset, images_per_batch=2, seed=7, num_workers=0), 6)
     for images, targets in serial:
         orientations = {image.shape[2] >= image.shape[1] for image in images}
         assert len(orientations) == 1
