@@ -81,4 +81,6 @@ def test_walkthrough_from_labelme_to_overlays(tmp_path):
     assert "2 images" in printed
     printed = _run("tools/infer.py", "--checkpoint", str(out / "mine" / "model_final.pth"), "--input", str(photos),
                    "--output", str(out / "mine" / "overlays"))
-    assert printed.startswith("6 images") and len(list((out / "mine" / "overlays").glob("photo_*.png"))) == 6
+    assert printed.splitlines()[0].startswith("precision auto -> ")  # the resolved precision and why, once
+    assert printed.splitlines()[1].startswith("6 images")
+    assert len(list((out / "mine" / "overlays").glob("photo_*.png"))) == 6
