@@ -11,6 +11,7 @@ eager predictor's own functions; only the network runs in the other runtime.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -40,7 +41,8 @@ class ExportedPredictor:
         supplies the class names, the input normalisation and resize, and the mask threshold.
     runtime: "onnxruntime" or "openvino".
     precision: "auto" (default: OpenVINO bf16 where the CPU computes it natively, else fp32), "fp32", or
-        "bf16" (OpenVINO only; warns where it is emulated). ``self.precision`` is the resolved one.
+        "bf16" (OpenVINO only; warns where it is emulated, and runs fp32 with a warning where OpenVINO has
+        no bf16 kernels, below AVX-512). ``self.precision`` is the one the graph runs in.
     mask_format: "bitmap", "rle" or "none", as the eager predictor.
     score_thresh: detections scoring below this are dropped; None keeps the threshold the graph was exported
         with (its metadata's ``score_thresh``), below which it has already dropped them: a lower one is refused.
@@ -69,11 +71,13 @@ class ExportedPredictor:
         self.label_to_cat_id = None if cat_ids is None else {int(k): int(v) for k, v in cat_ids.items()}
         self.runtime = runtime
         self.resolved_precision = resolve_precision(precision if runtime == "openvino" else "fp32", "cpu")
-        self.precision = self.resolved_precision.precision
         self.mask_format = mask_format
         self.bgr = bgr
-        self.run_network = (_onnxruntime_session(self.path, threads) if runtime == "onnxruntime"
-                            else _openvino_session(self.path, self.precision, threads))
+        if runtime == "onnxruntime":
+            self.run_network, self.precision = _onnxruntime_session(self.path, threads), "fp32"
+        else:
+            self.run_network, self.precision = _openvino_session(self.path, self.resolved_precision.precision,
+                                                                 threads)
 
     def __call__(self, inputs: Union[ImageInput, Sequence[ImageInput]], *,
                  bgr: Optional[bool] = None) -> Union[Instances, List[Instances]]:
@@ -135,17 +139,28 @@ def _onnxruntime_session(path: Path, threads: Optional[int]):
 
 
 def _openvino_session(path: Path, precision: str, threads: Optional[int]):
-    """A function (images, image_sizes) -> the graph's outputs, compiled by OpenVINO for the CPU."""
+    """(a function (images, image_sizes) -> the graph's outputs, compiled by OpenVINO for the CPU; the
+    precision it runs in). OpenVINO emulates bf16 on AVX-512 CPUs without bf16 instructions but has no bf16
+    kernels below AVX-512: where it refuses to compile for bf16, the graph runs in fp32, with a warning."""
     import openvino
 
     config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = threads
-    compiled = openvino.Core().compile_model(str(path), "CPU", config)
+    try:
+        compiled = openvino.Core().compile_model(str(path), "CPU", config)
+    except RuntimeError as error:
+        if precision != "bf16":
+            raise
+        reason = next((line for line in str(error).splitlines()[::-1] if line.strip()), "no reason given")
+        warnings.warn(f"OpenVINO cannot run bf16 on this CPU ({reason.strip()}): running {path.name} in fp32",
+                      stacklevel=3)
+        config["INFERENCE_PRECISION_HINT"], precision = "f32", "fp32"
+        compiled = openvino.Core().compile_model(str(path), "CPU", config)
     request = compiled.create_infer_request()
 
     def run(images: np.ndarray, image_sizes: np.ndarray) -> list:
         result = request.infer({"images": images, "image_sizes": image_sizes})
         return [np.array(result[compiled.output(name)]) for name in OUTPUT_NAMES]
 
-    return run
+    return run, precision
