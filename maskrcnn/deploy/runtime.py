@@ -12,6 +12,7 @@ eager predictor's own functions; only the network runs in the other runtime.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -74,10 +75,13 @@ class ExportedPredictor:
         self.mask_format = mask_format
         self.bgr = bgr
         if runtime == "onnxruntime":
-            self.run_network, self.precision = _onnxruntime_session(self.path, threads), "fp32"
+            self.run_network = _onnxruntime_session(self.path, threads)
         else:
-            self.run_network, self.precision = _openvino_session(self.path, self.resolved_precision.precision,
-                                                                 threads)
+            self.run_network, ran = _openvino_session(self.path, self.resolved_precision.precision, threads)
+            if ran != self.resolved_precision.precision:
+                self.resolved_precision = replace(self.resolved_precision, precision=ran, native=True,
+                                                  reason="OpenVINO has no bf16 kernels on this CPU")
+        self.precision = self.resolved_precision.precision
 
     def __call__(self, inputs: Union[ImageInput, Sequence[ImageInput]], *,
                  bgr: Optional[bool] = None) -> Union[Instances, List[Instances]]:
