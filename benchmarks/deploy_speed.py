@@ -27,7 +27,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,20 +37,31 @@ from maskrcnn.deploy.quantize import quantize_int8
 from maskrcnn.deploy.runtime import ExportedPredictor
 from maskrcnn.inference import detect
 from maskrcnn.modeling.maskrcnn import prepare_for_inference
+from maskrcnn.precision import machine_summary
 from maskrcnn.reference import our_model_from, sample_images, well_conditioned_torchvision_model
 
-from .speed import inference_config
+from .speed import MODES, inference_config, machine_line
 
 VARIANTS = ("eager fp32", "eager bf16", "onnxruntime fp32", "openvino f32", "openvino bf16", "openvino int8")
+BF16_VARIANTS = ("eager bf16", "openvino bf16")
 # Calibration images of the int8 variant: other images of the same generator than the timed one.
 CALIBRATION_IMAGES = 4
 
 
-def run_deploy_benchmark(*, size: int = 800, detections: int = 100, repeats: int = 5,
+def deploy_variants(modes: Sequence[str] = MODES) -> Tuple[str, ...]:
+    """The variants measured for precisions ``modes`` (see :func:`benchmarks.speed.choose_modes`): the bf16
+    ones only when "bf16" is among them; int8 runs its other layers in f32 and counts as fp32."""
+    return tuple(v for v in VARIANTS if v not in BF16_VARIANTS or "bf16" in modes)
+
+
+def run_deploy_benchmark(*, size: int = 800, detections: int = 100, repeats: int = 5, modes: Sequence[str] = MODES,
                          progress: Callable[[str], None] = lambda message: None) -> Dict[str, object]:
-    """Figures per variant: ``{variant}`` -> dict of ``median_s``, ``min_s``, ``max_s`` and (exported
-    variants) ``network_median_s``; ``onnxruntime_op_shares``: the share of onnxruntime's kernel time
-    per operator type (the five largest); plus ``image`` (h, w), ``detections``, ``threads``, ``repeats``."""
+    """Figures per variant of :func:`deploy_variants` (``modes``): ``{variant}`` -> dict of ``median_s``,
+    ``min_s``, ``max_s`` and (exported variants) ``network_median_s``; ``onnxruntime_op_shares``: the share
+    of onnxruntime's kernel time per operator type (the five largest); plus ``variants``, ``image`` (h, w),
+    ``detections``, ``threads``, ``repeats`` and where the figures hold (``cpu``, ``isa``, ``native_bf16``,
+    ``bf16_reason``, ``torch``: :func:`maskrcnn.precision.machine_summary`)."""
+    variants = deploy_variants(modes)
     cfg = inference_config(size, detections)
     progress("building the model")
     model = our_model_from(well_conditioned_torchvision_model(cfg), cfg).eval()
@@ -67,13 +78,14 @@ def run_deploy_benchmark(*, size: int = 800, detections: int = 100, repeats: int
         progress("quantising to int8")
         calibration = sample_images(size, torch.device("cpu"), count=CALIBRATION_IMAGES, seed=1)
         int8_path = quantize_int8(path, calibration, Path(folder) / "model.int8.xml")
-        predictors = {"onnxruntime fp32": ExportedPredictor(path, runtime="onnxruntime"),
-                      "openvino f32": ExportedPredictor(path, runtime="openvino", precision="fp32"),
-                      "openvino bf16": ExportedPredictor(path, runtime="openvino", precision="bf16"),
-                      "openvino int8": ExportedPredictor(int8_path, runtime="openvino", precision="fp32")}
+        exported = {"onnxruntime fp32": (path, "onnxruntime", "fp32"), "openvino f32": (path, "openvino", "fp32"),
+                    "openvino bf16": (path, "openvino", "bf16"), "openvino int8": (int8_path, "openvino", "fp32")}
+        predictors = {name: ExportedPredictor(file, runtime=runtime, precision=precision)
+                      for name, (file, runtime, precision) in exported.items() if name in variants}
+    eager = {"eager fp32": lambda: detect(fast, [image], class_names=class_names, precision="fp32")[0],
+             "eager bf16": lambda: detect(fast, [image], class_names=class_names, precision="bf16")[0]}
     runs = {
-        "eager fp32": lambda: detect(fast, [image], class_names=class_names)[0],
-        "eager bf16": lambda: detect(fast, [image], class_names=class_names, precision="bf16")[0],
+        **{name: run for name, run in eager.items() if name in variants},
         **{name: (lambda p=p: p.detect([image])[0]) for name, p in predictors.items()},
         **{f"{name} network": (lambda p=p: p.run_network(*network_input)) for name, p in predictors.items()},
     }
@@ -87,10 +99,10 @@ def run_deploy_benchmark(*, size: int = 800, detections: int = 100, repeats: int
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    figures: Dict[str, object] = {"image": [int(image.shape[1]), int(image.shape[2])], "detections": detections,
-                                  "threads": torch.get_num_threads(), "repeats": repeats,
-                                  "onnxruntime_op_shares": op_shares}
-    for name in VARIANTS:
+    figures: Dict[str, object] = {"variants": list(variants), "image": [int(image.shape[1]), int(image.shape[2])],
+                                  "detections": detections, "repeats": repeats, "onnxruntime_op_shares": op_shares,
+                                  **machine_summary()}
+    for name in variants:
         entry = {"median_s": statistics.median(times[name]), "min_s": min(times[name]), "max_s": max(times[name])}
         if name in predictors:
             entry["network_median_s"] = statistics.median(times[f"{name} network"])
@@ -123,12 +135,13 @@ def format_deploy_report(figures: Dict[str, object]) -> str:
     """A Markdown table of :func:`run_deploy_benchmark`'s figures, ratios against eager fp32."""
     h, w = figures["image"]
     base = figures["eager fp32"]["median_s"]
-    lines = [f"One {w}x{h} image, {figures['detections']} detections, {figures['threads']} threads, "
+    lines = [machine_line(figures),
+             f"One {w}x{h} image, {figures['detections']} detections, {figures['threads']} threads, "
              f"median (min-max) of {figures['repeats']} rounds",
              "",
              "| variant | seconds per image | speed vs eager fp32 | exported graph alone (s) |",
              "| --- | --- | --- | --- |"]
-    for name in VARIANTS:
+    for name in figures["variants"]:
         f = figures[name]
         network = f"{f['network_median_s']:.2f}" if "network_median_s" in f else "-"
         lines.append(f"| {name} | {f['median_s']:.2f} ({f['min_s']:.2f}-{f['max_s']:.2f}) | "

@@ -88,3 +88,24 @@ def test_paste_figures_time_outputs_of_the_same_kind():
     boxes = torch.tensor([[5.0, 5.0, 40.0, 30.0]]).repeat(10, 1) + torch.rand(10, 4, generator=g) * 10
     figures = benchmark_paste(probs, boxes, (60, 80), repeats=1, device=torch.device("cpu"))
     assert figures["paste_speedup"] == figures["paste_tv_s"] / figures["paste_s"] > 0
+
+
+def test_deploy_benchmark_names_the_machine_and_runs_bf16_only_where_native(monkeypatch, capsys):
+    from benchmarks import benchmark_deploy, deploy_speed
+    seen = {}
+
+    def fake_run(**kwargs):
+        seen.update(kwargs)
+        variants = deploy_speed.deploy_variants(kwargs["modes"])
+        return {"variants": list(variants), "image": [800, 1200], "detections": 100, "repeats": 1,
+                "onnxruntime_op_shares": {"Conv": 0.6}, **machine_summary(),
+                **{name: {"median_s": 1.0 + i, "min_s": 1.0 + i, "max_s": 1.0 + i} for i, name in enumerate(variants)}}
+    monkeypatch.setattr(benchmark_deploy, "run_deploy_benchmark", fake_run)
+    monkeypatch.setattr(speed, "device_bf16", lambda device: (False, "this CPU has no native bf16 (AVX2)"))
+    benchmark_deploy.main([])
+    out = capsys.readouterr()
+    assert seen["modes"] == ("fp32",) and "measuring fp32 only" in out.err
+    assert out.out.startswith(f"CPU {machine_summary()['cpu']}, ISA {torch.backends.cpu.get_cpu_capability()}, ")
+    assert "| openvino f32 | 3.00 (3.00-3.00) | 0.33x |" in out.out and "bf16 |" not in out.out
+    benchmark_deploy.main(["--mode", "both"])
+    assert "| eager bf16 |" in capsys.readouterr().out
