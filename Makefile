@@ -2,6 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CORE := $(VENV)/.core-installed
 DEMO := output/demo
 SHAPES := data/shapes
 DEMO_CONFIG := configs/maskrcnn_R18_FPN_small.yaml
@@ -11,11 +12,17 @@ DEMO_OVERRIDES ?=
 
 .PHONY: setup test demo figures transfer clean
 
-# Create the virtual environment from nothing and install the package with its test extras.
-$(STAMP): setup.cfg pyproject.toml
+# Create the virtual environment from nothing and install the package: $(CORE) with what training,
+# evaluation and inference need (all that the demo runs), $(STAMP) with the test extras on top (the exporters,
+# the service, the browser driver).
+$(CORE): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e .
+	touch $(CORE)
+
+$(STAMP): $(CORE)
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
@@ -26,7 +33,7 @@ test: setup
 
 # Generate the shapes data (reused when present), train the small model (resumed when a checkpoint
 # exists), evaluate it and draw validation overlays.
-demo: setup
+demo: $(CORE)
 	$(PY) tools/make_shapes.py --out $(SHAPES) $(SHAPES_OPTS)
 	$(PY) tools/train.py --config $(DEMO_CONFIG) --resume train.output_dir=$(DEMO) $(DEMO_OVERRIDES)
 	$(PY) tools/eval.py --checkpoint $(DEMO)/model_final.pth --ann $(SHAPES)/annotations/instances_val.json \
@@ -42,13 +49,13 @@ demo: setup
 	@$(PY) -c "import json; m = json.load(open('$(DEMO)/metrics.json')); print(f\"mask AP {m['segm']['AP']:.3f}  box AP {m['bbox']['AP']:.3f}  (shapes val, {m['images']} images)\")"
 
 # Redraw the committed figures of docs/how-it-works.md from the demo model (run make demo first).
-figures: setup
+figures: $(CORE)
 	$(PY) tools/explain.py --checkpoint $(DEMO)/model_final.pth --shapes --output docs/figures \
 		--log $(DEMO)/metrics.jsonl --metrics $(DEMO)/metrics.json
 
 # Train the demo configuration on 100 images of shapes the demo model never saw (stars, hexagons,
 # crosses), from scratch and from the demo checkpoint, and print both APs at 100, 200 and 300 iterations.
-transfer: setup
+transfer: $(CORE)
 	test -f $(DEMO)/model_final.pth || $(MAKE) demo
 	$(PY) -m benchmarks.transfer_demo --checkpoint $(DEMO)/model_final.pth --config $(DEMO_CONFIG) \
 		--data data/shapes_novel --output output/transfer --max-iter 300 --eval-period 100

@@ -115,7 +115,8 @@ class DataConfig:
     annotation_cache_dir: str = ""  # folder for the annotation cache files instead of beside each json ("": beside)
     flip_prob: float = 0.5  # probability of a horizontal flip in training
     num_workers: int = 2  # DataLoader worker processes
-    aspect_ratio_grouping: bool = True  # batch landscape and portrait images separately
+    aspect_ratio_grouping: bool = True  # batch images of similar aspect ratio together (less padding)
+    aspect_ratio_groups: int = 2  # aspect-ratio bins from 2:1 to 1:2 when grouping; 2: landscape and portrait
 
 
 @dataclass

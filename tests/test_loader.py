@@ -10,7 +10,7 @@ import torch
 from maskrcnn.config import Config
 from maskrcnn.data.coco import CocoDetection
 from maskrcnn.data.loader import build_test_dataset, build_train_dataset, build_train_loader, collate
-from maskrcnn.data.samplers import GroupedBatchSampler, TrainingSampler, orientation_groups
+from maskrcnn.data.samplers import GroupedBatchSampler, TrainingSampler, aspect_ratio_group_ids
 from maskrcnn.data.shapes import generate_shapes
 from maskrcnn.structures import PolygonMasks
 
@@ -74,7 +74,7 @@ def test_ranks_cover_disjoint_indices_within_an_epoch():
 
 def test_grouped_batches_are_homogeneous_and_keep_stream_order():
     sizes = [(10, 20), (20, 10), (15, 15), (30, 10), (5, 40), (40, 5), (8, 9)]
-    groups = orientation_groups(sizes)
+    groups = aspect_ratio_group_ids(sizes)
     assert groups.tolist() == [0, 1, 0, 1, 0, 1, 0]
     stream = _take(TrainingSampler(len(sizes), seed=2), 200)
     batches = _take(GroupedBatchSampler(TrainingSampler(len(sizes), seed=2), groups, 3), 40)
@@ -86,8 +86,41 @@ def test_grouped_batches_are_homogeneous_and_keep_stream_order():
         assert batched == in_group[:len(batched)]
 
 
+def test_aspect_ratio_bins_run_from_wide_to_tall():
+    # (height, width): ratios 4, 2, 1.3, 1, 0.77, 0.5, 0.25; 4 bins over 2..1/2 have inner edges at
+    # ratios 1.41, 1 and 0.71, and the outer bins take everything beyond 2 and 1/2.
+    sizes = [(10, 40), (10, 20), (10, 13), (10, 10), (13, 10), (20, 10), (40, 10)]
+    assert aspect_ratio_group_ids(sizes, 4).tolist() == [0, 0, 1, 1, 2, 3, 3]
+    assert aspect_ratio_group_ids(sizes, 1).tolist() == [0] * 7
+    with pytest.raises(ValueError, match="num_groups"):
+        aspect_ratio_group_ids(sizes, 0)
+
+
+def test_more_aspect_ratio_groups_pad_less(tmp_path):
+    """What finer groups buy: after the resize to shorter side 128 (longer at most 256), batches of the
+    shapes data padded to their largest height and width (a multiple of 32) hold fewer pixels."""
+    generate_shapes(tmp_path, num_train=300, num_val=1, seed=0, min_size=64, max_size=128)
+    dataset = CocoDetection(str(tmp_path / "annotations" / "instances_train.json"), str(tmp_path / "train"))
+    sizes = dataset.image_sizes
+
+    def resized(height, width):
+        scale = min(128 / min(height, width), 256 / max(height, width))
+        return round(height * scale), round(width * scale)
+
+    def padded_pixels(groups):
+        stream = GroupedBatchSampler(TrainingSampler(len(sizes), seed=0), aspect_ratio_group_ids(sizes, groups), 8)
+        total = 0
+        for batch in _take(stream, 100):
+            heights, widths = zip(*(resized(*sizes[index]) for index, _ in batch))
+            total += len(batch) * (-(-max(heights) // 32) * 32) * (-(-max(widths) // 32) * 32)
+        return total
+
+    one, two, six = padded_pixels(1), padded_pixels(2), padded_pixels(6)
+    assert six < 0.9 * two < 0.9 * 0.9 * one, (one, two, six)
+
+
 def test_grouped_batch_sampler_start_skips_batches():
-    groups = orientation_groups([(10, 20), (20, 10), (15, 15), (30, 10), (5, 40)])
+    groups = aspect_ratio_group_ids([(10, 20), (20, 10), (15, 15), (30, 10), (5, 40)])
     full = _take(GroupedBatchSampler(TrainingSampler(5, seed=0), groups, 2), 15)
     assert _take(GroupedBatchSampler(TrainingSampler(5, seed=0), groups, 2, start=6), 9) == full[6:]
 

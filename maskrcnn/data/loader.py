@@ -16,7 +16,7 @@ from torch.utils.data import BatchSampler, DataLoader
 
 from maskrcnn.config import Config
 from maskrcnn.data.coco import CocoDetection
-from maskrcnn.data.samplers import GroupedBatchSampler, TrainingSampler, orientation_groups
+from maskrcnn.data.samplers import GroupedBatchSampler, TrainingSampler, aspect_ratio_group_ids
 from maskrcnn.data.transforms import build_transforms
 from maskrcnn.errors import InputError
 
@@ -37,14 +37,16 @@ def build_test_dataset(cfg: Config) -> CocoDetection:
 
 def build_train_loader(dataset: CocoDetection, *, images_per_batch: int, seed: int, rank: int = 0,
                        world_size: int = 1, start_iter: int = 0, num_workers: int = 2,
-                       aspect_ratio_grouping: bool = True) -> Iterator[Tuple[List[torch.Tensor], List[dict]]]:
+                       aspect_ratio_grouping: bool = True, aspect_ratio_groups: int = 2
+                       ) -> Iterator[Tuple[List[torch.Tensor], List[dict]]]:
     """Endless iterator over this rank's training batches.
 
     images_per_batch: images per iteration summed over the ``world_size`` ranks (each rank gets
     ``images_per_batch // world_size``). seed: fixes the order and the augmentation. start_iter: batches
     already consumed (when resuming); the iterator yields exactly what the uninterrupted run would yield
-    from there. With ``aspect_ratio_grouping`` a batch holds only landscape (width >= height) or only
-    portrait images, judged from the json sizes. The result is the same for any ``num_workers``
+    from there. With ``aspect_ratio_grouping`` a batch holds images of one of ``aspect_ratio_groups``
+    aspect-ratio bins only (see :func:`~maskrcnn.data.samplers.aspect_ratio_group_ids`; 2: landscape or
+    portrait), judged from the json sizes. The result is the same for any ``num_workers``
     (0 loads in this process).
     """
     if images_per_batch <= 0 or images_per_batch % world_size:
@@ -53,7 +55,8 @@ def build_train_loader(dataset: CocoDetection, *, images_per_batch: int, seed: i
     per_rank = images_per_batch // world_size
     if aspect_ratio_grouping:
         sampler = TrainingSampler(len(dataset), seed, rank=rank, world_size=world_size)
-        batches = GroupedBatchSampler(sampler, orientation_groups(dataset.image_sizes), per_rank, start=start_iter)
+        groups = aspect_ratio_group_ids(dataset.image_sizes, aspect_ratio_groups)
+        batches = GroupedBatchSampler(sampler, groups, per_rank, start=start_iter)
     else:
         sampler = TrainingSampler(len(dataset), seed, rank=rank, world_size=world_size, start=start_iter * per_rank)
         batches = BatchSampler(sampler, per_rank, drop_last=True)

@@ -1,4 +1,4 @@
-"""Training order: an endless, seeded, rank-sharded stream of samples, and orientation-grouped batches.
+"""Training order: an endless, seeded, rank-sharded stream of samples, and batches grouped by aspect ratio.
 
 A sample is a key ``(index, augmentation_seed)`` that :class:`maskrcnn.data.coco.CocoDetection` accepts.
 Both parts depend only on the run's seed and the sample's global position ``p`` in the stream (0, 1, 2,
@@ -53,9 +53,9 @@ class TrainingSampler:
 class GroupedBatchSampler:
     """Batches of ``batch_size`` samples that all share a group id, in stream order.
 
-    sampler: iterable of ``(index, augmentation_seed)`` keys. group_ids: group per dataset index (here 0 for
-    landscape images, width >= height, and 1 for portrait ones). Each sample waits in its group's buffer
-    until the buffer holds a full batch. start: number of batches to skip; they are replayed from the
+    sampler: iterable of ``(index, augmentation_seed)`` keys. group_ids: group per dataset index (here the
+    aspect-ratio bin of :func:`aspect_ratio_group_ids`). Each sample waits in its group's buffer until the
+    buffer holds a full batch. start: number of batches to skip; they are replayed from the
     beginning of the stream (no image is read), so the buffers are exactly as in the uninterrupted run.
     """
 
@@ -78,7 +78,17 @@ class GroupedBatchSampler:
                 buffer.clear()
 
 
-def orientation_groups(image_sizes: Sequence[Tuple[int, int]]) -> np.ndarray:
-    """``(N,)`` int64 group ids from per-image ``(height, width)``: 0 if width >= height, else 1."""
-    sizes = np.asarray(image_sizes, dtype=np.int64).reshape(-1, 2)
-    return (sizes[:, 1] < sizes[:, 0]).astype(np.int64)
+def aspect_ratio_group_ids(image_sizes: Sequence[Tuple[int, int]], num_groups: int = 2) -> np.ndarray:
+    """``(N,)`` int64 group ids from per-image ``(height, width)``: the bin of ``log2(width / height)``
+    among ``num_groups`` equal bins over aspect ratios 2 (wide) to 1/2 (tall), the outer bins open-ended.
+
+    Group 0 holds the widest images. With 2 groups: 0 if width >= height (landscape or square), else 1.
+    More groups pad less: a batch is padded to its largest height and width, so images of one shape class
+    waste fewer pixels together.
+    """
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be at least 1, got {num_groups}")
+    sizes = np.asarray(image_sizes, dtype=np.float64).reshape(-1, 2)
+    ratios = np.log2(sizes[:, 1] / sizes[:, 0])
+    edges = np.linspace(1.0, -1.0, num_groups + 1)[1:-1]  # descending inner bin edges
+    return (ratios[:, None] < edges[None, :]).sum(axis=1).astype(np.int64)

@@ -163,7 +163,7 @@ class _Run:
         self.batches = build_train_loader(
             self.dataset, images_per_batch=solver.ims_per_batch, seed=cfg.train.seed, rank=self.rank,
             world_size=self.world_size, start_iter=self.start_iter, num_workers=cfg.data.num_workers,
-            aspect_ratio_grouping=cfg.data.aspect_ratio_grouping)
+            aspect_ratio_grouping=cfg.data.aspect_ratio_grouping, aspect_ratio_groups=cfg.data.aspect_ratio_groups)
 
         self.logger = None
         if is_main_process():
