@@ -250,7 +250,7 @@ class _Run:
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
                 if not all_true(torch.isfinite(grad_norm)):
                     self._stop(iteration, f"non-finite gradient (norm {float(grad_norm)}) of a finite loss "
-                                          f"({float(total):.4g})", rng_before, buffers_before)
+                                          f"({float(total.detach()):.4g})", rng_before, buffers_before)
             lr = self.optimizer.param_groups[0]["lr"]
             self.scaler.step(self.optimizer)
             self.scaler.update()
