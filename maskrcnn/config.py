@@ -198,7 +198,8 @@ def check_config(cfg: Config) -> None:
         raise InputError(f"model.input.min_size must be a non-empty list of positive sizes, got {list(i.min_size)}")
     for key, value in (("model.input.max_size", i.max_size), ("model.input.size_divisible", i.size_divisible),
                        ("model.roi_heads.num_classes", cfg.model.roi_heads.num_classes),
-                       ("solver.ims_per_batch", cfg.solver.ims_per_batch)):
+                       ("solver.ims_per_batch", cfg.solver.ims_per_batch),
+                       ("data.aspect_ratio_groups", cfg.data.aspect_ratio_groups)):
         if value <= 0:
             raise InputError(f"{key} must be positive, got {value}")
     for key, values in (("model.input.pixel_mean", i.pixel_mean), ("model.input.pixel_std", i.pixel_std)):

@@ -78,6 +78,7 @@ def test_docs_reference_is_up_to_date():
     ("model.input.max_size=0", "model.input.max_size must be positive, got 0"),
     ("model.input.pixel_std=[0.2,0.2]", r"model.input.pixel_std needs one value per RGB channel \(3\)"),
     ("solver.ims_per_batch=0", "solver.ims_per_batch must be positive"),
+    ("data.aspect_ratio_groups=0", "data.aspect_ratio_groups must be positive, got 0"),
 ])
 def test_unusable_values_are_config_errors(override, message):
     with pytest.raises(ValueError, match=message):
