@@ -13,6 +13,12 @@ selection, mask head, postprocess = box rescale + mask paste), each timed by run
 own components in the order their forward runs them; ``e2e`` is a plain ``model(images)`` call. A
 training step is forward + backward + optimizer step on a fixed synthetic batch of shapes images.
 
+Compute floor: the multiply-adds of each stage's convolutions and matrix products (counted by
+``torch.utils.flop_counter``, 2 FLOPs each; the same for both models, which run the same architecture)
+divided by the device's peak throughput, measured on the commonest heavy convolution of the model
+(:func:`conv_peak_gflops`). No implementation doing that arithmetic at that throughput takes less time,
+so torchvision time / floor (``ceiling``) is the largest speedup reachable without changing the arithmetic.
+
 Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` above the memory held before the call;
 on CPU the peak resident set size above the resident size before the call (sampled every millisecond
 by a background thread, after returning freed heap memory to the system).
@@ -37,6 +43,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import mask_rcnn as tv_mask_rcnn
 from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste_masks_in_image
@@ -113,6 +120,51 @@ def _interleaved_medians(runs: Dict[str, Callable[[], object]], repeats: int, sy
                          ) -> Dict[str, float]:
     """Median seconds of each callable over ``repeats`` interleaved rounds."""
     return {name: statistics.median(t) for name, t in _interleaved_times(runs, repeats, sync).items()}
+
+
+class _FlopClock:
+    """Like :class:`_StageClock`, but each lap records the GFLOP of convolutions and matrix products that
+    ran since the previous lap (open it with ``with``)."""
+
+    def __init__(self):
+        self.counter = FlopCounterMode(display=False)
+        self.gflop: Dict[str, float] = {}
+        self.last = 0
+
+    def __enter__(self):
+        self.counter.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.counter.__exit__(*exc)
+
+    def lap(self, name: str) -> None:
+        total = self.counter.get_total_flops()
+        self.gflop[name] = (total - self.last) / 1e9
+        self.last = total
+
+
+def conv_peak_gflops(device: torch.device, mode: str, repeats: int = 5) -> float:
+    """GFLOP/s of a 3x3, 256 -> 256 channel convolution over a 100 x 152 map (an FPN level of an 800 x 1216
+    input; the RPN, FPN and mask head run this shape of convolution), channels-last, in precision ``mode``:
+    the best of ``repeats`` runs, as the device's peak for the model's arithmetic."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 256, 100, 152, generator=g).to(device, memory_format=torch.channels_last)
+    w = (torch.randn(256, 256, 3, 3, generator=g) / 48).to(device, memory_format=torch.channels_last)
+    sync = _synchronizer(device)
+
+    def conv():
+        with torch.no_grad(), _autocast(device, mode):
+            torch.nn.functional.conv2d(x, w, padding=1)
+    best = min(_interleaved_times({"conv": conv}, repeats + 1, sync)["conv"][1:])
+    return 2 * 100 * 152 * 256 * 256 * 9 / best / 1e9
+
+
+def _floor_figures(gflop: float, tv_s: float, peak: float) -> Dict[str, object]:
+    """``gflop``, ``floor_s`` (the time of ``gflop`` at ``peak`` GFLOP/s) and ``ceiling`` (``tv_s`` / floor;
+    None where the floor is under 1% of ``tv_s``: a stage that its arithmetic does not bound)."""
+    floor = gflop / peak
+    return {"gflop": gflop, "floor_s": floor, "ceiling": tv_s / floor if floor >= 0.01 * tv_s else None}
 
 
 def compare_detections(ours: List[dict], theirs: List[dict]) -> Dict[str, float]:
@@ -274,7 +326,8 @@ def benchmark_inference(tv: tv_mask_rcnn.MaskRCNN, ours: MaskRCNN, images: List[
     (:func:`compare_detections`); in fp32 a detection without a same-label counterpart of box IoU 0.99 is
     an error, since the figures would then compare different work. Keys: ``{stage}_ours_s``, ``{stage}_tv_s``, ``{stage}_speedup`` for every stage and
     ``e2e``; ``e2e_{ours|tv_nchw|tv_cl}_{min|max}_s``, ``e2e_tv_nchw_s``, ``e2e_tv_cl_s``, ``tv_layout``;
-    ``mem_ours_mb``, ``mem_tv_mb``; ``check_*`` from :func:`compare_detections`.
+    ``mem_ours_mb``, ``mem_tv_mb``; ``check_*`` from :func:`compare_detections`; the compute floor
+    (module docstring): ``peak_gflops`` and ``{stage}_gflop``, ``{stage}_floor_s``, ``{stage}_ceiling``.
     """
     sync = _synchronizer(device)
     layouts = {"tv_nchw": tv, "tv_cl": copy.deepcopy(tv).to(memory_format=torch.channels_last)}
@@ -320,6 +373,13 @@ def benchmark_inference(tv: tv_mask_rcnn.MaskRCNN, ours: MaskRCNN, images: List[
     figures["e2e_tv_s"] = figures[f"e2e_{best}_s"]
     for stage in (*STAGES, "e2e"):
         figures[f"{stage}_speedup"] = figures[f"{stage}_tv_s"] / figures[f"{stage}_ours_s"]
+    with torch.no_grad(), _autocast(device, mode), _FlopClock() as flops:
+        _our_stages(ours, images, flops)
+    flops.gflop["e2e"] = sum(flops.gflop.values())
+    figures["peak_gflops"] = peak = conv_peak_gflops(device, mode, repeats)
+    for stage in (*STAGES, "e2e"):
+        floor = _floor_figures(flops.gflop[stage], figures[f"{stage}_tv_s"], peak)
+        figures.update({f"{stage}_{key}": value for key, value in floor.items()})
     figures["mem_ours_mb"] = peak_memory_mb(runs["ours"], device)
     figures["mem_tv_mb"] = peak_memory_mb(runs[best], device)
     return figures
@@ -395,7 +455,8 @@ def benchmark_train_step(cfg: ModelConfig, *, num_images: int, mode: str, repeat
     torchvision runs in both layouts (its default
     and channels-last) and is compared in the faster one. Times are medians of ``repeats`` interleaved
     steps. Keys: ``ours_s``, ``tv_s``, ``tv_nchw_s``, ``tv_cl_s``, ``tv_layout``, ``speedup``,
-    ``mem_ours_mb``, ``mem_tv_mb``.
+    ``mem_ours_mb``, ``mem_tv_mb``, and the step's compute floor (forward and backward; module docstring):
+    ``gflop``, ``floor_s``, ``ceiling``.
     """
     sync = _synchronizer(device)
     torch.manual_seed(seed)
@@ -425,9 +486,13 @@ def benchmark_train_step(cfg: ModelConfig, *, num_images: int, mode: str, repeat
     _interleaved_medians(runs, 1, sync)
     t = _interleaved_medians(runs, repeats, sync)
     best = min(("tv_nchw", "tv_cl"), key=t.get)
+    with _FlopClock() as flops:
+        runs["ours"]()
+        flops.lap("step")
     return {"ours_s": t["ours"], "tv_s": t[best], "tv_nchw_s": t["tv_nchw"], "tv_cl_s": t["tv_cl"],
             "tv_layout": "channels_last" if best == "tv_cl" else "NCHW", "speedup": t[best] / t["ours"],
-            "mem_ours_mb": peak_memory_mb(runs["ours"], device), "mem_tv_mb": peak_memory_mb(runs[best], device)}
+            "mem_ours_mb": peak_memory_mb(runs["ours"], device), "mem_tv_mb": peak_memory_mb(runs[best], device),
+            **_floor_figures(flops.gflop["step"], t[best], conv_peak_gflops(device, mode, repeats))}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -464,8 +529,10 @@ def run_benchmark(*, modes: Sequence[str] = MODES, quick: bool = False, device: 
     ``maskrcnn_resnet50_fpn_v2`` architecture; None: the default configuration, torchvision's v1.
     Keys (per mode m): ``{m}_{stage}_{ours|tv}_s`` and ``{m}_{stage}_speedup`` for every stage and
     ``e2e``, ``e2e_{m}_speedup``, ``e2e_{m}_s`` (our seconds per image), ``{m}_mem_{ours|tv}_mb``;
+    ``{m}_{stage}_{gflop|floor_s|ceiling}`` and ``{m}_peak_gflops`` (the compute floor, module docstring);
     ``paste_s``, ``paste_tv_s``, ``write_s``, ``paste_speedup``, ``paste_vs_write``;
-    ``train_{m}_{name}_{ours_s|tv_s|speedup|mem_ours_mb|mem_tv_mb}`` per training configuration and
+    ``train_{m}_{name}_{ours_s|tv_s|speedup|mem_ours_mb|mem_tv_mb|gflop|floor_s|ceiling}`` per training
+    configuration and
     ``train_{m}_speedup``, the geometric mean of their speedups; and ``device``, ``threads``,
     ``image_size``, ``detections``, ``repeats``, ``architecture``, with where the figures hold: ``cpu`` (the
     model name), ``isa`` (``torch.backends.cpu.get_cpu_capability()``), ``native_bf16``, ``bf16_reason``
@@ -524,6 +591,10 @@ def machine_line(figures: Dict[str, object]) -> str:
             + (f"; GPU {figures['gpu']}" if "gpu" in figures else ""))
 
 
+def _ceiling(value) -> str:
+    return f"{value:8.2f}" if value is not None else f"{'-':>8}"
+
+
 def format_report(figures: Dict[str, object]) -> str:
     """The figures of :func:`run_benchmark` as text tables: seconds, torchvision / ours, memory."""
     lines = [machine_line(figures),
@@ -532,11 +603,14 @@ def format_report(figures: Dict[str, object]) -> str:
     modes = [m for m in MODES if f"e2e_{m}_speedup" in figures]
     for mode in modes:
         f = {key[len(mode) + 1:]: value for key, value in figures.items() if key.startswith(mode + "_")}
-        lines += ["", f"inference {mode} (torchvision {f['tv_layout']}, the faster of its two layouts)"
-                      f"    {'ours ms':>9} {'tv ms':>9} {'speedup':>8}"]
+        lines += ["", f"inference {mode} (torchvision {f['tv_layout']}, the faster of its two layouts)",
+                  f"  {'':<16} {'ours ms':>9} {'tv ms':>9} {'speedup':>8} {'GFLOP':>8} {'floor ms':>9} {'ceiling':>8}"]
         for stage in (*STAGES, "e2e"):
             lines.append(f"  {stage:<16} {f[f'{stage}_ours_s'] * 1e3:9.1f} {f[f'{stage}_tv_s'] * 1e3:9.1f} "
-                         f"{f[f'{stage}_speedup']:8.2f}")
+                         f"{f[f'{stage}_speedup']:8.2f} {f[f'{stage}_gflop']:8.1f} {f[f'{stage}_floor_s'] * 1e3:9.1f} "
+                         f"{_ceiling(f[f'{stage}_ceiling'])}")
+        lines.append(f"  floor: the stage's convolutions and matrix products at {f['peak_gflops']:.0f} GFLOP/s (a 3x3 "
+                     f"256-channel convolution here); ceiling = tv ms / floor ms, the most that arithmetic allows")
         for name, label in (("ours", "ours"), ("tv_nchw", "torchvision NCHW"), ("tv_cl", "torchvision channels_last")):
             lines.append(f"  end to end, {label}: median {f[f'e2e_{name}_s'] * 1e3:.0f} ms "
                          f"(min {f[f'e2e_{name}_min_s'] * 1e3:.0f}, max {f[f'e2e_{name}_max_s'] * 1e3:.0f})")
@@ -549,11 +623,13 @@ def format_report(figures: Dict[str, object]) -> str:
               f"{figures['paste_differing_pixels']} pixels differ"]
     names = sorted({key.split("_")[2] for key in figures if key.startswith("train_") and key.endswith("_ours_s")})
     for mode in modes if names else ():
-        lines += ["", f"training step {mode}  {'ours ms':>9} {'tv ms':>9} {'speedup':>8} {'ours MB':>8} {'tv MB':>8}"]
+        lines += ["", f"training step {mode}  {'ours ms':>9} {'tv ms':>9} {'speedup':>8} {'ours MB':>8} {'tv MB':>8}"
+                      f" {'GFLOP':>8} {'floor ms':>9} {'ceiling':>8}"]
         for name in names:
             key = f"train_{mode}_{name}"
             lines.append(f"  {name:<18} {figures[key + '_ours_s'] * 1e3:9.0f} {figures[key + '_tv_s'] * 1e3:9.0f} "
                          f"{figures[key + '_speedup']:8.2f} {figures[key + '_mem_ours_mb']:8.0f} "
-                         f"{figures[key + '_mem_tv_mb']:8.0f}")
+                         f"{figures[key + '_mem_tv_mb']:8.0f} {figures[key + '_gflop']:8.1f} "
+                         f"{figures[key + '_floor_s'] * 1e3:9.0f} {_ceiling(figures[key + '_ceiling'])}")
         lines.append(f"  geometric mean {'':>22} {figures[f'train_{mode}_speedup']:8.2f}")
     return "\n".join(lines)

@@ -40,12 +40,19 @@ def test_inference_figures_compare_the_same_detections_with_the_faster_torchvisi
     assert figures["check_min_box_iou"] >= 0.99 and figures["check_mean_mask_iou"] >= 0.9
     assert figures["tv_layout"] in ("NCHW", "channels_last")
     assert figures["e2e_tv_s"] == min(figures["e2e_tv_nchw_s"], figures["e2e_tv_cl_s"])
+    stages = ("preprocess", "backbone_fpn", "rpn", "box_head", "mask_head", "postprocess")
+    assert figures["e2e_gflop"] == pytest.approx(sum(figures[f"{stage}_gflop"] for stage in stages))
+    for stage in (*stages, "e2e"):
+        assert figures[f"{stage}_floor_s"] == pytest.approx(figures[f"{stage}_gflop"] / figures["peak_gflops"])
+        if figures[f"{stage}_floor_s"] >= 0.01 * figures[f"{stage}_tv_s"]:
+            assert figures[f"{stage}_ceiling"] == pytest.approx(figures[f"{stage}_tv_s"] / figures[f"{stage}_floor_s"])
     report = format_report({**machine_summary(), "architecture": "configs/maskrcnn_R50_FPN_v2.yaml", "device": "cpu",
                             "image_size": "96x144", "detections": 20, "repeats": 1,
                             **{f"fp32_{k}": v for k, v in figures.items()}, "e2e_fp32_speedup": figures["e2e_speedup"],
                             "paste_s": 1, "paste_tv_s": 1,
                             "write_s": 1, "paste_speedup": 1, "paste_vs_write": 1, "paste_differing_pixels": 0})
     assert "torchvision channels_last: median" in report and "same detections: 100.0% of 40" in report
+    assert f"at {figures['peak_gflops']:.0f} GFLOP/s" in report and "ceiling = tv ms / floor ms" in report
     header, architecture = report.splitlines()[:2]
     assert architecture.startswith("R50-FPN architecture configs/maskrcnn_R50_FPN_v2.yaml;")
     summary = machine_summary()
@@ -109,3 +116,24 @@ def test_deploy_benchmark_names_the_machine_and_runs_bf16_only_where_native(monk
     assert "| openvino f32 | 3.00 (3.00-3.00) | 0.33x |" in out.out and "bf16 |" not in out.out
     benchmark_deploy.main(["--mode", "both"])
     assert "| eager bf16 |" in capsys.readouterr().out
+
+
+def test_stage_gflop_equal_torchvision_stage_by_stage():
+    """The floor counts each stage's arithmetic where it runs: torchvision's own stages, counted the same
+    way, do the same convolutions and matrix products (the same architecture, the same detections), but
+    for the outputs our heads skip."""
+    tv, ours = _small_models()
+    images = sample_images(96, torch.device("cpu"), count=2)
+    counts = {}
+    for name, stages, model in (("ours", speed._our_stages, speed.prepare_for_inference(ours)),
+                                ("tv", speed._torchvision_stages, tv.eval())):
+        with torch.no_grad(), speed._FlopClock() as flops:
+            stages(model, images, flops)
+        counts[name] = flops.gflop
+    conv = 2 * 2 * 48 * 72 * 3 * 64 * 7 * 7 / 1e9  # the stem alone: 2 images of 96 x 144, stride 2
+    assert counts["ours"]["backbone_fpn"] > conv
+    for stage in ("backbone_fpn", "rpn"):
+        assert counts["ours"][stage] == pytest.approx(counts["tv"][stage], rel=1e-9), stage
+    # ours skips outputs: the box deltas of the background class, the mask logits of undetected classes
+    for stage in ("box_head", "mask_head"):
+        assert 0.95 * counts["tv"][stage] <= counts["ours"][stage] < counts["tv"][stage], stage

@@ -37,3 +37,21 @@ def test_multi_level_roi_align_equals_torchvision(fast):
     expected = tv({str(i): f for i, f in enumerate(features)}, boxes, image_sizes)
     assert ours.shape == (65, 8, 7, 7)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_multi_level_roi_align_gradients_equal_torchvision(fast):
+    """Training backpropagates through the pooled RoIs into every level's feature map."""
+    g = torch.Generator().manual_seed(4)
+    image_sizes = [(640, 640)]
+    features = [torch.randn(1, 8, 640 // s, 640 // s, generator=g) for s in (4, 8, 16, 32)]
+    boxes = [_boxes(60, seed=5, extent=100.0).clamp(max=630.0)]
+    grad = torch.randn(60, 8, 7, 7, generator=g)
+    ours_in = [f.clone().requires_grad_() for f in features]
+    tv_in = [f.clone().requires_grad_() for f in features]
+    MultiLevelRoIAlign(output_size=7, strides=(4, 8, 16, 32), sampling_ratio=2, fast=fast)(ours_in, boxes).backward(grad)
+    tv = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    tv({str(i): f for i, f in enumerate(tv_in)}, boxes, image_sizes).backward(grad)
+    for level, (ours, expected) in enumerate(zip(ours_in, tv_in)):
+        assert expected.grad.abs().sum() > 0, f"level {level} pooled no RoI"
+        torch.testing.assert_close(ours.grad, expected.grad, rtol=0, atol=1e-4)

@@ -65,10 +65,18 @@ class MultiLevelRoIAlign(nn.Module):
         levels = assign_levels(rois[:, 1:], min_level=self.min_level, max_level=self.max_level,
                                canonical_scale=self.canonical_scale, canonical_level=self.canonical_level)
         size = (self.output_size, self.output_size)
-        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *size))
+        shape = (rois.shape[0], features[0].shape[1], *size)
+        tracing = torch.jit.is_tracing()
+        if tracing:
+            out = features[0].new_zeros(shape)
+        else:  # every RoI has one level, so every row is written below; the layout of ``align``'s output
+            layout = torch.channels_last if self.fast and self.sampling_ratio > 0 else torch.contiguous_format
+            out = torch.empty(shape, dtype=features[0].dtype, device=features[0].device, memory_format=layout)
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             index = torch.nonzero(levels == level)[:, 0]
             pooled = align(feature, rois[index], size, scale, self.sampling_ratio).to(out.dtype)
-            # out[index] = pooled, as a scatter: its traced form follows the RoI count for any count
-            out = out.scatter(0, index.view(-1, 1, 1, 1).expand_as(pooled), pooled)
+            if tracing:  # out[index] = pooled, as a scatter: its traced form follows the RoI count for any count
+                out = out.scatter(0, index.view(-1, 1, 1, 1).expand_as(pooled), pooled)
+            else:  # in place: one write of each pooled RoI instead of a copy of ``out`` per level
+                out.index_copy_(0, index, pooled)
         return out
