@@ -535,8 +535,8 @@ def run_benchmark(*, modes: Sequence[str] = MODES, quick: bool = False, device: 
     configuration and
     ``train_{m}_speedup``, the geometric mean of their speedups; and ``device``, ``threads``,
     ``image_size``, ``detections``, ``repeats``, ``architecture``, with where the figures hold: ``cpu`` (the
-    model name), ``isa`` (``torch.backends.cpu.get_cpu_capability()``), ``native_bf16``, ``bf16_reason``
-    and ``torch`` (see :func:`maskrcnn.precision.machine_summary`).
+    model name), ``isa`` (``torch.backends.cpu.get_cpu_capability()``), ``native_bf16``, ``bf16_reason``,
+    ``isa_caps`` and ``torch`` (see :func:`maskrcnn.precision.machine_summary`).
     """
     for mode in modes:
         if mode not in MODES:
@@ -588,6 +588,7 @@ def machine_line(figures: Dict[str, object]) -> str:
     """Where the figures hold, as one line: CPU model, ISA, native bf16 and threads."""
     return (f"CPU {figures['cpu']}, ISA {figures['isa']}, native bf16 {'yes' if figures['native_bf16'] else 'no'} "
             f"({figures['bf16_reason']}), {figures['threads']} threads, torch {figures['torch']}"
+            + (f"; restricted by {figures['isa_caps']}" if figures.get("isa_caps") else "")
             + (f"; GPU {figures['gpu']}" if "gpu" in figures else ""))
 
 

@@ -14,7 +14,8 @@ therefore picks bf16 only where it is native:
 and fp32 everywhere else. An explicit ``"bf16"`` runs where it is emulated too, with a warning.
 
 The CPU answer honours ``ONEDNN_MAX_CPU_ISA`` (a cap on the instructions oneDNN may use), so
-``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` reproduces an AVX2-only CPU on a newer one.
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`` reproduces an AVX2-only
+CPU on a newer one (:data:`ISA_CAPS`).
 """
 
 from __future__ import annotations
@@ -164,12 +165,25 @@ def channels_last_is_faster(device: Union[str, torch.device]) -> Tuple[bool, str
     return False, f"NCHW: channels-last trains slower on this CPU ({isa if cap not in _AVX2_OR_BELOW else cap})"
 
 
+# Environment variables that cap the instructions of PyTorch's kernels, oneDNN's (convolutions) and MKL's
+# (matrix products). An AVX2 CPU is reproduced on a newer one only with all three set: without the last,
+# matrix products (the box head's fully connected layers) still run AVX-512 code.
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def isa_caps() -> str:
+    """The instruction caps set in the environment (:data:`ISA_CAPS`), as ``NAME=value`` joined by spaces;
+    "" when none is."""
+    return " ".join(f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name, "").strip())
+
+
 def machine_summary(device: Union[str, torch.device] = "cpu") -> Dict[str, Union[str, int, bool]]:
-    """Where a figure holds: CPU model, the ISA PyTorch dispatches to, native bf16 yes/no, threads (and the
-    GPU's name when ``device`` is CUDA)."""
+    """Where a figure holds: CPU model, the ISA PyTorch dispatches to, native bf16 yes/no, threads, the
+    instruction caps set (:func:`isa_caps`; "" for none), and the GPU's name when ``device`` is CUDA."""
     native, why = cpu_bf16()
     summary = {"cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(), "native_bf16": native,
-               "bf16_reason": why, "threads": torch.get_num_threads(), "torch": torch.__version__}
+               "bf16_reason": why, "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "isa_caps": isa_caps()}
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         summary["gpu"] = torch.cuda.get_device_name(torch.device(device))
         summary["gpu_native_bf16"] = device_bf16(device)[0]

@@ -58,6 +58,11 @@ def test_inference_figures_compare_the_same_detections_with_the_faster_torchvisi
     summary = machine_summary()
     assert header.startswith(f"CPU {summary['cpu']}, ISA {torch.backends.cpu.get_cpu_capability()}, native bf16 ")
     assert f"{torch.get_num_threads()} threads" in header
+    restricted = format_report({**machine_summary(), "isa_caps": "ONEDNN_MAX_CPU_ISA=AVX2", "architecture": "x",
+                                "device": "cpu", "image_size": "96x144", "detections": 20, "repeats": 1,
+                                "paste_s": 1, "paste_tv_s": 1, "write_s": 1, "paste_speedup": 1,
+                                "paste_vs_write": 1, "paste_differing_pixels": 0})
+    assert restricted.splitlines()[0].endswith("; restricted by ONEDNN_MAX_CPU_ISA=AVX2")
 
 
 @pytest.mark.parametrize("native, expected", [(False, ("fp32",)), (True, ("fp32", "bf16"))])

@@ -150,6 +150,15 @@ def test_machine_summary_names_cpu_isa_bf16_and_threads():
     assert isinstance(summary["native_bf16"], bool) and summary["threads"] == torch.get_num_threads()
 
 
+def test_machine_summary_names_the_instruction_caps_a_figure_ran_under(monkeypatch):
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(name, raising=False)
+    assert machine_summary()["isa_caps"] == ""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    assert machine_summary()["isa_caps"] == "ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"
+
+
 @pytest.mark.parametrize("isa, cap, expected", [("AVX512", None, True), ("AVX2", None, False),
                                                 ("AVX512", "AVX2", False), ("DEFAULT", None, False)])
 def test_training_layout_is_channels_last_only_where_it_trains_faster(monkeypatch, isa, cap, expected):
