@@ -65,18 +65,22 @@ class MultiLevelRoIAlign(nn.Module):
         levels = assign_levels(rois[:, 1:], min_level=self.min_level, max_level=self.max_level,
                                canonical_scale=self.canonical_scale, canonical_level=self.canonical_level)
         size = (self.output_size, self.output_size)
-        shape = (rois.shape[0], features[0].shape[1], *size)
         tracing = torch.jit.is_tracing()
-        if tracing:
-            out = features[0].new_zeros(shape)
-        else:  # every RoI has one level, so every row is written below; the layout of ``align``'s output
+        if not tracing:  # every RoI has one level, so every row is written below; the layout of ``align``'s output
             layout = torch.channels_last if self.fast and self.sampling_ratio > 0 else torch.contiguous_format
-            out = torch.empty(shape, dtype=features[0].dtype, device=features[0].device, memory_format=layout)
+            out = torch.empty((rois.shape[0], features[0].shape[1], *size), dtype=features[0].dtype,
+                              device=features[0].device, memory_format=layout)
+        indices, pooled_levels = [], []
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             index = torch.nonzero(levels == level)[:, 0]
-            pooled = align(feature, rois[index], size, scale, self.sampling_ratio).to(out.dtype)
-            if tracing:  # out[index] = pooled, as a scatter: its traced form follows the RoI count for any count
-                out = out.scatter(0, index.view(-1, 1, 1, 1).expand_as(pooled), pooled)
-            else:  # in place: one write of each pooled RoI instead of a copy of ``out`` per level
+            pooled = align(feature, rois[index], size, scale, self.sampling_ratio).to(features[0].dtype)
+            if tracing:
+                indices.append(index)
+                pooled_levels.append(pooled)
+            else:  # in place: one write of each pooled RoI
                 out.index_copy_(0, index, pooled)
+        if tracing:  # the levels' RoIs concatenated, then put back in RoI order by one gather (a graph has no
+            # in-place write; a scatter per level would copy the whole output each time)
+            inverse = torch.argsort(torch.cat(indices))  # row of each RoI in the concatenation
+            out = torch.cat(pooled_levels).index_select(0, inverse)
         return out
