@@ -40,9 +40,8 @@ def test_inference_figures_compare_the_same_detections_with_the_faster_torchvisi
     assert figures["check_min_box_iou"] >= 0.99 and figures["check_mean_mask_iou"] >= 0.9
     assert figures["tv_layout"] in ("NCHW", "channels_last")
     assert figures["e2e_tv_s"] == min(figures["e2e_tv_nchw_s"], figures["e2e_tv_cl_s"])
-    stages = ("preprocess", "backbone_fpn", "rpn", "box_head", "mask_head", "postprocess")
-    assert figures["e2e_gflop"] == pytest.approx(sum(figures[f"{stage}_gflop"] for stage in stages))
-    for stage in (*stages, "e2e"):
+    assert figures["e2e_gflop"] == pytest.approx(sum(figures[f"{stage}_gflop"] for stage in speed.STAGES))
+    for stage in (*speed.STAGES, "e2e"):
         assert figures[f"{stage}_floor_s"] == pytest.approx(figures[f"{stage}_gflop"] / figures["peak_gflops"])
         if figures[f"{stage}_floor_s"] >= 0.01 * figures[f"{stage}_tv_s"]:
             assert figures[f"{stage}_ceiling"] == pytest.approx(figures[f"{stage}_tv_s"] / figures[f"{stage}_floor_s"])

@@ -11,7 +11,7 @@ import torch
 from maskrcnn import precision as precision_module
 from maskrcnn.config import Config
 from maskrcnn.engine.trainer import train
-from maskrcnn.precision import channels_last_is_faster, cpu_bf16, machine_summary, resolve_precision
+from maskrcnn.precision import ISA_CAPS, channels_last_is_faster, cpu_bf16, machine_summary, resolve_precision
 from maskrcnn.predictor import Predictor
 from tiny import tiny_config
 
@@ -151,7 +151,7 @@ def test_machine_summary_names_cpu_isa_bf16_and_threads():
 
 
 def test_machine_summary_names_the_instruction_caps_a_figure_ran_under(monkeypatch):
-    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+    for name in ISA_CAPS:
         monkeypatch.delenv(name, raising=False)
     assert machine_summary()["isa_caps"] == ""
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
