@@ -43,7 +43,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from torchvision.models.detection import mask_rcnn as tv_mask_rcnn
 from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste_masks_in_image
@@ -122,12 +122,28 @@ def _interleaved_medians(runs: Dict[str, Callable[[], object]], repeats: int, sy
     return {name: statistics.median(t) for name, t in _interleaved_times(runs, repeats, sync).items()}
 
 
+def _fused_conv_flops(*shapes, out_shape, transposed: bool = False, **kwargs) -> int:
+    """FLOPs of one of oneDNN's fused convolutions (see :mod:`maskrcnn.modeling.layers`), which torch's flop
+    counter does not know: the same as the plain convolution's. Its tensor arguments (here their shapes)
+    come first: the input (or the in-place sum's operand, of the same batch and size), then the weight."""
+    tensors = [shape for shape in shapes[:3] if isinstance(shape, torch.Size) and len(shape) == 4]
+    return conv_flop_count(tensors[0], tensors[-1], out_shape, transposed)
+
+
+_FUSED_CONV_FLOPS = {
+    torch.ops.mkldnn._convolution_pointwise: _fused_conv_flops,
+    torch.ops.mkldnn._convolution_pointwise_: _fused_conv_flops,
+    torch.ops.mkldnn._convolution_transpose_pointwise: lambda *shapes, **kwargs: _fused_conv_flops(
+        *shapes, transposed=True, **kwargs),
+}
+
+
 class _FlopClock:
     """Like :class:`_StageClock`, but each lap records the GFLOP of convolutions and matrix products that
     ran since the previous lap (open it with ``with``)."""
 
     def __init__(self):
-        self.counter = FlopCounterMode(display=False)
+        self.counter = FlopCounterMode(display=False, custom_mapping=_FUSED_CONV_FLOPS)
         self.gflop: Dict[str, float] = {}
         self.last = 0
 

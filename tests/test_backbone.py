@@ -8,6 +8,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from maskrcnn.modeling.backbone import ResNet
+from maskrcnn.modeling import layers
 from maskrcnn.modeling.layers import fold_batchnorm
 
 
@@ -101,3 +102,47 @@ def test_pretrained_backbone_without_network_names_the_file(monkeypatch):
     monkeypatch.setattr(weights_api, "load_state_dict_from_url", offline)
     with pytest.raises(FileNotFoundError, match=r"resnet18-.*\.pth.*set model\.backbone\.pretrained=false"):
         ResNet(depth=18, pretrained=True)
+
+
+class _CountFused:
+    """Wraps ``layers._runs_fused`` (or replaces it with ``lambda *a: False`` when ``allow`` is False) and
+    counts the convolutions that took oneDNN's fused operators."""
+
+    def __init__(self, monkeypatch, allow=True):
+        self.count, self._orig = 0, layers._runs_fused
+        monkeypatch.setattr(layers, "_runs_fused", self if allow else (lambda *args: False))
+
+    def __call__(self, conv, x):
+        fused = self._orig(conv, x)
+        self.count += fused
+        return fused
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_fused_inference_trunk_equals_the_plain_one(depth, monkeypatch):
+    """The folded channels-last trunk runs its convolutions with the ReLU and the residual sum inside
+    oneDNN (writing each block's sum into its input's memory): every stage output equals the plain
+    convolution, addition and ReLU exactly, so no block overwrote a stage output another stage reads."""
+    torch.manual_seed(0)
+    trunk = ResNet(depth=depth, norm="frozen_bn", freeze_at=0).eval()
+    _random_statistics(trunk, seed=8)
+    folded = fold_batchnorm(trunk).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(9)).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        counter = _CountFused(monkeypatch)
+        fused = folded(x)
+        assert counter.count == sum(isinstance(m, nn.Conv2d) for m in folded.modules()) - (depth == 50) - 3
+        _CountFused(monkeypatch, allow=False)
+        plain = folded(x)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_folded_trunk_backpropagates_to_its_input(monkeypatch):
+    """The fused operators have no backward: an input that needs a gradient takes the plain path."""
+    torch.manual_seed(0)
+    folded = fold_batchnorm(ResNet(depth=18, norm="frozen_bn", freeze_at=0).eval()).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 64, 64).to(memory_format=torch.channels_last).requires_grad_()
+    counter = _CountFused(monkeypatch)
+    sum(f.sum() for f in folded(x)).backward()
+    assert counter.count == 0 and x.grad is not None and x.grad.abs().sum() > 0

@@ -16,3 +16,20 @@ def test_class_logits_are_the_forward_channel_of_each_class():
     with torch.no_grad():
         expected = head(x)[torch.arange(6), classes - 1]
         torch.testing.assert_close(head.class_logits(x, classes), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_inference_equals_the_plain_convolutions(monkeypatch):
+    """Without autograd, channels-last float32 RoI features run each convolution and the deconvolution with
+    its ReLU inside oneDNN; the masks equal the plain convolution followed by a ReLU exactly."""
+    from maskrcnn.modeling import layers
+
+    torch.manual_seed(0)
+    head = MaskHead(in_channels=8, conv_dim=16, num_convs=2, num_classes=5).to(memory_format=torch.channels_last)
+    head.requires_grad_(False)
+    x = torch.randn(6, 8, 14, 14).to(memory_format=torch.channels_last)
+    runs_fused, fused_convs = layers._runs_fused, []
+    monkeypatch.setattr(layers, "_runs_fused", lambda conv, x: runs_fused(conv, x) and not fused_convs.append(conv))
+    fused = head(x)
+    assert [type(c) for c in fused_convs] == [nn.Conv2d, nn.Conv2d, nn.ConvTranspose2d]
+    monkeypatch.setattr(layers, "_runs_fused", lambda conv, x: False)
+    torch.testing.assert_close(fused, head(x), rtol=0, atol=0)

@@ -14,12 +14,11 @@ from __future__ import annotations
 from typing import Iterator, List
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops import FrozenBatchNorm2d
 
-from .layers import ConvNormPair, conv_norm
+from .layers import ConvNormPair, conv_norm, conv_norm_add_relu_, conv_norm_relu
 
 _RESNETS = {18: tv_resnet.resnet18, 34: tv_resnet.resnet34, 50: tv_resnet.resnet50, 101: tv_resnet.resnet101}
 _IMAGENET_WEIGHTS = {
@@ -66,8 +65,8 @@ class ResNet(nn.Module):
                 module.requires_grad_(False)
 
     def forward(self, x: Tensor) -> List[Tensor]:
-        x = self.maxpool(F.relu(conv_norm(self.conv1, self.bn1, x), inplace=True))
-        outputs = []
+        x = self.maxpool(conv_norm_relu(self.conv1, self.bn1, x))
+        outputs = []  # each stage's first block downsamples, so no block overwrites a stage output
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
                 x = residual_block(block, x)
@@ -88,15 +87,15 @@ class ResNet(nn.Module):
 
 def residual_block(block: nn.Module, x: Tensor) -> Tensor:
     """The forward of torchvision's ``BasicBlock`` / ``Bottleneck`` with every convolution + norm pair run
-    by :func:`conv_norm`. x: (N, C_in, H, W) -> (N, C_out, H / stride, W / stride)."""
+    by :func:`conv_norm` (or its fused forms, see :mod:`~maskrcnn.modeling.layers`).
+    x: (N, C_in, H, W) -> (N, C_out, H / stride, W / stride). Without a downsample branch the sum may be
+    written into ``x``'s memory: the caller must not keep ``x``."""
     identity = x if block.downsample is None else conv_norm(block.downsample[0], block.downsample[1], x)
-    out = F.relu(conv_norm(block.conv1, block.bn1, x), inplace=True)
+    out = conv_norm_relu(block.conv1, block.bn1, x)
     if isinstance(block, tv_resnet.Bottleneck):
-        out = F.relu(conv_norm(block.conv2, block.bn2, out), inplace=True)
-        out = conv_norm(block.conv3, block.bn3, out)
-    else:
-        out = conv_norm(block.conv2, block.bn2, out)
-    return F.relu(out.add_(identity), inplace=True)
+        out = conv_norm_relu(block.conv2, block.bn2, out)
+        return conv_norm_add_relu_(block.conv3, block.bn3, out, identity)
+    return conv_norm_add_relu_(block.conv2, block.bn2, out, identity)
 
 
 def _load_imagenet_state(depth: int) -> dict:

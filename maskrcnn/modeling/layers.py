@@ -16,6 +16,7 @@ import copy
 from typing import Iterator, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -55,6 +56,61 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
         return norm(y)
     scale, shift = _scale_and_shift(norm)
     return y.mul_(scale.to(y.dtype)[:, None, None]).add_(shift.to(y.dtype)[:, None, None])
+
+
+def conv_relu(conv: nn.Module, x: Tensor) -> Tensor:
+    """``relu(conv(x))`` for an ``nn.Conv2d`` or ``nn.ConvTranspose2d``; x: (N, C_in, H, W) -> (N, C_out, H', W').
+
+    When nothing needs a gradient, a float32 channels-last CPU forward runs the ReLU inside oneDNN's
+    convolution (see :func:`_runs_fused`), which saves a pass over the output; the results are the same."""
+    if not _runs_fused(conv, x):
+        return F.relu(conv(x), inplace=True)
+    if isinstance(conv, nn.ConvTranspose2d):
+        return torch.ops.mkldnn._convolution_transpose_pointwise(
+            x, conv.weight, conv.bias, conv.padding, conv.output_padding, conv.stride, conv.dilation, conv.groups,
+            "relu", [], None)
+    return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, conv.padding, conv.stride,
+                                                   conv.dilation, conv.groups, "relu", [], None)
+
+
+def conv_norm_relu(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
+    """``relu(norm(conv(x)))``; x: (N, C_in, H, W) -> (N, C_out, H', W'); fused as in :func:`conv_relu` when
+    the norm is folded into the convolution (``nn.Identity``)."""
+    if isinstance(norm, nn.Identity):
+        return conv_relu(conv, x)
+    return F.relu(conv_norm(conv, norm, x), inplace=True)
+
+
+def conv_norm_add_relu_(conv: nn.Conv2d, norm: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
+    """``relu(norm(conv(x)) + residual)``, written into ``residual`` (its old values are lost) when fused;
+    x: (N, C_in, H, W), residual: (N, C_out, H', W').
+
+    A residual block's last step. Fused as in :func:`conv_norm_relu`, oneDNN adds the convolution's output
+    to ``residual`` in place, so the sum needs no memory of its own and no pass of its own."""
+    if isinstance(norm, nn.Identity) and _runs_fused(conv, x) and _fusable_operand(residual, x):
+        return torch.ops.mkldnn._convolution_pointwise_.binary(residual, x, conv.weight, conv.bias, conv.padding,
+                                                               conv.stride, conv.dilation, conv.groups, "add",
+                                                               1.0, "relu", [], None)
+    return F.relu(conv_norm(conv, norm, x).add_(residual), inplace=True)
+
+
+def _runs_fused(conv: nn.Module, x: Tensor) -> bool:
+    """Whether ``conv`` on ``x`` may run as one of oneDNN's fused CPU convolutions: a channels-last float32
+    forward in eager mode (no tracing or compiling, whose graphs keep the plain operators), without
+    autocast and without autograd (the fused operators have no backward)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and isinstance(conv.padding, tuple) and conv.padding_mode == "zeros"
+            and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.compiler.is_compiling())
+
+
+def _fusable_operand(residual: Tensor, x: Tensor) -> bool:
+    """Whether ``residual`` can take a fused convolution's sum in place: same dtype and layout as ``x``."""
+    return (residual.dtype == x.dtype and residual.is_contiguous(memory_format=torch.channels_last)
+            and not (torch.is_grad_enabled() and residual.requires_grad))
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:

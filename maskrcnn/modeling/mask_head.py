@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import ConvNormPair, make_norm, paired_lists
+from .layers import ConvNormPair, conv_norm_relu, conv_relu, make_norm, paired_lists
 
 
 class MaskHead(nn.Module):
@@ -78,8 +78,8 @@ class MaskHead(nn.Module):
     def upsampled_features(self, x: Tensor) -> Tensor:
         """(R, C, 14, 14) -> (R, D, 28, 28), D = conv_dim: the convolutions and the 2x deconvolution."""
         for conv, norm in zip(self.convs, self.norms):
-            x = F.relu(norm(conv(x)), inplace=True)
-        return F.relu(self.deconv(x), inplace=True)
+            x = conv_norm_relu(conv, norm, x)
+        return conv_relu(self.deconv, x)
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .box_coder import BoxCoder
-from .layers import ConvNormPair, make_norm, paired_lists
+from .layers import ConvNormPair, conv_norm_relu, make_norm, paired_lists
 from .mask_head import MaskHead, mask_loss, mask_targets
 from .matcher import Matcher, match_boxes, sample_balanced
 from .poolers import MultiLevelRoIAlign
@@ -64,7 +64,7 @@ class BoxHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         for conv, norm in zip(self.convs, self.norms):
-            x = F.relu(norm(conv(x)), inplace=True)
+            x = conv_norm_relu(conv, norm, x)
         x = x.flatten(1)
         for k in range(1, self.num_fcs + 1):
             x = F.relu(getattr(self, f"fc{k}")(x), inplace=True)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
+from .layers import conv_relu
 from .matcher import Matcher, ignore_crowd, match_boxes, sample_balanced
 from .selection import SKIP, at_most, best_per_group, clip_to_images, grouped_nms, split_by_image
 
@@ -53,9 +54,9 @@ class RPNHead(nn.Module):
     def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
         logits, deltas = [], []
         for x in features:
-            t = F.relu(self.conv(x), inplace=True)
+            t = conv_relu(self.conv, x)
             for conv in self.extra_convs:
-                t = F.relu(conv(t), inplace=True)
+                t = conv_relu(conv, t)
             logits.append(self.objectness_logits(t))
             deltas.append(self.anchor_deltas(t))
         return logits, deltas
