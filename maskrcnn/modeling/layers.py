@@ -13,7 +13,7 @@ every such pair whose normalisation has fixed statistics (``FrozenBatchNorm2d``,
 from __future__ import annotations
 
 import copy
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,15 +61,16 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
 def conv_relu(conv: nn.Module, x: Tensor) -> Tensor:
     """``relu(conv(x))`` for an ``nn.Conv2d`` or ``nn.ConvTranspose2d``; x: (N, C_in, H, W) -> (N, C_out, H', W').
 
-    When nothing needs a gradient, a float32 channels-last CPU forward runs the ReLU inside oneDNN's
-    convolution (see :func:`_runs_fused`), which saves a pass over the output; the results are the same."""
+    When nothing needs a gradient, a channels-last CPU forward runs the ReLU inside oneDNN's convolution
+    (see :func:`_runs_fused`), which saves a pass over the output; float32 results are the same."""
     if not _runs_fused(conv, x):
         return F.relu(conv(x), inplace=True)
+    x, weight, bias = _operands(conv, x)
     if isinstance(conv, nn.ConvTranspose2d):
         return torch.ops.mkldnn._convolution_transpose_pointwise(
-            x, conv.weight, conv.bias, conv.padding, conv.output_padding, conv.stride, conv.dilation, conv.groups,
+            x, weight, bias, conv.padding, conv.output_padding, conv.stride, conv.dilation, conv.groups,
             "relu", [], None)
-    return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, conv.padding, conv.stride,
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, conv.padding, conv.stride,
                                                    conv.dilation, conv.groups, "relu", [], None)
 
 
@@ -86,9 +87,13 @@ def conv_norm_add_relu_(conv: nn.Conv2d, norm: nn.Module, x: Tensor, residual: T
     x: (N, C_in, H, W), residual: (N, C_out, H', W').
 
     A residual block's last step. Fused as in :func:`conv_norm_relu`, oneDNN adds the convolution's output
-    to ``residual`` in place, so the sum needs no memory of its own and no pass of its own."""
-    if isinstance(norm, nn.Identity) and _runs_fused(conv, x) and _fusable_operand(residual, x):
-        return torch.ops.mkldnn._convolution_pointwise_.binary(residual, x, conv.weight, conv.bias, conv.padding,
+    to ``residual`` in place, so the sum needs no memory of its own and no pass of its own. In bfloat16 the
+    sum is rounded once, where the plain path rounds the convolution's output and then the sum."""
+    if (isinstance(norm, nn.Identity) and _runs_fused(conv, x) and residual.dtype == _compute_dtype(x)
+            and residual.is_contiguous(memory_format=torch.channels_last)
+            and not (torch.is_grad_enabled() and residual.requires_grad)):
+        x, weight, bias = _operands(conv, x)
+        return torch.ops.mkldnn._convolution_pointwise_.binary(residual, x, weight, bias, conv.padding,
                                                                conv.stride, conv.dilation, conv.groups, "add",
                                                                1.0, "relu", [], None)
     return F.relu(conv_norm(conv, norm, x).add_(residual), inplace=True)
@@ -96,21 +101,30 @@ def conv_norm_add_relu_(conv: nn.Conv2d, norm: nn.Module, x: Tensor, residual: T
 
 def _runs_fused(conv: nn.Module, x: Tensor) -> bool:
     """Whether ``conv`` on ``x`` may run as one of oneDNN's fused CPU convolutions: a channels-last float32
-    forward in eager mode (no tracing or compiling, whose graphs keep the plain operators), without
-    autocast and without autograd (the fused operators have no backward)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    or bfloat16 forward (bfloat16 autocast included) in eager mode (tracing and compiling keep the plain
+    operators in their graphs), without autograd (the fused operators have no backward)."""
+    autocast = torch.is_autocast_enabled("cpu")
+    return (x.device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and x.dtype in _FUSED_DTYPES and _compute_dtype(x) in _FUSED_DTYPES
+            and (autocast or conv.weight.dtype == x.dtype)
             and x.is_contiguous(memory_format=torch.channels_last)
             and isinstance(conv.padding, tuple) and conv.padding_mode == "zeros"
             and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
-            and not torch.is_autocast_enabled("cpu")
             and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.compiler.is_compiling())
 
 
-def _fusable_operand(residual: Tensor, x: Tensor) -> bool:
-    """Whether ``residual`` can take a fused convolution's sum in place: same dtype and layout as ``x``."""
-    return (residual.dtype == x.dtype and residual.is_contiguous(memory_format=torch.channels_last)
-            and not (torch.is_grad_enabled() and residual.requires_grad))
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a CPU convolution of ``x`` computes in: autocast's where it is on, else ``x``'s."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
+def _operands(conv: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``x``, the weight and the bias in :func:`_compute_dtype` (the casts that autocast makes)."""
+    dtype = _compute_dtype(x)
+    return x.to(dtype), conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
