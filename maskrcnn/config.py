@@ -26,6 +26,8 @@ DISPLAY_SCORE_THRESH = 0.5
 class InputConfig:
     min_size: List[int] = field(default_factory=lambda: [800])  # shortest side after resize; training picks one at random
     max_size: int = 1333  # cap on the longest side after resize (pixels)
+    min_size_test: Optional[int] = None  # shortest side after resize at inference; None: the last of min_size
+    max_size_test: Optional[int] = None  # cap on the longest side at inference; None: max_size
     pixel_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per-channel mean of 0-1 RGB input
     pixel_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # per-channel std of 0-1 RGB input
     size_divisible: int = 32  # batched images are padded to a multiple of this
@@ -179,6 +181,11 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         except OmegaConfBaseException as exc:
             raise InputError(f"bad configuration in {path}: {_describe(exc)}") from None
+    return _with_overrides(merged, overrides)
+
+
+def _with_overrides(merged, overrides: Sequence[str]) -> Config:
+    """The :class:`Config` of an OmegaConf config after ``key.sub=value`` overrides, checked."""
     for item in overrides:
         if "=" not in item:
             raise InputError(f"override {item!r} is not of the form key.sub=value")
@@ -197,6 +204,8 @@ def check_config(cfg: Config) -> None:
     if not i.min_size or any(s <= 0 for s in i.min_size):
         raise InputError(f"model.input.min_size must be a non-empty list of positive sizes, got {list(i.min_size)}")
     for key, value in (("model.input.max_size", i.max_size), ("model.input.size_divisible", i.size_divisible),
+                       ("model.input.min_size_test", 1 if i.min_size_test is None else i.min_size_test),
+                       ("model.input.max_size_test", 1 if i.max_size_test is None else i.max_size_test),
                        ("model.roi_heads.num_classes", cfg.model.roi_heads.num_classes),
                        ("solver.ims_per_batch", cfg.solver.ims_per_batch),
                        ("data.aspect_ratio_groups", cfg.data.aspect_ratio_groups)):
@@ -252,9 +261,11 @@ def config_to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def config_from_dict(data: dict) -> Config:
-    """Rebuild a :class:`Config` from a plain dict (as stored in checkpoints), validating types."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))
+def config_from_dict(data: dict, overrides: Sequence[str] = ()) -> Config:
+    """Rebuild a :class:`Config` from a plain dict (as stored in checkpoints), validating types, then apply
+    ``key.sub=value`` overrides as :func:`load_config` does (and check the values, when there are any)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), data)
+    return _with_overrides(merged, overrides) if overrides else OmegaConf.to_object(merged)
 
 
 def config_to_dict(cfg: Config) -> dict:

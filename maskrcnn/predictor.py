@@ -100,9 +100,10 @@ class Predictor:
         self.inference_model = prepare_for_inference(self.model)
 
     @classmethod
-    def from_checkpoint(cls, path: Union[str, Path], **kwargs) -> "Predictor":
+    def from_checkpoint(cls, path: Union[str, Path], overrides: Sequence[str] = (), **kwargs) -> "Predictor":
         """A predictor from a training checkpoint, with the configuration and class names stored in it.
 
+        overrides: ``key.sub=value`` changes to the stored configuration (e.g. ``model.input.min_size_test=144``).
         kwargs: any keyword argument of the constructor (``device``, ``precision``, ``score_thresh``, ...).
         """
         checkpoint = _load_file(path)
@@ -111,7 +112,7 @@ class Predictor:
                 raise InputError(f"checkpoint {path} has no {key!r} entry")
         kwargs.setdefault("class_names", checkpoint.get("class_names"))
         kwargs.setdefault("label_to_cat_id", checkpoint.get("label_to_cat_id"))
-        return cls(config_from_dict(checkpoint["config"]), checkpoint["model"], **kwargs)
+        return cls(config_from_dict(checkpoint["config"], overrides), checkpoint["model"], **kwargs)
 
     def __call__(self, inputs: Union[ImageInput, Sequence[ImageInput]], *,
                  bgr: Optional[bool] = None) -> Union[Instances, List[Instances]]:

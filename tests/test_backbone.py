@@ -105,12 +105,11 @@ def test_pretrained_backbone_without_network_names_the_file(monkeypatch):
 
 
 class _CountFused:
-    """Wraps ``layers._runs_fused`` (or replaces it with ``lambda *a: False`` when ``allow`` is False) and
-    counts the convolutions that took oneDNN's fused operators."""
+    """Wraps ``layers._runs_fused`` to count the convolutions that take oneDNN's fused operators."""
 
-    def __init__(self, monkeypatch, allow=True):
+    def __init__(self, monkeypatch):
         self.count, self._orig = 0, layers._runs_fused
-        monkeypatch.setattr(layers, "_runs_fused", self if allow else (lambda *args: False))
+        monkeypatch.setattr(layers, "_runs_fused", self)
 
     def __call__(self, conv, x):
         fused = self._orig(conv, x)
@@ -122,7 +121,9 @@ class _CountFused:
 def test_fused_inference_trunk_equals_the_plain_one(depth, monkeypatch):
     """The folded channels-last trunk runs its convolutions with the ReLU and the residual sum inside
     oneDNN (writing each block's sum into its input's memory): every stage output equals the plain
-    convolution, addition and ReLU exactly, so no block overwrote a stage output another stage reads."""
+    convolution, addition and ReLU to float rounding (a few millionths of its largest value, where a lost
+    ReLU or residual is off by the order of that value), so no block overwrote a stage output another
+    stage reads."""
     torch.manual_seed(0)
     trunk = ResNet(depth=depth, norm="frozen_bn", freeze_at=0).eval()
     _random_statistics(trunk, seed=8)
@@ -132,10 +133,10 @@ def test_fused_inference_trunk_equals_the_plain_one(depth, monkeypatch):
         counter = _CountFused(monkeypatch)
         fused = folded(x)
         assert counter.count == sum(isinstance(m, nn.Conv2d) for m in folded.modules()) - (depth == 50) - 3
-        _CountFused(monkeypatch, allow=False)
-        plain = folded(x)
+        with layers.fused_convolutions(False):
+            plain = folded(x)
     for a, b in zip(fused, plain):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5 * b.abs().max().item())
 
 
 @pytest.mark.parametrize("depth", [18, 50])
@@ -162,7 +163,8 @@ def test_fused_bfloat16_trunk_keeps_bfloat16_accuracy(depth, monkeypatch):
 def test_folded_trunk_backpropagates_to_its_input(monkeypatch):
     """The fused operators have no backward: an input that needs a gradient takes the plain path."""
     torch.manual_seed(0)
-    folded = fold_batchnorm(ResNet(depth=18, norm="frozen_bn", freeze_at=0).eval()).to(memory_format=torch.channels_last)
+    trunk = ResNet(depth=18, norm="frozen_bn", freeze_at=0).eval()
+    folded = fold_batchnorm(trunk).to(memory_format=torch.channels_last)
     x = torch.randn(1, 3, 64, 64).to(memory_format=torch.channels_last).requires_grad_()
     counter = _CountFused(monkeypatch)
     sum(f.sum() for f in folded(x)).backward()

@@ -108,6 +108,13 @@ def test_bad_override_names_the_key_meant(capsys):
                     "did you mean model.backbone.pretrained?")
 
 
+def test_eval_override_of_the_checkpoints_config_names_the_key_meant(capsys, checkpoint, tmp_path):
+    line = _error_line(capsys, eval_tool.main, ["--checkpoint", str(checkpoint), "--ann", str(tmp_path / "a.json"),
+                                                "--images", str(tmp_path), "model.input.min_size_testt=96"])
+    assert line.startswith("error: bad override 'model.input.min_size_testt=96': unknown key "
+                           "'model.input.min_size_testt'; did you mean model.input.min_size_test")
+
+
 def test_debug_shows_the_traceback():
     with pytest.raises(ValueError, match="bad override"):
         run(train_tool.main, ["--debug", "model.input.max_size=abc"])

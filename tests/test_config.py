@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from maskrcnn.config import (Config, config_from_dict, config_reference_markdown, config_to_dict, load_config,
                              readme_with_config_reference)
@@ -76,6 +77,7 @@ def test_docs_reference_is_up_to_date():
 @pytest.mark.parametrize("override, message", [
     ("model.input.min_size=[]", r"model.input.min_size must be a non-empty list of positive sizes, got \[\]"),
     ("model.input.max_size=0", "model.input.max_size must be positive, got 0"),
+    ("model.input.min_size_test=0", "model.input.min_size_test must be positive, got 0"),
     ("model.input.pixel_std=[0.2,0.2]", r"model.input.pixel_std needs one value per RGB channel \(3\)"),
     ("solver.ims_per_batch=0", "solver.ims_per_batch must be positive"),
     ("data.aspect_ratio_groups=0", "data.aspect_ratio_groups must be positive, got 0"),
@@ -89,3 +91,17 @@ def test_an_override_error_names_the_override_not_the_file():
     with pytest.raises(ValueError) as info:
         load_config("configs/maskrcnn_R18_FPN_small.yaml", ["train.outputdir=x"])
     assert str(info.value) == "bad override 'train.outputdir=x': unknown key 'train.outputdir'; did you mean train.output_dir?"
+
+
+def test_inference_size_defaults_to_the_last_training_size_and_can_differ():
+    """Training resizes to one of ``min_size``; inference to ``min_size_test`` (and ``max_size_test``) where
+    set, else to the last of ``min_size`` capped by ``max_size``."""
+    from maskrcnn.modeling.maskrcnn import build_model
+
+    cfg = load_config(overrides=["model.backbone.depth=18", "model.input.min_size=[96,128]", "model.input.max_size=256"])
+    assert (build_model(cfg.model).min_size, build_model(cfg.model).max_size) == (128, 256)
+    cfg = load_config(overrides=["model.backbone.depth=18", "model.input.min_size=[128]", "model.input.max_size=256",
+                                 "model.input.min_size_test=144", "model.input.max_size_test=288"])
+    model = build_model(cfg.model)
+    assert (model.min_size, model.max_size) == (144, 288)
+    assert model.preprocess([torch.rand(3, 100, 150)], resize=True).tensor.shape[-2:] == (160, 224)

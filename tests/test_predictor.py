@@ -225,6 +225,18 @@ def test_from_checkpoint_restores_config_and_class_names(weights, image, tmp_pat
         Predictor.from_checkpoint(tmp_path / "nothere.pth")
 
 
+def test_from_checkpoint_applies_overrides_to_the_stored_config(weights, tmp_path):
+    path = tmp_path / "model.pth"
+    torch.save({"model": weights, "config": config_to_dict(tiny_config()), "class_names": CLASS_NAMES}, path)
+    stored = Predictor.from_checkpoint(path, precision="fp32").inference_model
+    changed = Predictor.from_checkpoint(path, ["model.input.min_size_test=72", "model.roi_heads.score_thresh=0.3"],
+                                        precision="fp32")
+    assert changed.inference_model.min_size == 72 != stored.min_size
+    assert changed.inference_model.roi_heads.score_thresh == 0.3
+    with pytest.raises(ValueError, match="did you mean model.input.min_size_test"):
+        Predictor.from_checkpoint(path, ["model.input.min_size_testt=72"])
+
+
 def test_bf16_precision_returns_float32(weights, image):
     result = Predictor(tiny_config(), weights, score_thresh=0.2, precision="bf16")(image)
     assert result.boxes.dtype == torch.float32 and result.scores.dtype == torch.float32

@@ -34,12 +34,14 @@ def main(argv=None) -> None:
                              "C++ matching; pip install faster-coco-eval)")
     parser.add_argument("--annotation-cache-dir", help="folder for the annotations' cache file when the folder of "
                                                        "--ann is read-only (default: beside --ann)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value changes to the checkpoint's configuration, "
+                        "e.g. model.input.min_size_test=144 model.roi_heads.score_thresh=0.01")
     args = parser.parse_args(argv)
 
     owns_group = init_distributed("cuda" if args.device.startswith("cuda") else "cpu")
     device = f"cuda:{get_local_rank()}" if owns_group and args.device.startswith("cuda") else args.device
     try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, device=device, score_thresh=None,
+        predictor = Predictor.from_checkpoint(args.checkpoint, args.overrides, device=device, score_thresh=None,
                                               precision=args.precision)
         print(predictor.resolved_precision.message)
         output = Path(args.output) if args.output else Path(args.checkpoint).parent / "eval"

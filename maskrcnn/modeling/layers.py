@@ -1,5 +1,5 @@
 """Layers shared by the backbone, the FPN and the heads: normalisation choices, a convolution followed by
-its normalisation, and batch-norm folding for inference.
+its normalisation (and a ReLU, or a residual sum and a ReLU), and batch-norm folding for inference.
 
 Shorthand: N images (or R RoIs for the heads), C channels, H, W spatial size.
 
@@ -8,10 +8,15 @@ returning ``(conv owner, conv attribute, norm owner, norm attribute)`` for each 
 normalisation applied to the convolution's output and nothing in between. :func:`fold_batchnorm` folds
 every such pair whose normalisation has fixed statistics (``FrozenBatchNorm2d``, ``BatchNorm2d`` /
 ``SyncBatchNorm`` in eval mode) into the convolution; ``GroupNorm`` depends on its input and stays.
+
+In inference (nothing to differentiate, eager, channels-last CPU tensors) :func:`conv_relu`,
+:func:`conv_norm_relu` and :func:`conv_norm_add_relu_` run the ReLU, and a residual block's sum, inside
+oneDNN's convolution as it writes its output (``python -m benchmarks.fusion`` measures the gain).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Iterator, Optional, Tuple
 
@@ -62,7 +67,8 @@ def conv_relu(conv: nn.Module, x: Tensor) -> Tensor:
     """``relu(conv(x))`` for an ``nn.Conv2d`` or ``nn.ConvTranspose2d``; x: (N, C_in, H, W) -> (N, C_out, H', W').
 
     When nothing needs a gradient, a channels-last CPU forward runs the ReLU inside oneDNN's convolution
-    (see :func:`_runs_fused`), which saves a pass over the output; float32 results are the same."""
+    (see :func:`_runs_fused`), which saves a pass over the output. Float32 results equal the plain path's to
+    float rounding (for some shapes oneDNN's fused kernel adds in another order)."""
     if not _runs_fused(conv, x):
         return F.relu(conv(x), inplace=True)
     x, weight, bias = _operands(conv, x)
@@ -99,12 +105,30 @@ def conv_norm_add_relu_(conv: nn.Conv2d, norm: nn.Module, x: Tensor, residual: T
     return F.relu(conv_norm(conv, norm, x).add_(residual), inplace=True)
 
 
+_FUSION = {"enabled": True}
+
+
+@contextlib.contextmanager
+def fused_convolutions(enabled: bool) -> Iterator[None]:
+    """Allow (the default) or forbid the fused CPU convolutions of :func:`conv_relu`,
+    :func:`conv_norm_relu` and :func:`conv_norm_add_relu_` inside the ``with`` block, to compare them with
+    the plain operators (``python -m benchmarks.fusion``). The setting is the process's, not a thread's."""
+    before = _FUSION["enabled"]
+    _FUSION["enabled"] = enabled
+    try:
+        yield
+    finally:
+        _FUSION["enabled"] = before
+
+
 def _runs_fused(conv: nn.Module, x: Tensor) -> bool:
-    """Whether ``conv`` on ``x`` may run as one of oneDNN's fused CPU convolutions: a channels-last float32
-    or bfloat16 forward (bfloat16 autocast included) in eager mode (tracing and compiling keep the plain
-    operators in their graphs), without autograd (the fused operators have no backward)."""
+    """Whether ``conv`` on ``x`` may run as one of oneDNN's fused CPU convolutions (unless
+    :func:`fused_convolutions` forbids them): a channels-last float32 or bfloat16 forward (bfloat16
+    autocast included) in eager mode (tracing and compiling keep the plain operators in their graphs),
+    without autograd (the fused operators have no backward)."""
     autocast = torch.is_autocast_enabled("cpu")
-    return (x.device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    return (_FUSION["enabled"] and x.device.type == "cpu"
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and x.dtype in _FUSED_DTYPES and _compute_dtype(x) in _FUSED_DTYPES
             and (autocast or conv.weight.dtype == x.dtype)
             and x.is_contiguous(memory_format=torch.channels_last)

@@ -278,7 +278,10 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         score_thresh=h.score_thresh, nms_thresh=h.nms_thresh, detections_per_img=h.detections_per_img,
         mask_rois_per_image=h.mask_rois_per_image,
     )
+    i = cfg.input
+    inference_min_size = i.min_size[-1] if i.min_size_test is None else i.min_size_test
+    inference_max_size = i.max_size if i.max_size_test is None else i.max_size_test
     return MaskRCNN(backbone=backbone, fpn=fpn, rpn=rpn, roi_heads=roi_heads, num_classes=h.num_classes,
-                    min_size=cfg.input.min_size[-1], max_size=cfg.input.max_size, pixel_mean=cfg.input.pixel_mean,
+                    min_size=inference_min_size, max_size=inference_max_size, pixel_mean=cfg.input.pixel_mean,
                     pixel_std=cfg.input.pixel_std, size_divisible=cfg.input.size_divisible,
                     mask_threshold=h.mask_threshold, paste_memory_mb=cfg.paste_memory_mb)
