@@ -7,8 +7,10 @@ In inference a convolution's ReLU, and each residual block's sum, run inside one
 (:mod:`maskrcnn.modeling.layers`). This times the backbone + FPN and the whole image with those fused
 convolutions allowed and forbidden (:func:`~maskrcnn.modeling.layers.fused_convolutions`), alternating
 within each round after a warm-up round, and prints each median with its min and max and the ratio plain /
-fused, and how closely the two paths' detections agree (:func:`~benchmarks.speed.compare_detections`): in float32
-the fused operators do the same arithmetic, rounded in another order at some sizes.
+fused, and how closely each path's detections agree with the plain float32 ones
+(:func:`~benchmarks.speed.compare_detections`): in float32 the fused operators do the same arithmetic,
+rounded in another order at some sizes; in bf16 both paths round, and the two columns show whether fusing
+rounds worse.
 """
 
 import argparse
@@ -32,8 +34,8 @@ PARTS = ("backbone_fpn", "e2e")
 
 def measure(model: MaskRCNN, images: List[Tensor], *, mode: str, repeats: int) -> Dict[str, object]:
     """Seconds of each part with and without the fused convolutions (``{part}_{fused|plain}_s``: median,
-    ``..._min_s`` and ``..._max_s``), ``{part}_ratio`` (plain / fused), and ``same_label``, ``min_box_iou``
-    and ``mean_mask_iou`` of the fused path's detections against the plain path's.
+    ``..._min_s`` and ``..._max_s``), ``{part}_ratio`` (plain / fused), and ``{fused|plain}_same_label``,
+    ``..._min_box_iou`` and ``..._mean_mask_iou`` of each path's detections against the plain float32 path's.
 
     model: an inference model (:func:`~maskrcnn.modeling.maskrcnn.prepare_for_inference`); images: (3, H, W)
     floats in 0-1; mode: "fp32" or "bf16" (autocast)."""
@@ -57,8 +59,11 @@ def measure(model: MaskRCNN, images: List[Tensor], *, mode: str, repeats: int) -
                         f"{name}_max_s": max(seconds)})
     for part in PARTS:
         figures[f"{part}_ratio"] = figures[f"{part}_plain_s"] / figures[f"{part}_fused_s"]
-    check = compare_detections(runs["e2e_fused"](), runs["e2e_plain"]())
-    figures.update({key: check[key] for key in ("same_label", "min_box_iou", "mean_mask_iou")})
+    with torch.no_grad(), fused_convolutions(False):
+        reference = model(images)
+    for kind in ("fused", "plain"):
+        check = compare_detections(runs[f"e2e_{kind}"](), reference)
+        figures.update({f"{kind}_{key}": check[key] for key in ("same_label", "min_box_iou", "mean_mask_iou")})
     return figures
 
 
@@ -66,8 +71,11 @@ def format_report(figures: Dict[str, object], modes, header: str) -> str:
     lines = [header, "milliseconds per batch; ratio = plain / fused",
              f"{'':16s}{'fused ms (min-max)':>24s}{'plain ms (min-max)':>24s}{'ratio':>8s}"]
     for mode in modes:
-        lines.append(f"{mode}: {100 * figures[f'{mode}_same_label']:.1f}% of the detections with equal labels, worst box "
-                     f"IoU {figures[f'{mode}_min_box_iou']:.4f}, mean mask IoU {figures[f'{mode}_mean_mask_iou']:.4f}")
+        lines.append(f"{mode}, detections against the plain fp32 ones:")
+        for kind in ("fused", "plain"):
+            lines.append(f"  {kind}: {100 * figures[f'{mode}_{kind}_same_label']:.1f}% with equal labels, worst box IoU "
+                         f"{figures[f'{mode}_{kind}_min_box_iou']:.4f}, mean mask IoU "
+                         f"{figures[f'{mode}_{kind}_mean_mask_iou']:.4f}")
         for part in PARTS:
             cells = [f"{1e3 * figures[f'{mode}_{part}_{kind}_s']:.0f} ({1e3 * figures[f'{mode}_{part}_{kind}_min_s']:.0f}-"
                      f"{1e3 * figures[f'{mode}_{part}_{kind}_max_s']:.0f})" for kind in ("fused", "plain")]

@@ -149,10 +149,11 @@ def test_fusion_benchmark_times_both_paths_and_checks_their_detections():
     _, ours = _small_models()
     images = sample_images(96, torch.device("cpu"), count=2)
     figures = fusion.measure(speed.prepare_for_inference(ours), images, mode="fp32", repeats=1)
-    assert figures["same_label"] == 1.0 and figures["min_box_iou"] >= 0.99
+    assert figures["fused_same_label"] == 1.0 and figures["fused_min_box_iou"] >= 0.99
+    assert figures["plain_same_label"] == 1.0 and figures["plain_min_box_iou"] == 1.0
     for part in fusion.PARTS:
         assert figures[f"{part}_ratio"] == figures[f"{part}_plain_s"] / figures[f"{part}_fused_s"]
         assert figures[f"{part}_fused_min_s"] <= figures[f"{part}_fused_s"] <= figures[f"{part}_fused_max_s"]
     report = fusion.format_report({f"fp32_{key}": value for key, value in figures.items()}, ["fp32"], "header")
-    assert "fp32: 100.0% of the detections with equal labels" in report
+    assert "fp32, detections against the plain fp32 ones:" in report and "  fused: 100.0% with equal labels" in report
     assert all(f"  {part}" in report for part in fusion.PARTS)
