@@ -38,6 +38,7 @@ class BackboneConfig:
     depth: int = 50  # ResNet depth: 18, 34, 50 or 101
     norm: str = "frozen_bn"  # trunk normalisation: "frozen_bn" (statistics and affine fixed), "bn" or "syncbn"
     freeze_at: int = 2  # stages frozen from the stem: 0 none, 1 stem, 2 stem+res2, ... 5 all
+    width: int = 64  # stem channels, doubled by each stage: 64 is torchvision's ResNet (what weights fit)
     fpn_channels: int = 256  # channels of every pyramid level
     fpn_norm: str = ""  # normalisation after the FPN convolutions: "" none, "bn" or "gn"
     pretrained: bool = False  # initialise the trunk from torchvision's ImageNet weights (downloads)
@@ -206,6 +207,7 @@ def check_config(cfg: Config) -> None:
     for key, value in (("model.input.max_size", i.max_size), ("model.input.size_divisible", i.size_divisible),
                        ("model.input.min_size_test", 1 if i.min_size_test is None else i.min_size_test),
                        ("model.input.max_size_test", 1 if i.max_size_test is None else i.max_size_test),
+                       ("model.backbone.width", cfg.model.backbone.width),
                        ("model.roi_heads.num_classes", cfg.model.roi_heads.num_classes),
                        ("solver.ims_per_batch", cfg.solver.ims_per_batch),
                        ("data.aspect_ratio_groups", cfg.data.aspect_ratio_groups)):
@@ -216,6 +218,10 @@ def check_config(cfg: Config) -> None:
             raise InputError(f"{key} needs one value per RGB channel (3), got {list(values)}")
     if any(s <= 0 for s in i.pixel_std):
         raise InputError(f"model.input.pixel_std must be positive, got {list(i.pixel_std)}")
+    b = cfg.model.backbone
+    if b.pretrained and b.width != 64:
+        raise InputError(f"model.backbone.pretrained loads ImageNet weights of width 64; model.backbone.width is "
+                         f"{b.width}")
 
 
 def _all_keys(node=None, prefix: str = "") -> List[str]:

@@ -108,7 +108,7 @@ def _indices(state: Dict[str, Tensor], pattern: str) -> List[int]:
 
 def config_for_torchvision_state(state: Dict[str, Tensor]) -> Config:
     """A Config matching a torchvision Mask R-CNN state dict, v1 or v2, read from its keys and shapes:
-    ResNet depth and trunk normalisation (``bn`` when the trunk's batch norms carry torchvision's
+    ResNet depth, width and trunk normalisation (``bn`` when the trunk's batch norms carry torchvision's
     ``num_batches_tracked`` counters, as in a ``BatchNorm2d`` trunk, else ``frozen_bn``), pyramid width
     and normalisation, RPN head depth, box head convolutions, normalisation and fully connected layers,
     mask head depth, width and normalisation, and the class count."""
@@ -120,6 +120,7 @@ def config_for_torchvision_state(state: Dict[str, Tensor]) -> Config:
     if depth is None:
         raise InputError(f"cannot tell the ResNet depth from layer3 with {len(blocks)} blocks")
     b.depth = depth
+    b.width = state["backbone.body.conv1.weight"].shape[0]
     b.norm = "bn" if "backbone.body.bn1.num_batches_tracked" in state else "frozen_bn"
     lateral = state.get("backbone.fpn.inner_blocks.0.0.weight", state.get("backbone.fpn.inner_blocks.0.weight"))
     b.fpn_channels = lateral.shape[0]

@@ -24,6 +24,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from .config import ModelConfig
 from .convert import convert_torchvision_state_dict
 from .data.shapes import render_image
+from .modeling.backbone import resnet_trunk
 from .modeling.layers import make_norm
 from .modeling.maskrcnn import MaskRCNN, build_model
 
@@ -44,14 +45,17 @@ def torchvision_model(cfg: ModelConfig, *, norm_layer: Callable[..., nn.Module])
     Returned in training mode, like any freshly built module.
     """
     b, a, r, h = cfg.backbone, cfg.anchors, cfg.rpn, cfg.roi_heads
-    trunk = getattr(torchvision.models, f"resnet{b.depth}")(weights=None, norm_layer=norm_layer)
+    if b.width == 64:
+        trunk = getattr(torchvision.models, f"resnet{b.depth}")(weights=None, norm_layer=norm_layer)
+    else:  # torchvision's ResNet blocks at another width (its builder only makes width 64)
+        trunk = resnet_trunk(b.depth, b.width, norm_layer)
     # What torchvision's _resnet_fpn_extractor does, with the pyramid width as a parameter: its
     # trainable_layers is 5 - freeze_at, and at 5 the stem's norm trains too.
     trainable = ["layer4", "layer3", "layer2", "layer1", "conv1", "bn1"][: 5 - b.freeze_at + (b.freeze_at == 0)]
     for name, parameter in trunk.named_parameters():
         if not any(name.startswith(prefix) for prefix in trainable):
             parameter.requires_grad_(False)
-    width = trunk.inplanes // 8
+    width = trunk.layer1[0].conv1.in_channels * trunk.layer1[-1].expansion
     backbone = BackboneWithFPN(trunk, {f"layer{k}": str(k - 1) for k in range(1, 5)},
                                [width * 2 ** k for k in range(4)], b.fpn_channels, extra_blocks=LastLevelMaxPool(),
                                norm_layer=_torchvision_norm(b.fpn_norm))

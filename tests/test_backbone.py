@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from maskrcnn.modeling.backbone import ResNet
+from maskrcnn.modeling.backbone import ResNet, resnet_trunk
 from maskrcnn.modeling import layers
 from maskrcnn.modeling.layers import fold_batchnorm
 
@@ -39,6 +39,31 @@ def test_trunk_equals_torchvision_resnet(depth):
     with torch.no_grad():
         for a, b in zip(ours(x), body(x).values()):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_trunk_of_any_width_is_laid_out_as_torchvision_resnet(depth):
+    """At width 64 the trunk builder gives torchvision's modules and initialisation statistics; at width 32
+    every convolution has half the input and output channels (a quarter of the multiply-adds)."""
+    tv = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=nn.BatchNorm2d)
+    tv_state = {k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")}
+    full = resnet_trunk(depth, 64, nn.BatchNorm2d).state_dict()
+    assert {k: v.shape for k, v in full.items()} == {k: v.shape for k, v in tv_state.items()}
+    for name in ("conv1.weight", "layer1.0.conv1.weight", "layer4.1.conv2.weight"):
+        torch.testing.assert_close(full[name].std(), tv_state[name].std(), rtol=0.1, atol=0)
+    narrow = ResNet(depth=depth, norm="bn", freeze_at=0, width=32)
+    half = {k: v.shape for k, v in narrow.state_dict().items()}
+    assert half.keys() == full.keys()
+    for name, shape in half.items():
+        if name.endswith("conv1.weight") and name.count(".") == 1:  # the stem sees the 3 image channels
+            assert shape == (32, 3, 7, 7)
+        elif "conv" in name or name.endswith("downsample.0.weight"):
+            assert shape[:2] == (full[name].shape[0] // 2, full[name].shape[1] // 2) and shape[2:] == full[name].shape[2:], name
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        shapes = [tuple(c.shape) for c in narrow(x)]
+    assert narrow.out_channels == [c // 2 for c in ResNet(depth=depth).out_channels]
+    assert shapes == [(1, c, 64 // 2 ** k, 96 // 2 ** k) for c, k in zip(narrow.out_channels, range(2, 6))]
 
 
 @pytest.mark.parametrize("norm", ["frozen_bn", "bn"])

@@ -81,10 +81,13 @@ def test_docs_reference_is_up_to_date():
     ("model.input.pixel_std=[0.2,0.2]", r"model.input.pixel_std needs one value per RGB channel \(3\)"),
     ("solver.ims_per_batch=0", "solver.ims_per_batch must be positive"),
     ("data.aspect_ratio_groups=0", "data.aspect_ratio_groups must be positive, got 0"),
+    ("model.backbone.width=0", "model.backbone.width must be positive, got 0"),
+    ("model.backbone.width=32;model.backbone.pretrained=true",
+     "model.backbone.pretrained loads ImageNet weights of width 64; model.backbone.width is 32"),
 ])
 def test_unusable_values_are_config_errors(override, message):
     with pytest.raises(ValueError, match=message):
-        load_config(overrides=[override])
+        load_config(overrides=override.split(";"))
 
 
 def test_an_override_error_names_the_override_not_the_file():

@@ -169,3 +169,23 @@ def test_default_800px_input(models):
     torch.testing.assert_close(b["boxes"], a["boxes"], rtol=0, atol=1e-4)
     torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=1e-4)
     assert_masks_match(b["masks"], a["masks"][:, 0] > 0.5, "800 px image")
+
+
+def test_narrow_trunk_equals_torchvision_blocks_at_that_width():
+    """The demo's architecture at backbone width 32: torchvision's detection model around a trunk of
+    torchvision's ResNet blocks at that width gives our detections, and the converter reads the width back."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "maskrcnn_R18_FPN_small.yaml",
+                      ["model.backbone.width=32", "model.input.min_size_test=128", "model.input.max_size_test=256",
+                       "model.roi_heads.score_thresh=0.0"])
+    tv = well_conditioned_torchvision_model(cfg.model)
+    assert config_for_torchvision_state(tv.state_dict()).model.backbone.width == 32
+    ours = build_model(cfg.model).eval()
+    ours.load_state_dict(convert_torchvision_state_dict(tv.state_dict()))
+    g = torch.Generator().manual_seed(5)
+    images = [torch.rand(3, 128, 192, generator=g), torch.rand(3, 150, 120, generator=g)]
+    with torch.no_grad():
+        for i, (a, b) in enumerate(zip(tv(images), ours(images))):
+            assert len(a["boxes"]) == len(b["boxes"]) == 50, f"image {i}"
+            assert torch.equal(a["labels"], b["labels"]), f"image {i}: labels differ"
+            torch.testing.assert_close(b["boxes"], a["boxes"], rtol=0, atol=1e-4, msg=f"image {i}: boxes differ")
+            torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=1e-4, msg=f"image {i}: scores differ")

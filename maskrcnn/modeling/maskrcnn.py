@@ -243,7 +243,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
                       ("roi_heads.mask_head_norm", h.mask_head_norm)):
         if norm not in HEAD_NORMS:
             raise InputError(f'{key}: norm must be "", "bn" or "gn", got {norm!r}')
-    backbone = ResNet(depth=b.depth, norm=b.norm, freeze_at=b.freeze_at, pretrained=b.pretrained)
+    backbone = ResNet(depth=b.depth, norm=b.norm, freeze_at=b.freeze_at, width=b.width, pretrained=b.pretrained)
     fpn = FPN(in_channels=backbone.out_channels, out_channels=b.fpn_channels, norm=b.fpn_norm)
     anchor_generator = AnchorGenerator(sizes=a.sizes, aspect_ratios=a.aspect_ratios)
     rpn = RPN(
