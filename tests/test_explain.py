@@ -12,7 +12,7 @@ from torchvision.ops import box_iou
 from maskrcnn.config import config_to_dict
 from maskrcnn.data import CocoDetection, ResizeShortestEdge, generate_shapes
 from maskrcnn.engine.logger import MetricsLogger
-from maskrcnn.diagnostics.figures import FIGURES, PAGE
+from maskrcnn.diagnostics.figures import FIGURES, PAGE, explain_checkpoint
 from maskrcnn.diagnostics.trace import explain, load_example, locate_image, read_eval_metrics, read_training_log
 from maskrcnn.modeling.mask_head import mask_loss, mask_targets
 from maskrcnn.modeling.maskrcnn import build_model
@@ -187,3 +187,20 @@ def test_bad_log_line_and_metrics_name_the_file(tmp_path):
     summary.write_text(json.dumps({"iteration": 10}))
     with pytest.raises(ValueError, match="metrics.json: expected evaluation metrics"):
         read_eval_metrics(summary)
+
+
+def test_training_view_uses_the_training_size_when_inference_runs_larger(workdir, tmp_path):
+    """A checkpoint that infers at another size (model.input.min_size_test) is explained at the size training
+    resized its images to, as training saw them."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg.model.input.min_size_test, cfg.model.input.max_size_test = 80, 120
+    torch.save({"model": build_model(cfg.model).state_dict(), "config": config_to_dict(cfg),
+                "class_names": CLASS_NAMES, "iteration": 0}, tmp_path / "model.pth")
+    shapes = workdir / "shapes"
+    result = explain_checkpoint(tmp_path / "model.pth", ann_file=shapes / "annotations" / "instances_train.json",
+                                image_dir=shapes / "train", output_dir=tmp_path / "figures")
+    height, width = result["original_size"]
+    scale = min(64 / min(height, width), 96 / max(height, width))
+    assert result["input"]["size"] == (int(height * scale), int(width * scale))  # the data pipeline floors
+    assert min(result["input"]["size"]) < 80

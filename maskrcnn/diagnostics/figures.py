@@ -451,7 +451,9 @@ def explain_checkpoint(checkpoint: Union[str, Path], *, ann_file: Union[str, Pat
         raise InputError("a held-out image needs both an annotation file and an image folder")
     if heldout_ann is not None:
         heldout = load_example(CocoDetection(heldout_ann, heldout_images), heldout_image_id)
-    result = explain(predictor.model, image, target, class_names=predictor.class_names, heldout=heldout,
+    sizes = predictor.config.model.input
+    result = explain(predictor.model, image, target, class_names=predictor.class_names,
+                     train_size=(sizes.min_size[-1], sizes.max_size), heldout=heldout,
                      log_records=read_training_log(log) if log is not None else (),
                      eval_metrics=read_eval_metrics(metrics) if metrics is not None else None,
                      score_thresh=score_thresh, num_rois=num_rois, seed=seed, image_label=image_label)

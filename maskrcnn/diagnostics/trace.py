@@ -1,9 +1,9 @@
 """The learner's view: how Mask R-CNN turns one image and its instance masks into a training signal, and
 its 28x28 mask predictions into full-resolution masks: the numbers of a real model run, recorded.
 
-Shorthand: H x W the training input (the image resized as training and inference resize it: shortest
-side ``model.min_size``, longest at most ``model.max_size``); K object classes; L pyramid levels; A anchors
-per location; T anchors of the image; P positive RoIs of the image; S = 28 the mask side; D detections;
+Shorthand: H x W the training input (the image resized as training resizes it: shortest side
+``model.input.min_size``, longest at most ``model.input.max_size``); K object classes; L pyramid levels;
+A anchors per location; T anchors of the image; P positive RoIs of the image; S = 28 the mask side; D detections;
 M ground-truth instances.
 
 Nothing here re-implements the model. One training-mode forward pass is recorded with forward hooks on
@@ -148,13 +148,15 @@ def read_eval_metrics(path: Union[str, Path]) -> Optional[dict]:
 # The training view: one traced training-mode forward pass
 # ---------------------------------------------------------------------------------------------------------
 
-def training_input(model: MaskRCNN, image: Tensor, target: dict) -> Tuple[Tensor, dict]:
+def training_input(image: Tensor, target: dict, train_size: Tuple[int, int]) -> Tuple[Tensor, dict]:
     """The image and target resized as the data pipeline resizes them for training (no flip).
 
     image: ``(3, H0, W0)`` float 0-1 RGB at its file size; target: its dataset target.
+    train_size: (shortest side, longest side at most) in pixels: ``model.input.min_size`` (its last value)
+    and ``model.input.max_size``; the model's own ``min_size`` is the inference size, which may differ.
     Returns ``(3, H, W)`` float 0-1 and the target in the pixels of the resized image.
     """
-    resize = ResizeShortestEdge([model.min_size], model.max_size)
+    resize = ResizeShortestEdge([train_size[0]], train_size[1])
     pixels, target = resize(to_uint8(image), target, np.random.default_rng(0))
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).float().div(255), target
 
@@ -412,13 +414,15 @@ def inference_view(model: MaskRCNN, image: Tensor, target: dict, *, class_names:
 # ---------------------------------------------------------------------------------------------------------
 
 def explain(model: MaskRCNN, image: Tensor, target: dict, *, class_names: Sequence[str],
-            heldout: Optional[Tuple[Tensor, dict]] = None, log_records: Sequence[dict] = (),
+            train_size: Optional[Tuple[int, int]] = None, heldout: Optional[Tuple[Tensor, dict]] = None, log_records: Sequence[dict] = (),
             eval_metrics: Optional[dict] = None, score_thresh: float = 0.5, num_rois: int = 4,
             seed: int = 0, image_label: str = "explained image") -> dict:
     """All the numbers the figures show, for one annotated image.
 
     model: the trained model (left unchanged, in the mode it came in). image: ``(3, H0, W0)`` float 0-1
     RGB at its file size; target: its dataset target (see :class:`maskrcnn.data.coco.CocoDetection`).
+    train_size: the training resize, (shortest side, longest side at most) in pixels (see
+    :func:`training_input`); default the model's inference size.
     heldout: an image and target the model never trained on (e.g. from the validation split).
     log_records: the training ``metrics.jsonl`` records; eval_metrics: validation metrics (``segm``, ``bbox``).
     score_thresh: detections drawn and matched to instances score at least this.
@@ -436,7 +440,8 @@ def explain(model: MaskRCNN, image: Tensor, target: dict, *, class_names: Sequen
     if len(class_names) != model.num_classes:
         raise InputError(f"got {len(class_names)} class names for a model of {model.num_classes} classes")
     device = next(model.parameters()).device
-    train_image, train_target = training_input(model, image, target)
+    train_size = (model.min_size, model.max_size) if train_size is None else train_size
+    train_image, train_target = training_input(image, target, train_size)
     train_image = train_image.to(device)
     trace = trace_training_step(model, train_image, train_target, seed=seed)
     height, width = train_image.shape[-2:]
