@@ -180,17 +180,30 @@ def test_fused_inference_trunk_equals_the_plain_one(depth, monkeypatch):
 def test_fused_bfloat16_trunk_keeps_bfloat16_accuracy(depth, monkeypatch):
     """Under bfloat16 autocast the fused convolutions cast their operands as autocast does and round each
     block's sum once: every stage output stays within bfloat16's error of the float32 trunk (under 1.5% in
-    norm; a lost residual or ReLU is off by the order of the output itself)."""
+    norm; a lost residual or ReLU is off by the order of the output itself). Where oneDNN has no bfloat16
+    kernels (an AVX2 CPU) the plain operators run instead, to the same accuracy."""
     trunk, folded, x = _trunk_folded_and_input(depth)
     with torch.no_grad():
         reference = trunk(x)  # float32, unfolded: no fused convolution
         counter = _CountFused(monkeypatch)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fused = folded(x)
-    assert counter.count == _fusable_convs(folded)
+    assert counter.count == (_fusable_convs(folded) if layers._onednn_bf16() else 0)
     for a, b in zip(fused, reference):
         assert a.dtype == torch.bfloat16
         assert (a.float() - b).norm() < 0.015 * b.norm()
+
+
+def test_bfloat16_without_onednn_bf16_kernels_takes_the_plain_operators(monkeypatch):
+    """On a CPU whose oneDNN has no bfloat16 kernels (AVX2) the fused operators refuse bfloat16: the trunk
+    runs the plain ones (which emulate it) and still returns bfloat16 stage outputs."""
+    _, folded, x = _trunk_folded_and_input(18)
+    monkeypatch.setattr(layers, "_onednn_bf16", lambda: False)
+    counter = _CountFused(monkeypatch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = folded(x)
+    assert counter.count == 0
+    assert all(o.dtype == torch.bfloat16 for o in outputs)
 
 
 def test_folded_trunk_backpropagates_to_its_input(monkeypatch):

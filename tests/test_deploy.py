@@ -191,10 +191,12 @@ SAME_SIZE = [rgb(120, 200, 20), rgb(115, 192, 21),
 
 @pytest.mark.parametrize("runtime", ["eager", *RUNTIMES])
 def test_detections_do_not_depend_on_batch_neighbours(exported, runtime):
-    """Each image's detections are the same at every position of a batch, to the bit: NMS keeps images
-    apart on the operator's axes, not by shifting their coordinates by the image's place in the batch.
-    Alone, they are the same detections; their values differ by convolution rounding at most (the
-    runtimes pick their convolution kernels by batch size)."""
+    """Each image's detections are the same at every position of a batch, to the bit in the exported graph:
+    its NMS keeps images apart on the operator's axes, not by shifting their coordinates by the image's place
+    in the batch. Eager is held to rounding there: its box head multiplies all of a batch's RoIs in one MKL
+    GEMM, whose AVX2 kernels (MKL_ENABLE_INSTRUCTIONS=AVX2) rounded rows differently at another position.
+    Alone, they are the same detections; their values differ by convolution rounding at most (the runtimes
+    pick their convolution kernels by batch size)."""
     predictor, path = exported
     run, metadata = network(predictor if runtime == "eager" else path, runtime), read_metadata(path)
     alone = [per_image(run, [image], metadata)[0] for image in SAME_SIZE]
@@ -203,7 +205,8 @@ def test_detections_do_not_depend_on_batch_neighbours(exported, runtime):
         for position, (i, got) in enumerate(zip(order, per_image(run, [SAME_SIZE[i] for i in order], metadata))):
             where = f"{runtime}: image {i} at position {position} of {order}"
             first = seen.setdefault(i, got)
-            assert all(torch.equal(got[name], first[name]) for name in got), where
+            if runtime != "eager":
+                assert all(torch.equal(got[name], first[name]) for name in got), where
             assert len(got["boxes"]) >= 20 and torch.equal(got["labels"], alone[i]["labels"]), where
             for name in ("boxes", "scores", "mask_probs"):
                 torch.testing.assert_close(got[name], alone[i][name], rtol=0, atol=1e-3, msg=where)

@@ -166,7 +166,8 @@ def test_default_800px_input(models):
         tv.transform.min_size, tv.transform.max_size = (MIN_SIZE,), MAX_SIZE
         ours.min_size, ours.max_size = MIN_SIZE, MAX_SIZE
     assert torch.equal(a["labels"], b["labels"])
-    torch.testing.assert_close(b["boxes"], a["boxes"], rtol=0, atol=1e-4)
+    # Coordinates reach 1200 px, where one float32 step is 1.2e-4: a few steps of rounding, relative.
+    torch.testing.assert_close(b["boxes"], a["boxes"], rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=1e-4)
     assert_masks_match(b["masks"], a["masks"][:, 0] > 0.5, "800 px image")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from functools import lru_cache
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -125,11 +126,14 @@ def _runs_fused(conv: nn.Module, x: Tensor) -> bool:
     """Whether ``conv`` on ``x`` may run as one of oneDNN's fused CPU convolutions (unless
     :func:`fused_convolutions` forbids them): a channels-last float32 or bfloat16 forward (bfloat16
     autocast included) in eager mode (tracing and compiling keep the plain operators in their graphs),
-    without autograd (the fused operators have no backward)."""
+    without autograd (the fused operators have no backward). In bfloat16 only where oneDNN has bf16 kernels:
+    without them (an AVX2 CPU) its fused operators refuse bfloat16, and the plain ones emulate it."""
     autocast = torch.is_autocast_enabled("cpu")
+    dtype = _compute_dtype(x)
     return (_FUSION["enabled"] and x.device.type == "cpu"
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and x.dtype in _FUSED_DTYPES and _compute_dtype(x) in _FUSED_DTYPES
+            and x.dtype in _FUSED_DTYPES and dtype in _FUSED_DTYPES
+            and (dtype != torch.bfloat16 or _onednn_bf16())
             and (autocast or conv.weight.dtype == x.dtype)
             and x.is_contiguous(memory_format=torch.channels_last)
             and isinstance(conv.padding, tuple) and conv.padding_mode == "zeros"
@@ -138,6 +142,12 @@ def _runs_fused(conv: nn.Module, x: Tensor) -> bool:
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@lru_cache(maxsize=None)
+def _onednn_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions on this CPU under its ISA cap (``ONEDNN_MAX_CPU_ISA``)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
