@@ -58,7 +58,8 @@ def test_trunk_of_any_width_is_laid_out_as_torchvision_resnet(depth):
         if name.endswith("conv1.weight") and name.count(".") == 1:  # the stem sees the 3 image channels
             assert shape == (32, 3, 7, 7)
         elif "conv" in name or name.endswith("downsample.0.weight"):
-            assert shape[:2] == (full[name].shape[0] // 2, full[name].shape[1] // 2) and shape[2:] == full[name].shape[2:], name
+            out_ch, in_ch, *kernel = full[name].shape
+            assert shape == (out_ch // 2, in_ch // 2, *kernel), name
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         shapes = [tuple(c.shape) for c in narrow(x)]

@@ -3,8 +3,8 @@ its 28x28 mask predictions into full-resolution masks: the numbers of a real mod
 
 Shorthand: H x W the training input (the image resized as training resizes it: shortest side
 ``model.input.min_size``, longest at most ``model.input.max_size``); K object classes; L pyramid levels;
-A anchors per location; T anchors of the image; P positive RoIs of the image; S = 28 the mask side; D detections;
-M ground-truth instances.
+A anchors per location; T anchors of the image; P positive RoIs of the image; S = 28 the mask side;
+D detections; M ground-truth instances.
 
 Nothing here re-implements the model. One training-mode forward pass is recorded with forward hooks on
 ``fpn`` (the pyramid), ``rpn.head`` (objectness logits and anchor deltas), ``rpn`` (proposals after NMS),
@@ -414,8 +414,8 @@ def inference_view(model: MaskRCNN, image: Tensor, target: dict, *, class_names:
 # ---------------------------------------------------------------------------------------------------------
 
 def explain(model: MaskRCNN, image: Tensor, target: dict, *, class_names: Sequence[str],
-            train_size: Optional[Tuple[int, int]] = None, heldout: Optional[Tuple[Tensor, dict]] = None, log_records: Sequence[dict] = (),
-            eval_metrics: Optional[dict] = None, score_thresh: float = 0.5, num_rois: int = 4,
+            train_size: Optional[Tuple[int, int]] = None, heldout: Optional[Tuple[Tensor, dict]] = None,
+            log_records: Sequence[dict] = (), eval_metrics: Optional[dict] = None, score_thresh: float = 0.5, num_rois: int = 4,
             seed: int = 0, image_label: str = "explained image") -> dict:
     """All the numbers the figures show, for one annotated image.
 

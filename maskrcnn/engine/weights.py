@@ -92,8 +92,8 @@ def load_weights(model: nn.Module, path: str | Path, class_names: Sequence[str])
                 if keys]
     if problems:
         raise InputError(f"model.weights: {path} does not fit the configured model outside the class-specific "
-                         f"layers (check model.backbone.depth and width and the head settings: torchvision's v2 weights need "
-                         f"those of configs/maskrcnn_R50_FPN_v2.yaml); " + "; ".join(problems))
+                         f"layers (check model.backbone.depth and width and the head settings: torchvision's v2 "
+                         f"weights need those of configs/maskrcnn_R50_FPN_v2.yaml); " + "; ".join(problems))
 
     by_name = {}
     for index, name in enumerate(source_names, start=1):

@@ -132,12 +132,9 @@ def resnet_trunk(depth: int, width: int, norm_layer) -> nn.Module:
             blocks.append(block(inplanes, planes, stride if i == 0 else 1, downsample, norm_layer=norm_layer))
             inplanes = planes * block.expansion
         setattr(trunk, f"layer{k + 1}", nn.Sequential(*blocks))
-    for module in trunk.modules():  # as torchvision's ResNet initialises
+    for module in trunk.modules():  # as torchvision's ResNet initialises (its norms start at 1 and 0 already)
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.constant_(module.weight, 1)
-            nn.init.constant_(module.bias, 0)
     return trunk
 
 
