@@ -14,7 +14,7 @@ from maskrcnn.data import CocoDetection, ResizeShortestEdge, generate_shapes
 from maskrcnn.engine.logger import MetricsLogger
 from maskrcnn.diagnostics.figures import FIGURES, PAGE, explain_checkpoint
 from maskrcnn.diagnostics.trace import explain, load_example, locate_image, read_eval_metrics, read_training_log
-from maskrcnn.modeling.mask_head import mask_loss, mask_targets
+from maskrcnn.modeling.mask_head import logits_of_class, mask_loss, mask_targets
 from maskrcnn.modeling.maskrcnn import build_model
 from maskrcnn.modeling.paste import paste_masks_in_image
 from maskrcnn.predictor import Predictor
@@ -98,7 +98,7 @@ def test_per_roi_losses_average_to_the_mask_loss(result):
     rois = result["mask_rois"]
     weighted = sum(r["loss"] * r["cells"] for r in rois) / sum(r["cells"] for r in rois)
     targets = torch.stack([r["target"] for r in rois])
-    expected = mask_loss(result["mask_logits"], result["mask_classes"], targets)
+    expected = mask_loss(logits_of_class(result["mask_logits"], result["mask_classes"]), targets)
     assert weighted == pytest.approx(float(expected), rel=1e-6)
     assert result["mask_loss"] == pytest.approx(float(expected), rel=1e-6)
     assert result["losses"]["loss_mask"] == pytest.approx(float(expected), rel=1e-6)  # the model's own number

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from maskrcnn.modeling.mask_head import MaskHead
+from maskrcnn.modeling.mask_head import MaskHead, logits_of_class, mask_loss
 
 
 def test_class_logits_are_the_forward_channel_of_each_class():
@@ -16,6 +16,32 @@ def test_class_logits_are_the_forward_channel_of_each_class():
     with torch.no_grad():
         expected = head(x)[torch.arange(6), classes - 1]
         torch.testing.assert_close(head.class_logits(x, classes), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_training_loss_on_class_logits_has_the_full_predictors_gradients():
+    """Training evaluates only each RoI's ground-truth channel; the loss and every gradient equal those of
+    the full K-channel predictor followed by the selection, and absent classes' predictor rows get none."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, 14, 14)
+    classes = torch.tensor([1, 5, 3, 3, 1, 4])
+    targets = torch.rand(6, 28, 28).round()
+    grads = []
+    for select in (lambda head, x: head.class_logits(x, classes),
+                   lambda head, x: logits_of_class(head(x), classes)):
+        torch.manual_seed(1)
+        head = MaskHead(in_channels=8, conv_dim=16, num_convs=2, num_classes=5)
+        nn.init.normal_(head.predictor.weight, std=0.5)
+        x_ = x.clone().requires_grad_()
+        loss = mask_loss(select(head, x_), targets)
+        loss.backward()
+        grads.append((loss.detach(), x_.grad, {n: p.grad for n, p in head.named_parameters()}))
+    (loss, x_grad, params), (full_loss, full_x_grad, full_params) = grads
+    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(x_grad, full_x_grad, rtol=1e-4, atol=1e-4 * full_x_grad.abs().max().item())
+    for name, grad in full_params.items():
+        torch.testing.assert_close(params[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item(), msg=name)
+    assert params["predictor.weight"][1].abs().sum() == 0  # class 2 is absent
+    assert params["predictor.weight"][[0, 2, 3, 4]].abs().sum(dim=(1, 2, 3)).min() > 0
 
 
 def test_fused_inference_equals_the_plain_convolutions(monkeypatch):

@@ -55,3 +55,17 @@ def test_multi_level_roi_align_gradients_equal_torchvision(fast):
     for level, (ours, expected) in enumerate(zip(ours_in, tv_in)):
         assert expected.grad.abs().sum() > 0, f"level {level} pooled no RoI"
         torch.testing.assert_close(ours.grad, expected.grad, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_features_in_read_layout_pool_the_same_values(fast):
+    """The fast RoIAlign reads channels-last rows: converted once, its levels are channels-last (a view for
+    every pooler after) and pool exactly as before; torchvision's kernel keeps them as they are."""
+    g = torch.Generator().manual_seed(4)
+    features = [torch.randn(2, 8, 256 // s, 320 // s, generator=g) for s in (4, 8, 16, 32, 64)]
+    boxes = [_boxes(30, seed=5, extent=200.0).clamp(max=250.0), _boxes(20, seed=6, extent=180.0).clamp(max=190.0)]
+    pooler = MultiLevelRoIAlign(output_size=7, strides=(4, 8, 16, 32), sampling_ratio=2, fast=fast)
+    converted = pooler.in_read_layout(features)
+    assert [f.is_contiguous(memory_format=torch.channels_last) for f in converted[:4]] == [fast] * 4
+    assert converted[4] is features[4]  # not pooled, left alone
+    assert torch.equal(pooler(converted, boxes), pooler(features, boxes))

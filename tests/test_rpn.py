@@ -96,3 +96,35 @@ def test_proposals_of_an_image_do_not_depend_on_its_batch_neighbours():
         for order in ([0, 1], [1, 0], [1, 1]):
             for position, image in enumerate(order):
                 assert torch.equal(proposals(order)[position], alone[image]), (order, position)
+
+
+def test_head_outputs_and_gradients_equal_torchvision():
+    """Our head runs its two 1x1 convolutions as one; logits, deltas and every gradient are torchvision's."""
+    ours, tv = _models()
+    head, tv_head = ours.head, tv.head
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mine, theirs in ((head.conv, tv_head.conv[0][0]), (head.objectness_logits, tv_head.cls_logits),
+                             (head.anchor_deltas, tv_head.bbox_pred)):
+            for name in ("weight", "bias"):
+                getattr(theirs, name).copy_(torch.randn(getattr(theirs, name).shape, generator=g) * 0.1)
+                getattr(mine, name).copy_(getattr(theirs, name))
+    features = _features()
+    results = []
+    for module in (head, tv_head):
+        module.zero_grad()
+        inputs = [f.clone().requires_grad_() for f in features]
+        logits, deltas = module(inputs)
+        g = torch.Generator().manual_seed(2)  # the same loss weights for both
+        loss = sum((x * torch.randn(x.shape, generator=g)).sum() for x in [*logits, *deltas])
+        loss.backward()
+        results.append((logits, deltas, [x.grad for x in inputs], [p.grad for p in module.parameters()]))
+    (logits, deltas, input_grads, param_grads), (tv_logits, tv_deltas, tv_input_grads, tv_param_grads) = results
+    for mine, theirs in zip([*logits, *deltas, *input_grads], [*tv_logits, *tv_deltas, *tv_input_grads]):
+        assert mine.shape == theirs.shape
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
+    by_shape = {tuple(p.shape): p for p in tv_param_grads}
+    assert len(by_shape) == len(param_grads) == 6
+    for grad in param_grads:  # conv, objectness, deltas: weights and biases, shapes all distinct
+        theirs = by_shape[tuple(grad.shape)]
+        torch.testing.assert_close(grad, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())

@@ -8,9 +8,10 @@ D detections; M ground-truth instances.
 
 Nothing here re-implements the model. One training-mode forward pass is recorded with forward hooks on
 ``fpn`` (the pyramid), ``rpn.head`` (objectness logits and anchor deltas), ``rpn`` (proposals after NMS),
-``roi_heads.mask_pooler`` (the positive RoIs the mask loss used) and ``roi_heads.mask_head`` (their mask
-logits). The rest comes from the model's own functions: ``rpn.label_anchors`` and ``rpn.box_coder``, the
-RoI ``matcher`` (which instance each positive RoI crops), ``mask_targets``, ``mask_loss``,
+``roi_heads.mask_pooler`` (the positive RoIs the mask loss used and their pooled features, which the
+mask head turns into every class's logits). The rest comes from the model's own functions:
+``rpn.label_anchors`` and ``rpn.box_coder``, the RoI ``matcher`` (which instance each positive RoI crops),
+``mask_targets``, ``mask_loss``,
 ``mask_probs_of_class``, ``assign_levels``, and inference through :func:`maskrcnn.inference.detect`,
 whose masks are ``paste_masks_in_image``'s.
 
@@ -47,7 +48,7 @@ from maskrcnn.data.transforms import ResizeShortestEdge
 from maskrcnn.errors import InputError
 from maskrcnn.evaluation.coco_evaluator import load_coco
 from maskrcnn.rle import encode_masks
-from maskrcnn.modeling.mask_head import mask_loss, mask_probs_of_class, mask_targets
+from maskrcnn.modeling.mask_head import logits_of_class, mask_loss, mask_probs_of_class, mask_targets
 from maskrcnn.modeling.maskrcnn import MaskRCNN
 from maskrcnn.modeling.matcher import match_boxes
 from maskrcnn.modeling.poolers import assign_levels
@@ -176,7 +177,8 @@ def trace_training_step(model: MaskRCNN, image: Tensor, target: dict, *, seed: i
         proposals: ``(R, 4)`` xyxy proposals after NMS, highest objectness first;
         padded_size: ``(Hp, Wp)`` of the padded batch;
         positive_boxes: ``(P, 4)`` xyxy the positive RoIs the mask loss was computed on;
-        mask_logits: ``(P, K, S, S)`` the mask head's logits for them.
+        mask_logits: ``(P, K, S, S)`` the mask head's logits for them, every class (training reads only
+            each RoI's ground-truth class channel).
     """
     if len(target["boxes"]) == 0:
         raise InputError(f"image id {target.get('image_id')} has no instance annotation to explain")
@@ -185,14 +187,15 @@ def trace_training_step(model: MaskRCNN, image: Tensor, target: dict, *, seed: i
     def record(name, inputs=False):
         def hook(module, args, output):
             captured[name] = args if inputs else output
+            if inputs:
+                captured[name + "_output"] = output
         return hook
 
     hooks = [model.backbone.register_forward_hook(record("backbone", inputs=True)),
              model.fpn.register_forward_hook(record("features")),
              model.rpn.head.register_forward_hook(record("rpn_head")),
              model.rpn.register_forward_hook(record("rpn")),
-             model.roi_heads.mask_pooler.register_forward_hook(record("mask_pooler", inputs=True)),
-             model.roi_heads.mask_head.register_forward_hook(record("mask_head"))]
+             model.roi_heads.mask_pooler.register_forward_hook(record("mask_pooler", inputs=True))]
     was_training = model.training
     devices = [image.device.index or 0] if image.device.type == "cuda" else []
     try:
@@ -205,6 +208,8 @@ def trace_training_step(model: MaskRCNN, image: Tensor, target: dict, *, seed: i
             losses = model([image], [target])
             pooled = captured["features"][: len(model.roi_heads.mask_pooler.scales)]
             grads = torch.autograd.grad(losses["loss_mask"], pooled, materialize_grads=True)
+            with torch.no_grad():
+                mask_logits = model.roi_heads.mask_head(captured["mask_pooler_output"])
     finally:
         for hook in hooks:
             hook.remove()
@@ -219,7 +224,7 @@ def trace_training_step(model: MaskRCNN, image: Tensor, target: dict, *, seed: i
         "proposals": captured["rpn"][0][0],
         "padded_size": tuple(int(s) for s in captured["backbone"][0].shape[-2:]),
         "positive_boxes": torch.cat(captured["mask_pooler"][1]),
-        "mask_logits": captured["mask_head"].detach(),
+        "mask_logits": mask_logits,
     }
 
 
@@ -327,7 +332,7 @@ def mask_view(model: MaskRCNN, trace: dict, target: dict) -> dict:
             float 0-1, ``logits`` ``(S, S)`` of the instance's class channel, ``probs`` their sigmoid,
             ``bce`` ``(S, S)`` per-cell binary cross-entropy, ``loss`` its mean, ``cells`` S * S;
         mask_loss: ``mask_loss`` on all of them (equals the model's ``loss_mask``);
-        mask_logits: ``(P, K, S, S)`` the mask head's logits, as ``mask_loss`` received them;
+        mask_logits: ``(P, K, S, S)`` the mask head's logits (``mask_loss`` reads each RoI's class channel);
         mask_matched, mask_classes: ``(P,)`` int64 instance index and label of each RoI.
     """
     boxes = trace["positive_boxes"]
@@ -336,11 +341,11 @@ def mask_view(model: MaskRCNN, trace: dict, target: dict) -> dict:
     matched = match_boxes(model.roi_heads.matcher, gt_boxes, boxes)  # (P,), >= 0: positives match by definition
     classes = target["labels"].to(boxes.device)[matched]
     targets = mask_targets([target["masks"]], [boxes], [matched], logits.shape[-1])
-    loss = float(mask_loss(logits, classes, targets))
+    class_logits = logits_of_class(logits, classes)  # (P, K, S, S) -> (P, S, S)
+    loss = float(mask_loss(class_logits, targets))
     pooler = model.roi_heads.mask_pooler
     levels = assign_levels(boxes, min_level=pooler.min_level, max_level=pooler.max_level,
                            canonical_scale=pooler.canonical_scale, canonical_level=pooler.canonical_level)
-    class_logits = logits[torch.arange(len(classes), device=classes.device), classes - 1]  # (P, K, S, S) -> (P, S, S)
     probs = mask_probs_of_class(logits, classes)
     bce = F.binary_cross_entropy_with_logits(class_logits.float(), targets, reduction="none")
     ious = box_iou(boxes, gt_boxes)[torch.arange(len(boxes), device=boxes.device), matched]

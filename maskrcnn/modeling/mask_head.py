@@ -8,6 +8,8 @@ resampled to S x S.
 Training signal: for every positive RoI, binary cross-entropy between the S x S logits of its
 ground-truth class channel and its S x S target, averaged over R * S * S cells. The other K - 1
 channels get no gradient, so classes do not compete for a pixel (the classifier decides the class).
+Training therefore evaluates only that channel (:meth:`MaskHead.class_logits`): the same numbers as the
+full predictor followed by the selection, without the K - 1 channels nothing reads.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class MaskHead(nn.Module):
 
     forward(x: (R, C, 14, 14)) -> (R, K, 28, 28) logits.
     class_logits(x: (R, C, 14, 14), classes: (R,) int64 in 1..K) -> (R, 28, 28) logits of each RoI's own
-        class, the only channel inference reads.
+        class, the only channel that inference and the training loss read.
     """
 
     def __init__(self, *, in_channels: int, conv_dim: int = 256, num_convs: int = 4, num_classes: int,
@@ -97,19 +99,23 @@ def mask_targets(gt_masks: List, proposals: List[Tensor], matched_idxs: List[Ten
     return torch.cat(out).to(proposals[0].device)
 
 
-def mask_loss(pred_mask_logits: Tensor, gt_classes: Tensor, targets: Tensor) -> Tensor:
-    """Per-pixel binary cross-entropy on the ground-truth class channel.
+def mask_loss(class_logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-pixel binary cross-entropy of each positive RoI's ground-truth class channel.
 
-    pred_mask_logits: (P, K, S, S); gt_classes: (P,) int64 labels in 1..K; targets: (P, S, S) in [0, 1].
+    class_logits: (P, S, S) logits of the ground-truth class (:meth:`MaskHead.class_logits`, or
+    :func:`logits_of_class` of the full logits); targets: (P, S, S) in [0, 1].
     Returns the mean over P * S * S cells; 0 (graph kept) when P == 0.
     """
     if targets.numel() == 0:
-        return pred_mask_logits.sum() * 0
-    logits = pred_mask_logits[torch.arange(len(gt_classes), device=gt_classes.device), gt_classes - 1]
-    return F.binary_cross_entropy_with_logits(logits.float(), targets)
+        return class_logits.sum() * 0
+    return F.binary_cross_entropy_with_logits(class_logits.float(), targets)
+
+
+def logits_of_class(pred_mask_logits: Tensor, classes: Tensor) -> Tensor:
+    """Each RoI's channel of its class: (D, K, S, S), (D,) labels 1..K -> (D, S, S)."""
+    return pred_mask_logits[torch.arange(len(classes), device=classes.device), classes - 1]
 
 
 def mask_probs_of_class(pred_mask_logits: Tensor, classes: Tensor) -> Tensor:
     """Sigmoid of each detection's own class channel: (D, K, S, S), (D,) labels 1..K -> (D, S, S) float."""
-    index = torch.arange(len(classes), device=classes.device)
-    return pred_mask_logits[index, classes - 1].float().sigmoid()
+    return logits_of_class(pred_mask_logits, classes).float().sigmoid()

@@ -54,6 +54,15 @@ class MultiLevelRoIAlign(nn.Module):
     def forward(self, features: List[Tensor], boxes: List[Tensor]) -> Tensor:
         return self.pool(features, to_rois(boxes))
 
+    def in_read_layout(self, features: List[Tensor]) -> List[Tensor]:
+        """``features`` with the pooled levels in the memory layout that this pooler's RoIAlign reads:
+        channels-last for the fast one, whose ``(N*H*W, C)`` rows are then a view instead of a copy. The
+        values are unchanged; converting once lets two poolers of the same levels share the copy."""
+        if not (self.fast and self.sampling_ratio > 0):
+            return features
+        n = len(self.scales)
+        return [f.contiguous(memory_format=torch.channels_last) for f in features[:n]] + list(features[n:])
+
     def pool(self, features: List[Tensor], rois: Tensor) -> Tensor:
         """rois: (R, 5) float, image index then x1, y1, x2, y2 pixels of the resized input -> (R, C, S, S).
 

@@ -145,6 +145,7 @@ class RoIHeads(nn.Module):
 
     def forward(self, features: List[Tensor], proposals: List[Tensor], image_sizes: List[Tuple[int, int]],
                 targets=None):
+        features = self.box_pooler.in_read_layout(features)  # one copy for both poolers, where they need one
         if self.training:
             return self.losses(features, proposals, targets)
         return self.predict_masks(features, self.detect_boxes(features, proposals, image_sizes))
@@ -191,8 +192,8 @@ class RoIHeads(nn.Module):
             # No foreground RoI anywhere in the batch: keep the mask head in the graph with a zero loss.
             losses["loss_mask"] = sum(p.sum() for p in self.mask_head.parameters()) * 0
         else:
-            pred_mask_logits = self.mask_head(self.mask_pooler(features, fg_boxes))
-            losses["loss_mask"] = mask_loss(pred_mask_logits, fg_classes, targets_28)
+            class_logits = self.mask_head.class_logits(self.mask_pooler(features, fg_boxes), fg_classes)
+            losses["loss_mask"] = mask_loss(class_logits, targets_28)
         return losses
 
     def detect_boxes(self, features: List[Tensor], proposals: List[Tensor],
