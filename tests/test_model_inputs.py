@@ -198,9 +198,9 @@ def test_training_without_targets_is_refused():
 
 
 def mask_head_batch_sizes(model, images, targets):
-    """Rows of the RoI feature batch the mask head received in one training forward."""
+    """Rows of the RoI feature batch the mask head received in one training forward (the mask pooler's output)."""
     sizes = []
-    hook = model.roi_heads.mask_head.register_forward_hook(lambda m, args, out: sizes.append(len(args[0])))
+    hook = model.roi_heads.mask_pooler.register_forward_hook(lambda m, args, out: sizes.append(len(out)))
     try:
         model(images, targets)
     finally:
