@@ -187,15 +187,14 @@ def trace_training_step(model: MaskRCNN, image: Tensor, target: dict, *, seed: i
     def record(name, inputs=False):
         def hook(module, args, output):
             captured[name] = args if inputs else output
-            if inputs:
-                captured[name + "_output"] = output
         return hook
 
     hooks = [model.backbone.register_forward_hook(record("backbone", inputs=True)),
              model.fpn.register_forward_hook(record("features")),
              model.rpn.head.register_forward_hook(record("rpn_head")),
              model.rpn.register_forward_hook(record("rpn")),
-             model.roi_heads.mask_pooler.register_forward_hook(record("mask_pooler", inputs=True))]
+             model.roi_heads.mask_pooler.register_forward_hook(record("mask_pooler", inputs=True)),
+             model.roi_heads.mask_pooler.register_forward_hook(record("mask_features"))]
     was_training = model.training
     devices = [image.device.index or 0] if image.device.type == "cuda" else []
     try:
@@ -209,7 +208,7 @@ def trace_training_step(model: MaskRCNN, image: Tensor, target: dict, *, seed: i
             pooled = captured["features"][: len(model.roi_heads.mask_pooler.scales)]
             grads = torch.autograd.grad(losses["loss_mask"], pooled, materialize_grads=True)
             with torch.no_grad():
-                mask_logits = model.roi_heads.mask_head(captured["mask_pooler_output"])
+                mask_logits = model.roi_heads.mask_head(captured["mask_features"])
     finally:
         for hook in hooks:
             hook.remove()
