@@ -6,7 +6,7 @@ import torch
 
 from maskrcnn.modeling.mask_head import logits_of_class, mask_loss
 from maskrcnn.modeling.roi_heads import box_losses
-from maskrcnn.modeling.rpn import rpn_losses
+from maskrcnn.modeling.rpn import rpn_losses, sample_anchors
 
 BETA = 1 / 9
 
@@ -22,7 +22,10 @@ def log_sigmoid(x):
 
 
 def rpn(logits, deltas, labels, gt_deltas, batch_size=256):
-    return rpn_losses(logits, deltas, labels, gt_deltas, batch_size_per_image=batch_size, positive_fraction=0.5)
+    """The RPN losses over a balanced sample of (N, T) anchors, as training takes them."""
+    sampled = sample_anchors(labels, batch_size_per_image=batch_size, positive_fraction=0.5)
+    return rpn_losses(logits.reshape(-1)[sampled], deltas.reshape(-1, 4)[sampled], labels.reshape(-1)[sampled],
+                      gt_deltas.reshape(-1, 4)[sampled])
 
 
 def test_rpn_perfect_prediction():

@@ -1,6 +1,7 @@
 """RPN stages: anchor labelling and proposal selection, against torchvision's RegionProposalNetwork on the
 same anchors, objectness and deltas."""
 
+import pytest
 import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList as TVImageList
@@ -128,3 +129,76 @@ def test_head_outputs_and_gradients_equal_torchvision():
     for grad in param_grads:  # conv, objectness, deltas: weights and biases, shapes all distinct
         theirs = by_shape[tuple(grad.shape)]
         torch.testing.assert_close(grad, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
+
+
+def _training_pair(num_convs):
+    """Our RPN and torchvision's in training mode, with the same random head weights."""
+    cfg = tiny_config().model
+    cfg.rpn.head_convs = num_convs
+    cfg.rpn.batch_size_per_image = 1024  # of about 3000 anchors per image: every level takes part
+    ours = build_model(cfg).rpn
+    a, r = cfg.anchors, cfg.rpn
+    tv_head = TVRPNHead(cfg.backbone.fpn_channels, len(a.aspect_ratios), conv_depth=num_convs)
+    tv = RegionProposalNetwork(
+        TVAnchorGenerator(tuple((s,) for s in a.sizes), (tuple(a.aspect_ratios),) * len(a.sizes)), tv_head,
+        r.fg_iou_thresh, r.bg_iou_thresh, r.batch_size_per_image, r.positive_fraction,
+        {"training": r.pre_nms_topk_train, "testing": r.pre_nms_topk_test},
+        {"training": r.post_nms_topk_train, "testing": r.post_nms_topk_test}, r.nms_thresh, r.score_thresh)
+    g = torch.Generator().manual_seed(3)
+    pairs = [(ours.head.conv, tv_head.conv[0][0]), *zip(ours.head.extra_convs, (c[0] for c in tv_head.conv[1:])),
+             (ours.head.objectness_logits, tv_head.cls_logits), (ours.head.anchor_deltas, tv_head.bbox_pred)]
+    with torch.no_grad():
+        for mine, theirs in pairs:
+            for name in ("weight", "bias"):
+                getattr(theirs, name).copy_(torch.randn(getattr(theirs, name).shape, generator=g) * 0.1)
+                getattr(mine, name).copy_(getattr(theirs, name))
+    return ours.train(), tv.train()
+
+
+@pytest.mark.parametrize("num_convs", [1, 2])
+def test_training_losses_and_gradients_equal_torchvision(num_convs):
+    """Training evaluates the head at the sampled anchors only; the losses and every gradient (head weights
+    and each pyramid level) are those of torchvision's RPN, which runs the head over every level. Boxes
+    reach the borders, so anchors whose neighbourhoods cross the padding are sampled too."""
+    ours, tv = _training_pair(num_convs)
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 40.0, 52.0], [70.0, 5.0, 127.0, 40.0], [30.0, 60.0, 90.0, 95.0]])},
+               {"boxes": torch.tensor([[3.0, 50.0, 110.0, 79.0]])}]
+    results = []
+    for model in (ours, tv):
+        model.zero_grad()
+        features = [f.clone().requires_grad_() for f in _features()]
+        torch.manual_seed(7)  # the same anchor sample: both draw it with randperm, image by image
+        if model is ours:
+            _, losses = model(features, SIZES, PADDED, targets)
+        else:
+            image_list = TVImageList(torch.zeros(2, 3, *PADDED), SIZES)
+            _, losses = model(image_list, {str(i): f for i, f in enumerate(features)}, targets)
+        sum(losses.values()).backward()
+        results.append((losses, [f.grad for f in features], [p.grad for p in model.head.parameters()]))
+    (losses, grads, param_grads), (tv_losses, tv_grads, tv_param_grads) = results
+    assert losses.keys() == tv_losses.keys()
+    for name, value in losses.items():
+        torch.testing.assert_close(value, tv_losses[name], rtol=1e-5, atol=0)
+    for mine, theirs in zip(grads, tv_grads):
+        assert theirs.abs().max() > 0, "every level has sampled anchors"
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
+    theirs_by_shape = {}
+    for grad in tv_param_grads:
+        theirs_by_shape.setdefault(tuple(grad.shape), []).append(grad)
+    for grad in param_grads:  # the 3x3 convolutions in order, then the two output convolutions
+        theirs = theirs_by_shape[tuple(grad.shape)].pop(0)
+        torch.testing.assert_close(grad, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
+
+
+def test_training_with_nothing_sampled_gives_zero_losses_and_gradients():
+    """Every anchor ignored (a crowd region over the whole image): zero losses, and the head's parameters
+    still get a gradient, of zeros, so that distributed training finds them used."""
+    ours, _ = _training_pair(1)
+    features = [f.clone().requires_grad_() for f in _features()]
+    whole = torch.tensor([[-1000.0, -1000.0, 1000.0, 1000.0]])
+    targets = [{"boxes": torch.zeros(0, 4), "crowd_boxes": whole}] * 2
+    _, losses = ours(features, SIZES, PADDED, targets)
+    assert all(v.item() == 0.0 for v in losses.values())
+    sum(losses.values()).backward()
+    for p in ours.head.parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))

@@ -52,10 +52,7 @@ class RPNHead(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
-        # The two 1x1 convolutions run as one of A + 4A output channels: one pass over the features, and
-        # in training one gradient for them instead of two to be summed.
-        weight = torch.cat([self.objectness_logits.weight, self.anchor_deltas.weight])
-        bias = torch.cat([self.objectness_logits.bias, self.anchor_deltas.bias])
+        weight, bias = self._output_weights()
         a = self.objectness_logits.out_channels
         logits, deltas = [], []
         for x in features:
@@ -67,32 +64,72 @@ class RPNHead(nn.Module):
             deltas.append(out[:, a:])
         return logits, deltas
 
+    def _output_weights(self) -> Tuple[Tensor, Tensor]:
+        """The two 1x1 convolutions as one of A + 4A output channels: one pass over the features, and in
+        training one gradient for them instead of two to be summed. (5A, C, 1, 1) weight, (5A,) bias."""
+        return (torch.cat([self.objectness_logits.weight, self.anchor_deltas.weight]),
+                torch.cat([self.objectness_logits.bias, self.anchor_deltas.bias]))
 
-def rpn_losses(pred_objectness_logits: Tensor, pred_anchor_deltas: Tensor, gt_labels: Tensor,
-               gt_deltas: Tensor, *, batch_size_per_image: int, positive_fraction: float) -> Dict[str, Tensor]:
-    """Objectness BCE and smooth-L1 box loss over a balanced sample of anchors.
+    def at_locations(self, feature: Tensor, image: Tensor, y: Tensor, x: Tensor) -> Tensor:
+        """The head's outputs at S locations of one level, from their neighbourhoods alone.
 
-    pred_objectness_logits: (N, T); pred_anchor_deltas: (N, T, 4); gt_labels: (N, T) in {1, 0, -1};
-    gt_deltas: (N, T, 4) regression targets of each anchor's matched box. Both losses are normalised
-    by the number of sampled anchors (torchvision's convention).
+        feature: (N, C, H, W) one pyramid level; image, y, x: (S,) int64, each location's image and cell.
+        Returns (S, 5A): the A objectness logits, then the 4A deltas, as :meth:`forward` gives them at
+        those cells (equal to float rounding).
+
+        With k 3x3 convolutions a cell's outputs depend on the (2k+1) x (2k+1) cells around it, so those
+        are gathered (zeros outside the level, as the convolutions pad) and the convolutions run on them
+        without padding. Between convolutions, cells outside the level are set to zero, as padding sets
+        them in :meth:`forward`. Training evaluates the losses this way at the sampled anchors only, so
+        the backward pass costs little instead of a full transposed convolution over every level.
+        """
+        radius = 1 + len(self.extra_convs)
+        height, width = feature.shape[-2:]
+        offsets = torch.arange(-radius, radius + 1, device=feature.device)
+        rows, cols = y[:, None] + offsets, x[:, None] + offsets  # (S, 2r+1) each
+        inside = (((rows >= 0) & (rows < height))[:, :, None]
+                  & ((cols >= 0) & (cols < width))[:, None, :])  # (S, 2r+1, 2r+1)
+        # Advanced indices around the channel slice put their dimensions first: (S, 2r+1, 2r+1, C).
+        patch = feature[image[:, None, None], :, rows.clamp(0, height - 1)[:, :, None],
+                        cols.clamp(0, width - 1)[:, None, :]]
+        t = (patch * inside[..., None].to(patch.dtype)).permute(0, 3, 1, 2)  # (S, C, 2r+1, 2r+1)
+        for step, conv in enumerate((self.conv, *self.extra_convs)):
+            if step > 0:  # t covers the patch's cells step..2r-step; zero those outside the level
+                t = t * inside[:, None, step:2 * radius + 1 - step, step:2 * radius + 1 - step].to(t.dtype)
+            t = F.relu(F.conv2d(t, conv.weight, conv.bias))
+        weight, bias = self._output_weights()
+        return F.linear(t.flatten(1), weight.flatten(1), bias)
+
+
+def sample_anchors(gt_labels: Tensor, *, batch_size_per_image: int, positive_fraction: float) -> Tensor:
+    """The balanced sample of anchors that the losses see: per image at most ``batch_size_per_image *
+    positive_fraction`` positives (label 1), then negatives (label 0) up to ``batch_size_per_image``;
+    ignored anchors (-1) never.
+
+    gt_labels: (N, T). Returns (S,) int64 indices into the flattened (N * T) anchors.
     """
-    pos, neg = [], []
+    sampled = []
     num_anchors = gt_labels.shape[1]
     for i, labels in enumerate(gt_labels):
-        p, n = sample_balanced(labels, batch_size_per_image, positive_fraction)
-        pos.append(p + i * num_anchors)
-        neg.append(n + i * num_anchors)
-    pos, neg = torch.cat(pos), torch.cat(neg)
-    sampled = torch.cat([pos, neg])
-    logits = pred_objectness_logits.reshape(-1)
-    deltas = pred_anchor_deltas.reshape(-1, 4)
-    box_loss = F.smooth_l1_loss(deltas[pos].float(), gt_deltas.reshape(-1, 4)[pos], beta=1 / 9,
-                                reduction="sum") / max(sampled.numel(), 1)
-    if sampled.numel() == 0:
+        pos, neg = sample_balanced(labels, batch_size_per_image, positive_fraction)
+        sampled += [pos + i * num_anchors, neg + i * num_anchors]
+    return torch.cat(sampled)
+
+
+def rpn_losses(logits: Tensor, deltas: Tensor, gt_labels: Tensor, gt_deltas: Tensor) -> Dict[str, Tensor]:
+    """Objectness BCE and smooth-L1 box loss over S sampled anchors (:func:`sample_anchors`).
+
+    logits: (S,) objectness logits; deltas: (S, 4); gt_labels: (S,) 1 (object) or 0 (background);
+    gt_deltas: (S, 4) regression targets of each anchor's matched box (used where the label is 1). Both
+    losses are normalised by S (torchvision's convention).
+    """
+    positive = gt_labels == 1
+    box_loss = F.smooth_l1_loss(deltas[positive].float(), gt_deltas[positive], beta=1 / 9,
+                                reduction="sum") / max(gt_labels.numel(), 1)
+    if gt_labels.numel() == 0:
         objectness_loss = logits.sum() * 0
     else:
-        objectness_loss = F.binary_cross_entropy_with_logits(logits[sampled].float(),
-                                                             gt_labels.reshape(-1)[sampled].float())
+        objectness_loss = F.binary_cross_entropy_with_logits(logits.float(), gt_labels.float())
     return {"loss_objectness": objectness_loss, "loss_rpn_box_reg": box_loss}
 
 
@@ -112,7 +149,7 @@ class RPN(nn.Module):
         inside the padded batch of size ``padded_size`` (Hp, Wp); targets: training dicts with ``boxes``
         (M, 4) and optionally ``crowd_boxes``.
         proposals is a list of N tensors (Ri, 4) xyxy in pixels of the resized input, highest objectness
-        first; losses (``loss_rpn_cls``, ``loss_rpn_box``) is empty in eval mode.
+        first; losses (``loss_objectness``, ``loss_rpn_box_reg``) is empty in eval mode.
     """
 
     def __init__(self, *, anchor_generator: AnchorGenerator, head: RPNHead, box_coder: BoxCoder, matcher: Matcher,
@@ -133,19 +170,48 @@ class RPN(nn.Module):
 
     def forward(self, features: List[Tensor], image_sizes: List[Tuple[int, int]], padded_size: Tuple[int, int],
                 targets=None) -> Tuple[List[Tensor], Dict[str, Tensor]]:
-        logits, deltas, anchors = self.predict(features, padded_size)
+        # Proposals take no gradient, so the head runs over every level without one; the losses evaluate
+        # it again at the sampled anchors only (RPNHead.at_locations).
+        with torch.no_grad():
+            logits, deltas, anchors = self.predict(features, padded_size)
         n = features[0].shape[0]
         sizes = torch.as_tensor(image_sizes, dtype=torch.int64, device=features[0].device).view(n, 2)
         rois = self.select_proposals(logits, deltas, anchors, sizes)
         proposals = split_by_image(rois[:, 0].to(torch.int64), n, rois[:, 1:])[0]
         losses = {}
         if self.training:
-            all_anchors = torch.cat(anchors)
-            gt_labels, gt_deltas = self.label_anchors(all_anchors, targets)
-            losses = rpn_losses(torch.cat(logits, dim=1), torch.cat(deltas, dim=1), gt_labels, gt_deltas,
-                                batch_size_per_image=self.batch_size_per_image,
-                                positive_fraction=self.positive_fraction)
+            gt_labels, gt_deltas = self.label_anchors(torch.cat(anchors), targets)
+            sampled = sample_anchors(gt_labels, batch_size_per_image=self.batch_size_per_image,
+                                     positive_fraction=self.positive_fraction)
+            sampled, logits, deltas = self.head_at_anchors(features, [len(a) for a in anchors], sampled)
+            losses = rpn_losses(logits, deltas, gt_labels.view(-1)[sampled], gt_deltas.view(-1, 4)[sampled])
         return proposals, losses
+
+    def head_at_anchors(self, features: List[Tensor], anchors_per_level: List[int], sampled: Tensor
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
+        """The head's objectness logit and deltas of each sampled anchor, with gradients.
+
+        features: L levels (N, C, Hi, Wi); anchors_per_level: the L counts Ai; sampled: (S,) indices into the
+        flattened (N * T) anchors of :meth:`predict`'s order. Returns the same indices grouped by level
+        (the order of the other two), logits (S,) and deltas (S, 4).
+        """
+        num_anchors = sum(anchors_per_level)
+        per_location = self.anchor_generator.num_anchors_per_location
+        starts = [sum(anchors_per_level[:i]) for i in range(len(anchors_per_level))]
+        level = torch.bucketize(sampled % num_anchors, torch.tensor(starts[1:], device=sampled.device), right=True)
+        level, order = torch.sort(level, stable=True)
+        sampled = sampled[order]
+        groups = sampled.split(level.bincount(minlength=len(features)).tolist())
+        logits, deltas = [], []
+        for feature, group, start in zip(features, groups, starts):
+            image, index = group // num_anchors, group % num_anchors - start
+            cell, anchor = index // per_location, index % per_location  # index = (y * Wi + x) * A + a
+            width = feature.shape[-1]
+            out = self.head.at_locations(feature, image, cell // width, cell % width)  # (s, 5A)
+            rows = torch.arange(len(group), device=sampled.device)
+            logits.append(out[rows, anchor])
+            deltas.append(out[:, per_location:].view(-1, per_location, 4)[rows, anchor])
+        return sampled, torch.cat(logits), torch.cat(deltas)
 
     def propose(self, features: List[Tensor], image_sizes: Tensor, padded_size) -> Tensor:
         """Inference over a batch without loops over images: features as :meth:`forward`, image_sizes (N, 2)
