@@ -155,18 +155,20 @@ def _training_pair(num_convs):
     return ours.train(), tv.train()
 
 
-@pytest.mark.parametrize("num_convs", [1, 2])
-def test_training_losses_and_gradients_equal_torchvision(num_convs):
+@pytest.mark.parametrize("num_convs,layout", [(1, torch.contiguous_format), (2, torch.contiguous_format),
+                                               (1, torch.channels_last), (2, torch.channels_last)])
+def test_training_losses_and_gradients_equal_torchvision(num_convs, layout):
     """Training evaluates the head at the sampled anchors only; the losses and every gradient (head weights
     and each pyramid level) are those of torchvision's RPN, which runs the head over every level. Boxes
-    reach the borders, so anchors whose neighbourhoods cross the padding are sampled too."""
+    reach the borders, so anchors whose neighbourhoods cross the padding are sampled too. Both layouts:
+    channels-last levels are gathered by rows."""
     ours, tv = _training_pair(num_convs)
     targets = [{"boxes": torch.tensor([[0.0, 0.0, 40.0, 52.0], [70.0, 5.0, 127.0, 40.0], [30.0, 60.0, 90.0, 95.0]])},
                {"boxes": torch.tensor([[3.0, 50.0, 110.0, 79.0]])}]
     results = []
     for model in (ours, tv):
         model.zero_grad()
-        features = [f.clone().requires_grad_() for f in _features()]
+        features = [f.contiguous(memory_format=layout).requires_grad_() for f in _features()]
         torch.manual_seed(7)  # the same anchor sample: both draw it with randperm, image by image
         if model is ours:
             _, losses = model(features, SIZES, PADDED, targets)
@@ -190,11 +192,12 @@ def test_training_losses_and_gradients_equal_torchvision(num_convs):
         torch.testing.assert_close(grad, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
 
 
-def test_training_with_nothing_sampled_gives_zero_losses_and_gradients():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_training_with_nothing_sampled_gives_zero_losses_and_gradients(layout):
     """Every anchor ignored (a crowd region over the whole image): zero losses, and the head's parameters
     still get a gradient, of zeros, so that distributed training finds them used."""
     ours, _ = _training_pair(1)
-    features = [f.clone().requires_grad_() for f in _features()]
+    features = [f.contiguous(memory_format=layout).requires_grad_() for f in _features()]
     whole = torch.tensor([[-1000.0, -1000.0, 1000.0, 1000.0]])
     targets = [{"boxes": torch.zeros(0, 4), "crowd_boxes": whole}] * 2
     _, losses = ours(features, SIZES, PADDED, targets)
