@@ -18,9 +18,10 @@ Compute floor: the multiply-adds of each stage's convolutions and matrix product
 commonest heavy convolution of the model (:func:`conv_peak_gflops`). Inference counts ours, which does
 torchvision's arithmetic but for outputs it skips (the background class's box deltas, the mask logits of
 undetected classes); a training step counts torchvision's, of which ours skips a larger part (the mask
-predictor's other classes, the RPN head's backward pass outside the sampled anchors). No implementation doing that arithmetic at that throughput takes less time, so
-torchvision time / floor (``ceiling``) is the largest speedup reachable without changing the arithmetic;
-a training step, whose arithmetic ours changes, can pass it.
+predictor's other classes, the RPN head's backward pass outside the sampled anchors). No implementation
+doing that arithmetic at that throughput takes less time, so torchvision time / floor (``ceiling``) is the
+largest speedup reachable without changing the arithmetic; a training step, whose arithmetic ours changes,
+can pass it.
 
 Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` above the memory held before the call;
 on CPU the peak resident set size above the resident size before the call (sampled every millisecond
