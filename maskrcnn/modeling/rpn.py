@@ -92,10 +92,10 @@ class RPNHead(nn.Module):
             patches.append(patch)
             insides.append(inside)
         inside = torch.cat(insides)  # (S, 2r+1, 2r+1, 1)
-        t = torch.cat(patches) * inside.to(patches[0].dtype)  # (S, 2r+1, 2r+1, C)
+        t = torch.cat(patches)  # (S, 2r+1, 2r+1, C)
         for step, conv in enumerate(convs):
-            if step > 0:  # t covers the patch's cells step..2r-step; zero those outside the level
-                t = t * inside[:, step:2 * radius + 1 - step, step:2 * radius + 1 - step].to(t.dtype)
+            # t covers the patch's cells step..2r-step; those outside the level are the padding's zeros
+            t = t * inside[:, step:2 * radius + 1 - step, step:2 * radius + 1 - step].to(t.dtype)
             if step < radius - 1:  # (S, w, w, C) -> (S, w-2, w-2, C)
                 t = F.relu(F.conv2d(t.permute(0, 3, 1, 2), conv.weight, conv.bias)).permute(0, 2, 3, 1)
             else:  # one 3x3 window per cell: (S, 9C) -> (S, C)
