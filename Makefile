@@ -14,7 +14,8 @@ DEMO_OVERRIDES ?=
 
 # Create the virtual environment from nothing and install the package: $(CORE) with what training,
 # evaluation and inference need (all that the demo runs), $(STAMP) with the test extras on top (the exporters,
-# the service, the browser driver).
+# the service, the browser driver, Ray) and, in .venv/annotation-tools, the annotation tools the pre-annotation
+# round trips run (labelme, datumaro, Label Studio: their pins clash with ours, so they live apart).
 $(CORE): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -22,8 +23,9 @@ $(CORE): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $(CORE)
 
-$(STAMP): $(CORE)
+$(STAMP): $(CORE) tests/annotation_tools/requirements.txt
 	$(PY) -m pip install --quiet -e '.[test]'
+	bash tests/annotation_tools/setup.sh
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -39,7 +41,7 @@ demo: $(CORE)
 	$(PY) tools/eval.py --checkpoint $(DEMO)/model_final.pth --ann $(SHAPES)/annotations/instances_val.json \
 		--images $(SHAPES)/val --output $(DEMO)
 	$(PY) tools/infer.py --checkpoint $(DEMO)/model_final.pth --input $(SHAPES)/val --output $(DEMO)/overlays \
-		--score-thresh 0.5 --label-map
+		--label-map
 	$(PY) tools/analyze.py --results $(DEMO)/results.json --ann $(SHAPES)/annotations/instances_val.json --images $(SHAPES)/val --output $(DEMO)/report
 	@echo
 	@echo "checkpoint:   $(DEMO)/model_final.pth"
@@ -58,7 +60,7 @@ figures: $(CORE)
 transfer: $(CORE)
 	test -f $(DEMO)/model_final.pth || $(MAKE) demo
 	$(PY) -m benchmarks.transfer_demo --checkpoint $(DEMO)/model_final.pth --config $(DEMO_CONFIG) \
-		--data data/shapes_novel --output output/transfer --max-iter 300 --eval-period 100
+		--data data/shapes_novel --output output/transfer
 
 clean:
 	rm -rf $(VENV) $(DEMO) output/transfer

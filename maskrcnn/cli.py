@@ -8,26 +8,29 @@ error and the process exits with status 2:
 
 - an :class:`~maskrcnn.errors.InputError` (bad configuration value or key, bad annotation, checkpoint that
   does not fit, bad option), which the package raises where it finds such a problem;
-- a missing file or folder, a path of the wrong kind, a permission refused (``FileNotFoundError``,
-  ``IsADirectoryError``, ``NotADirectoryError``, ``PermissionError``);
+- a missing file or folder, a path of the wrong kind or one already taken, a permission refused
+  (``FileNotFoundError``, ``IsADirectoryError``, ``NotADirectoryError``, ``FileExistsError``,
+  ``PermissionError``);
 - a :class:`~maskrcnn.errors.MissingPackageError` (an optional package a chosen setting needs);
 - a ``FloatingPointError``: training stopped on a non-finite loss, naming the iteration and the loss term.
 
 Anything else, a plain ``ValueError`` from inside numpy or torch included, is a defect and keeps its
 traceback. ``--debug`` anywhere on the command line shows the traceback of user errors too. Warnings are
-printed as one line each, ``warning: <message>``.
+printed as one line each, ``warning: <message>``. A tool checks its own options before the library sees them
+(:func:`require_at_least`), so that a bad value is an error naming the option, not a fault deep inside.
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
+from argparse import Namespace
 from typing import Callable, List, Optional
 
 from maskrcnn.errors import InputError, MissingPackageError
 
 USER_ERRORS = (InputError, MissingPackageError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-               PermissionError, FloatingPointError)
+               FileExistsError, PermissionError, FloatingPointError)
 
 
 def one_line(exc: BaseException) -> str:
@@ -41,6 +44,16 @@ def one_line(exc: BaseException) -> str:
     for previous, line in zip(lines, lines[1:]):
         text += (" " if previous.endswith(":") else "; ") + line
     return text
+
+
+def require_at_least(args: Namespace, **minimums: float) -> None:
+    """Raise :class:`InputError` for the first option of ``args`` (parsed options) below its minimum, named as
+    the command line spells it: ``require_at_least(args, batch_size=1)`` -> ``--batch-size must be at least 1,
+    got 0``."""
+    for name, minimum in minimums.items():
+        value = getattr(args, name)
+        if value < minimum:
+            raise InputError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
 
 
 def run(main: Callable[[Optional[List[str]]], object], argv: Optional[List[str]] = None) -> None:

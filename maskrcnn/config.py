@@ -23,6 +23,20 @@ DISPLAY_SCORE_THRESH = 0.5
 
 
 @dataclass
+class ServiceConfig:
+    """The HTTP service's batching and the bounds on what one client can take (``tools/serve.py``,
+    :func:`maskrcnn.deploy.serve.create_app`); not part of a run's configuration."""
+
+    max_batch_size: int = 4  # images per batch at most
+    max_wait_ms: float = 10.0  # how long a batch waits for more images after its first (milliseconds)
+    max_queue: int = 32  # requests held at once (uploading, decoding, waiting, running); more get 503
+    timeout_s: float = 60.0  # seconds per request, from its first body byte to its answer
+    max_bytes: int = 20 * 2**20  # largest upload in bytes
+    max_pixels: int = 40_000_000  # largest image in pixels (W x H), read from its header before decoding
+    decode_workers: int = 2  # threads that decode uploads, off the event loop
+
+
+@dataclass
 class InputConfig:
     min_size: List[int] = field(default_factory=lambda: [800])  # shortest side after resize; training picks one at random
     max_size: int = 1333  # cap on the longest side after resize (pixels)
@@ -92,6 +106,14 @@ class RoIHeadsConfig:
     nms_thresh: float = 0.5  # per-class NMS IoU threshold
     detections_per_img: int = 100  # detections kept per image
     mask_threshold: float = 0.5  # probability at which a pasted mask pixel is foreground
+    mask_refine: bool = False  # refine the 28x28 masks with a point head (PointRend) on the stride-4 features
+    point_head_dim: int = 256  # width of the point head's hidden layers (an MLP applied to each point)
+    point_head_fcs: int = 3  # hidden layers of the point head
+    point_train_points: int = 196  # points per positive RoI in the point head's loss
+    point_oversample_ratio: float = 3.0  # random candidates per training point, the least certain kept
+    point_importance_ratio: float = 0.75  # fraction of the training points chosen by uncertainty; the rest uniform
+    point_subdivision_steps: int = 2  # 2x upsamplings of the masks at inference (28 -> 56 -> 112)
+    point_subdivision_points: int = 784  # least certain cells recomputed per detection at each step
 
 
 @dataclass
@@ -103,6 +125,7 @@ class ModelConfig:
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
     fast_roi_align: bool = True  # RoIAlign as an embedding_bag gather (same values, much faster backward on CPU)
     paste_memory_mb: int = 256  # memory budget (MiB) of the chunked mask paste at inference
+    precision: str = "auto"  # inference precision: "auto" (bf16 where native, else fp32), "fp32" or "bf16" (autocast)
     weights: str = ""  # start training from this checkpoint or torchvision .pth; class rows matched by name
 
 
@@ -155,6 +178,19 @@ class TrainConfig:
     eval_at_end: bool = False  # evaluate on the validation set after training
     tensorboard: bool = False  # also write TensorBoard event files
     sync_bn: bool = False  # convert every BatchNorm (trunk, FPN, heads) to SyncBatchNorm under DDP on CUDA
+
+
+@dataclass
+class ShapesConfig:
+    """What ``tools/make_shapes.py`` generates (:func:`maskrcnn.data.shapes.generate_shapes`); not part of a run's
+    configuration."""
+
+    num_train: int = 2000  # training images
+    num_val: int = 200  # validation images
+    seed: int = 0  # generation seed: the same options give the same files
+    min_size: int = 128  # smallest image side (pixels)
+    max_size: int = 256  # largest image side (pixels)
+    categories: str = "basic"  # "basic" (square, circle, triangle) or "novel" (star, hexagon, cross)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .errors import InputError
 from .config import Config, config_to_dict
-from .fileio import atomic_write
+from .fileio import atomic_write, read_checkpoint
 
 Rule = Tuple[str, Union[str, Callable[[re.Match], str]]]
 
@@ -162,7 +162,7 @@ def convert_torchvision_checkpoint(src: str | Path, dst: str | Path, class_names
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise FileNotFoundError(f"checkpoint not found: {src}")
-    state = torch.load(src, map_location="cpu", weights_only=True)
+    state = read_checkpoint(src)
     if "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     cfg = config_for_torchvision_state(state)

@@ -1,4 +1,4 @@
-"""File helpers shared by every room: atomic writes, JSON results, image decoding.
+"""File helpers shared by every room: atomic writes, JSON files, checkpoints, image decoding.
 
 Nothing written here is ever half-written: a crash leaves the old file or the complete new one.
 """
@@ -9,12 +9,14 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import secrets
 from pathlib import Path
 from typing import BinaryIO, Callable, Tuple, Union
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 from maskrcnn.errors import InputError
@@ -56,6 +58,39 @@ def save_json(path: Union[str, Path], obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = json.dumps(obj).encode("utf-8")
     atomic_write(path, lambda f: f.write(data))
+
+
+def read_checkpoint(path: Union[str, Path]):
+    """What a ``torch.save`` file holds (tensors on the CPU, read with ``weights_only``).
+
+    Raises ``FileNotFoundError`` for a missing file and ``InputError`` naming it when it is unreadable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise InputError(f"{path} is not a readable checkpoint: {exc}") from None
+
+
+def read_json(path: Union[str, Path], what: str, expected: type):
+    """The JSON value of the file ``path``, of type ``expected`` (``list`` or ``dict``).
+
+    what: what the file should be, for the messages ("results file", "Label Studio export", ...).
+    Raises ``FileNotFoundError`` for a missing file and :class:`InputError` naming the file when it is not
+    readable JSON or holds another type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what} {path} is not readable JSON: {exc}") from None
+    if not isinstance(value, expected):
+        raise InputError(f"{what} {path} holds a JSON {type(value).__name__}, expected a {expected.__name__}")
+    return value
 
 
 EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how the stored pixels are turned to be seen upright

@@ -19,7 +19,7 @@ from maskrcnn.errors import InputError
 from maskrcnn.fileio import decode_image, read_image, upright
 from maskrcnn.modeling.maskrcnn import MaskRCNN
 from maskrcnn.modeling.postprocess import MASK_FORMATS
-from maskrcnn.precision import PRECISIONS, resolve_precision
+from maskrcnn.precision import PRECISIONS, autocast
 from maskrcnn.structures import Instances
 
 
@@ -28,6 +28,21 @@ def check_options(precision: str, mask_format: str) -> None:
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     check_mask_format(mask_format)
+
+
+def inference_device(device: Union[str, torch.device]) -> torch.device:
+    """``device`` ("cpu", "cuda", "cuda:N" or a ``torch.device``) as a device this machine has; InputError for
+    a name PyTorch does not know, for CUDA where no GPU is available, and for a GPU index beyond the count."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"device {device!r} is not a device name ('cpu', 'cuda' or 'cuda:N'): {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {str(device)!r}: no CUDA GPU is available on this machine; use 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 def check_mask_format(mask_format: str) -> None:
@@ -118,7 +133,7 @@ def to_image_tensors(inputs: Union[ImageInput, Sequence[ImageInput]], *, bgr: bo
 
 @torch.inference_mode()
 def detect(model: MaskRCNN, images: Sequence[Tensor], *, class_names: Sequence[str], mask_format: str = "bitmap",
-           precision: str = "fp32", label_to_cat_id: Optional[Dict[int, int]] = None) -> List[Instances]:
+           precision: Optional[str] = None, label_to_cat_id: Optional[Dict[int, int]] = None) -> List[Instances]:
     """Run an eval-mode model on a batch and package its output.
 
     model: a :class:`~maskrcnn.modeling.maskrcnn.MaskRCNN` in eval mode; its ``mask_threshold`` and
@@ -128,18 +143,18 @@ def detect(model: MaskRCNN, images: Sequence[Tensor], *, class_names: Sequence[s
     mask_format: "bitmap" pastes ``(N, H, W)`` bool masks; "rle" pastes each mask only over its box and
         encodes COCO RLE from those regions; "none" skips masks.
     precision: "fp32", "bf16" for a bfloat16 autocast forward (outputs are float32 either way), or "auto":
-        bf16 where the images' device computes it natively, else fp32 (:mod:`maskrcnn.precision`).
+        bf16 where the images' device computes it natively, else fp32 (:mod:`maskrcnn.precision`); None,
+        the default, is the model's own ``precision`` (``model.precision`` of its configuration).
     label_to_cat_id: carried by each result for :meth:`Instances.to_coco`.
     Returns one :class:`Instances` per image, on the CPU.
     """
+    precision = model.precision if precision is None else precision
     check_options(precision, mask_format)
     if not images:
         return []
     if len(class_names) != model.num_classes:
         raise InputError(f"got {len(class_names)} class names for a model of {model.num_classes} classes")
-    device = images[0].device
-    bf16 = resolve_precision(precision, device, warn=False).precision == "bf16"
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    with autocast(precision, images[0].device):
         outputs = model(list(images), mask_format=mask_format)
     return to_instances(outputs, [tuple(image.shape[-2:]) for image in images], class_names=class_names,
                         label_to_cat_id=label_to_cat_id)
@@ -211,6 +226,14 @@ def match_categories(class_names: Sequence[str], label_to_cat_id: Optional[Dict[
         raise InputError(f"the model and the dataset have no category in common (matched by {how}): model "
                          f"{_short(model_side)}, dataset {_short(dataset_side)}")
     return mapping
+
+
+
+def drop_unmatched(results: Sequence[Instances], label_to_cat_id: Dict[int, int]) -> List[Instances]:
+    """Each of ``results`` without the detections whose label has no category in ``label_to_cat_id`` (a
+    :func:`match_categories` map): what a predictor given a dataset's categories returns."""
+    return [r[torch.tensor([label in label_to_cat_id for label in r.labels.tolist()], dtype=torch.bool)]
+            for r in results]
 
 
 def _short(items: list, limit: int = 20) -> str:

@@ -5,7 +5,8 @@
 
 bfloat16 halves the memory traffic and, on hardware with bf16 dot products, roughly doubles convolution
 and matrix throughput. Without them PyTorch and oneDNN emulate it, and it is several times *slower* than
-fp32 (a 256->256 3x3 convolution: about 10x on an AVX2 CPU). ``"auto"``, the default of every entry point,
+fp32 (a 256->256 3x3 convolution: about 10x on an AVX2 CPU). ``"auto"``, the default of the configuration
+(``model.precision`` for inference, which entry points use unless told otherwise, and ``train.precision``),
 therefore picks bf16 only where it is native:
 
 - a CPU whose oneDNN has bf16 kernels: x86 with AVX512-BF16 or AMX-BF16, or Arm with the BF16 extension;
@@ -188,3 +189,10 @@ def machine_summary(device: Union[str, torch.device] = "cpu") -> Dict[str, Union
         summary["gpu"] = torch.cuda.get_device_name(torch.device(device))
         summary["gpu_native_bf16"] = device_bf16(device)[0]
     return summary
+
+
+def autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The context an inference forward runs in at ``precision`` ("auto", "fp32" or "bf16") on ``device``: a
+    bfloat16 autocast where it resolves to bf16, else a disabled one (no warning: entry points warn)."""
+    bf16 = resolve_precision(precision, device, warn=False).precision == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

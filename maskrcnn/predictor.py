@@ -23,9 +23,9 @@ import torch
 
 from maskrcnn.config import Config, config_from_dict
 from maskrcnn.errors import InputError
-from maskrcnn.fileio import read_image
-from maskrcnn.inference import (MASK_FORMATS, PRECISIONS, ImageInput, check_options, detect, match_categories,
-                                to_image_tensor, to_image_tensors)
+from maskrcnn.fileio import read_checkpoint, read_image
+from maskrcnn.inference import (MASK_FORMATS, PRECISIONS, ImageInput, check_options, detect, drop_unmatched,
+                                inference_device, match_categories, to_image_tensor, to_image_tensors)
 from maskrcnn.modeling.maskrcnn import build_model, prepare_for_inference
 from maskrcnn.precision import resolve_precision
 from maskrcnn.structures import Instances
@@ -41,9 +41,10 @@ class Predictor:
         or None for random initialisation.
     class_names: the name of each label 1..K (default: the label numbers as strings).
     device: where the model runs ("cpu", "cuda", "cuda:1", ...).
-    precision: "auto" (default: bf16 where ``device`` computes it natively, else fp32), "fp32", or "bf16"
-        (bfloat16 autocast around the forward; warns where it is emulated). ``self.precision`` is the
-        resolved one, ``self.resolved_precision.message`` says why.
+    precision: "auto" (bf16 where ``device`` computes it natively, else fp32), "fp32", or "bf16" (bfloat16
+        autocast around the forward; warns where it is emulated), replacing ``model.precision``; None, the
+        default, keeps the configured value (``"auto"`` unless the configuration says otherwise).
+        ``self.precision`` is the resolved one, ``self.resolved_precision.message`` says why.
     score_thresh: detections scoring below this are dropped (replaces ``roi_heads.score_thresh``); None, the
         default, keeps the configured value.
     mask_format: "bitmap", "rle" or "none" (see :func:`detect`); default "bitmap", or "rle" when tiling.
@@ -61,26 +62,28 @@ class Predictor:
 
     def __init__(self, config: Config, weights: Union[dict, str, Path, None], *,
                  class_names: Optional[Sequence[str]] = None, device: Union[str, torch.device] = "cpu",
-                 precision: str = "auto", score_thresh: Optional[float] = None, mask_format: Optional[str] = None,
-                 bgr: bool = False, label_to_cat_id: Optional[Dict[int, int]] = None,
-                 categories: Optional[Sequence[dict]] = None, tile_size: Optional[int] = None,
-                 tile_overlap: int = 128, tiles_per_batch: int = 4):
+                 precision: Optional[str] = None, score_thresh: Optional[float] = None,
+                 mask_format: Optional[str] = None, bgr: bool = False,
+                 label_to_cat_id: Optional[Dict[int, int]] = None, categories: Optional[Sequence[dict]] = None,
+                 tile_size: Optional[int] = None, tile_overlap: int = 128, tiles_per_batch: int = 4):
         if mask_format is None:
             mask_format = "bitmap" if tile_size is None else "rle"
-        check_options(precision, mask_format)
+        model_cfg = copy.deepcopy(config.model)
+        if precision is not None:
+            model_cfg.precision = precision
+        check_options(model_cfg.precision, mask_format)
         if tile_size is not None and mask_format == "bitmap":
             raise InputError("tiled inference returns masks as RLE (mask_format='rle') or none: a full-size bitmap "
                              "per detection is what tiling avoids")
         self.tile_size, self.tile_overlap, self.tiles_per_batch = tile_size, tile_overlap, tiles_per_batch
-        model_cfg = copy.deepcopy(config.model)
         if score_thresh is not None:
             model_cfg.roi_heads.score_thresh = float(score_thresh)
         if class_names is None:
             class_names = [str(label) for label in range(1, model_cfg.roi_heads.num_classes + 1)]
         self.config = config
         self.class_names = list(class_names)
-        self.device = torch.device(device)
-        self.resolved_precision = resolve_precision(precision, self.device)
+        self.device = inference_device(device)
+        self.resolved_precision = resolve_precision(model_cfg.precision, self.device)
         self.precision = self.resolved_precision.precision
         self.mask_format = mask_format
         self.bgr = bgr
@@ -91,7 +94,7 @@ class Predictor:
         self.model = build_model(model_cfg)
         if weights is not None:
             if isinstance(weights, (str, Path)):
-                weights = _load_file(weights)
+                weights = read_checkpoint(weights)
                 weights = weights.get("model", weights)
             self.model.load_state_dict(weights)
         self.model.eval().to(self.device)
@@ -106,7 +109,7 @@ class Predictor:
         overrides: ``key.sub=value`` changes to the stored configuration (e.g. ``model.input.min_size_test=144``).
         kwargs: any keyword argument of the constructor (``device``, ``precision``, ``score_thresh``, ...).
         """
-        checkpoint = _load_file(path)
+        checkpoint = read_checkpoint(path)
         for key in ("model", "config"):
             if key not in checkpoint:
                 raise InputError(f"checkpoint {path} has no {key!r} entry")
@@ -132,14 +135,6 @@ class Predictor:
                                     precision=self.precision, label_to_cat_id=self.label_to_cat_id)
                        for image in images]
         if self.drops_unmatched:
-            results = [r[torch.tensor([label in self.label_to_cat_id for label in r.labels.tolist()], dtype=torch.bool)]
-                       for r in results]
+            results = drop_unmatched(results, self.label_to_cat_id)
         return results[0] if single else results
 
-
-def _load_file(path: Union[str, Path]) -> dict:
-    """``torch.load`` a checkpoint or state dict onto the CPU (tensors and plain Python types only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)

@@ -26,6 +26,13 @@ from torchvision.ops import roi_align
 from .rle import encode_masks
 
 
+def covered(soft: Tensor) -> Tensor:
+    """Mask targets from coverage: ``soft`` (any shape) is the fraction of object under each cell or point, in
+    [0, 1]; returns float 0/1, 1 where it exceeds half, as the paste decides at probability 0.5 (a cell or
+    point exactly on an object's edge is background). The 28x28 targets and the point head's labels both use it."""
+    return (soft > 0.5).float()
+
+
 @dataclass
 class ImageList:
     """A batch of images padded to one size.
@@ -87,7 +94,8 @@ class BitMasks:
         boxes: ``(R, 4)`` float xyxy in this image's pixels.
         indices: ``(R,)`` int64, the mask that each box crops; default ``arange(R)`` (index-aligned).
         Returns ``(R, size, size)`` float of 0/1 values: bilinear RoIAlign of the 0/1 mask with pixel ``i``
-        covering ``[i, i + 1)`` (aligned), the same geometry as the polygon rasterisation, thresholded at 0.5.
+        covering ``[i, i + 1)`` (aligned), the same geometry as the polygon rasterisation, 1 where it exceeds
+        0.5 (a cell covered exactly half is background, as a pasted pixel at exactly the threshold is).
 
         Mask targets are hard 0/1 whichever way an instance is stored (Detectron2's convention, not
         torchvision's soft RoIAlign values): a polygon is rasterised on the grid, so a bitmap is thresholded
@@ -101,7 +109,7 @@ class BitMasks:
         masks = self.tensor.to(device=boxes.device, dtype=torch.float32)[:, None]
         rois = torch.cat([indices.to(boxes.device, torch.float32)[:, None], boxes.float()], 1)
         soft = roi_align(masks, rois, (size, size), 1.0, sampling_ratio=0, aligned=True)[:, 0]
-        return (soft >= 0.5).float()
+        return covered(soft)
 
 
 class PolygonMasks:

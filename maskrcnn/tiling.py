@@ -33,7 +33,7 @@ from torch import Tensor
 from maskrcnn.errors import InputError
 from maskrcnn.modeling.maskrcnn import MaskRCNN
 from maskrcnn.modeling.paste import paste_mask_regions
-from maskrcnn.precision import resolve_precision
+from maskrcnn.precision import autocast
 from maskrcnn.rle import encode_mask_regions
 from maskrcnn.structures import Instances
 
@@ -148,19 +148,19 @@ def _merged_masks(groups: List[List[int]], mask_probs: Tensor, boxes: Tensor, im
 
 @torch.inference_mode()
 def detect_tiled(model: MaskRCNN, image: Tensor, *, class_names: Sequence[str], tile_size: int, tile_overlap: int,
-                 tiles_per_batch: int = 4, mask_format: str = "rle", precision: str = "auto",
+                 tiles_per_batch: int = 4, mask_format: str = "rle", precision: Optional[str] = None,
                  merge_thresh: float = 0.5, label_to_cat_id: Optional[Dict[int, int]] = None) -> Instances:
     """Detect instances in one large image tile by tile (see the module docstring).
 
     model: an eval-mode :class:`~maskrcnn.modeling.maskrcnn.MaskRCNN` (or any module with its inference
         interface: ``model(images, mask_format="probs")`` -> per image ``boxes``, ``scores``, ``labels``,
-        ``mask_probs``, and ``num_classes``, ``mask_threshold``, ``paste_memory_mb`` attributes).
+        ``mask_probs``, and ``num_classes``, ``mask_threshold``, ``paste_memory_mb``, ``precision`` attributes).
     image: ``(3, H, W)`` float RGB in 0-1 on the model's device.
     class_names: the name of each label 1..K. tile_size, tile_overlap: T and O, pixels of ``image``.
     tiles_per_batch: tiles per forward pass (memory grows with it).
     mask_format: "rle" (COCO RLE per merged detection) or "none".
     precision: "fp32", "bf16" for a bfloat16 autocast forward, or "auto" (bf16 where native, see
-        :mod:`maskrcnn.precision`).
+        :mod:`maskrcnn.precision`); None, the default, is the model's own ``precision``.
     merge_thresh: IoU inside their tiles' shared area from which detections of two tiles are one object.
     Returns one :class:`~maskrcnn.structures.Instances` on the CPU, in full-image pixels, by score.
     """
@@ -175,14 +175,14 @@ def detect_tiled(model: MaskRCNN, image: Tensor, *, class_names: Sequence[str], 
         raise InputError(f"got {len(class_names)} class names for a model of {model.num_classes} classes")
     if image.dim() != 3 or image.shape[0] != 3:
         raise InputError(f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
-    bf16 = resolve_precision(precision, image.device, warn=False).precision == "bf16"
+    precision = model.precision if precision is None else precision
     image_size = (int(image.shape[1]), int(image.shape[2]))
     tiles = tile_grid(image_size, tile_size, tile_overlap)
     boxes, scores, labels, probs, tile_ids = [], [], [], [], []
     for start in range(0, len(tiles), tiles_per_batch):
         batch = tiles[start:start + tiles_per_batch]
         crops = [image[:, y0:y1, x0:x1] for x0, y0, x1, y1 in batch]
-        with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(precision, image.device):
             outputs = model(crops, mask_format="probs")
         for tile_id, (x0, y0, _, _), output in zip(range(start, start + len(batch)), batch, outputs):
             shift = torch.tensor([x0, y0, x0, y0], dtype=torch.float32)

@@ -16,7 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import cv2
 import numpy as np
@@ -135,19 +135,23 @@ class VideoWriter:
 
 
 def detect_video(predictor: Callable[[Sequence[np.ndarray]], List[Instances]], source: Union[str, Path],
-                 output_dir: Union[str, Path], *, batch_size: int = 4, score_thresh: float = 0.5,
+                 output_dir: Union[str, Path], *, batch_size: int = 4, draw_thresh: Optional[float] = None,
                  progress: bool = True) -> dict:
     """Detect instances in every frame of a video; write the overlay video and one JSON line per frame.
 
     predictor: called with a list of RGB frames, returns one :class:`Instances` per frame (a
-        :class:`~maskrcnn.predictor.Predictor`); frames go to it ``batch_size`` at a time.
-    Writes ``<output_dir>/<stem>.mp4`` (overlays of detections scoring at least ``score_thresh``, coloured by
-    class; same size and frame rate as the source) and ``<output_dir>/<stem>.jsonl``: per frame
+        :class:`~maskrcnn.predictor.Predictor`, whose score threshold decides what is kept); frames go to it
+        ``batch_size`` at a time.
+    draw_thresh: the overlay draws detections scoring at least this; None: the display threshold
+        (:data:`~maskrcnn.config.DISPLAY_SCORE_THRESH`). It changes the picture only, not the JSON lines.
+    Writes ``<output_dir>/<stem>.mp4`` (the detections drawn over their frame, coloured by class; same size
+    and frame rate as the source) and ``<output_dir>/<stem>.jsonl``: per frame
     ``{"frame": n (from 0), "time_s": n / fps, "detections": [COCO result dicts, image_id = n, category_id =
     the model label, segmentation as COCO RLE]}``.
     Returns ``{"frames", "seconds", "frames_per_s", "video", "json"}``.
     """
     output_dir = Path(output_dir)
+    draw = {} if draw_thresh is None else {"score_thresh": draw_thresh}
     with VideoReader(source) as reader:
         video_path, json_path = output_dir / f"{reader.path.stem}.mp4", output_dir / f"{reader.path.stem}.jsonl"
         start, frames = time.perf_counter(), 0
@@ -156,8 +160,7 @@ def detect_video(predictor: Callable[[Sequence[np.ndarray]], List[Instances]], s
                 tqdm(total=reader.num_frames, desc="inference", unit="frame", disable=not progress) as bar:
             for batch in reader.batches(batch_size):
                 for frame, instances in zip(batch, predictor(batch)):
-                    instances = instances.filter(score_thresh)
-                    writer.write(draw_instances(frame, instances, score_thresh=score_thresh, class_colors=True))
+                    writer.write(draw_instances(frame, instances, class_colors=True, **draw))
                     record = {"frame": frames, "time_s": frames / reader.fps, "detections": instances.to_coco(frames)}
                     lines.write(json.dumps(record) + "\n")
                     frames += 1

@@ -1,6 +1,9 @@
 """Command-line tools: an error a user can fix is one line, ``error: <message>``, with exit status 2 and no
 traceback (``--debug`` shows it); bad data fails in the up-front check, naming the file and ids."""
 
+import ast
+import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +22,15 @@ from tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
+import analyze as analyze_tool  # noqa: E402
 import eval as eval_tool  # noqa: E402
+import explain as explain_tool  # noqa: E402
+import export as export_tool  # noqa: E402
+import infer as infer_tool  # noqa: E402
+import load_test as load_test_tool  # noqa: E402
+import serve as serve_tool  # noqa: E402
 import train as train_tool  # noqa: E402
+from serving import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +172,110 @@ def test_eval_puts_the_annotation_cache_where_asked(tmp_path, checkpoint):
                          "--num-workers", "0", "--output", str(tmp_path / "out"),
                          "--annotation-cache-dir", str(tmp_path / "cache")])
     assert cache_path(ann_file, tmp_path / "cache").is_file() and not cache_path(ann_file).exists()
+
+
+# Bad options and option combinations of every tool: (tool, its arguments, the error line). ``{ckpt}`` is the
+# tiny checkpoint, ``{ann}``/``{images}`` the hand-written COCO set, ``{out}`` a fresh folder, ``{port}`` a
+# loopback port where nothing listens and ``{refused}`` what the system says when a connection is refused there.
+BAD_OPTIONS = {
+    "analyze without a model or results": (
+        analyze_tool, "--ann {ann} --images {images} --output {out}",
+        "error: give --checkpoint (to run the model) or --results (a results json)"),
+    "analyze of a training split without its results": (
+        analyze_tool, "--results {ann} --ann {ann} --images {images} --output {out} --train-ann {ann}",
+        "error: --train-ann needs --train-results, or --checkpoint with --train-images"),
+    "analyze with batches of 0": (
+        analyze_tool, "--checkpoint {ckpt} --ann {ann} --images {images} --output {out} --batch-size 0",
+        "error: --batch-size must be at least 1, got 0"),
+    "eval with batches of 0": (
+        eval_tool, "--checkpoint {ckpt} --ann {ann} --images {images} --output {out} --batch-size 0",
+        "error: --batch-size must be at least 1, got 0"),
+    "eval with -1 workers": (
+        eval_tool, "--checkpoint {ckpt} --ann {ann} --images {images} --output {out} --num-workers -1",
+        "error: --num-workers must be at least 0, got -1"),
+    "explain of an image without its annotations": (
+        explain_tool, "--checkpoint {ckpt} --image {images}/one.png --output {out}",
+        "error: --image needs --ann"),
+    "explain of 0 RoIs": (
+        explain_tool, "--checkpoint {ckpt} --image {images}/one.png --ann {ann} --output {out} --num-rois 0",
+        "error: --num-rois must be at least 1, got 0"),
+    "export calibrated on 0 images": (
+        export_tool, "--checkpoint {ckpt} --output {out}/model.onnx --int8-calibration {images} --calibration-count 0",
+        "error: --calibration-count must be at least 1, got 0"),
+    "infer with batches of 0": (
+        infer_tool, "--checkpoint {ckpt} --input {images} --output {out} --batch-size 0",
+        "error: --batch-size must be at least 1, got 0"),
+    "infer into a file": (
+        infer_tool, "--checkpoint {ckpt} --input {images}/one.png --output {ann}",
+        "error: [Errno 17] File exists: '{ann}'"),
+    "infer with a checkpoint that is not one": (
+        infer_tool, "--checkpoint {ann} --input {images}/one.png --output {out}",
+        "error: {ann} is not a readable checkpoint: {unpickling}"),
+    "infer on a device that does not exist": (
+        infer_tool, "--checkpoint {ckpt} --input {images}/one.png --output {out} --device gpu",
+        "error: device 'gpu' is not a device name ('cpu', 'cuda' or 'cuda:N'): {bad_device}"),
+    "eval on a GPU this machine lacks": (
+        eval_tool, "--checkpoint {ckpt} --ann {ann} --images {images} --output {out} --device cuda:7",
+        "{no_gpu}"),
+    "serve on a port that does not exist": (
+        serve_tool, "--checkpoint {ckpt} --port 65536",
+        "error: --port must lie in 0..65535, got 65536"),
+    "load test of a service that is not there": (
+        load_test_tool, "--url http://127.0.0.1:{port} --image {images}/one.png --concurrency 1 --requests 1",
+        "error: no service answers at http://127.0.0.1:{port}/predict: {refused}"),
+    "load test from 0 clients": (
+        load_test_tool, "--url http://127.0.0.1:{port} --image {images}/one.png --concurrency 0",
+        "error: concurrency must be at least 1, got 0"),
+    "load test of 0 requests": (
+        load_test_tool, "--url http://127.0.0.1:{port} --image {images}/one.png --requests 0",
+        "error: requests must be at least 1, got 0"),
+    "load test of 0 seconds": (
+        load_test_tool, "--url http://127.0.0.1:{port} --image {images}/one.png --max-seconds 0",
+        "error: max_seconds must be > 0, got 0.0"),
+}
+
+
+def _torch_load_error(path) -> str:
+    """What torch.load says of a file that is not a checkpoint (its message varies between releases)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - the message is what the tool's line must carry
+        return one_line(exc)
+    raise AssertionError(f"{path} loads as a checkpoint")
+
+
+def _device_error(name: str) -> str:
+    try:
+        torch.device(name)
+    except RuntimeError as exc:
+        return str(exc)
+    raise AssertionError(f"{name!r} is a device")
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
+def test_bad_options_of_every_tool_are_one_line(tmp_path, capsys, checkpoint, case):
+    tool, args, expected = BAD_OPTIONS[case]
+    ann_file, image_dir = _write(tmp_path, _tiny_coco())
+    names = {"ckpt": checkpoint, "ann": ann_file, "images": image_dir, "out": tmp_path / "out", "port": free_port(),
+             "refused": ConnectionRefusedError(errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED)),
+             "unpickling": _torch_load_error(ann_file), "bad_device": _device_error("gpu"),
+             "no_gpu": ("error: device 'cuda:7': no CUDA GPU is available on this machine; use 'cpu'"
+                        if not torch.cuda.is_available() else
+                        f"error: device 'cuda:7': this machine has {torch.cuda.device_count()} CUDA GPU(s)")}
+    assert _error_line(capsys, tool.main, args.format(**names).split()) == expected.format(**names)
+
+
+def test_tools_raise_only_errors_a_user_can_fix():
+    """What a tool raises itself is an InputError or a missing file (one line through ``run``), and it checks
+    option combinations itself rather than through argparse's ``parser.error`` (usage, then a second line)."""
+    allowed = {"InputError", "FileNotFoundError", "SystemExit"}
+    found = []
+    for path in sorted((REPO / "tools").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                if not (isinstance(exc, ast.Name) and exc.id in allowed):
+                    found.append(f"{path.name}:{node.lineno}: raise {ast.unparse(node.exc)}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "error":
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "\n".join(found)

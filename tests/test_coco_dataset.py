@@ -148,8 +148,12 @@ def test_empty_images_are_kept_by_default(tiny):
     assert ds.image_sizes == [(40, 60), (50, 30), (30, 30), (30, 40)]
 
 
-def test_filter_empty_drops_images_without_non_crowd_instances(tiny):
-    assert CocoDetection(*tiny, filter_empty=True).image_ids == [1, 2]
+def test_drop_empty_drops_images_without_non_crowd_instances(tiny):
+    ds = CocoDetection(*tiny)
+    assert ds.image_ids == [1, 2, 3, 4]
+    ds.drop_empty()
+    assert ds.image_ids == [1, 2]
+    assert [ds.record(i)["image_id"] for i in range(len(ds))] == [1, 2]
 
 
 def test_box_and_polygon_within_tolerance_are_clipped(tmp_path):
@@ -232,7 +236,8 @@ def test_skip_bad_annotations_counts_them_and_warns_once(tmp_path):
         ann.update(BAD_ANNOTATIONS[reason])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = CocoDetection(*_write(tmp_path, data), skip_bad_annotations=True, filter_empty=True)
+        ds = CocoDetection(*_write(tmp_path, data), skip_bad_annotations=True)
+    ds.drop_empty()
     assert ds.skipped == {"polygon with fewer than 3 points": 2, "unknown category id": 1}
     assert len(caught) == 1 and "skipped 3 bad annotations" in str(caught[0].message)
     assert ds.image_ids == []
@@ -314,7 +319,8 @@ def _as_uint8(image):
 
 def _raw_samples(shapes):
     """(image HxWx3 uint8, target) for one PolygonMasks and one BitMasks image with instances."""
-    ds = CocoDetection(*shapes, filter_empty=True)
+    ds = CocoDetection(*shapes)
+    ds.drop_empty()
     found = {}
     for index in range(len(ds)):
         image, target = ds[index]
@@ -370,7 +376,8 @@ def test_training_transforms_are_reproducible_from_the_seed(shapes):
     cfg = Config()
     cfg.model.input.min_size = [64, 96, 128]
     cfg.model.input.max_size = 200
-    ds = CocoDetection(*shapes, transforms=build_transforms(cfg, train=True), filter_empty=True)
+    ds = CocoDetection(*shapes, transforms=build_transforms(cfg, train=True))
+    ds.drop_empty()
     first, second = ds[(3, 12345)], ds[(3, 12345)]
     assert torch.equal(first[0], second[0]) and torch.equal(first[1]["boxes"], second[1]["boxes"])
     outcomes = set()
@@ -461,9 +468,11 @@ def test_packed_records_match_the_json(shapes):
 
 def test_chunked_validation_packs_the_same_records(shapes, monkeypatch):
     ann_file, image_dir = shapes
-    whole = CocoDetection(ann_file, image_dir, cache=False, filter_empty=True)
+    whole = CocoDetection(ann_file, image_dir, cache=False)
     monkeypatch.setattr("maskrcnn.data.packing._CHUNK", 3)
-    chunked = CocoDetection(ann_file, image_dir, cache=False, filter_empty=True)
+    chunked = CocoDetection(ann_file, image_dir, cache=False)
+    whole.drop_empty()
+    chunked.drop_empty()
     assert chunked.image_ids == whole.image_ids
     _assert_same_records(_records(chunked), _records(whole))
 

@@ -189,7 +189,8 @@ def test_evaluate_writes_results_and_metrics(dataset_dir, tmp_path):
                        verbose=False)
     assert model.training  # state restored
     assert metrics["images"] == 3 and metrics["images_per_s"] > 0
-    assert set(metrics["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_category"}
+    for iou_type in ("bbox", "segm", "boundary"):
+        assert set(metrics[iou_type]) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_category"}
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results, "a random model at score 0.2 should still detect something on noise images"
@@ -268,6 +269,7 @@ def test_eval_tool_prints_and_writes_metrics(dataset_dir, tmp_path, capsys):
     assert "Average Precision" in out and "images/s" in out and "triangle" in out
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["images"] == 3
+    assert "Evaluation of boundary" in out and f"boundary AP {metrics['boundary']['AP']:.4f}" in out
     assert (tmp_path / "eval" / "results.json").is_file()
 
 
@@ -320,15 +322,16 @@ def test_backends_give_identical_metrics(tmp_path):
                               backend="faster-coco-eval")
     # the ground truth of either backend serves either backend
     converted = evaluate_results(load_coco(tmp_path / "ann.json"), results, verbose=False, backend="faster-coco-eval")
-    for iou_type in ("bbox", "segm"):
+    for iou_type in ("bbox", "segm", "boundary"):
         for metrics in (faster, converted):
             # the six summary numbers are bit-identical; per-category means may differ in the last bit
             assert {k: v for k, v in metrics[iou_type].items() if k != "per_category"} == \
                 {k: v for k, v in reference[iou_type].items() if k != "per_category"}
             assert metrics[iou_type]["per_category"] == pytest.approx(reference[iou_type]["per_category"],
                                                                       rel=1e-12, abs=0)
-        assert 0.1 < reference[iou_type]["AP"] < 0.9
         assert all(reference[iou_type][key] is not None for key in ("APs", "APm", "APl"))
+    assert 0.1 < reference["bbox"]["AP"] < 0.9 and 0.1 < reference["segm"]["AP"] < 0.9
+    assert 0 < reference["boundary"]["AP"] < reference["segm"]["AP"]  # jittered outlines
 
 
 def test_unknown_backend_is_rejected(dataset_dir):
@@ -340,3 +343,12 @@ def test_faster_backend_prints_the_same_summary(dataset_dir, capsys):
     coco_gt = load_coco(dataset_dir / "ann.json")
     evaluate_results(coco_gt, _perfect_results(), ("bbox",), backend="faster-coco-eval")
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000" in capsys.readouterr().out
+
+
+def test_scoring_leaves_the_ground_truth_as_it_was(dataset_dir):
+    """Boundary AP is scored by faster-coco-eval on a pycocotools ground truth: the RLE and boundary fields that
+    faster-coco-eval adds to its annotations stay out of the caller's."""
+    coco_gt = load_coco(dataset_dir / "ann.json")
+    fields = [set(ann) for ann in coco_gt.dataset["annotations"]]
+    evaluate_results(coco_gt, _perfect_results(), ("boundary",), verbose=False)
+    assert [set(ann) for ann in coco_gt.dataset["annotations"]] == fields

@@ -24,9 +24,9 @@ from torchvision.ops import box_iou
 
 from maskrcnn.config import Config, config_to_dict
 from maskrcnn.data.shapes import generate_shapes
-from maskrcnn.deploy.export import OUTPUT_NAMES, export_onnx, read_metadata
+from maskrcnn.deploy.export import OPSET, OUTPUT_NAMES, export_onnx, read_metadata
 from maskrcnn.deploy.quantize import QUANTIZED_SCOPES, quantize_int8, quantized_node_names
-from maskrcnn.deploy.runtime import ExportedPredictor, network_inputs
+from maskrcnn.deploy.runtime import ExportedPredictor, network_inputs, read_openvino_model
 from maskrcnn.inference import to_image_tensor
 from maskrcnn.predictor import Predictor
 from maskrcnn.reference import our_model_from, well_conditioned_torchvision_model
@@ -147,6 +147,27 @@ def test_runtime_matches_eager_on_a_mixed_batch(exported, runtime):
         assert g.class_names == e.class_names and g.label_to_cat_id == {1: 11, 2: 12, 3: 13}
 
 
+
+def test_runtime_reports_in_a_datasets_categories_as_the_predictor_does(weights, exported):
+    """Given a dataset's categories, each label is matched as :class:`Predictor` matches it: the dataset's
+    ids 11 and 12 name other classes than the exported ``label_to_cat_id`` (1: 11, 2: 12, 3: 13), so labels
+    are matched by name, with the same warning, and the label whose class the dataset lacks is dropped."""
+    predictor, path = exported
+    categories = [{"id": 11, "name": "Square"}, {"id": 12, "name": "circle"}]
+    images = list(IMAGES.values())
+    with pytest.warns(UserWarning, match="matched by name"):
+        expected = Predictor(small_config(0.05), weights, class_names=CLASS_NAMES, score_thresh=0.05,
+                             label_to_cat_id=predictor.label_to_cat_id, categories=categories, precision="fp32")
+    with pytest.warns(UserWarning, match="matched by name"):
+        restricted = ExportedPredictor(path, precision="fp32", categories=categories)
+    assert restricted.label_to_cat_id == expected.label_to_cat_id == {1: 12, 2: 11}
+    everything = ExportedPredictor(path, precision="fp32")(images)
+    assert {1, 2, 3} <= {label for r in everything for label in r.labels.tolist()}
+    for name, e, g, all_labels in zip(IMAGES, expected(images), restricted(images), everything):
+        assert_parity(e, g, name)
+        assert g.labels.tolist() == [label for label in all_labels.labels.tolist() if label != 3], name
+        assert [r["category_id"] for r in g.to_coco(1)] == [{1: 12, 2: 11}[label] for label in g.labels.tolist()]
+
 def network(predictor_or_path, runtime: str):
     """The network alone, as a function (images, image_sizes) -> the graph's outputs (NumPy arrays):
     the eager predictor's model (``MaskRCNN.infer``) or the exported file in a runtime."""
@@ -210,6 +231,71 @@ def test_detections_do_not_depend_on_batch_neighbours(exported, runtime):
             assert len(got["boxes"]) >= 20 and torch.equal(got["labels"], alone[i]["labels"]), where
             for name in ("boxes", "scores", "mask_probs"):
                 torch.testing.assert_close(got[name], alone[i][name], rtol=0, atol=1e-3, msg=where)
+
+
+def boxes_at_the_threshold():
+    """(2, 10, 4) boxes and (2, 1, 10) scores, the same 5 pairs in batch entries 0 and 1, and the
+    (entry, class, box) rows that NMS at 0.5 keeps. In 4 pairs the second box is the left half of the first:
+    IoU exactly 0.5 in float32, as coordinates in [512, 1024) (spacing 2**-14) make every difference and
+    product exact, so both boxes stay (a box is dropped when its IoU *exceeds* the threshold). Shifting an
+    entry's coordinates by an offset (into [1024, 2048), spacing 2**-13) rounds a half width of an odd
+    multiple of 2**-14 away from half, to either side: what an NMS that keeps entries apart by offsets gets
+    wrong. In the fifth pair the half is a pixel wider, IoU above 0.5: its second box is dropped."""
+    rng = np.random.default_rng(0)
+    boxes = []
+    for i in range(5):
+        x = 520 + 120 * i + rng.integers(2**14) / 2**14
+        y = 600 + rng.integers(2**14) / 2**14
+        w = 2 * (40 + rng.integers(20)) + (2 * rng.integers(2**13) + 1) / 2**13  # half: an odd multiple of 2**-14
+        boxes += [[x, y, x + w, y + 50], [x, y, x + w / 2 + (i == 4), y + 50]]
+    boxes = torch.tensor(boxes, dtype=torch.float32).expand(2, -1, -1).contiguous()
+    scores = torch.linspace(0.9, 0.45, 10).expand(2, 1, -1).contiguous()
+    return boxes, scores, [(entry, 0, box) for entry in range(2) for box in range(9)]
+
+
+def grouped_nms_in(runtime: str, boxes, scores, iou_threshold: float, tmp_path) -> list:
+    """``maskrcnn::grouped_nms`` alone, eager or exported to ONNX (its NonMaxSuppression) and run as the
+    runtime runs the model's graph -> the sorted (entry, class, box) rows it keeps."""
+    class GroupedNMS(torch.nn.Module):
+        def forward(self, boxes, scores):
+            return torch.ops.maskrcnn.grouped_nms(boxes, scores, iou_threshold)
+
+    if runtime == "eager":
+        selected = GroupedNMS()(boxes, scores).numpy()
+    else:
+        path = tmp_path / "nms.onnx"
+        torch.onnx.export(GroupedNMS(), (boxes, scores), path, dynamo=False, opset_version=OPSET,
+                          input_names=["boxes", "scores"], output_names=["selected"])
+        inputs = {"boxes": boxes.numpy(), "scores": scores.numpy()}
+        if runtime == "onnxruntime":
+            import onnxruntime
+            selected = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+        else:
+            import openvino
+            selected = openvino.Core().compile_model(read_openvino_model(path), "CPU")(inputs)[0]
+    return sorted(map(tuple, np.asarray(selected).tolist()))
+
+
+@pytest.mark.parametrize("runtime", ["eager", *RUNTIMES])
+def test_nms_at_the_threshold_is_the_same_in_every_batch_entry(runtime, tmp_path):
+    """Boxes whose IoU is exactly the threshold are both kept, in batch entry 0 and in entry 1 alike."""
+    boxes, scores, expected = boxes_at_the_threshold()
+    pairs = boxes[0].view(5, 2, 4)
+    assert (box_iou(pairs[:4, 0], pairs[:4, 1]).diagonal() == 0.5).all()
+    rows = grouped_nms_in(runtime, boxes, scores, 0.5, tmp_path)
+    kept = [[box for e, _, box in rows if e == entry] for entry in range(2)]
+    assert kept[1] == kept[0], f"{runtime}: boxes kept in entry 0 {kept[0]}, in entry 1 {kept[1]}"
+    assert rows == expected, runtime
+
+
+@pytest.mark.parametrize("runtime", ["eager", *RUNTIMES])
+def test_nms_threshold_compares_as_the_eager_model_does(runtime, tmp_path):
+    """At a threshold float32 cannot hold, 0.6: boxes whose float32 IoU is 3/5 rounded to float32
+    (0.60000002, above 0.6) are dropped, as torchvision's ``nms`` drops them."""
+    boxes = torch.tensor([[[0.0, 0, 4, 1], [1, 0, 5, 1], [10, 0, 14, 2], [12, 0, 16, 2]]])
+    assert box_iou(boxes[0, :1], boxes[0, 1:2]).item() == float(np.float32(0.6)) > 0.6
+    rows = grouped_nms_in(runtime, boxes, torch.tensor([[[0.9, 0.8, 0.7, 0.6]]]), 0.6, tmp_path)
+    assert rows == [(0, 0, 0), (0, 0, 2), (0, 0, 3)], runtime
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)

@@ -12,7 +12,7 @@ from torchvision.ops import box_iou
 from maskrcnn.config import config_to_dict
 from maskrcnn.data import CocoDetection, ResizeShortestEdge, generate_shapes
 from maskrcnn.engine.logger import MetricsLogger
-from maskrcnn.diagnostics.figures import FIGURES, PAGE, explain_checkpoint
+from maskrcnn.diagnostics.figures import FIGURES, PAGE, _draw_paste, explain_checkpoint
 from maskrcnn.diagnostics.trace import explain, load_example, locate_image, read_eval_metrics, read_training_log
 from maskrcnn.modeling.mask_head import logits_of_class, mask_loss, mask_targets
 from maskrcnn.modeling.maskrcnn import build_model
@@ -145,6 +145,24 @@ def test_pasted_masks_are_the_recorded_probabilities_pasted(result):
     assert len(instances) > 0
     pasted = paste_masks_in_image(inference["mask_probs"], instances.boxes, instances.image_size)
     assert torch.equal(pasted, instances.masks)
+
+
+def test_paste_figure_shows_the_models_own_paste(result):
+    """The paste figure is drawn by paste.py: each row's probabilities placed in the image are those the
+    paste thresholds (above the model's mask threshold exactly where the detection's mask is), and the last
+    panel shows that mask."""
+    inference, threshold = result["inference"], result["mask_threshold"]
+    instances = inference["instances"]
+    rows = min(3, len(instances))
+    pasted = paste_masks_in_image(inference["mask_probs"][:rows], instances.boxes[:rows], instances.image_size,
+                                  threshold=threshold)
+    axes = np.array(_draw_paste(result).axes).reshape(rows, 4)
+    for row in range(rows):
+        placed = np.asarray(axes[row, 2].images[0].get_array())
+        assert placed.shape == instances.image_size
+        assert np.array_equal(placed > threshold, pasted[row].numpy()), row
+        drawn = ~np.ma.getmaskarray(axes[row, 3].images[1].get_array())
+        assert np.array_equal(drawn, instances.masks[row].numpy()), row
 
 
 def test_anchor_label_counts_cover_every_anchor(result):

@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
@@ -167,13 +168,13 @@ def _cvat_runs(crop):
     return ([0] + runs) if flat[0] else runs
 
 
-def _cvat_file(root, shapes_xml, labels=("cat", "dog")):
-    _image(root / "images" / "a.png")
+def _cvat_file(root, shapes_xml, labels=("cat", "dog"), height=H, width=W):
+    _image(root / "images" / "a.png", height, width)
     label_xml = "".join(f"<label><name>{name}</name><color>#ff0000</color><attributes/></label>"
                         for name in labels)
     text = (f'<?xml version="1.0" encoding="utf-8"?>\n<annotations><version>1.1</version>'
             f'<meta><task><id>1</id><name>t</name><labels>{label_xml}</labels></task></meta>'
-            f'<image id="0" name="a.png" width="{W}" height="{H}">{shapes_xml}</image></annotations>')
+            f'<image id="0" name="a.png" width="{width}" height="{height}">{shapes_xml}</image></annotations>')
     path = root / "annotations.xml"
     path.write_text(text)
     return path
@@ -200,6 +201,30 @@ def test_cvat_polygon_box_and_mask_match_the_original_geometry(tmp_path):
     expected = np.zeros((H, W), dtype=bool)
     expected[20:23, 5:9] = crop
     np.testing.assert_array_equal(_decode(mask["segmentation"]), expected)
+
+
+def test_cvat_rotated_box_turns_clockwise_on_screen_as_an_opencv_rotated_rect(tmp_path):
+    """CVAT's ``rotation``: degrees, clockwise on screen (y down), about the box centre. Oracle: the corners
+    of OpenCV's RotatedRect of the same centre, size and angle, which turns the same way. The 20 x 6 box
+    turned by 30 degrees has its right end below its centre; turned the other way, above."""
+    path = _cvat_file(tmp_path / "cvat", '<box label="dog" xtl="10" ytl="12" xbr="30" ybr="18" rotation="30"/>')
+    corners = np.array(_coco(read_cvat(path))["annotations"][0]["segmentation"][0]).reshape(4, 2)
+    expected = cv2.boxPoints(((20, 15), (20, 6), 30))
+    np.testing.assert_allclose(sorted(corners.tolist()), sorted(expected.tolist()), atol=1e-5)
+    assert corners[np.argmax(corners[:, 0]), 1] > 15
+
+
+def test_cvat_rotated_ellipse_covers_what_cvat_draws(tmp_path):
+    """CVAT turns an ellipse as a box (degrees, clockwise on screen, about the centre) and makes its mask
+    with OpenCV's ``cv2.ellipse`` at the same angle (its own export to masks). Radii 40 x 12 turned by 30
+    degrees: our polygon and that mask differ at boundary pixels only (IoU 0.94); the ellipse turned by -30
+    degrees overlaps it by IoU 0.26."""
+    height, width = 100, 120
+    path = _cvat_file(tmp_path / "cvat", '<ellipse label="cat" cx="60" cy="50" rx="40" ry="12" rotation="30"/>',
+                      height=height, width=width)
+    mask = _decode(_coco(read_cvat(path))["annotations"][0]["segmentation"], height, width)
+    drawn = cv2.ellipse(np.zeros((height, width), np.uint8), (60, 50), (40, 12), 30, 0, 360, 1, thickness=-1) > 0
+    assert (mask & drawn).sum() / (mask | drawn).sum() > 0.9
 
 
 def test_cvat_group_id_joins_shapes_into_one_instance(tmp_path):

@@ -1,3 +1,4 @@
+import copy
 import subprocess
 import sys
 from itertools import islice
@@ -137,6 +138,9 @@ def test_datasets_from_config(cfg):
     every = CocoDetection(cfg.data.train_ann, cfg.data.train_images)
     assert set(train.image_ids) < set(every.image_ids)
     assert all(len(every[every.image_ids.index(i)][1]["boxes"]) for i in train.image_ids)
+    unfiltered = copy.deepcopy(cfg)
+    unfiltered.data.filter_empty = False
+    assert build_train_dataset(unfiltered).image_ids == every.image_ids
 
 
 def test_collate_keeps_images_of_different_sizes():

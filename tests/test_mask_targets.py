@@ -131,3 +131,15 @@ def test_one_shape_stored_as_polygon_or_as_rle_gets_the_same_hard_target():
     for y, x in differing.tolist():  # a differing cell has a neighbour of the other value: it is on the outline
         window = from_polygon[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2]
         assert window.min() == 0 and window.max() == 1
+
+
+def test_a_cell_half_covered_is_background_as_the_paste_decides():
+    """Targets and the paste split at one half the same way: a target cell whose coverage is exactly one
+    half is background, as a pasted pixel whose probability is exactly the mask threshold is (the paste keeps
+    ``p > threshold``, see tests/test_paste.py)."""
+    bits = torch.zeros(1, S, 40, dtype=torch.bool)
+    bits[0, :, :10] = True  # pixel columns 0..9
+    # A box shifted by half a pixel: cell column 9 samples halfway between pixel columns 9 and 10.
+    target = BitMasks(bits).crop_and_resize(torch.tensor([[0.5, 0.0, S + 0.5, float(S)]]), S)[0]
+    assert target[:, :9].eq(1).all() and target[:, 10:].eq(0).all()
+    assert target[:, 9].eq(0).all()

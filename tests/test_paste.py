@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection import roi_heads as tv_roi_heads
 
-from maskrcnn.modeling.paste import paste_mask_regions, paste_masks_in_image
+from maskrcnn.modeling.paste import paste_mask_regions, paste_masks_in_image, resized_mask_regions
 from maskrcnn.structures import BitMasks
 
 
@@ -102,6 +102,34 @@ def test_regions_reproduce_the_full_paste():
         assert x0 + region.shape[1] <= image_size[1] and y0 + region.shape[0] <= image_size[0]
         rebuilt[i, y0 : y0 + region.shape[0], x0 : x0 + region.shape[1]] = region
     assert torch.equal(rebuilt, full)
+
+
+def test_resized_regions_are_torchvisions_pasted_probabilities():
+    """The probabilities before the threshold (what the learner's figure shows) are torchvision's canvas."""
+    image_size = (97, 143)
+    probs, boxes = _smooth_probs(40, seed=6), _random_boxes(40, image_size, seed=6)
+    padded, scale = tv_roi_heads.expand_masks(probs[:, None], padding=1)
+    int_boxes = tv_roi_heads.expand_boxes(boxes, scale).to(torch.int64)
+    regions = list(resized_mask_regions(probs, boxes, image_size))
+    assert len(regions) == len(probs)
+    for i, (x0, y0, region) in enumerate(regions):
+        canvas = torch.zeros(image_size)
+        canvas[y0 : y0 + region.shape[0], x0 : x0 + region.shape[1]] = region
+        x1, y1, x2, y2 = int_boxes[i].tolist()
+        if min(x2 + 1, image_size[1]) > max(x1, 0) and min(y2 + 1, image_size[0]) > max(y1, 0):
+            expected = tv_roi_heads.paste_mask_in_image(padded[i, 0], int_boxes[i], *image_size)
+        else:  # torchvision's slicing fails for a box that misses the image: nothing is pasted
+            expected = torch.zeros(image_size)
+        assert torch.allclose(canvas, expected, rtol=0, atol=1e-6), i
+
+
+def test_a_probability_equal_to_the_threshold_is_background():
+    """The comparison is strict (``p > threshold``): the zero border a mask is padded with stays background
+    at threshold 0, where ``>=`` would fill the whole pasted extent."""
+    probs, boxes = torch.zeros((1, 28, 28)), torch.tensor([[10.0, 10.0, 50.0, 40.0]])
+    assert not paste_masks_in_image(probs, boxes, (60, 70), threshold=0.0).any()
+    assert not any(region.any() for _, _, region in paste_mask_regions(probs, boxes, (60, 70), threshold=0.0))
+    assert paste_masks_in_image(probs + 0.25, boxes, (60, 70), threshold=0.0)[0, 15:35, 15:45].all()
 
 
 def test_crop_to_28x28_then_paste_recovers_the_mask():

@@ -1,14 +1,16 @@
 """The README's commands run as written: every fenced ``bash`` command and ``python`` snippet of the README
-and of every page it links (``docs/*.md``), in a fresh process from the root of a copy of the repository:
+and of every page it links (``docs/*.md``), and every command the README writes in running text (a code span
+such as ``make demo SHAPES_OPTS=...``), in a fresh process from the root of a copy of the repository:
 the README's in order, then each linked page's in the order the README first links them (later commands
 use what earlier ones made, as a reader's would). A command that ran already, word for word, is not run
 again: a page repeats the README's short path in full.
 
 Only sizes are shrunk, through the overrides the README documents, and the table below lists each;
 commands that need a GPU, the COCO dataset or the network, or that would act on this test run itself,
-are skipped with the reason. A service (``tools/serve.py``) runs in the background, on loopback, while the
-commands after it talk to it, and is stopped at the end. A documented command that no longer runs fails
-this test, and so does a link to a page that does not exist.
+are skipped with the reason. What stands for the reader's own files is made in the copy (``clip.mp4``, a
+generated video). A service (``tools/serve.py``) runs in the background, on loopback, while the commands
+after it talk to it, and is stopped at the end. A documented command that no longer runs fails this test,
+and so does a link to a page that does not exist.
 """
 
 import os
@@ -41,12 +43,15 @@ OWN_DATA = "the reader's own photos; tests/test_own_data.py runs this walkthroug
 # Command prefix -> why it is not run here.
 SKIPPED = {
     "make test": "runs this suite",
+    "make transfer": "trains the demo configuration twice for 300 iterations; tests/test_transfer.py runs its "
+                     "comparison end to end at a tiny size",
     ".venv/bin/python -m pytest": "runs a file of this suite",
     "pip install -e": "would reinstall the package this suite imports",
     "python tools/train.py --config configs/maskrcnn_R50_FPN.yaml": "needs COCO (data/coco) and a GPU",
     "torchrun": "needs COCO (data/coco) and GPUs",
     "python -c \"import torch, torchvision; w = torchvision": "downloads torchvision's COCO weights (network)",
     "python tools/convert_torchvision.py maskrcnn_resnet50_fpn_coco": "needs the downloaded COCO weights",
+    "python tools/convert_torchvision.py TORCHVISION.pth": "needs the downloaded COCO weights",
     "python tools/eval.py --checkpoint output/tv_coco.pth": "needs COCO val2017 and the converted weights",
     "python tools/convert_torchvision.py maskrcnn_resnet50_fpn_v2_coco": "needs the downloaded v2 COCO weights",
     "python tools/eval.py --checkpoint output/tv_v2_coco.pth": "needs COCO val2017 and the converted v2 weights",
@@ -58,15 +63,33 @@ SKIPPED = {
         "needs the downloaded COCO weights; " + OWN_DATA,
     "python tools/eval.py --checkpoint output/mine/": OWN_DATA,
     "python tools/infer.py --checkpoint output/mine/": OWN_DATA,
+    "python tools/predict_batch.py --input data/shapes/val --checkpoint output/demo/model_final.pth "
+    "--output output/rows_ray --engine ray": "starts a Ray instance; tests/test_predict_batch_ray.py runs the Ray "
+                                              "engine on a loopback test cluster",
+    "ray start": "starts a node of a Ray cluster",
+    "python tools/predict_batch.py --input paths.parquet": "needs a Ray cluster and a shared file system",
 }
 
 
-def readme_commands(text: str):
+# A command in running text: a code span that starts with a program and gives it arguments (`make setup`,
+# `python tools/x.py A B`, `tools/x.py --input y`), not one that only names a tool (`tools/train.py`).
+INLINE_COMMAND = r"`((?:python3?|make|pip|torchrun|curl|source|bash|\.venv/bin/\S+|tools/\S+\.py) [^`\n]+)`"
+
+
+def readme_commands(text: str, inline: bool = False):
     """(kind, command) for each command of the fenced bash blocks (continuation lines joined) and each
-    python block of a Markdown page, in page order."""
-    for kind, body in re.findall(r"^```(bash|python)\n(.*?)^```", text, flags=re.S | re.M):
+    python block of a Markdown page, and with ``inline`` each command in its running text (as bash), in
+    page order. Blocks of other kinds (output, plain text) are passed over, code spans inside them too."""
+    pattern = r"^```(\w*)\n(.*?)^```" + (f"|{INLINE_COMMAND}" if inline else "")
+    for match in re.finditer(pattern, text, flags=re.S | re.M):
+        kind, body = match.group(1, 2)
+        if body is None:
+            yield "bash", match.group(3)
+            continue
         if kind == "python":
             yield kind, body
+            continue
+        if kind != "bash":
             continue
         for command in re.sub(r"\\\n\s*", "", body).splitlines():
             command = re.sub(r"\s+# .*$", "", command).strip()  # a trailing comment explains the command
@@ -87,7 +110,7 @@ def linked_pages(page: Path):
 
 PAGES = ["README.md", *linked_pages(REPO / "README.md")]
 COMMANDS = list(dict.fromkeys(command for page in PAGES if (REPO / page).is_file()
-                              for command in readme_commands((REPO / page).read_text())))
+                              for command in readme_commands((REPO / page).read_text(), inline=page == "README.md")))
 
 
 def test_the_readme_links_every_page_and_every_linked_page_exists():
@@ -100,7 +123,10 @@ def test_the_readme_links_every_page_and_every_linked_page_exists():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A copy of the repository's tracked files (modification times kept, so make sees the environment
-    as up to date) with the environment linked in; a new shell there has the environment activated."""
+    as up to date) with the environment linked in, and the reader's own video (``clip.mp4``); a new shell
+    there has the environment activated."""
+    from test_video import write_clip
+
     root = tmp_path_factory.mktemp("readme")
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True,
                            check=True).stdout.split("\0")
@@ -111,6 +137,7 @@ def workdir(tmp_path_factory):
     (root / ".venv").symlink_to(Path(sys.prefix))
     for name in ("setup.cfg", "pyproject.toml"):  # older than the environment: make does not reinstall it
         os.utime(root / name, (0, 0))
+    write_clip(root / "clip.mp4")
     return root
 
 

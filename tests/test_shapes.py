@@ -1,6 +1,8 @@
+import dataclasses
 import json
 import time
 from collections import Counter
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -149,3 +151,19 @@ def test_novel_set_has_its_own_categories_and_same_layout(shapes_dir, tmp_path):
     assert "categories" not in json.loads((shapes_dir / "meta.json").read_text())
     assert not generate_shapes(tmp_path, **SMALL, categories="novel")
     assert generate_shapes(tmp_path, **SMALL)  # the basic set replaces it
+
+
+def test_the_tool_generates_what_the_library_generates_by_default(tmp_path, monkeypatch):
+    """tools/make_shapes.py without options asks for generate_shapes's own defaults (maskrcnn.config's
+    ShapesConfig), so `make demo` and a script calling the library make the same dataset."""
+    import inspect
+    import runpy
+
+    from maskrcnn.config import ShapesConfig
+    seen = {}
+    tool = runpy.run_path(str(Path(__file__).parents[1] / "tools" / "make_shapes.py"))
+    monkeypatch.setitem(tool["main"].__globals__, "generate_shapes", lambda out, **kwargs: seen.update(kwargs))
+    tool["main"](["--out", str(tmp_path)])
+    defaults = {name: p.default for name, p in inspect.signature(generate_shapes).parameters.items()
+                if p.kind is p.KEYWORD_ONLY and name != "progress"}
+    assert {k: v for k, v in seen.items() if k != "progress"} == defaults == dataclasses.asdict(ShapesConfig())

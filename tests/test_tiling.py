@@ -31,6 +31,7 @@ class ColourDetector:
     num_classes = 2
     mask_threshold = 0.5
     paste_memory_mb = 64
+    precision = "fp32"
 
     def __call__(self, images, mask_format="bitmap"):
         return [self._detect(image, mask_format) for image in images]

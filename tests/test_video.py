@@ -1,5 +1,6 @@
 """Video in, video out (maskrcnn.video, tools/infer.py on a clip): the overlay video keeps the frame count,
-size and frame rate; one JSON line per frame; an unreadable file is a one-line error."""
+size and frame rate; one JSON line per frame, holding what the same tool writes for the frame as an image; an
+unreadable file is a one-line error."""
 
 import json
 import sys
@@ -11,7 +12,9 @@ import pycocotools.mask as mask_utils
 import pytest
 
 from maskrcnn.cli import run
+from maskrcnn.config import DISPLAY_SCORE_THRESH
 from maskrcnn.video import VideoReader, VideoWriter
+from maskrcnn.visualize import save_png
 from tiny import save_tiny_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -20,8 +23,8 @@ import infer as infer_tool  # noqa: E402
 FRAMES, WIDTH, HEIGHT, FPS = 7, 96, 64, 12.0
 
 
-def _clip(path: Path) -> Path:
-    """A generated clip: a square moving across a gradient, written by OpenCV."""
+def write_clip(path: Path) -> Path:
+    """A generated clip of 7 frames, 96x64 at 12 frames/s: a square moving across a gradient, written by OpenCV."""
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (WIDTH, HEIGHT))
     for n in range(FRAMES):
         frame = np.tile(np.linspace(40, 200, WIDTH, dtype=np.uint8)[None, :, None], (HEIGHT, 1, 3))
@@ -59,7 +62,7 @@ def test_failed_write_leaves_no_file(tmp_path):
 
 
 def test_infer_on_a_clip_writes_overlay_video_and_one_json_line_per_frame(tmp_path, checkpoint, capsys):
-    clip = _clip(tmp_path / "clip.mp4")
+    clip = write_clip(tmp_path / "clip.mp4")
     run(infer_tool.main, ["--checkpoint", str(checkpoint), "--input", str(clip), "--output", str(tmp_path / "out"),
                           "--score-thresh", "0.0", "--batch-size", "3"])
     assert f"{FRAMES} frames" in capsys.readouterr().out
@@ -74,6 +77,26 @@ def test_infer_on_a_clip_writes_overlay_video_and_one_json_line_per_frame(tmp_pa
     detections = [d for r in records for d in r["detections"]]
     assert detections, "a score threshold of 0 keeps the random model's detections"
     assert all(mask_utils.decode(d["segmentation"]).shape == (HEIGHT, WIDTH) for d in detections)
+
+
+def test_a_clip_without_a_threshold_gives_per_frame_what_its_frames_give_as_images(tmp_path, checkpoint):
+    """Without --score-thresh both paths keep what the model's own threshold keeps: each frame's JSON line holds
+    exactly the detections that results.json holds for the frame written as a PNG (one frame per batch, so
+    that both run the same computation)."""
+    clip = write_clip(tmp_path / "clip.mp4")
+    run(infer_tool.main, ["--checkpoint", str(checkpoint), "--input", str(clip), "--output", str(tmp_path / "video"),
+                          "--batch-size", "1"])
+    with VideoReader(clip) as reader:
+        for n, frame in enumerate(reader):
+            save_png(tmp_path / "frames" / f"{n:06d}.png", frame)
+    run(infer_tool.main, ["--checkpoint", str(checkpoint), "--input", str(tmp_path / "frames"),
+                          "--output", str(tmp_path / "images")])
+    results = json.loads((tmp_path / "images" / "results.json").read_text())
+    records = [json.loads(line) for line in (tmp_path / "video" / "clip.jsonl").read_text().splitlines()]
+    assert [r["frame"] for r in records] == list(range(FRAMES))
+    for record in records:
+        assert record["detections"] == [r for r in results if r["image_id"] == record["frame"]]
+    assert any(r["score"] < DISPLAY_SCORE_THRESH for r in results), "no detection tells the two thresholds apart"
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00\x01 not a video" * 100], ids=["empty", "garbage"])

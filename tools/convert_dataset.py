@@ -3,6 +3,7 @@
     python tools/convert_dataset.py --from labelme my_labelme_folder --out data/mine/instances.json
     python tools/convert_dataset.py --from cvat annotations.xml --out instances.json --images images/
     python tools/convert_dataset.py --from yolo my_yolo_dataset --out instances.json
+    python tools/convert_dataset.py --from label-studio export.json --out instances.json --images images/
 
 Images are referenced, not copied: ``file_name`` entries are relative to --images (default: the labelme
 folder; ``images/`` beside the CVAT file; the YOLO dataset root, or its ``images/`` folder when data.yaml

@@ -13,10 +13,11 @@ validation split; with --image, a held-out image needs --heldout-ann and --heldo
 import argparse
 from pathlib import Path
 
-from maskrcnn.cli import run
+from maskrcnn.cli import require_at_least, run
 from maskrcnn.config import DISPLAY_SCORE_THRESH
 from maskrcnn.diagnostics.figures import explain_checkpoint, mask_caption
 from maskrcnn.diagnostics.trace import locate_image
+from maskrcnn.errors import InputError
 
 
 def main(argv=None) -> None:
@@ -43,6 +44,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num-rois", type=int, default=4, help="positive RoIs shown in mask_targets.png")
     parser.add_argument("--seed", type=int, default=0, help="seeds the sampling of anchors and RoIs")
     args = parser.parse_args(argv)
+    require_at_least(args, num_rois=1)
 
     if args.shapes:
         shapes = Path(args.shapes_dir)
@@ -51,7 +53,7 @@ def main(argv=None) -> None:
         heldout_ann, heldout_images = shapes / "annotations" / "instances_val.json", shapes / "val"
     else:
         if args.ann is None:
-            parser.error("--image needs --ann")
+            raise InputError("--image needs --ann")
         image = Path(args.image)
         if not image.is_file():
             raise FileNotFoundError(f"image file not found: {image}")

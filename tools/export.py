@@ -14,7 +14,7 @@ OpenVINO IR next to the ONNX file (``maskrcnn.deploy.quantize``; ``python -m ben
 
 import argparse
 
-from maskrcnn.cli import run
+from maskrcnn.cli import require_at_least, run
 from maskrcnn.deploy.export import export_onnx
 from maskrcnn.deploy.quantize import quantize_int8
 from maskrcnn.fileio import image_files
@@ -31,6 +31,7 @@ def main(argv=None) -> None:
     parser.add_argument("--int8-calibration", help="folder of calibration images: also write an int8 OpenVINO IR")
     parser.add_argument("--calibration-count", type=int, default=100, help="calibration images used")
     args = parser.parse_args(argv)
+    require_at_least(args, calibration_count=1)
     files = image_files(args.int8_calibration)[:args.calibration_count] if args.int8_calibration else []
     predictor = Predictor.from_checkpoint(args.checkpoint, score_thresh=args.score_thresh)
     path = export_onnx(predictor.model, args.output, class_names=predictor.class_names,

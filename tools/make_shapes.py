@@ -4,18 +4,19 @@ import argparse
 import time
 
 from maskrcnn.cli import run
-from maskrcnn.data.shapes import generate_shapes
+from maskrcnn.config import ShapesConfig
+from maskrcnn.data.shapes import CATEGORY_SETS, generate_shapes
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="data/shapes", help="output folder")
-    parser.add_argument("--num-train", type=int, default=2000, help="training images")
-    parser.add_argument("--num-val", type=int, default=200, help="validation images")
-    parser.add_argument("--seed", type=int, default=0, help="generation seed")
-    parser.add_argument("--min-size", type=int, default=128, help="smallest image side (pixels)")
-    parser.add_argument("--max-size", type=int, default=256, help="largest image side (pixels)")
-    parser.add_argument("--categories", default="basic", choices=["basic", "novel"],
+    parser.add_argument("--num-train", type=int, default=ShapesConfig.num_train, help="training images")
+    parser.add_argument("--num-val", type=int, default=ShapesConfig.num_val, help="validation images")
+    parser.add_argument("--seed", type=int, default=ShapesConfig.seed, help="generation seed")
+    parser.add_argument("--min-size", type=int, default=ShapesConfig.min_size, help="smallest image side (pixels)")
+    parser.add_argument("--max-size", type=int, default=ShapesConfig.max_size, help="largest image side (pixels)")
+    parser.add_argument("--categories", default=ShapesConfig.categories, choices=sorted(CATEGORY_SETS),
                         help="square, circle, triangle (basic) or star, hexagon, cross (novel)")
     args = parser.parse_args(argv)
     start = time.perf_counter()

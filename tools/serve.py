@@ -18,6 +18,7 @@ import uvicorn
 from PIL import Image
 
 from maskrcnn.cli import run
+from maskrcnn.config import ServiceConfig
 from maskrcnn.deploy.runtime import RUNTIMES, ExportedPredictor
 from maskrcnn.deploy.serve import create_app, is_loopback
 from maskrcnn.errors import InputError
@@ -31,22 +32,28 @@ def main(argv=None) -> None:
     source.add_argument("--checkpoint", help="checkpoint file written by training (runs in PyTorch)")
     source.add_argument("--onnx", help="ONNX file written by tools/export.py (or its int8 .xml, with --runtime openvino)")
     parser.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES, help="runtime of --onnx")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="bf16: autocast (PyTorch) or OpenVINO's bf16 inference; auto: bf16 where the CPU "
-                             "computes it natively, else fp32")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="default: the checkpoint's model.precision (auto: bf16 where native, else fp32); "
+                             "for --onnx, auto; bf16: autocast (PyTorch) or OpenVINO's bf16 inference")
     parser.add_argument("--score-thresh", type=float, default=None,
                         help="detections scoring below are dropped (default: the model's own threshold)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--token", help="bearer token every request must carry (required off loopback)")
-    parser.add_argument("--max-batch-size", type=int, default=4, help="images per batch at most")
-    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="wait for more images after the first")
-    parser.add_argument("--max-queue", type=int, default=32,
+    parser.add_argument("--max-batch-size", type=int, default=ServiceConfig.max_batch_size,
+                        help="images per batch at most")
+    parser.add_argument("--max-wait-ms", type=float, default=ServiceConfig.max_wait_ms,
+                        help="wait for more images after the first")
+    parser.add_argument("--max-queue", type=int, default=ServiceConfig.max_queue,
                         help="requests held at once (uploading, decoding, waiting, running); more get 503")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request, upload to answer")
-    parser.add_argument("--max-bytes", type=int, default=20 * 2**20, help="largest upload in bytes")
-    parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (W x H)")
+    parser.add_argument("--timeout", dest="timeout_s", type=float, default=ServiceConfig.timeout_s,
+                        help="seconds per request, upload to answer")
+    parser.add_argument("--max-bytes", type=int, default=ServiceConfig.max_bytes, help="largest upload in bytes")
+    parser.add_argument("--max-pixels", type=int, default=ServiceConfig.max_pixels,
+                        help="largest image in pixels (W x H)")
     args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must lie in 0..65535, got {args.port}")
     if args.token is None and not is_loopback(args.host):
         raise InputError(f"listening on {args.host} needs --token (only loopback and localhost go without)")
     if args.checkpoint:
@@ -58,7 +65,7 @@ def main(argv=None) -> None:
     print(predictor.resolved_precision.message)
     app = create_app(predictor,
                      class_names=predictor.class_names, draw=overlay_png, max_batch_size=args.max_batch_size,
-                     max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout,
+                     max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout_s,
                      max_bytes=args.max_bytes, max_pixels=args.max_pixels, token=args.token)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

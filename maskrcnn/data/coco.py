@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from maskrcnn.config import DataConfig
 from maskrcnn.data.annotation_cache import load_or_build
 from maskrcnn.data.coco_json import AnnotationError, BOUNDS_TOLERANCE, contiguous_labels
 from maskrcnn.data.packing import pack_annotations
@@ -48,7 +49,6 @@ class CocoDetection(torch.utils.data.Dataset):
     ann_file: the COCO json. image_dir: folder holding each image's ``file_name``.
     transforms: called as ``transforms(image, target, rng)`` with image ``(H, W, 3)`` uint8 RGB, the
     target described in the module docstring and a ``np.random.Generator``; returns ``(image, target)``.
-    filter_empty: drop images without any usable non-crowd annotation.
     skip_bad_annotations: skip invalid annotations instead of raising; ``skipped`` counts them per reason
     and one warning gives the totals.
     cache: read the packed annotations from (and write them first to) their cache file, memory-mapped (see
@@ -56,15 +56,18 @@ class CocoDetection(torch.utils.data.Dataset):
     cache_dir: the folder of the cache file; None or "" puts it beside ``ann_file`` (as
     ``<ann_file>.maskrcnn-cache``).
 
+    Every image of the json is served; :meth:`drop_empty` keeps only those with a usable non-crowd
+    annotation (training with ``data.filter_empty``).
+
     Items are indexed by position, or by ``(position, augmentation_seed)`` so that random transforms are
     reproducible (see :class:`maskrcnn.data.samplers.TrainingSampler`); a bare position draws fresh
     randomness.
     """
 
     def __init__(self, ann_file: Union[str, Path], image_dir: Union[str, Path], *,
-                 transforms: Optional[Callable] = None, filter_empty: bool = False,
-                 skip_bad_annotations: bool = False, cache: bool = True,
-                 cache_dir: Optional[Union[str, Path]] = None):
+                 transforms: Optional[Callable] = None,
+                 skip_bad_annotations: bool = DataConfig.skip_bad_annotations,
+                 cache: bool = DataConfig.annotation_cache, cache_dir: Optional[Union[str, Path]] = None):
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         self.transforms = transforms
@@ -80,13 +83,20 @@ class CocoDetection(torch.utils.data.Dataset):
             details = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.skipped.items()))
             warnings.warn(f"{self.ann_file}: skipped {sum(self.skipped.values())} bad annotations ({details})")
 
-        arrays = packed.arrays
-        instance_counts = np.diff(arrays["instance_ends"], prepend=0)
-        # positions (in the json's image order) of the images this dataset serves
-        self._positions = np.flatnonzero(instance_counts > 0) if filter_empty else np.arange(len(packed))
-        self.image_ids: List[int] = arrays["image_ids"][self._positions].tolist()
-        self.image_sizes: List[Tuple[int, int]] = list(zip(arrays["heights"][self._positions].tolist(),
-                                                           arrays["widths"][self._positions].tolist()))
+        self._serve(np.arange(len(packed)))
+
+    def drop_empty(self) -> None:
+        """Serve only the images that have at least one usable non-crowd annotation."""
+        instance_counts = np.diff(self._records.arrays["instance_ends"], prepend=0)
+        self._serve(self._positions[instance_counts[self._positions] > 0])
+
+    def _serve(self, positions: np.ndarray) -> None:
+        """Serve the images at ``positions`` (indices in the json's image order), in that order."""
+        arrays = self._records.arrays
+        self._positions = positions
+        self.image_ids: List[int] = arrays["image_ids"][positions].tolist()
+        self.image_sizes: List[Tuple[int, int]] = list(zip(arrays["heights"][positions].tolist(),
+                                                           arrays["widths"][positions].tolist()))
 
     def _set_categories(self, categories: Dict[int, str]) -> None:
         sorted_ids = sorted(categories)

@@ -14,7 +14,7 @@ import cv2
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
-from maskrcnn.config import Config
+from maskrcnn.config import Config, DataConfig
 from maskrcnn.data.coco import CocoDetection
 from maskrcnn.data.samplers import GroupedBatchSampler, TrainingSampler, aspect_ratio_group_ids
 from maskrcnn.data.transforms import build_transforms
@@ -23,21 +23,25 @@ from maskrcnn.errors import InputError
 
 def build_train_dataset(cfg: Config) -> CocoDetection:
     """The training set of ``cfg.data`` with the training augmentation of ``cfg``."""
-    return CocoDetection(cfg.data.train_ann, cfg.data.train_images, transforms=build_transforms(cfg, train=True),
-                         filter_empty=cfg.data.filter_empty, skip_bad_annotations=cfg.data.skip_bad_annotations,
-                         cache=cfg.data.annotation_cache, cache_dir=cfg.data.annotation_cache_dir)
+    dataset = CocoDetection(cfg.data.train_ann, cfg.data.train_images, transforms=build_transforms(cfg, train=True),
+                            skip_bad_annotations=cfg.data.skip_bad_annotations, cache=cfg.data.annotation_cache,
+                            cache_dir=cfg.data.annotation_cache_dir)
+    if cfg.data.filter_empty:
+        dataset.drop_empty()
+    return dataset
 
 
 def build_test_dataset(cfg: Config) -> CocoDetection:
     """The validation set of ``cfg.data``, every image kept, no transform (the model resizes)."""
     return CocoDetection(cfg.data.val_ann, cfg.data.val_images, transforms=build_transforms(cfg, train=False),
-                         filter_empty=False, skip_bad_annotations=cfg.data.skip_bad_annotations,
-                         cache=cfg.data.annotation_cache, cache_dir=cfg.data.annotation_cache_dir)
+                         skip_bad_annotations=cfg.data.skip_bad_annotations, cache=cfg.data.annotation_cache,
+                         cache_dir=cfg.data.annotation_cache_dir)
 
 
 def build_train_loader(dataset: CocoDetection, *, images_per_batch: int, seed: int, rank: int = 0,
-                       world_size: int = 1, start_iter: int = 0, num_workers: int = 2,
-                       aspect_ratio_grouping: bool = True, aspect_ratio_groups: int = 2
+                       world_size: int = 1, start_iter: int = 0, num_workers: int = DataConfig.num_workers,
+                       aspect_ratio_grouping: bool = DataConfig.aspect_ratio_grouping,
+                       aspect_ratio_groups: int = DataConfig.aspect_ratio_groups
                        ) -> Iterator[Tuple[List[torch.Tensor], List[dict]]]:
     """Endless iterator over this rank's training batches.
 

@@ -15,6 +15,7 @@ from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 
+from maskrcnn.config import DataConfig
 from maskrcnn.errors import InputError
 
 _PERMUTATION_STREAM = 0  # seed-sequence tags keeping the epoch order and the augmentation seeds independent
@@ -78,7 +79,8 @@ class GroupedBatchSampler:
                 buffer.clear()
 
 
-def aspect_ratio_group_ids(image_sizes: Sequence[Tuple[int, int]], num_groups: int = 2) -> np.ndarray:
+def aspect_ratio_group_ids(image_sizes: Sequence[Tuple[int, int]],
+                           num_groups: int = DataConfig.aspect_ratio_groups) -> np.ndarray:
     """``(N,)`` int64 group ids from per-image ``(height, width)``: the bin of ``log2(width / height)``
     among ``num_groups`` equal bins over aspect ratios 2 (wide) to 1/2 (tall), the outer bins open-ended.
 

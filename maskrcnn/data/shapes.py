@@ -30,6 +30,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from tqdm import tqdm
 
+from maskrcnn.config import ShapesConfig
 from maskrcnn.errors import InputError
 
 CATEGORIES = [
@@ -53,10 +54,12 @@ MIN_VISIBLE_PIXELS = 20  # instances with fewer visible pixels are dropped
 POLYGON_MIN_IOU = 0.95  # a polygon is stored only if its rasterisation matches the mask this well
 
 
-def generate_shapes(out_dir: str | Path, *, num_train: int = 2000, num_val: int = 200, seed: int = 0,
-                    min_size: int = 128, max_size: int = 256, categories: str = "basic",
-                    progress: bool = False) -> bool:
-    """Write the shapes dataset under ``out_dir``; deterministic given the parameters.
+def generate_shapes(out_dir: str | Path, *, num_train: int = ShapesConfig.num_train,
+                    num_val: int = ShapesConfig.num_val, seed: int = ShapesConfig.seed,
+                    min_size: int = ShapesConfig.min_size, max_size: int = ShapesConfig.max_size,
+                    categories: str = ShapesConfig.categories, progress: bool = False) -> bool:
+    """Write the shapes dataset under ``out_dir``; deterministic given the parameters (defaults:
+    :class:`maskrcnn.config.ShapesConfig`).
 
     categories: "basic" (square, circle, triangle) or "novel" (star, hexagon, cross), see ``CATEGORY_SETS``.
 
@@ -112,9 +115,11 @@ def generate_shapes(out_dir: str | Path, *, num_train: int = 2000, num_val: int 
     return True
 
 
-def render_image(rng: np.random.Generator, *, min_size: int, max_size: int, categories: List[dict] = CATEGORIES
+def render_image(rng: np.random.Generator, *, min_size: int, max_size: int,
+                 categories: List[dict] = CATEGORY_SETS[ShapesConfig.categories]
                  ) -> Tuple[np.ndarray, List[Tuple[int, np.ndarray, bool, bool]]]:
-    """Draw one image and its instances, of the given categories (``CATEGORIES`` or ``NOVEL_CATEGORIES``).
+    """Draw one image and its instances, of the given categories (``CATEGORIES`` or ``NOVEL_CATEGORIES``;
+    default the set that :func:`generate_shapes` draws by default).
 
     Returns ``(pixels, instances)``: pixels ``(H, W, 3)`` uint8 RGB; instances a list, back to front, of
     ``(category_id, visible_mask (H, W) bool, occluded, crowd)`` where ``occluded`` says that later shapes

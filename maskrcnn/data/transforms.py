@@ -1,7 +1,7 @@
 """Training augmentation: resize to a random shortest side, horizontal flip.
 
 Every transform is called as ``transform(image, target, rng)`` and returns ``(image, target)``:
-- image: ``(H, W, 3)`` uint8 RGB numpy array;
+- image: ``(H, W, 3)`` RGB numpy array of values in 0-255: uint8 as read, float32 once resized;
 - target: the dict of :class:`maskrcnn.data.coco.CocoDetection` (``boxes`` and ``crowd_boxes`` ``(M, 4)``
   / ``(C, 4)`` float32 xyxy pixels of ``image``, ``masks`` in ``image``'s size, ...); a new dict is
   returned, the input is not modified;
@@ -19,13 +19,19 @@ import numpy as np
 import torch
 
 from maskrcnn.errors import InputError
-from maskrcnn.config import Config
+from maskrcnn.config import Config, DataConfig
 
 
 class ResizeShortestEdge:
     """Scale the image so that its shorter side is a size drawn from ``min_sizes`` (pixels), unless its
     longer side would then exceed ``max_size``, in which case the longer side becomes ``max_size``. Sides
-    are rounded down, as :func:`maskrcnn.modeling.maskrcnn.resize_image` and torchvision round them."""
+    are rounded down, as :func:`maskrcnn.modeling.maskrcnn.resize_image` and torchvision round them.
+
+    The resampling is the inference resize's (``resize_image``: bilinear, pixel centres aligned, no
+    antialiasing) and so are the values, to float rounding: OpenCV resamples the image as float32 (its
+    uint8 path rounds the weights to 11 bits and every output to an integer: one grey level off the rounded
+    inference values in about 12% of them). The resized image is float32, values in 0-255; an image already
+    at its size is returned as it is."""
 
     def __init__(self, min_sizes: Sequence[int], max_size: int):
         if not min_sizes or min(min_sizes) <= 0 or max_size <= 0:
@@ -40,7 +46,7 @@ class ResizeShortestEdge:
         new_h, new_w = int(height * scale), int(width * scale)  # rounded down, as inference and torchvision
         if (new_h, new_w) == (height, width):
             return image, target
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        image = cv2.resize(image.astype(np.float32), (new_w, new_h), interpolation=cv2.INTER_LINEAR)
         factors = torch.tensor([new_w / width, new_h / height] * 2, dtype=torch.float32)
         target = dict(target, boxes=target["boxes"] * factors, crowd_boxes=target["crowd_boxes"] * factors,
                       masks=target["masks"].scale((new_h, new_w)))
@@ -50,7 +56,7 @@ class ResizeShortestEdge:
 class RandomHorizontalFlip:
     """Mirror the image, boxes, crowd boxes and masks left-right with probability ``prob``."""
 
-    def __init__(self, prob: float = 0.5):
+    def __init__(self, prob: float = DataConfig.flip_prob):
         if not 0.0 <= prob <= 1.0:
             raise InputError(f"flip probability must be in [0, 1], got {prob}")
         self.prob = prob

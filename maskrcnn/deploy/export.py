@@ -1,7 +1,7 @@
 """ONNX export of the network: a normalised, padded image batch -> detections with S x S mask probabilities.
 
 Shorthand: N images;  Hp x Wp the padded batch;  K object classes;  D detections over the whole batch;
-S the mask side (28).
+S the mask side (28, or the point head's refined side, see ``RoIHeads.mask_side``).
 
 The graph is :meth:`MaskRCNN.infer <maskrcnn.modeling.maskrcnn.MaskRCNN.infer>` traced: the eager model's
 own inference over a padded batch, which has no loop over images and no Python branch on data, so that the
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -48,7 +49,12 @@ def _grouped_nms(g, boxes, scores, iou_threshold: float):
     """``maskrcnn::grouped_nms`` as ONNX NonMaxSuppression: the same (entry, class, box) rows. A runtime
     that needs another operator gets another symbolic here; the selection itself stays in the model."""
     max_per_class = g.op("Constant", value_t=torch.tensor([2**62], dtype=torch.int64))
-    iou = g.op("Constant", value_t=torch.tensor([iou_threshold], dtype=torch.float32))
+    # The operator compares float32 IoUs with a float32 threshold, torchvision's nms with the float64 one:
+    # the largest float32 not above it drops the same boxes (0.6 rounds up to 0.60000002, an IoU of 3/5).
+    threshold = torch.tensor([iou_threshold], dtype=torch.float32)
+    if threshold.item() > iou_threshold:
+        threshold = torch.nextafter(threshold, torch.tensor(-math.inf))
+    iou = g.op("Constant", value_t=threshold)
     skip = g.op("Constant", value_t=torch.tensor([SKIP], dtype=torch.float32))
     return g.op("NonMaxSuppression", boxes, scores, max_per_class, iou, skip)
 
@@ -99,7 +105,7 @@ def deploy_metadata(model: MaskRCNN, *, class_names: Sequence[str],
         "rpn_pre_nms_topk": rpn.pre_nms_topk[1],
         "rpn_post_nms_topk": rpn.post_nms_topk[1],
         "rpn_nms_thresh": rpn.nms_thresh,
-        "mask_side": roi_heads.mask_head.mask_side,
+        "mask_side": roi_heads.mask_side,
         "inputs": list(INPUT_NAMES),
         "outputs": list(OUTPUT_NAMES),
     }

@@ -19,9 +19,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from maskrcnn.config import ModelConfig
 from maskrcnn.deploy.export import INPUT_NAMES, OUTPUT_NAMES, read_metadata
 from maskrcnn.errors import InputError
-from maskrcnn.inference import ImageInput, check_mask_format, to_image_tensors, to_instances
+from maskrcnn.inference import (ImageInput, check_mask_format, drop_unmatched, match_categories, to_image_tensors,
+                                to_instances)
 from maskrcnn.modeling.maskrcnn import preprocess_images
 from maskrcnn.modeling.postprocess import to_original_image
 from maskrcnn.precision import resolve_precision
@@ -41,21 +43,28 @@ class ExportedPredictor:
         (``.xml``) written by :func:`~maskrcnn.deploy.quantize.quantize_int8` (OpenVINO only); its metadata
         supplies the class names, the input normalisation and resize, and the mask threshold.
     runtime: "onnxruntime" or "openvino".
-    precision: "auto" (default: OpenVINO bf16 where the CPU computes it natively, else fp32), "fp32", or
-        "bf16" (OpenVINO only; warns where it is emulated, and runs fp32 with a warning where OpenVINO has
-        no bf16 kernels, below AVX-512). ``self.precision`` is the one the graph runs in.
+    precision: "auto" (OpenVINO bf16 where the CPU computes it natively, else fp32), "fp32", or "bf16"
+        (OpenVINO only; warns where it is emulated, and runs fp32 with a warning where OpenVINO has no bf16
+        kernels, below AVX-512); None, the default, is ``model.precision``'s default
+        (:attr:`ModelConfig.precision <maskrcnn.config.ModelConfig.precision>`): an exported file carries no
+        precision of its own. ``self.precision`` is the one the graph runs in.
     mask_format: "bitmap", "rle" or "none", as the eager predictor.
     score_thresh: detections scoring below this are dropped; None keeps the threshold the graph was exported
         with (its metadata's ``score_thresh``), below which it has already dropped them: a lower one is refused.
     bgr: NumPy inputs are BGR (OpenCV order) unless a call says otherwise.
     threads: intra-op threads of the runtime (None: the runtime's default, all cores).
+    categories: a dataset's COCO categories (dicts with ``id`` and ``name``) to report in, as
+        :class:`~maskrcnn.predictor.Predictor` takes them: each label is matched to one of them (by the
+        metadata's ``label_to_cat_id``, else by name, see :func:`~maskrcnn.inference.match_categories`) and
+        detections of labels the dataset lacks are dropped.
     """
 
-    def __init__(self, path: Union[str, Path], *, runtime: str = "onnxruntime", precision: str = "auto",
+    def __init__(self, path: Union[str, Path], *, runtime: str = "onnxruntime", precision: Optional[str] = None,
                  mask_format: str = "bitmap", bgr: bool = False, threads: Optional[int] = None,
-                 score_thresh: Optional[float] = None):
+                 score_thresh: Optional[float] = None, categories: Optional[Sequence[dict]] = None):
         if runtime not in RUNTIMES:
             raise InputError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        precision = ModelConfig.precision if precision is None else precision
         if precision not in RUNTIME_PRECISIONS[runtime]:
             raise InputError(f"{runtime} runs precision {RUNTIME_PRECISIONS[runtime]}, got {precision!r}")
         check_mask_format(mask_format)
@@ -70,6 +79,9 @@ class ExportedPredictor:
         self.class_names = list(self.metadata["class_names"])
         cat_ids = self.metadata["label_to_cat_id"]
         self.label_to_cat_id = None if cat_ids is None else {int(k): int(v) for k, v in cat_ids.items()}
+        self.drops_unmatched = categories is not None
+        if categories is not None:
+            self.label_to_cat_id = match_categories(self.class_names, self.label_to_cat_id, categories)
         self.runtime = runtime
         self.resolved_precision = resolve_precision(precision if runtime == "openvino" else "fp32", "cpu")
         self.mask_format = mask_format
@@ -110,8 +122,9 @@ class ExportedPredictor:
                               memory_mb=meta["paste_memory_mb"])
             for i, (resized, image) in enumerate(zip(batch.image_sizes, images))
         ]
-        return to_instances(pasted, [tuple(image.shape[-2:]) for image in images], class_names=self.class_names,
-                            label_to_cat_id=self.label_to_cat_id)
+        results = to_instances(pasted, [tuple(image.shape[-2:]) for image in images], class_names=self.class_names,
+                               label_to_cat_id=self.label_to_cat_id)
+        return drop_unmatched(results, self.label_to_cat_id) if self.drops_unmatched else results
 
 
 def network_inputs(images: Sequence[torch.Tensor],
@@ -151,8 +164,9 @@ def _openvino_session(path: Path, precision: str, threads: Optional[int]):
     config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = threads
+    model = read_openvino_model(path)
     try:
-        compiled = openvino.Core().compile_model(str(path), "CPU", config)
+        compiled = openvino.Core().compile_model(model, "CPU", config)
     except RuntimeError as error:
         if precision != "bf16":
             raise
@@ -160,7 +174,7 @@ def _openvino_session(path: Path, precision: str, threads: Optional[int]):
         warnings.warn(f"OpenVINO cannot run bf16 on this CPU ({reason.strip()}): running {path.name} in fp32",
                       stacklevel=3)
         config["INFERENCE_PRECISION_HINT"], precision = "f32", "fp32"
-        compiled = openvino.Core().compile_model(str(path), "CPU", config)
+        compiled = openvino.Core().compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
 
     def run(images: np.ndarray, image_sizes: np.ndarray) -> list:
@@ -168,3 +182,20 @@ def _openvino_session(path: Path, precision: str, threads: Optional[int]):
         return [np.array(result[compiled.output(name)]) for name in OUTPUT_NAMES]
 
     return run, precision
+
+
+def read_openvino_model(path: Path):
+    """The graph of an ONNX file or OpenVINO IR as an OpenVINO model whose NonMaxSuppression drops what ONNX
+    Runtime and the eager model drop. OpenVINO's CPU NonMaxSuppression drops a box whose IoU *equals* the
+    IoU threshold, where ONNX Runtime and torchvision's ``nms`` keep it (they drop an IoU above it): each
+    NonMaxSuppression's threshold is raised to the next float32, above which the same IoUs lie."""
+    import openvino
+
+    model = openvino.Core().read_model(str(path))
+    for node in model.get_ops():
+        if node.get_type_name() == "NonMaxSuppression":
+            threshold = node.input_value(3).get_node().get_data().astype(np.float32)
+            raised = openvino.opset13.constant(np.nextafter(threshold, np.float32(np.inf)))
+            node.input(3).replace_source_output(raised.output(0))
+    return model
+

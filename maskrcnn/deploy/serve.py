@@ -52,6 +52,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
+from maskrcnn.config import ServiceConfig
 from maskrcnn.errors import InputError
 from maskrcnn.fileio import decode_image, exif_orientation, swaps_axes
 from maskrcnn.structures import Instances
@@ -121,8 +122,9 @@ class BatchQueue:
     queue drops its image at once and never runs it.
     """
 
-    def __init__(self, predict: Callable[[List[np.ndarray]], List[Instances]], *, max_batch_size: int = 4,
-                 max_wait_ms: float = 10.0, max_queue: int = 32):
+    def __init__(self, predict: Callable[[List[np.ndarray]], List[Instances]], *,
+                 max_batch_size: int = ServiceConfig.max_batch_size, max_wait_ms: float = ServiceConfig.max_wait_ms,
+                 max_queue: int = ServiceConfig.max_queue):
         if max_batch_size < 1:
             raise InputError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_wait_ms < 0:
@@ -285,10 +287,12 @@ class _TokenGuard:
 
 
 def create_app(predict: Callable[[List[np.ndarray]], List[Instances]], *, class_names: Sequence[str],
-               draw: Callable[[np.ndarray, Instances], bytes], max_batch_size: int = 4, max_wait_ms: float = 10.0,
-               max_queue: int = 32, timeout_s: float = 60.0, max_bytes: int = 20 * 2**20,
-               max_pixels: int = 40_000_000, decode_workers: int = 2, token: Optional[str] = None):
-    """The FastAPI app of the service.
+               draw: Callable[[np.ndarray, Instances], bytes], max_batch_size: int = ServiceConfig.max_batch_size,
+               max_wait_ms: float = ServiceConfig.max_wait_ms, max_queue: int = ServiceConfig.max_queue,
+               timeout_s: float = ServiceConfig.timeout_s, max_bytes: int = ServiceConfig.max_bytes,
+               max_pixels: int = ServiceConfig.max_pixels, decode_workers: int = ServiceConfig.decode_workers,
+               token: Optional[str] = None):
+    """The FastAPI app of the service; the defaults of its limits are :class:`~maskrcnn.config.ServiceConfig`'s.
 
     predict: images (``(H, W, 3)`` uint8 RGB arrays) -> :class:`Instances`, e.g. a
         :class:`~maskrcnn.predictor.Predictor` or an :class:`~maskrcnn.deploy.runtime.ExportedPredictor`
@@ -424,21 +428,32 @@ def load_test(url: str, data: bytes, *, content_type: str, concurrency: int, req
     """Send up to ``requests`` uploads of ``data`` to ``url`` from ``concurrency`` threads, stopping new
     requests after ``max_seconds``. Returns ``requests`` (sent), ``refused`` (503 answers: the service's
     queue was full), ``errors`` (other non-200 answers), ``requests_per_s`` and the latency percentiles
-    ``p50_s`` and ``p95_s``."""
+    ``p50_s`` and ``p95_s``. Raises :class:`InputError` for counts below 1 or no time, and naming ``url``
+    when a request gets no HTTP answer from it (nothing listens there)."""
+    for name, value in (("concurrency", concurrency), ("requests", requests)):
+        if value < 1:
+            raise InputError(f"{name} must be at least 1, got {value}")
+    if max_seconds <= 0:
+        raise InputError(f"max_seconds must be > 0, got {max_seconds}")
     latencies: List[float] = []
     refused = errors = 0
+    unanswered: List[urllib.error.URLError] = []
     lock = threading.Lock()
     counter = iter(range(requests))
     start = time.perf_counter()
 
     def client():
         nonlocal refused, errors
-        while time.perf_counter() - start < max_seconds:
+        while time.perf_counter() - start < max_seconds and not unanswered:
             with lock:
                 if next(counter, None) is None:
                     return
             sent = time.perf_counter()
-            status, _ = post_image(url, data, content_type=content_type, token=token)
+            try:
+                status, _ = post_image(url, data, content_type=content_type, token=token)
+            except urllib.error.URLError as error:  # not an HTTP answer: the connection itself failed
+                unanswered.append(error)
+                return
             with lock:
                 latencies.append(time.perf_counter() - sent)
                 refused += status == 503
@@ -449,6 +464,8 @@ def load_test(url: str, data: bytes, *, content_type: str, concurrency: int, req
         thread.start()
     for thread in threads:
         thread.join()
+    if unanswered:
+        raise InputError(f"no service answers at {url}: {unanswered[0].reason}")
     elapsed = time.perf_counter() - start
     return {"requests": len(latencies), "refused": refused, "errors": errors,
             "requests_per_s": len(latencies) / elapsed,

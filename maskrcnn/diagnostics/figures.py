@@ -9,14 +9,15 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from maskrcnn.config import DISPLAY_SCORE_THRESH
 from maskrcnn.data.coco import CocoDetection
 from maskrcnn.errors import InputError
 from maskrcnn.fileio import atomic_write
+from maskrcnn.modeling.paste import resized_mask_regions
 from maskrcnn.predictor import Predictor
 from maskrcnn.diagnostics.trace import (explain, load_example, read_eval_metrics, read_training_log)
 from maskrcnn.visualize import add_legend, colors, draw_instances, label_map
@@ -258,21 +259,18 @@ def _draw_paste(result: dict) -> Figure:
     side = probs.shape[-1]
     fig = _figure(12, 3.0 * rows + 0.5)
     axes = fig.subplots(rows, 4, squeeze=False)
-    for row in range(rows):
+    # The paste's own resize: the mask padded by one pixel, over the box scaled by (S + 2) / S (paste.py).
+    regions = resized_mask_regions(probs[:rows], instances.boxes[:rows], (height, width))
+    for row, (x0, y0, resized) in enumerate(regions):
         box = instances.boxes[row]
-        x0, y0, x1, y1 = box.tolist()
-        box_w, box_h = max(int(round(x1 - x0)), 1), max(int(round(y1 - y0)), 1)
-        # (S, S) -> (box_h, box_w): the same probabilities at the box's size in pixels
-        resized = F.interpolate(probs[row][None, None].float(), size=(box_h, box_w), mode="bilinear",
-                                align_corners=False)[0, 0].numpy()
         canvas = np.zeros((height, width), dtype=np.float32)
-        left, top = int(round(x0)), int(round(y0))
-        right, bottom = min(left + box_w, width), min(top + box_h, height)
-        canvas[max(top, 0):bottom, max(left, 0):right] = resized[max(-top, 0):bottom - top, max(-left, 0):right - left]
+        canvas[y0:y0 + resized.shape[0], x0:x0 + resized.shape[1]] = resized.numpy()
         label = f"{names[int(instances.labels[row]) - 1]} {float(instances.scores[row]):.2f}"
         ax = axes[row]
         _show(ax[0], probs[row].numpy(), f"{label}: {side}x{side} p(class)", cmap="viridis", vmin=0, vmax=1)
-        _show(ax[1], resized, f"resized to the box ({box_w}x{box_h} px)", cmap="viridis", vmin=0, vmax=1)
+        _show(ax[1], resized.numpy(), f"padded to {side + 2}x{side + 2}, resized to the box + 1 px\n"
+                                      f"({resized.shape[1]}x{resized.shape[0]} px inside the image)",
+              cmap="viridis", vmin=0, vmax=1)
         _show(ax[2], canvas, f"placed in the {width}x{height} image", cmap="viridis", vmin=0, vmax=1)
         _box(ax[2], box, "white", linewidth=0.8)
         mask = instances.masks[row].numpy()
@@ -403,9 +401,9 @@ def explanation_page(result: dict) -> str:
     kept = inference["instances"].filter(result["score_thresh"])
     lines += ["", "## 5. From 28x28 to the image", "", "![paste](paste.png)", "", "![final result](final.png)", "",
               f"Inference gives {len(inference['instances'])} detections; {len(kept)} score at least "
-              f"{result['score_thresh']:g}. Each {side}x{side} probability map is resized to its box, placed in the "
-              f"{result['original_size'][1]}x{result['original_size'][0]} image and thresholded at "
-              f"{result['mask_threshold']:g}.", "",
+              f"{result['score_thresh']:g}. Each {side}x{side} probability map is padded by one zero cell, resized "
+              f"to its box grown by the same margin, placed in the {result['original_size'][1]}x"
+              f"{result['original_size'][0]} image and thresholded (p > {result['mask_threshold']:g}).", "",
               "## 6. Seen and unseen images", "", "![generalisation](generalisation.png)", ""]
     views = [(result["image_label"], inference)]
     if result["heldout"] is not None:
@@ -433,8 +431,8 @@ def explain_checkpoint(checkpoint: Union[str, Path], *, ann_file: Union[str, Pat
                        heldout_ann: Optional[Union[str, Path]] = None,
                        heldout_images: Optional[Union[str, Path]] = None, heldout_image_id: Optional[int] = None,
                        log: Optional[Union[str, Path]] = None, metrics: Optional[Union[str, Path]] = None,
-                       device: str = "cpu", score_thresh: float = 0.5, num_rois: int = 4, seed: int = 0,
-                       image_label: str = "explained image") -> dict:
+                       device: str = "cpu", score_thresh: float = DISPLAY_SCORE_THRESH, num_rois: int = 4,
+                       seed: int = 0, image_label: str = "explained image") -> dict:
     """Load a training checkpoint and an annotated image, :func:`explain` it, write the figures and page.
 
     ann_file, image_dir, image_id: the explained image (default: the first with two or more instances).

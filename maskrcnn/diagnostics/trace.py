@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_area, box_iou, clip_boxes_to_image
 
+from maskrcnn.config import DISPLAY_SCORE_THRESH
 from maskrcnn.data.coco import CocoDetection
 from maskrcnn.data.transforms import ResizeShortestEdge
 from maskrcnn.errors import InputError
@@ -53,6 +54,7 @@ from maskrcnn.modeling.maskrcnn import MaskRCNN
 from maskrcnn.modeling.matcher import match_boxes
 from maskrcnn.modeling.poolers import assign_levels
 from maskrcnn.inference import detect
+from maskrcnn.precision import autocast
 from maskrcnn.structures import BitMasks
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,7 +386,8 @@ def gradient_view(model: MaskRCNN, trace: dict, rois: List[dict]) -> List[dict]:
 
 def inference_view(model: MaskRCNN, image: Tensor, target: dict, *, class_names: Sequence[str],
                    score_thresh: float) -> dict:
-    """Inference on one image at its file size, as :func:`maskrcnn.inference.detect` runs it.
+    """Inference on one image at its file size, as :func:`maskrcnn.inference.detect` runs it (at the model's
+    own precision).
 
     image: ``(3, H, W)`` float 0-1 RGB on the model's device; target: its dataset target (file pixels).
     Returns ``image`` ``(H, W, 3)`` uint8, ``instances`` (:class:`maskrcnn.structures.Instances`, masks
@@ -397,7 +400,7 @@ def inference_view(model: MaskRCNN, image: Tensor, target: dict, *, class_names:
     try:
         model.eval()
         instances = detect(model, [image], class_names=class_names)[0]
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(model.precision, image.device):
             mask_probs = model([image], mask_format="probs")[0]["mask_probs"].cpu()  # same detections, unpasted
     finally:
         model.train(was_training)
@@ -419,8 +422,9 @@ def inference_view(model: MaskRCNN, image: Tensor, target: dict, *, class_names:
 
 def explain(model: MaskRCNN, image: Tensor, target: dict, *, class_names: Sequence[str],
             train_size: Optional[Tuple[int, int]] = None, heldout: Optional[Tuple[Tensor, dict]] = None,
-            log_records: Sequence[dict] = (), eval_metrics: Optional[dict] = None, score_thresh: float = 0.5, num_rois: int = 4,
-            seed: int = 0, image_label: str = "explained image") -> dict:
+            log_records: Sequence[dict] = (), eval_metrics: Optional[dict] = None,
+            score_thresh: float = DISPLAY_SCORE_THRESH, num_rois: int = 4, seed: int = 0,
+            image_label: str = "explained image") -> dict:
     """All the numbers the figures show, for one annotated image.
 
     model: the trained model (left unchanged, in the mode it came in). image: ``(3, H0, W0)`` float 0-1

@@ -14,7 +14,6 @@ checkpoint behind; ``output_dir/last_checkpoint`` holds the file name of the new
 
 from __future__ import annotations
 
-import pickle
 import random
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -26,7 +25,7 @@ from torch import nn
 from ..config import Config, config_to_dict
 from ..distributed import get_rank, get_world_size, unwrap_model
 from ..errors import InputError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, read_checkpoint
 
 LAST_CHECKPOINT = "last_checkpoint"
 
@@ -86,20 +85,6 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Optional[t
     if update_last:
         atomic_write(path.parent / LAST_CHECKPOINT, lambda f: f.write(path.name.encode()))
     return path
-
-
-def read_checkpoint(path: str | Path):
-    """What a ``torch.save`` file holds (tensors on the CPU, read with ``weights_only``).
-
-    Raises ``FileNotFoundError`` for a missing file and ``InputError`` naming it when it is unreadable.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise InputError(f"{path} is not a readable checkpoint: {exc}") from None
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,

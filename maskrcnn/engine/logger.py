@@ -18,6 +18,7 @@ from typing import Dict, List
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..config import TrainConfig
 from ..errors import InputError, MissingPackageError
 from ..fileio import atomic_write
 
@@ -37,7 +38,7 @@ class MetricsLogger:
             ``ImportError`` when the ``tensorboard`` package is missing.
     """
 
-    def __init__(self, output_dir: str | Path, *, start_iter: int = 0, tensorboard: bool = False):
+    def __init__(self, output_dir: str | Path, *, start_iter: int = 0, tensorboard: bool = TrainConfig.tensorboard):
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.output_dir / METRICS_FILE

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..convert import coco_category_names, convert_torchvision_state_dict
 from ..errors import InputError
-from .checkpoint import read_checkpoint
+from ..fileio import read_checkpoint
 
 # parameter name -> (rows per class, leading rows of no class): the first dimension holds those leading
 # rows (the background logit) and then K blocks of rows, one per class
@@ -37,7 +37,16 @@ CLASS_SPECIFIC = {
     "roi_heads.box_predictor.bbox_pred.bias": (4, 0),
     "roi_heads.mask_head.predictor.weight": (1, 0),
     "roi_heads.mask_head.predictor.bias": (1, 0),
+    "roi_heads.point_head.predictor.weight": (1, 0),
+    "roi_heads.point_head.predictor.bias": (1, 0),
 }
+# Optional heads (model.roi_heads.mask_refine): weights without one leave it as initialised, and a model without
+# one leaves the source's aside, so that plain and refined models start from each other's weights.
+OPTIONAL_HEADS = ("roi_heads.point_head.",)
+
+
+def _optional(key: str) -> bool:
+    return key.startswith(OPTIONAL_HEADS)
 
 
 def read_weights(path: str | Path) -> Tuple[Dict[str, Tensor], List[str], str]:
@@ -77,12 +86,14 @@ def load_weights(model: nn.Module, path: str | Path, class_names: Sequence[str])
     """
     source, source_names, kind = read_weights(path)
     target = model.state_dict()
-    missing = [k for k in target if k not in source and k not in CLASS_SPECIFIC
+    missing = [k for k in target if k not in source and k not in CLASS_SPECIFIC and not _optional(k)
                and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in source if k not in target and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in source if k not in target and not _optional(k) and not k.endswith("num_batches_tracked")]
     misshaped = [f"{k} {tuple(source[k].shape)} (model {tuple(target[k].shape)})" for k in target
                  if k in source and k not in CLASS_SPECIFIC and source[k].shape != target[k].shape]
     for key in CLASS_SPECIFIC:
+        if key not in target or (_optional(key) and key not in source):
+            continue
         if key not in source:
             missing.append(key)
         elif source[key].shape[1:] != target[key].shape[1:]:
@@ -115,7 +126,7 @@ def load_weights(model: nn.Module, path: str | Path, class_names: Sequence[str])
         "tensors_loaded": sum(1 for k in target if k in source and (k not in CLASS_SPECIFIC or same_classes)),
         "classes_copied": {class_names[label - 1]: source_names[index - 1] for label, index in matches.items()},
         "classes_fresh": [name for label, name in enumerate(class_names, start=1) if label not in matches],
-        "layers_rebuilt": [] if same_classes else list(CLASS_SPECIFIC),
+        "layers_rebuilt": [] if same_classes else [k for k in CLASS_SPECIFIC if k in target and k in source],
     }
 
 

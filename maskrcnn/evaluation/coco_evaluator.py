@@ -11,12 +11,16 @@ whose category the dataset lacks (COCO's 'N/A' slots of torchvision's 90, classe
 have) are left out, and one line says how many.
 Scoring runs on one of two backends: ``"pycocotools"`` (the reference, default) or ``"faster-coco-eval"``
 (the same COCOeval with its per-image matching and accumulation in C++; identical numbers, several times
-faster on large result sets: ``python -m benchmarks.bench_eval``).
+faster on large result sets: ``python -m benchmarks.bench_eval``). Boundary AP (``"boundary"``, Cheng et al.
+2021: mask AP with each pair's IoU the smaller of its mask IoU and its Boundary IoU, the IoU of the bands
+within :data:`BOUNDARY_DILATION_RATIO` of the image diagonal inside each mask's outline) is scored by
+faster-coco-eval whichever backend scores boxes and masks; without that package it is skipped, and one line
+says so.
 Under ``torch.distributed`` each process runs its share of the images (every world_size-th image, from its
 rank) and rank 0 gathers the results and scores them.
 
-The metrics dict holds, per IoU type ("bbox", "segm"), ``AP`` (IoU 0.50:0.95), ``AP50``, ``AP75``, ``APs``,
-``APm``, ``APl`` on pycocotools' 0-1 scale and ``per_category`` (category name -> AP). Where there is no
+The metrics dict holds, per IoU type ("bbox", "segm", "boundary"), ``AP`` (IoU 0.50:0.95), ``AP50``, ``AP75``,
+``APs``, ``APm``, ``APl`` on pycocotools' 0-1 scale and ``per_category`` (category name -> AP). Where there is no
 ground truth to score (-1 in pycocotools' summary, e.g. no small objects; a category without ground truth,
 which pycocotools would average to NaN) the value is ``None`` (JSON null).
 """
@@ -28,7 +32,7 @@ import copy
 import io
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -38,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from maskrcnn.config import DataConfig
 from maskrcnn.data.coco import CocoDetection
 from maskrcnn.data.loader import collate, workers_fork_safely
 from maskrcnn.distributed import get_rank, get_world_size, unwrap_model
@@ -47,7 +52,12 @@ from maskrcnn.modeling.maskrcnn import MaskRCNN
 from maskrcnn.inference import detect, match_categories
 from maskrcnn.precision import resolve_precision
 
-IOU_TYPES = ("bbox", "segm")
+IOU_TYPES = ("bbox", "segm", "boundary")
+MASK_IOU_TYPES = ("segm", "boundary")  # scored on the results' segmentation
+# Boundary IoU's band: the pixels of a mask within this fraction of its image's diagonal of the mask's outline
+# (Cheng et al. 2021, "Boundary IoU: Improving Object-Centric Image Segmentation Evaluation", their value).
+BOUNDARY_DILATION_RATIO = 0.02
+BOUNDARY_SKIPPED = "Boundary AP skipped: it needs the faster-coco-eval package (pip install faster-coco-eval)"
 BACKENDS = ("pycocotools", "faster-coco-eval")
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six numbers of COCOeval.stats
 
@@ -80,8 +90,9 @@ def load_coco(ann_file: Union[str, Path], backend: str = "pycocotools"):
 
 
 def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: CocoDetection, *, batch_size: int = 2,
-                  device: Optional[Union[str, torch.device]] = None, precision: str = "auto", with_masks: bool = True,
-                  num_workers: int = 0, progress: bool = True, class_names: Optional[Sequence[str]] = None,
+                  device: Optional[Union[str, torch.device]] = None, precision: Optional[str] = None,
+                  with_masks: bool = True, num_workers: int = DataConfig.num_workers, progress: bool = True,
+                  class_names: Optional[Sequence[str]] = None,
                   label_to_cat_id: Optional[dict] = None) -> Optional[List[dict]]:
     """COCO result dicts of ``model`` on every image of ``dataset``.
 
@@ -89,7 +100,8 @@ def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: Coco
     dataset: the evaluation set, images at their file size (no transforms; the model resizes).
     batch_size: images per forward pass; device: where images go (default: the model's device).
     precision: "auto" (bf16 where the device computes it natively, else fp32), "fp32" or "bf16" (autocast
-        forward).
+        forward); None, the default, is the model's own ``precision`` (``model.precision`` of its configuration).
+    num_workers: image loading processes (0 loads in this process).
     class_names: the model's class names (label 1..K); default the dataset's own, for a model trained on it.
     label_to_cat_id: the model's label -> category id map; default (with default class names) the dataset's
         own mapping; None with class names given matches labels to categories by name.
@@ -104,7 +116,7 @@ def run_inference(model: Union[MaskRCNN, DistributedDataParallel], dataset: Coco
     mapping = match_categories(class_names, label_to_cat_id, dataset.categories)
     model = unwrap_model(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    precision = resolve_precision(precision, device, warn=False).precision
+    precision = resolve_precision(model.precision if precision is None else precision, device, warn=False).precision
     rank, world_size = get_rank(), get_world_size()
     shard = Subset(dataset, range(rank, len(dataset), world_size))
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
@@ -160,11 +172,14 @@ def _load_results(coco_gt, results: List[dict]):
 
 
 def _as_backend_gt(coco_gt, coco_class):
-    """The ground truth as ``coco_class``, indexed from the same dataset dict where it is of the other backend."""
+    """The ground truth as ``coco_class``; one of the other backend is indexed anew from its dataset dict with
+    copies of its annotation dicts, so that the fields a backend adds while scoring (faster-coco-eval's RLE
+    and boundary) stay out of the caller's ground truth."""
     if isinstance(coco_gt, coco_class):
         return coco_gt
     converted = coco_class()
-    converted.dataset = coco_gt.dataset
+    annotations = [dict(ann) for ann in coco_gt.dataset.get("annotations", [])]
+    converted.dataset = {**coco_gt.dataset, "annotations": annotations}
     with contextlib.redirect_stdout(io.StringIO()):
         converted.createIndex()
     return converted
@@ -181,23 +196,74 @@ def format_per_category(per_category: Dict[str, Optional[float]], columns: int =
     return "\n".join("  ".join(cells[i:i + columns]) for i in range(0, len(cells), columns))
 
 
+def boundary_ap_available() -> bool:
+    """Whether Boundary AP can be scored: its one implementation is faster-coco-eval's."""
+    try:
+        _backend_api("faster-coco-eval")
+    except MissingPackageError:
+        return False
+    return True
+
+
+def run_cocoeval(coco_gt, results: List[dict], iou_type: str, *, backend: str = "pycocotools",
+                 on_step: Optional[Callable[[str], None]] = None):
+    """The COCOeval of ``results`` for one IoU type, evaluated and accumulated (not summarised).
+
+    coco_gt, results: as in :func:`evaluate_results`. iou_type: "bbox", "segm" or "boundary".
+    backend: scores "bbox" and "segm"; "boundary" is always faster-coco-eval's boundary mode, with dilation
+        ratio :data:`BOUNDARY_DILATION_RATIO` (its ``ious[image_id, category_id]`` are, per detection x
+        ground truth, min(mask IoU, Boundary IoU); a crowd region's, mask IoU alone).
+    on_step: called with "load", "evaluate" and "accumulate" as each stage ends (a progress bar).
+    """
+    if iou_type == "boundary":
+        backend = "faster-coco-eval"
+    coco_class, eval_class = _backend_api(backend)
+    coco_gt = _as_backend_gt(coco_gt, coco_class)
+    on_step = on_step or (lambda stage: None)
+    dets = copy.deepcopy(results)  # loadRes adds fields in place
+    if iou_type in MASK_IOU_TYPES:
+        for det in dets:
+            if "segmentation" not in det:
+                raise InputError(f"result for image id {det['image_id']} has no 'segmentation' for {iou_type} "
+                                 "evaluation")
+            # With a "bbox" present, loadRes would take the instance area from the box, not the mask.
+            det.pop("bbox", None)
+    coco_dt = _load_results(coco_gt, dets)
+    on_step("load")
+    if iou_type == "boundary":
+        evaluator = eval_class(coco_gt, coco_dt, iou_type, boundary_dilation_ratio=BOUNDARY_DILATION_RATIO)
+    else:
+        evaluator = eval_class(coco_gt, coco_dt, iou_type)
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+        on_step("evaluate")
+        evaluator.accumulate()
+        on_step("accumulate")
+    if backend == "faster-coco-eval":
+        evaluator.print_function = print  # its default is a logger
+    return evaluator
+
+
 def evaluate_results(coco_gt, results: List[dict], iou_types: Sequence[str] = IOU_TYPES, *, verbose: bool = True,
                      backend: str = "pycocotools", progress: bool = False) -> Dict[str, dict]:
     """Score COCO result dicts against ``coco_gt`` with ``backend``'s COCOeval.
 
     coco_gt: the ground truth, a COCO object of either backend (:func:`load_coco`); one of the other backend
-        is re-indexed (sharing its dataset dict).
-    backend: "pycocotools" (the reference) or "faster-coco-eval" (C++ matching and accumulation, same numbers).
+        is re-indexed (:func:`_as_backend_gt`).
+    backend: "pycocotools" (the reference) or "faster-coco-eval" (C++ matching and accumulation, same numbers)
+        for "bbox" and "segm"; "boundary" is faster-coco-eval's either way (:func:`run_cocoeval`), skipped with
+        one printed line (:data:`BOUNDARY_SKIPPED`) where that package is missing.
     progress: a progress bar over the scoring stages (load, evaluate, accumulate per IoU type).
-    results: dicts with ``image_id``, ``category_id``, ``bbox`` (x, y, w, h), ``score`` and, for "segm",
-        ``segmentation`` (RLE); not modified. Images without results count as images with no detections;
-        crowd ground truth is handled as COCO defines it.
-    iou_types: any of "bbox", "segm". Mask AP uses mask areas for the small/medium/large ranges.
+    results: dicts with ``image_id``, ``category_id``, ``bbox`` (x, y, w, h), ``score`` and, for "segm" and
+        "boundary", ``segmentation`` (RLE); not modified. Images without results count as images with no
+        detections; crowd ground truth is handled as COCO defines it.
+    iou_types: any of "bbox", "segm", "boundary". Mask and Boundary AP use mask areas for the
+        small/medium/large ranges.
     verbose: print COCOeval's 12-number summary and a per-category AP table for each IoU type.
-    Returns ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_category": {name: AP}}}``.
+    Returns ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_category": {name: AP}}}`` (no
+    "boundary" where it was skipped).
     """
-    coco_class, eval_class = _backend_api(backend)
-    coco_gt = _as_backend_gt(coco_gt, coco_class)
+    _backend_api(backend)
     for key, known in (("image_id", coco_gt.getImgIds()), ("category_id", coco_gt.getCatIds())):
         unknown = sorted({r[key] for r in results} - set(known), key=str)
         if unknown:
@@ -205,31 +271,20 @@ def evaluate_results(coco_gt, results: List[dict], iou_types: Sequence[str] = IO
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:
             raise InputError(f"iou_types must be among {IOU_TYPES}, got {iou_type!r}")
+    if "boundary" in iou_types and not boundary_ap_available():
+        print(BOUNDARY_SKIPPED)
+        iou_types = [t for t in iou_types if t != "boundary"]
     metrics = {}
     bar = tqdm(total=3 * len(iou_types), desc=f"scoring ({backend})", unit="step", disable=not progress)
     for iou_type in iou_types:
-        bar.set_postfix_str(f"{iou_type}: load")
-        dets = copy.deepcopy(results)  # loadRes adds fields in place
-        if iou_type == "segm":
-            for det in dets:
-                if "segmentation" not in det:
-                    raise InputError(f"result for image id {det['image_id']} has no 'segmentation' for segm evaluation")
-                # With a "bbox" present, loadRes would take the instance area from the box, not the mask.
-                det.pop("bbox", None)
-        coco_dt = _load_results(coco_gt, dets)
-        bar.update()
-        bar.set_postfix_str(f"{iou_type}: evaluate")
-        evaluator = eval_class(coco_gt, coco_dt, iou_type)
-        with contextlib.redirect_stdout(io.StringIO()):
-            evaluator.evaluate()
+        def step_done(stage: str) -> None:
+            bar.set_postfix_str(f"{iou_type}: {stage}")
             bar.update()
-            bar.set_postfix_str(f"{iou_type}: accumulate")
-            evaluator.accumulate()
-            bar.update()
-        if backend == "faster-coco-eval":
-            evaluator.print_function = print  # its default is a logger
+
+        evaluator = run_cocoeval(coco_gt, results, iou_type, backend=backend, on_step=step_done)
         if verbose:
-            print(f"Evaluation of {iou_type}:")
+            print(f"Evaluation of {iou_type}" + (f" (Boundary IoU, dilation ratio {BOUNDARY_DILATION_RATIO:g}):"
+                                                 if iou_type == "boundary" else ":"))
             evaluator.summarize()
         else:
             with contextlib.redirect_stdout(io.StringIO()):
@@ -251,8 +306,8 @@ def evaluate_results(coco_gt, results: List[dict], iou_types: Sequence[str] = IO
 
 def evaluate(model: Union[MaskRCNN, DistributedDataParallel], ann_file: Union[str, Path], image_dir: Union[str, Path],
              output_dir: Optional[Union[str, Path]] = None, *, batch_size: int = 2,
-             device: Optional[Union[str, torch.device]] = None, precision: str = "auto",
-             iou_types: Sequence[str] = IOU_TYPES, num_workers: int = 0, verbose: bool = True,
+             device: Optional[Union[str, torch.device]] = None, precision: Optional[str] = None,
+             iou_types: Sequence[str] = IOU_TYPES, num_workers: int = DataConfig.num_workers, verbose: bool = True,
              class_names: Optional[Sequence[str]] = None, label_to_cat_id: Optional[dict] = None,
              backend: str = "pycocotools", annotation_cache_dir: Optional[Union[str, Path]] = None) -> Optional[dict]:
     """Run ``model`` on a COCO dataset and score it; callable from training for periodic evaluation.
@@ -260,20 +315,22 @@ def evaluate(model: Union[MaskRCNN, DistributedDataParallel], ann_file: Union[st
     Returns (on rank 0; ``None`` on other ranks) the metrics of :func:`evaluate_results` plus ``images``
     (number of images), ``images_per_s`` (inference throughput, image reading and RLE encoding included) and
     ``precision`` (what ``precision`` resolved to and why, see :mod:`maskrcnn.precision`).
-    class_names, label_to_cat_id: the model's classes, as in :func:`run_inference`.
+    precision, num_workers, class_names, label_to_cat_id: as in :func:`run_inference`.
     backend: the scoring backend of :func:`evaluate_results`; checked before inference starts.
     annotation_cache_dir: the folder of the annotations' cache file (see :class:`CocoDetection`); None: beside
         ``ann_file``.
     output_dir: if given, rank 0 writes ``results.json`` (COCO results) and ``metrics.json`` there, atomically.
     """
     _backend_api(backend)
-    resolved = resolve_precision(precision, device if device is not None else next(unwrap_model(model).parameters()).device)
+    inner = unwrap_model(model)
+    resolved = resolve_precision(inner.precision if precision is None else precision,
+                                 device if device is not None else next(inner.parameters()).device)
     dataset = CocoDetection(ann_file, image_dir, cache_dir=annotation_cache_dir)
     dataset.check_images(progress=verbose and get_rank() == 0)  # a bad file fails now, not mid-inference
     start = time.perf_counter()
     results = run_inference(model, dataset, batch_size=batch_size, device=device, precision=resolved.precision,
-                            with_masks="segm" in iou_types, num_workers=num_workers, progress=verbose,
-                            class_names=class_names, label_to_cat_id=label_to_cat_id)
+                            with_masks=any(t in MASK_IOU_TYPES for t in iou_types), num_workers=num_workers,
+                            progress=verbose, class_names=class_names, label_to_cat_id=label_to_cat_id)
     elapsed = time.perf_counter() - start
     if results is None:
         return None

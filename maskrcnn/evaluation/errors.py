@@ -2,18 +2,19 @@
 
     analysis = analyze_errors(load_coco("instances_val.json"), results, "segm")
     analysis.delta_ap()["overall"]["dupe"]     # AP50 points gained if every duplicate were removed
-    confusion_matrix(analysis, score_thresh=0.5)
+    confusion_matrix(analysis)     # detections scoring at least maskrcnn.config.DISPLAY_SCORE_THRESH
 
 The error types are those of TIDE (Bolya et al., "TIDE: A General Toolbox for Identifying Object Detection
 Errors", ECCV 2020) with the definitions of its reference code, ``tidecv``: detections are matched to ground
 truth image by image, highest score first, each to the unmatched ground truth of its class with the highest
-IoU, when that IoU is at least the foreground threshold ``pos_thresh`` (0.5). A detection left unmatched is
-an error of the first of these kinds that applies (IoU is its largest with the ground truth named):
+IoU, when that IoU is at least the foreground threshold ``pos_thresh`` (:data:`TIDE_POS_THRESH`). A detection
+left unmatched is an error of the first of these kinds that applies (IoU is its largest with the ground truth
+named):
 
 - ``loc``  localisation: IoU in [bg_thresh, pos_thresh] with ground truth of its class;
 - ``cls``  classification: IoU >= pos_thresh with ground truth of another class;
 - ``dupe`` duplicate: IoU >= pos_thresh with ground truth of its class already matched to a higher score;
-- ``bkg``  background: IoU <= bg_thresh (0.1) with every ground truth;
+- ``bkg``  background: IoU <= bg_thresh (:data:`TIDE_BG_THRESH`) with every ground truth;
 - ``both`` classification and localisation: anything else (IoU in (bg_thresh, pos_thresh) with another class).
 
 Ground truth left unmatched that no ``cls``/``loc`` error points at is ``miss``. The AP of an error type is
@@ -27,7 +28,8 @@ AP here is TIDE's: AP at IoU ``pos_thresh``, 101-point interpolation as in COCOe
 averaged over the classes that have ground truth or detections (a class with detections but no ground truth
 counts as 0, where COCOeval leaves it out). Crowd regions follow COCO: an unmatched detection of their class
 with crowd IoU above ``pos_thresh`` is left out of the AP (its error is still classified and fixable, as in
-``tidecv``). Only the ``max_dets`` highest-scoring detections of each image count.
+``tidecv``). Only the ``max_dets`` highest-scoring detections of each image count. Masks may be given as
+COCO RLE or as polygons (:func:`rle_results` converts them at their image's size).
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pycocotools.mask as mask_utils
 
+import maskrcnn.config
 from maskrcnn.errors import InputError
+
+# TIDE's definitions, not settings: the IoU at which a detection finds an object (its foreground threshold)
+# and the IoU at or below which it overlaps nothing (its background threshold). The error types, and their
+# agreement with tidecv, are those of these values.
+TIDE_POS_THRESH = 0.5
+TIDE_BG_THRESH = 0.1
 
 ERROR_TYPES = ("cls", "loc", "both", "dupe", "bkg", "miss")
 SPECIAL_TYPES = ("false_pos", "false_neg")
@@ -46,6 +55,8 @@ ERROR_NAMES = {"cls": "classification", "loc": "localisation", "both": "classifi
                "dupe": "duplicate", "bkg": "background", "miss": "missed", "false_pos": "all false positives",
                "false_neg": "all false negatives"}
 RECALL_POINTS = np.arange(101) / 100  # COCOeval's (and tidecv's) recall grid
+# Rows of the confusion matrix after the classes: detections that found no object, by why (see confusion_matrix).
+UNMATCHED_ROWS = ("dupe", "loc", "bkg")
 
 
 def _geometry(ann: dict, coco_gt, iou_type: str):
@@ -179,18 +190,64 @@ class ErrorAnalysis:
                 for cat, n in self.num_gt().items() if n > 0}
 
 
-def analyze_errors(coco_gt, results: Sequence[dict], iou_type: str, *, pos_thresh: float = 0.5,
-                   bg_thresh: float = 0.1, max_dets: int = 100) -> ErrorAnalysis:
+def rle_results(coco_gt, results: Sequence[dict]) -> List[dict]:
+    """``results`` with every ``segmentation`` as compressed COCO RLE, the form pycocotools scores.
+
+    Polygons (a list of ``[x1, y1, x2, y2, ...]`` lists, pixels, as some tools write them) and uncompressed RLE
+    (``counts`` a list) are converted at the height and width of their image in ``coco_gt``; compressed RLE is
+    kept. Results without ``segmentation``, and of images the ground truth lacks, are left as they are. The
+    input is not modified: converted results are new dicts.
+    Raises :class:`~maskrcnn.errors.InputError` naming the first result (position and image id) whose
+    segmentation is none of these forms, or an RLE of another size than its image.
+    """
+    converted = []
+    for n, result in enumerate(results):
+        segmentation = result.get("segmentation")
+        info = coco_gt.imgs.get(result["image_id"])
+        if segmentation is None or info is None:
+            converted.append(result)
+            continue
+        height, width = info["height"], info["width"]
+        where = f"result {n} (image id {result['image_id']})"
+        if isinstance(segmentation, dict) and {"counts", "size"} <= segmentation.keys():
+            size = segmentation["size"]
+            if not isinstance(size, (list, tuple)) or list(size) != [height, width]:
+                raise InputError(f"{where}: its segmentation RLE has size {size}, its image is [{height}, {width}] "
+                                 "(height, width)")
+            if isinstance(segmentation["counts"], (str, bytes)):
+                converted.append(result)
+                continue
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        elif (isinstance(segmentation, list) and segmentation and all(
+                isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                and all(isinstance(v, (int, float)) for v in p) for p in segmentation)):
+            rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+        else:
+            raise InputError(f"{where}: 'segmentation' is neither COCO RLE (a dict of 'counts' and 'size') nor a "
+                             f"list of polygons (lists of at least 3 x, y pairs), got {str(segmentation)[:60]}")
+        if isinstance(rle["counts"], bytes):
+            rle["counts"] = rle["counts"].decode("ascii")
+        converted.append(dict(result, segmentation=rle))
+    return converted
+
+
+def analyze_errors(coco_gt, results: Sequence[dict], iou_type: str, *, pos_thresh: float = TIDE_POS_THRESH,
+                   bg_thresh: float = TIDE_BG_THRESH, max_dets: int = 100) -> ErrorAnalysis:
     """Match ``results`` to ``coco_gt`` as TIDE does and classify every error (see the module doc).
 
     coco_gt: a pycocotools ``COCO`` (:func:`maskrcnn.evaluation.coco_evaluator.load_coco`).
     results: COCO result dicts (``image_id``, ``category_id``, ``score``, ``bbox`` x, y, w, h pixels, and for
-        "segm" ``segmentation`` RLE). Results of images the ground truth lacks are not counted.
-    iou_type: "bbox" or "segm"; pos_thresh, bg_thresh: TIDE's foreground and background IoU thresholds.
-    Raises ``ValueError`` naming the image id of a result without ``segmentation`` for "segm".
+        "segm" ``segmentation``, RLE or polygons: :func:`rle_results`). Results of images the ground truth
+        lacks are not counted.
+    iou_type: "bbox" or "segm"; pos_thresh, bg_thresh: TIDE's foreground and background IoU thresholds (other
+        values than TIDE's are for curves at a stricter IoU, such as AP75).
+    Raises :class:`~maskrcnn.errors.InputError` naming the image id of a result without ``segmentation`` for
+    "segm", and as :func:`rle_results` does.
     """
     if iou_type not in ("bbox", "segm"):
         raise InputError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    if iou_type == "segm":
+        results = rle_results(coco_gt, results)
     by_image: Dict[int, List[int]] = {}
     for index, result in enumerate(results):
         by_image.setdefault(result["image_id"], []).append(index)
@@ -274,32 +331,40 @@ def analyze_errors(coco_gt, results: Sequence[dict], iou_type: str, *, pos_thres
         gt_class=column(gt_rows, 2, np.int64), gt_status=column(gt_rows, 3, "<U7"), images=images)
 
 
-def confusion_matrix(analysis: ErrorAnalysis, *, score_thresh: float = 0.5, iou_thresh: float = 0.5) -> np.ndarray:
-    """Class confusion of the detections scoring at least ``score_thresh``, with a background row and column.
+def confusion_matrix(analysis: ErrorAnalysis, *, score_thresh: Optional[float] = None,
+                     iou_thresh: float = TIDE_POS_THRESH, bg_thresh: float = TIDE_BG_THRESH) -> np.ndarray:
+    """Class confusion of the detections scoring at least ``score_thresh``, with the detections that found no
+    object and the objects no detection found.
 
+    score_thresh: None is :data:`maskrcnn.config.DISPLAY_SCORE_THRESH`, what the report shows.
     Per image, detections (highest score first) are matched to the unmatched ground truth of any class with
-    the highest IoU, when it is at least ``iou_thresh``. Returns an ``(K + 1, K + 1)`` int64 array, rows the
-    ground truth classes then background, columns the predicted classes then background, both in the order
-    of ``analysis.category_ids``: ``[i, j]`` ground truth of class i detected as class j; ``[K, j]`` a
-    detection of class j on background (no ground truth, crowd regions left out); ``[i, K]`` ground truth of
-    class i that no detection found.
+    the highest IoU, when it is at least ``iou_thresh``. Returns a ``(K + 3, K + 1)`` int64 array, classes in
+    the order of ``analysis.category_ids``: ``[i, j]`` ground truth of class i detected as class j; ``[i, K]``
+    ground truth of class i that no detection found; then one row per :data:`UNMATCHED_ROWS` of detections of
+    class j that matched nothing: ``[K, j]`` duplicates (IoU >= ``iou_thresh`` with ground truth a higher
+    score already took), ``[K + 1, j]`` poorly localised (else IoU > ``bg_thresh`` with some ground truth),
+    ``[K + 2, j]`` background (IoU <= ``bg_thresh`` with every ground truth); crowd regions are left out.
+    Their column K is 0.
     """
+    score_thresh = maskrcnn.config.DISPLAY_SCORE_THRESH if score_thresh is None else score_thresh
     position = {cat: k for k, cat in enumerate(analysis.category_ids)}
-    background = len(position)
-    matrix = np.zeros((background + 1, background + 1), dtype=np.int64)
+    num_classes = len(position)
+    dupe, loc, bkg = (num_classes + UNMATCHED_ROWS.index(kind) for kind in ("dupe", "loc", "bkg"))
+    matrix = np.zeros((num_classes + len(UNMATCHED_ROWS), num_classes + 1), dtype=np.int64)
     for rows, gt_rows, iou in analysis.images.values():
         found = np.zeros(len(gt_rows), dtype=bool)
         for d, row in enumerate(rows):
             if analysis.det_score[row] < score_thresh:
                 continue
-            candidates = np.where(found, -1.0, iou[d]) if len(gt_rows) else np.zeros(0)
             column = position[int(analysis.det_class[row])]
-            if candidates.size and candidates.max() >= iou_thresh:
-                g = int(candidates.argmax())
+            overlap = iou[d] if len(gt_rows) else np.zeros(1)
+            free = np.where(found, -1.0, overlap) if len(gt_rows) else overlap
+            if free.max() >= iou_thresh:
+                g = int(free.argmax())
                 found[g] = True
                 matrix[position[int(analysis.gt_class[gt_rows[g]])], column] += 1
             elif not analysis.det_ignored[row]:
-                matrix[background, column] += 1
+                matrix[dupe if overlap.max() >= iou_thresh else loc if overlap.max() > bg_thresh else bkg, column] += 1
         for g in np.flatnonzero(~found):
-            matrix[position[int(analysis.gt_class[gt_rows[g]])], background] += 1
+            matrix[position[int(analysis.gt_class[gt_rows[g]])], num_classes] += 1
     return matrix

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops import FrozenBatchNorm2d
 
+from ..config import BackboneConfig
 from .layers import ConvNormPair, conv_norm, conv_norm_add_relu_, conv_norm_relu
 
 _RESNETS = {18: tv_resnet.resnet18, 34: tv_resnet.resnet34, 50: tv_resnet.resnet50, 101: tv_resnet.resnet101}
@@ -48,8 +49,9 @@ class ResNet(nn.Module):
     forward(x: (N, 3, Hp, Wp) float) -> [C2, C3, C4, C5], Ck of shape (N, out_channels[k-2], Hp/2**k, Wp/2**k).
     """
 
-    def __init__(self, *, depth: int = 50, norm: str = "frozen_bn", freeze_at: int = 2, width: int = 64,
-                 pretrained: bool = False):
+    def __init__(self, *, depth: int = BackboneConfig.depth, norm: str = BackboneConfig.norm,
+                 freeze_at: int = BackboneConfig.freeze_at, width: int = BackboneConfig.width,
+                 pretrained: bool = BackboneConfig.pretrained):
         super().__init__()
         if depth not in _RESNETS:
             raise ValueError(f"backbone.depth must be one of {sorted(_RESNETS)}, got {depth}")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import BackboneConfig
 from .layers import ConvNormPair, make_norm, paired_lists
 
 
@@ -29,7 +30,8 @@ class FPN(nn.Module):
 
     strides = (4, 8, 16, 32, 64)
 
-    def __init__(self, *, in_channels: Sequence[int], out_channels: int = 256, norm: str = ""):
+    def __init__(self, *, in_channels: Sequence[int], out_channels: int = BackboneConfig.fpn_channels,
+                 norm: str = BackboneConfig.fpn_norm):
         super().__init__()
         bias = not norm
         self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1, bias=bias) for c in in_channels)

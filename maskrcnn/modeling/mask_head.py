@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import RoIHeadsConfig
 from .layers import ConvNormPair, conv_norm_relu, conv_relu, make_norm, paired_lists
 
 
@@ -38,8 +39,9 @@ class MaskHead(nn.Module):
         class, the only channel that inference and the training loss read.
     """
 
-    def __init__(self, *, in_channels: int, conv_dim: int = 256, num_convs: int = 4, num_classes: int,
-                 norm: str = "", resolution: int = 14):
+    def __init__(self, *, in_channels: int, conv_dim: int = RoIHeadsConfig.mask_head_dim,
+                 num_convs: int = RoIHeadsConfig.mask_head_convs, num_classes: int,
+                 norm: str = RoIHeadsConfig.mask_head_norm, resolution: int = RoIHeadsConfig.mask_pooler_resolution):
         super().__init__()
         self.resolution = resolution
         self.convs = nn.ModuleList(

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from maskrcnn.errors import InputError
 from ..config import ModelConfig
+from ..precision import PRECISIONS
 from ..structures import BitMasks, ImageList, PolygonMasks
 from .anchors import AnchorGenerator
 from .backbone import ResNet
@@ -24,6 +25,7 @@ from .fpn import FPN
 from .layers import HEAD_NORMS, fold_batchnorm_
 from .mask_head import MaskHead
 from .matcher import Matcher
+from .point_head import PointHead
 from .poolers import MultiLevelRoIAlign
 from .postprocess import to_original_image
 from .roi_heads import BoxHead, BoxPredictor, RoIHeads
@@ -43,6 +45,8 @@ class MaskRCNN(nn.Module):
         size_divisible: batched images are padded to a multiple of this.
         mask_threshold: probability at which a pasted mask pixel is foreground.
         paste_memory_mb: memory budget of the mask paste.
+        precision: the precision inference runs in unless a caller says otherwise ("auto", "fp32" or "bf16",
+            see :mod:`maskrcnn.precision`): :func:`maskrcnn.inference.detect` reads it, the forward does not.
 
     forward(images, targets=None):
         images: list of N (3, Hi, Wi) float tensors, 0-1 RGB; sizes may differ.
@@ -62,8 +66,8 @@ class MaskRCNN(nn.Module):
     """
 
     def __init__(self, *, backbone: ResNet, fpn: FPN, rpn: RPN, roi_heads: RoIHeads, num_classes: int,
-                 min_size: int, max_size: int, pixel_mean, pixel_std, size_divisible: int = 32,
-                 mask_threshold: float = 0.5, paste_memory_mb: int = 256):
+                 min_size: int, max_size: int, pixel_mean, pixel_std, size_divisible: int,
+                 mask_threshold: float, paste_memory_mb: int, precision: str):
         super().__init__()
         self.backbone = backbone
         self.fpn = fpn
@@ -77,6 +81,7 @@ class MaskRCNN(nn.Module):
         self.size_divisible = size_divisible
         self.mask_threshold = mask_threshold
         self.paste_memory_mb = paste_memory_mb
+        self.precision = precision
 
     def forward(self, images: List[Tensor], targets: Optional[List[dict]] = None, *, mask_format: str = "bitmap"):
         check_images(images)
@@ -178,8 +183,8 @@ def prepare_for_inference(model: MaskRCNN) -> MaskRCNN:
 def resize_image(image: Tensor, min_size: int, max_size: int) -> Tensor:
     """(3, H, W) -> (3, h, w) bilinear (pixel centres aligned, no antialiasing), with scale = min(min_size /
     min(H, W), max_size / max(H, W)) and each side rounded down, as torchvision does (a 77 px side at
-    ``min_size`` 320 becomes 319 px): the pixels of the training resize
-    (:class:`~maskrcnn.data.transforms.ResizeShortestEdge`, OpenCV) to its uint8 rounding."""
+    ``min_size`` 320 becomes 319 px). The training resize (:class:`~maskrcnn.data.transforms.ResizeShortestEdge`,
+    OpenCV on float32) gives the same pixels to float rounding of the sampling positions."""
     h, w = image.shape[-2:]
     scale = min(min_size / min(h, w), max_size / max(h, w))
     return F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
@@ -237,6 +242,8 @@ def check_targets(images: List[Tensor], targets: List[dict], num_classes: int) -
 def build_model(cfg: ModelConfig) -> MaskRCNN:
     """The one place where configuration becomes constructor arguments."""
     b, a, r, h = cfg.backbone, cfg.anchors, cfg.rpn, cfg.roi_heads
+    if cfg.precision not in PRECISIONS:
+        raise InputError(f"model.precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     if len(a.sizes) != 5:
         raise InputError(f"anchors.sizes needs one size per level P2..P6 (5 values), got {list(a.sizes)}")
     for key, norm in (("backbone.fpn_norm", b.fpn_norm), ("roi_heads.box_head_norm", h.box_head_norm),
@@ -277,6 +284,11 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         batch_size_per_image=h.batch_size_per_image, positive_fraction=h.positive_fraction,
         score_thresh=h.score_thresh, nms_thresh=h.nms_thresh, detections_per_img=h.detections_per_img,
         mask_rois_per_image=h.mask_rois_per_image,
+        point_head=PointHead(in_channels=b.fpn_channels, num_classes=h.num_classes, fc_dim=h.point_head_dim,
+                             num_fcs=h.point_head_fcs, stride=pooled_strides[0], num_points_train=h.point_train_points,
+                             oversample_ratio=h.point_oversample_ratio, importance_ratio=h.point_importance_ratio,
+                             subdivision_steps=h.point_subdivision_steps,
+                             subdivision_points=h.point_subdivision_points) if h.mask_refine else None,
     )
     i = cfg.input
     inference_min_size = i.min_size[-1] if i.min_size_test is None else i.min_size_test
@@ -284,4 +296,4 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     return MaskRCNN(backbone=backbone, fpn=fpn, rpn=rpn, roi_heads=roi_heads, num_classes=h.num_classes,
                     min_size=inference_min_size, max_size=inference_max_size, pixel_mean=cfg.input.pixel_mean,
                     pixel_std=cfg.input.pixel_std, size_divisible=cfg.input.size_divisible,
-                    mask_threshold=h.mask_threshold, paste_memory_mb=cfg.paste_memory_mb)
+                    mask_threshold=h.mask_threshold, paste_memory_mb=cfg.paste_memory_mb, precision=cfg.precision)

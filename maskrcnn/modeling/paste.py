@@ -12,6 +12,9 @@ The geometry is torchvision's (``roi_heads.paste_masks_in_image`` with ``padding
    ``max(by2 - by1 + 1, 1) x max(bx2 - bx1 + 1, 1)`` pixels, with its top-left pixel at ``(bx1, by1)``;
 4. its pixels inside the image are thresholded (``prob > threshold``).
 
+:func:`resized_mask_regions` hands out the probabilities of step 3 before the threshold of step 4 (what the
+learner's figure of the paste shows).
+
 torchvision builds a full-image float canvas per mask. Here only the pixels of each box's clipped
 extent are sampled, separably (columns, then rows), as two batched matrix products with the
 bilinear weights that ``F.interpolate`` uses; detections are sampled in chunks padded to the
@@ -28,6 +31,8 @@ from typing import Iterator, List, NamedTuple, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..config import ModelConfig, RoIHeadsConfig
 
 # Temporary bytes per pixel of a chunk's padded extent: the float32 values and the bool result.
 _BYTES_PER_PIXEL = 5
@@ -50,8 +55,8 @@ def paste_masks_in_image(
     mask_probs: Tensor,
     boxes: Tensor,
     image_size: Tuple[int, int],
-    threshold: float = 0.5,
-    memory_mb: float = 256,
+    threshold: float = RoIHeadsConfig.mask_threshold,
+    memory_mb: float = ModelConfig.paste_memory_mb,
 ) -> Tensor:
     """Paste per-detection mask probabilities into full-image bool masks.
 
@@ -70,8 +75,8 @@ def paste_masks_in_image(
     out = torch.zeros((mask_probs.shape[0], height, width), dtype=torch.bool, device=mask_probs.device)
     extents = _paste_extents(mask_probs, boxes, image_size)
     order = sorted(range(len(extents)), key=lambda i: -extents[i].h)  # tallest extents first
-    for i, x0, y0, region in _sample_regions(mask_probs, extents, order, threshold, memory_mb):
-        out[i, y0 : y0 + region.shape[0], x0 : x0 + region.shape[1]] = region
+    for i, x0, y0, probs in _sample_regions(mask_probs, extents, order, memory_mb):
+        out[i, y0 : y0 + probs.shape[0], x0 : x0 + probs.shape[1]] = _foreground(probs, threshold)
     return out
 
 
@@ -79,8 +84,8 @@ def paste_mask_regions(
     mask_probs: Tensor,
     boxes: Tensor,
     image_size: Tuple[int, int],
-    threshold: float = 0.5,
-    memory_mb: float = 256,
+    threshold: float = RoIHeadsConfig.mask_threshold,
+    memory_mb: float = ModelConfig.paste_memory_mb,
 ) -> Iterator[Tuple[int, int, Tensor]]:
     """Paste masks region by region: only each box's extent inside the image is materialised.
 
@@ -93,9 +98,32 @@ def paste_mask_regions(
         outside it is False. A box wholly outside the image gives an empty region (``h`` or ``w``
         is 0), with ``x0``, ``y0`` clamped to ``[0, W]`` and ``[0, H]``.
     """
+    for x0, y0, probs in resized_mask_regions(mask_probs, boxes, image_size, memory_mb):
+        yield x0, y0, _foreground(probs, threshold)
+
+
+def resized_mask_regions(
+    mask_probs: Tensor,
+    boxes: Tensor,
+    image_size: Tuple[int, int],
+    memory_mb: float = ModelConfig.paste_memory_mb,
+) -> Iterator[Tuple[int, int, Tensor]]:
+    """The resized probabilities that the paste thresholds (steps 1-3 of the module docstring).
+
+    Arguments are those of :func:`paste_masks_in_image`.
+
+    Yields:
+        per detection, in input order, ``(x0, y0, probs)``: ``probs`` is an ``(h, w)`` float32 tensor over
+        the region that :func:`paste_mask_regions` yields for it, at the same place.
+    """
     extents = _paste_extents(mask_probs, boxes, image_size)
-    for _, x0, y0, region in _sample_regions(mask_probs, extents, range(len(extents)), threshold, memory_mb):
-        yield x0, y0, region
+    for _, x0, y0, probs in _sample_regions(mask_probs, extents, range(len(extents)), memory_mb):
+        yield x0, y0, probs
+
+
+def _foreground(probs: Tensor, threshold: float) -> Tensor:
+    """Step 4: a pixel is foreground where its probability is strictly greater than ``threshold``."""
+    return probs > threshold
 
 
 def _paste_extents(mask_probs: Tensor, boxes: Tensor, image_size: Tuple[int, int]) -> List[_Extent]:
@@ -132,17 +160,16 @@ def _sample_regions(
     mask_probs: Tensor,
     extents: List[_Extent],
     order: Sequence[int],
-    threshold: float,
     memory_mb: float,
 ) -> Iterator[Tuple[int, int, int, Tensor]]:
-    """Sample and threshold the clipped extents of the detections in ``order``, chunk by chunk.
+    """Sample the clipped extents of the detections in ``order``, chunk by chunk.
 
     Yields:
-        ``(i, x0, y0, region)`` per detection ``i``, in ``order``; ``region`` is ``(h, w)`` bool.
+        ``(i, x0, y0, probs)`` per detection ``i``, in ``order``; ``probs`` is ``(h, w)`` float32.
     """
     padded = F.pad(mask_probs.float(), (1, 1, 1, 1))  # (N, S, S) -> (N, S+2, S+2), zero border
     for chunk in _chunks(extents, order, memory_mb * 2**20 / _BYTES_PER_PIXEL):
-        regions = _sample_chunk(padded, [extents[i] for i in chunk], chunk) > threshold
+        regions = _sample_chunk(padded, [extents[i] for i in chunk], chunk)
         for k, i in enumerate(chunk):
             extent = extents[i]
             yield i, extent.x0, extent.y0, regions[k, : extent.h, : extent.w]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_area
 from torchvision.ops import roi_align as tv_roi_align
 
+from ..config import ModelConfig, RoIHeadsConfig
 from .roi_align import roi_align as fast_roi_align
 from .selection import to_rois
 
@@ -39,8 +40,9 @@ class MultiLevelRoIAlign(nn.Module):
     -> (R, C, S, S), RoIs in the order of the concatenated boxes.
     """
 
-    def __init__(self, *, output_size: int, strides, sampling_ratio: int, canonical_scale: int = 224,
-                 canonical_level: int = 4, fast: bool = True):
+    def __init__(self, *, output_size: int, strides, sampling_ratio: int,
+                 canonical_scale: int = RoIHeadsConfig.canonical_scale,
+                 canonical_level: int = RoIHeadsConfig.canonical_level, fast: bool = ModelConfig.fast_roi_align):
         super().__init__()
         self.output_size = output_size
         self.scales = [1.0 / s for s in strides]

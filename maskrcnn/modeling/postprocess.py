@@ -11,6 +11,7 @@ from typing import Dict, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..config import ModelConfig, RoIHeadsConfig
 from ..rle import encode_mask_regions
 from .paste import paste_mask_regions, paste_masks_in_image
 from .selection import SKIP, best_per_group, clip_to_images, grouped_nms, rank_within_group
@@ -98,8 +99,8 @@ def rescale_boxes(boxes: Tensor, from_size: Tuple[int, int], to_size: Tuple[int,
 
 
 def to_original_image(result: Dict[str, Tensor], resized_size: Tuple[int, int], original_size: Tuple[int, int],
-                      *, mask_format: str = "bitmap", mask_threshold: float = 0.5,
-                      memory_mb: int = 256) -> Dict[str, object]:
+                      *, mask_format: str = "bitmap", mask_threshold: float = RoIHeadsConfig.mask_threshold,
+                      memory_mb: int = ModelConfig.paste_memory_mb) -> Dict[str, object]:
     """Map one image's detections from the resized input back to the original image.
 
     result: ``boxes`` (D, 4) in resized pixels, ``scores``, ``labels``, ``mask_probs`` (D, S, S).

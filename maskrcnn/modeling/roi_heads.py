@@ -9,16 +9,18 @@ Naming: ``pred_class_logits`` (R, K+1), ``pred_proposal_deltas`` (R, 4K), ``gt_c
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import RoIHeadsConfig
 from .box_coder import BoxCoder
 from .layers import ConvNormPair, conv_norm_relu, make_norm, paired_lists
 from .mask_head import MaskHead, mask_loss, mask_targets
 from .matcher import Matcher, match_boxes, sample_balanced
+from .point_head import PointHead
 from .poolers import MultiLevelRoIAlign
 from .postprocess import select_detections
 from .selection import split_by_image, to_rois
@@ -42,8 +44,9 @@ class BoxHead(nn.Module):
     forward(x: (R, C, resolution, resolution)) -> (R, fc_dim).
     """
 
-    def __init__(self, *, in_channels: int, resolution: int, num_convs: int = 0, conv_dim: int = 256,
-                 norm: str = "", num_fcs: int = 2, fc_dim: int = 1024):
+    def __init__(self, *, in_channels: int, resolution: int, num_convs: int = RoIHeadsConfig.box_head_convs,
+                 conv_dim: int = RoIHeadsConfig.box_head_conv_dim, norm: str = RoIHeadsConfig.box_head_norm,
+                 num_fcs: int = RoIHeadsConfig.box_head_fcs, fc_dim: int = RoIHeadsConfig.box_head_dim):
         super().__init__()
         if num_convs < 0 or num_fcs < 1:
             raise ValueError(f"roi_heads.box_head_convs must be >= 0 and roi_heads.box_head_fcs >= 1, got "
@@ -107,6 +110,7 @@ def box_losses(pred_class_logits: Tensor, pred_proposal_deltas: Tensor, gt_class
 class RoIHeads(nn.Module):
     """Args:
         box_pooler, box_head, box_predictor, mask_pooler, mask_head: the submodules.
+        point_head: refines the mask head's masks (PointRend, :mod:`~maskrcnn.modeling.point_head`); None: off.
         box_coder: proposal-delta coding (weights 10, 10, 5, 5).
         matcher: proposal-to-ground-truth matcher (0.5 / 0.5, no low-quality matches).
         batch_size_per_image, positive_fraction: RoI sampling for the losses.
@@ -116,15 +120,17 @@ class RoIHeads(nn.Module):
         score_thresh, nms_thresh, detections_per_img: detection selection at inference.
 
     forward(features, proposals, image_sizes, targets) ->
-        training: dict of losses (loss_classifier, loss_box_reg, loss_mask);
+        training: dict of losses (loss_classifier, loss_box_reg, loss_mask, and loss_mask_point with a point head);
         inference: per image a dict with ``boxes`` (D, 4) xyxy pixels of the resized input, ``scores`` (D,),
-        ``labels`` (D,) in 1..K and ``mask_probs`` (D, S, S) float probabilities of the detected class.
+        ``labels`` (D,) in 1..K and ``mask_probs`` (D, S, S) float probabilities of the detected class
+        (S = :attr:`mask_side`).
     """
 
     def __init__(self, *, box_pooler: MultiLevelRoIAlign, box_head: BoxHead, box_predictor: BoxPredictor,
                  mask_pooler: MultiLevelRoIAlign, mask_head: MaskHead, box_coder: BoxCoder, matcher: Matcher,
                  batch_size_per_image: int, positive_fraction: float, score_thresh: float, nms_thresh: float,
-                 detections_per_img: int, mask_rois_per_image: int = 0):
+                 detections_per_img: int, mask_rois_per_image: int = RoIHeadsConfig.mask_rois_per_image,
+                 point_head: Optional[PointHead] = None):
         super().__init__()
         if mask_rois_per_image < 0:
             raise ValueError(f"roi_heads.mask_rois_per_image must be >= 0 (0 uses every foreground RoI), "
@@ -134,6 +140,7 @@ class RoIHeads(nn.Module):
         self.box_predictor = box_predictor
         self.mask_pooler = mask_pooler
         self.mask_head = mask_head
+        self.point_head = point_head
         self.box_coder = box_coder
         self.matcher = matcher
         self.batch_size_per_image = batch_size_per_image
@@ -186,14 +193,20 @@ class RoIHeads(nn.Module):
         fg = [torch.nonzero(c > 0)[:cap, 0] for c in gt_classes]
         fg_boxes = [b[i] for b, i in zip(boxes, fg)]
         fg_classes = torch.cat([c[i] for c, i in zip(gt_classes, fg)])
-        targets_28 = mask_targets([t["masks"] for t in targets], fg_boxes, [m[i] for m, i in zip(matched, fg)],
-                                  self.mask_head.mask_side)
+        fg_matched = [m[i] for m, i in zip(matched, fg)]
+        gt_masks = [t["masks"] for t in targets]
+        targets_28 = mask_targets(gt_masks, fg_boxes, fg_matched, self.mask_head.mask_side)
         if len(fg_classes) == 0:
-            # No foreground RoI anywhere in the batch: keep the mask head in the graph with a zero loss.
+            # No foreground RoI anywhere in the batch: keep the mask heads in the graph with a zero loss.
             losses["loss_mask"] = sum(p.sum() for p in self.mask_head.parameters()) * 0
+            if self.point_head is not None:
+                losses["loss_mask_point"] = sum(p.sum() for p in self.point_head.parameters()) * 0
         else:
             class_logits = self.mask_head.class_logits(self.mask_pooler(features, fg_boxes), fg_classes)
             losses["loss_mask"] = mask_loss(class_logits, targets_28)
+            if self.point_head is not None:
+                losses["loss_mask_point"] = self.point_head.loss(features, fg_boxes, class_logits, fg_classes,
+                                                                 gt_masks, fg_matched)
         return losses
 
     def detect_boxes(self, features: List[Tensor], proposals: List[Tensor],
@@ -231,7 +244,15 @@ class RoIHeads(nn.Module):
 
     def mask_probs(self, features: List[Tensor], rois: Tensor, labels: Tensor) -> Tensor:
         """rois: (D, 5) detections, image index then x1, y1, x2, y2 in pixels of the resized input; labels:
-        (D,) int64 in 1..K -> (D, S, S) float mask probabilities of each detection's class (S =
-        ``mask_head.mask_side``)."""
+        (D,) int64 in 1..K -> (D, S, S) float mask probabilities of each detection's class (S = :attr:`mask_side`):
+        the mask head's, refined by the point head if there is one."""
         logits = self.mask_head.class_logits(self.mask_pooler.pool(features, rois), labels)
+        if self.point_head is not None:
+            logits = self.point_head.refine(features, rois, logits, labels)
         return logits.float().sigmoid()
+
+    @property
+    def mask_side(self) -> int:
+        """S, the side of the masks that inference returns: the mask head's (28), times 2**steps with a point head."""
+        side = self.mask_head.mask_side
+        return side if self.point_head is None else self.point_head.refined_side(side)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import RPNConfig
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
 from .layers import conv_relu
@@ -38,7 +39,7 @@ class RPNHead(nn.Module):
     forward(features: list of L (N, C, Hi, Wi)) -> (list of (N, A, Hi, Wi) logits, list of (N, 4A, Hi, Wi) deltas).
     """
 
-    def __init__(self, *, in_channels: int, num_anchors: int, num_convs: int = 1):
+    def __init__(self, *, in_channels: int, num_anchors: int, num_convs: int = RPNConfig.head_convs):
         super().__init__()
         if num_convs < 1:
             raise ValueError(f"rpn.head_convs must be at least 1, got {num_convs}")

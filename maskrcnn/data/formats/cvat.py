@@ -19,6 +19,8 @@ A project export puts images in subsets: each ``<image>`` names its ``subset`` a
 ``images/<subset>/`` (the same name may appear in several subsets); each record keeps its subset, and the
 images are written as one COCO file per subset. A task export has no subsets; its images lie in
 ``images/``.
+
+:func:`write_cvat` writes detections as such a file, to upload into a CVAT task as pre-annotations.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from maskrcnn.errors import InputError
+from maskrcnn.fileio import atomic_write
+from maskrcnn.data.formats.predictions import PredictedImage, Shape
 from maskrcnn.data.formats.coco_writer import (Conversion, ImageRecord, Instance, Skipped, box_polygon,
                                                check_labels, check_points, check_size, class_names_from,
                                                clip_to_image, ellipse_polygon, mask_from_box_crop, relative_name)
@@ -151,3 +155,54 @@ def _shape_part(shape: ET.Element, height: int, width: int, where: str) -> np.nd
     if not crop.any():
         raise InputError(f"{where}: the mask is empty")
     return mask_from_box_crop(crop, left, top, height, width, where)
+
+
+def write_cvat(images: Sequence[PredictedImage], class_names: Sequence[str], path) -> Path:
+    """Write the shapes of ``images`` as a CVAT for images 1.1 XML file at ``path`` (a task's
+    ``annotations.xml``): ``<meta>`` lists ``class_names`` as labels, each ``<image>`` is named by its file
+    name (CVAT matches a task's images by name) and holds a ``<polygon>`` per polygon (the parts of one
+    detection share a ``group_id``) or a ``<mask>``, all ``source="auto"``. Returns ``path``."""
+    root = ET.Element("annotations")
+    ET.SubElement(root, "version").text = "1.1"
+    task = ET.SubElement(ET.SubElement(root, "meta"), "task")
+    ET.SubElement(task, "name").text = "pre-annotations"
+    ET.SubElement(task, "size").text = str(len(images))
+    ET.SubElement(task, "mode").text = "annotation"
+    labels = ET.SubElement(task, "labels")
+    for name in class_names:
+        label = ET.SubElement(labels, "label")
+        ET.SubElement(label, "name").text = name
+        ET.SubElement(label, "type").text = "any"
+        ET.SubElement(label, "attributes")
+    group_id = 0
+    for index, image in enumerate(images):
+        element = ET.SubElement(root, "image", id=str(index), name=image.path.name, width=str(image.width),
+                                height=str(image.height))
+        for shape in image.shapes:
+            if len(shape.polygons) > 1:
+                group_id += 1
+            for attributes in _cvat_shapes(shape, group_id if len(shape.polygons) > 1 else 0):
+                ET.SubElement(element, "mask" if shape.is_mask else "polygon", attributes)
+    ET.indent(root)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    atomic_write(path, lambda f: f.write(data))
+    return path
+
+
+def _cvat_shapes(shape: Shape, group_id: int) -> List[dict]:
+    """The attributes of a detection's CVAT elements: a ``<polygon>`` per part, or one ``<mask>`` whose
+    ``rle`` runs alternate 0s and 1s over its box, row by row, starting with 0s."""
+    common = {"label": shape.label, "source": "auto", "occluded": "0", "z_order": "0"}
+    if group_id:
+        common["group_id"] = str(group_id)
+    if shape.is_mask:
+        h, w = shape.crop.shape
+        flat = np.concatenate([[False], shape.crop.reshape(-1), [False]])
+        edges = np.flatnonzero(flat[1:] != flat[:-1])  # where runs of 1s start and end
+        runs = np.diff(np.concatenate([[0], edges, [h * w]]))
+        runs = runs[:-1] if runs[-1] == 0 else runs
+        return [{**common, "rle": ", ".join(str(v) for v in runs), "left": str(shape.left), "top": str(shape.top),
+                 "width": str(w), "height": str(h)}]
+    return [{**common, "points": ";".join(f"{x:.2f},{y:.2f}" for x, y in polygon)} for polygon in shape.polygons]

@@ -1,4 +1,5 @@
-"""labelme annotations: a folder of per-image ``.json`` files -> a :class:`Conversion`.
+"""labelme annotations: a folder of per-image ``.json`` files -> a :class:`Conversion`, and detections -> such
+files (pre-annotations to correct in labelme).
 
 A labelme file (https://github.com/wkentaro/labelme, versions 3 to 5) holds ``imagePath`` (relative to the
 json file), ``imageHeight``, ``imageWidth``, optionally ``imageData`` (the image file itself, base64) and a
@@ -21,6 +22,10 @@ beside it, at ``imagePath``, when the COCO json is written.
 
 A class list in labelme's own ``labels.txt`` layout (``__ignore__`` and ``_background_`` first) is
 accepted: those two names are not classes.
+
+:func:`write_labelme_file` writes one image's detections as labelme writes a file: ``imagePath`` relative to
+the json, ``imageData`` null, a ``polygon`` shape per polygon (the parts of one detection share a
+``group_id``) or a ``mask`` shape, and the score in each shape's ``description`` (``score=0.9731``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
+import os
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -37,6 +42,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from maskrcnn.errors import InputError
+from maskrcnn.fileio import read_json, save_json
+from maskrcnn.data.formats.predictions import PredictedImage, Shape
 from maskrcnn.data.formats.coco_writer import (Conversion, ImageRecord, Instance, Skipped, box_polygon,
                                                check_labels, check_points, check_size, class_names_from,
                                                clip_to_image, ellipse_polygon, embedded_image_size, mask_from_box_crop,
@@ -46,6 +53,7 @@ AREA_TYPES = ("polygon", "rectangle", "circle", "mask")
 LINE_TYPES = ("line", "linestrip", "point", "points")  # no area: skipped
 IGNORE_LABEL = "__ignore__"  # labelme's label for regions to leave out
 RESERVED_LABELS = (IGNORE_LABEL, "_background_")  # the first lines of labelme's labels.txt, not classes
+LABELME_VERSION = "5.5.0"  # the file layout written: labelme 5.2 and later (6 included) read it as their own
 
 
 def read_labelme(src, *, image_dir=None, class_names: Optional[Sequence[str]] = None,
@@ -77,11 +85,8 @@ def read_labelme(src, *, image_dir=None, class_names: Optional[Sequence[str]] = 
 def read_labelme_file(path: Path, image_dir: Path, skipped: Skipped) -> ImageRecord:
     """One labelme json file as an :class:`ImageRecord` (image size read from the image file, or from the
     embedded image when the file is missing); shapes without area are counted in ``skipped``."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a readable JSON file: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("shapes"), list) \
+    data = read_json(path, "labelme file", dict)
+    if not isinstance(data.get("shapes"), list) \
             or not isinstance(data.get("imagePath"), str):
         raise InputError(f"{path}: not a labelme file (expected an object with 'shapes' and 'imagePath')")
     image_path = path.parent / data["imagePath"].replace("\\", "/")
@@ -160,3 +165,35 @@ def _shape_part(shape: dict, shape_type: str, height: int, width: int, where: st
     if not crop.any():
         raise InputError(f"{where}: the mask is empty")
     return mask_from_box_crop(crop, int(x0), int(y0), height, width, where)
+
+
+def write_labelme_file(image: PredictedImage, folder) -> Path:
+    """Write ``<folder>/<image stem>.json``, the labelme file of one image's shapes (see the module
+    docstring), with ``imagePath`` relative to ``folder``; returns its path."""
+    folder = Path(folder)
+    path = folder / f"{image.path.stem}.json"
+    shapes, group_id = [], 0
+    for shape in image.shapes:
+        if len(shape.polygons) > 1:
+            group_id += 1
+        shapes.extend(_labelme_shapes(shape, group_id if len(shape.polygons) > 1 else None))
+    save_json(path, {"version": LABELME_VERSION, "flags": {}, "shapes": shapes,
+                     "imagePath": Path(os.path.relpath(image.path.resolve(), folder.resolve())).as_posix(),
+                     "imageData": None, "imageHeight": image.height, "imageWidth": image.width})
+    return path
+
+
+def _labelme_shapes(shape: Shape, group_id: Optional[int]) -> List[dict]:
+    """A detection's labelme shapes: one ``polygon`` per part, or one ``mask`` (corners of its box,
+    inclusive, and the box's pixels as a base64 PNG of 0s and 1s, as labelme writes it)."""
+    common = {"label": shape.label, "group_id": group_id, "description": f"score={shape.score:.4f}", "flags": {}}
+    if shape.is_mask:
+        h, w = shape.crop.shape
+        png = io.BytesIO()
+        Image.fromarray(shape.crop.astype(np.uint8)).save(png, format="PNG")
+        return [{**common, "shape_type": "mask",
+                 "points": [[float(shape.left), float(shape.top)],
+                            [float(shape.left + w - 1), float(shape.top + h - 1)]],
+                 "mask": base64.b64encode(png.getvalue()).decode("ascii")}]
+    return [{**common, "shape_type": "polygon", "points": polygon.tolist(), "mask": None}
+            for polygon in shape.polygons]

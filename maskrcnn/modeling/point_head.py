@@ -1,0 +1,273 @@
+"""Point head (PointRend): mask logits recomputed at chosen points from fine features, for sharper masks.
+
+The mask head predicts each RoI's mask on a coarse S x S grid from 14 x 14 pooled features, so that a box of
+200 pixels gets one logit per 7 pixels and its boundary is blurred. The point head predicts the logit at
+single points instead, from the finest pyramid level (stride 4) sampled at the point and the coarse logit
+there; it is spent only where the coarse mask is unsure (logit near 0), which is along the boundary.
+
+Shorthand: R RoIs (positive RoIs in training, detections at inference), N images, C feature channels,
+K object classes, P points per RoI, S the coarse mask side (28), M = S * 2**steps the refined side.
+Points are ``(x, y)`` in [0, 1]^2 of their box: (0, 0) its top-left corner, (1, 1) its bottom-right; cell
+``(i, j)`` of an M x M grid over the box has its centre at ``((j + 0.5) / M, (i + 0.5) / M)``, the
+convention of the mask paste and of ``F.interpolate(align_corners=False)``.
+Naming: ``coarse_logits`` (R, S, S) of each RoI's class from the mask head; ``point_logits`` (R, P) of each
+RoI's class at its points; ``point_labels`` (R, P) 0/1 ground truth at those points.
+
+Training (:meth:`PointHead.loss`): per positive RoI, draw ``oversample_ratio * P`` uniform candidate points,
+keep the ``importance_ratio * P`` where the coarse logits (interpolated) are least certain and add uniform
+points up to P; the loss is the binary cross-entropy of the point logits against the ground-truth mask read
+at the same points (bilinearly, thresholded at 0.5 as the S x S targets are).
+
+Inference (:meth:`PointHead.refine`): adaptive subdivision. ``steps`` times: upsample the logits 2x
+bilinearly, take the ``subdivision_points`` least certain cells, recompute them with the point head and write
+them back. Every step is a tensor operation of fixed shape (topk, gather, scatter), so the exporter traces it.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import RoIHeadsConfig
+from ..structures import PolygonMasks, covered
+from .mask_head import mask_loss
+from .selection import to_rois
+
+
+def uncertainty(logits: Tensor) -> Tensor:
+    """``-|logit|`` of any shape: 0 where the probability is 0.5, more negative the more certain."""
+    return -logits.abs()
+
+
+def point_sample(maps: Tensor, points: Tensor) -> Tensor:
+    """Bilinear values of each map at its own points.
+
+    maps: (B, C, H, W) float; points: (B, P, 2) ``(x, y)`` in [0, 1]^2 of the map, cell ``(i, j)`` covering
+    ``[j / W, (j + 1) / W) x [i / H, (i + 1) / H)`` with its value at the centre (``grid_sample`` with
+    ``align_corners=False``); beyond the border cells' centres the values fall to 0 half a cell outside.
+    Returns (B, C, P) float32, sampled in float32 whatever the dtype of ``maps`` (a bfloat16 grid would
+    place points 1/256 of the map apart).
+    """
+    grid = 2 * points[:, :, None, :].float() - 1  # (B, P, 2) -> (B, P, 1, 2) in [-1, 1]
+    return F.grid_sample(maps.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)[..., 0]
+
+
+def point_sample_indexed(maps: Tensor, index: Tensor, points: Tensor) -> Tensor:
+    """``point_sample(maps[index], points)`` without a copy of a map per row.
+
+    maps: (N, C, H, W) float; index: (R,) int64 in 0..N-1, the map of each row; points: (R, P, 2) in [0, 1]^2
+    of that map. Returns (R, C, P) float32.
+
+    The N maps are stacked top to bottom, each followed by a row of zeros (the zero padding it has alone),
+    into one (1, C, N (H + 1), W) map, and each row's points are moved to its map's place in the stack: one
+    ``grid_sample`` reads them all, with no loop over maps or rows, so a traced export holds for any N and R.
+    """
+    n, c, h, w = maps.shape
+    points = points.float()
+    stacked = F.pad(maps.float(), (0, 0, 0, 1)).transpose(0, 1).reshape(1, c, n * (h + 1), w)  # -> (1, C, N (H+1), W)
+    y = (index[:, None].to(points.dtype) * (h + 1) + points[..., 1] * h) / (n * (h + 1))
+    # Reshapes name no size that can be 0 (R): ONNX's Reshape reads a 0 as "this input dimension".
+    moved = torch.stack([points[..., 0], y], dim=-1).reshape(1, -1, 2)  # (R, P, 2) -> (1, R*P, 2)
+    return point_sample(stacked, moved).reshape(c, -1, points.shape[1]).transpose(0, 1)  # (1, C, R*P) -> (R, C, P)
+
+
+def image_points(boxes: Tensor, points: Tensor) -> Tensor:
+    """boxes: (R, 4) xyxy pixels of an image; points: (R, P, 2) in [0, 1]^2 of each box -> (R, P, 2) ``(x, y)``
+    pixels of that image."""
+    corner = boxes[:, None, :2]
+    return corner + points * (boxes[:, None, 2:] - corner)
+
+
+@torch.no_grad()
+def training_points(coarse_logits: Tensor, num_points: int, oversample_ratio: float,
+                    importance_ratio: float) -> Tensor:
+    """PointRend's training points: the least certain of many random candidates, plus uniform ones.
+
+    coarse_logits: (R, S, S) logits of each RoI's class. Draws (R, int(oversample_ratio * num_points), 2)
+    uniform candidates, keeps the ``int(importance_ratio * num_points)`` whose coarse logits (bilinear,
+    :func:`point_sample`) are least certain, then draws the remaining points uniformly, both draws in this
+    order from torch's global generator. Returns (R, num_points, 2) in [0, 1]^2: the chosen candidates by
+    decreasing uncertainty, then the uniform points.
+    """
+    rois = coarse_logits.shape[0]
+    device = coarse_logits.device
+    candidates = torch.rand(rois, int(oversample_ratio * num_points), 2, device=device)
+    num_uncertain = int(importance_ratio * num_points)
+    scores = uncertainty(point_sample(coarse_logits[:, None].float(), candidates)[:, 0])  # (R, kP)
+    chosen = scores.topk(num_uncertain, dim=1).indices
+    uncertain = candidates.gather(1, chosen[:, :, None].expand(-1, -1, 2))  # (R, kP, 2) -> (R, βP, 2)
+    uniform = torch.rand(rois, num_points - num_uncertain, 2, device=device)
+    return torch.cat([uncertain, uniform], dim=1)
+
+
+def uncertain_cells(logits: Tensor, num_points: int) -> Tuple[Tensor, Tensor]:
+    """The ``min(num_points, H W)`` least certain cells of each map.
+
+    logits: (R, H, W). Returns the cells' flat indices (R, P) int64 (``row * W + col``), least certain first,
+    and their centres (R, P, 2) float32 in [0, 1]^2 of the map.
+    """
+    height, width = int(logits.shape[-2]), int(logits.shape[-1])  # the grid's size is fixed by the mask head
+    index = uncertainty(logits).flatten(1).topk(min(num_points, height * width), dim=1).indices
+    col = (index % width).to(torch.float32)
+    row = torch.div(index, width, rounding_mode="floor").to(torch.float32)
+    return index, torch.stack([(col + 0.5) / width, (row + 0.5) / height], dim=-1)
+
+
+@torch.no_grad()
+def point_labels(gt_masks: List, boxes: List[Tensor], matched_idxs: List[Tensor], points: Tensor) -> Tensor:
+    """Each positive RoI's ground-truth mask at its points.
+
+    gt_masks: per image a BitMasks / PolygonMasks; boxes: per image (Ri, 4) xyxy pixels of that image;
+    matched_idxs: per image (Ri,) int64 instance of each RoI; points: (R, P, 2) in [0, 1]^2 of each box, R =
+    sum of Ri in the order of the concatenated boxes.
+    Returns (R, P) float 0/1: the bilinear value of the instance's 0/1 bitmap at the point (pixel ``i``
+    covering ``[i, i + 1)``, the geometry of the S x S targets of
+    :func:`~maskrcnn.modeling.mask_head.mask_targets`), 1 where it exceeds 0.5 as there (a point on the edge
+    between an object pixel and a background pixel is background). Polygons are rasterised at the image's
+    size, the instances that some RoI matched only.
+    """
+    out = []
+    for masks, image_boxes, idx, image_pts in zip(gt_masks, boxes, matched_idxs, points.split([len(b) for b in boxes])):
+        if not len(image_boxes):
+            continue
+        used, row = torch.unique(idx, return_inverse=True)  # the matched instances; each RoI's row among them
+        instances = masks[used.cpu()]
+        bits = (instances.to_bitmasks() if isinstance(instances, PolygonMasks) else instances).tensor
+        height, width = masks.image_size
+        scale = torch.tensor([width, height], dtype=torch.float32, device=points.device)
+        at = image_points(image_boxes.float(), image_pts) / scale  # (Ri, P, 2) in [0, 1]^2 of the image
+        soft = point_sample_indexed(bits.to(device=points.device, dtype=torch.float32)[:, None], row, at)[:, 0]
+        out.append(covered(soft))
+    if not out:
+        return points.new_zeros(points.shape[:2])
+    return torch.cat(out)
+
+
+def linear_with_coarse(layer: nn.Linear, x: Tensor, coarse: Tensor) -> Tensor:
+    """``layer(cat([x, coarse[:, None]], 1))`` without building the concatenation: the weight's last column,
+    which reads the coarse logit, adds a rank-one term to the product. x: (M, Din); coarse: (M,) -> (M, Dout).
+    (On this repository's CPU the concatenated copy of every layer's input cost a third of the head's time.)"""
+    weight = layer.weight  # (Dout, Din + 1)
+    return F.linear(x, weight[:, :-1], layer.bias).addcmul_(coarse[:, None], weight[:, -1])
+
+
+class PointHead(nn.Module):
+    """PointRend's point head: an MLP applied to each point alone (PointRend's 1x1 Conv1d layers, here
+    ``nn.Linear`` over points-last rows) over [fine features, coarse logit].
+
+    Args:
+        in_channels: C, channels of the fine level.
+        num_classes: K.
+        fc_dim: width of the hidden layers.
+        num_fcs: hidden layers; each takes the previous output with the coarse logit appended (PointRend).
+        stride: stride of the fine level (the finest the mask pooler pools, 4 for P2), in input pixels.
+        num_points_train: P per positive RoI in training.
+        oversample_ratio, importance_ratio: training point sampling (:func:`training_points`).
+        subdivision_steps: 2x upsamplings at inference (S -> S * 2**steps).
+        subdivision_points: cells recomputed per RoI at each step.
+
+    forward(fine: (R, P, C), coarse: (R, P)) -> (R, P, K) point logits.
+    class_logits(fine, coarse, classes: (R,) int64 in 1..K) -> (R, P) logits of each RoI's class.
+    """
+
+    def __init__(self, *, in_channels: int, num_classes: int, fc_dim: int = RoIHeadsConfig.point_head_dim,
+                 num_fcs: int = RoIHeadsConfig.point_head_fcs, stride: int,
+                 num_points_train: int = RoIHeadsConfig.point_train_points,
+                 oversample_ratio: float = RoIHeadsConfig.point_oversample_ratio,
+                 importance_ratio: float = RoIHeadsConfig.point_importance_ratio,
+                 subdivision_steps: int = RoIHeadsConfig.point_subdivision_steps,
+                 subdivision_points: int = RoIHeadsConfig.point_subdivision_points):
+        super().__init__()
+        if oversample_ratio < 1 or not 0 <= importance_ratio <= 1:
+            raise ValueError(f"roi_heads.point_oversample_ratio must be >= 1 and roi_heads.point_importance_ratio "
+                             f"in [0, 1], got {oversample_ratio} and {importance_ratio}")
+        if min(num_points_train, subdivision_points) < 1 or min(subdivision_steps, num_fcs) < 0:
+            raise ValueError(f"roi_heads.point_train_points and point_subdivision_points must be >= 1, "
+                             f"point_subdivision_steps and point_head_fcs >= 0, got {num_points_train}, "
+                             f"{subdivision_points}, {subdivision_steps} and {num_fcs}")
+        self.fcs = nn.ModuleList(nn.Linear((in_channels if i == 0 else fc_dim) + 1, fc_dim) for i in range(num_fcs))
+        self.predictor = nn.Linear((fc_dim if num_fcs else in_channels) + 1, num_classes)
+        for fc in self.fcs:
+            nn.init.kaiming_normal_(fc.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(fc.bias)
+        # Small predictor weights start every point logit near 0, as the mask predictor's.
+        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.zeros_(self.predictor.bias)
+        self.stride = stride
+        self.num_points_train = num_points_train
+        self.oversample_ratio = oversample_ratio
+        self.importance_ratio = importance_ratio
+        self.subdivision_steps = subdivision_steps
+        self.subdivision_points = subdivision_points
+
+    def forward(self, fine: Tensor, coarse: Tensor) -> Tensor:
+        x = self.hidden(fine, coarse)  # (R*P, D)
+        return linear_with_coarse(self.predictor, x, coarse.reshape(-1).to(x.dtype)).reshape(*coarse.shape, -1)
+
+    def class_logits(self, fine: Tensor, coarse: Tensor, classes: Tensor) -> Tensor:
+        """The predictor evaluated for one class per RoI: a weighted channel sum, as
+        :meth:`~maskrcnn.modeling.mask_head.MaskHead.class_logits`."""
+        x = self.hidden(fine, coarse)  # (R*P, D)
+        x = x.reshape(-1, coarse.shape[1], x.shape[1])  # (R*P, D) -> (R, P, D)
+        weight = self.predictor.weight[classes - 1].to(x.dtype)  # (R, D + 1), the last entry for the coarse logit
+        bias = self.predictor.bias[classes - 1].to(x.dtype)  # (R,)
+        return torch.einsum("rpd,rd->rp", x, weight[:, :-1]) + coarse.to(x.dtype) * weight[:, -1:] + bias[:, None]
+
+    def hidden(self, fine: Tensor, coarse: Tensor) -> Tensor:
+        """(R, P, C), (R, P) -> (R*P, D): the hidden layers' output (D = C without hidden layers)."""
+        x = fine.reshape(-1, fine.shape[-1])  # (R, P, C) -> (R*P, C)
+        coarse = coarse.reshape(-1).to(x.dtype)  # (R, P) -> (R*P,)
+        for fc in self.fcs:
+            x = F.relu(linear_with_coarse(fc, x, coarse), inplace=True)
+        return x
+
+    def refined_side(self, coarse_side: int) -> int:
+        """M, the side of the masks :meth:`refine` returns for coarse masks of side ``coarse_side``."""
+        return coarse_side * 2**self.subdivision_steps
+
+    def point_logits(self, features: List[Tensor], rois: Tensor, coarse_logits: Tensor, points: Tensor,
+                     classes: Tensor) -> Tensor:
+        """Point logits of each RoI's class at its points.
+
+        features: pyramid levels, the first (N, C, Hf, Wf) of stride ``self.stride`` over the padded batch;
+        rois: (R, 5) image index then x1, y1, x2, y2 pixels of the (resized) input; coarse_logits: (R, S, S);
+        points: (R, P, 2) in [0, 1]^2 of each box; classes: (R,) int64 in 1..K. Returns (R, P).
+        """
+        fine = features[0]
+        at = image_points(rois[:, 1:], points) / self.stride  # (R, P, 2) in pixels of the fine level
+        at = torch.stack([at[..., 0] / fine.shape[-1], at[..., 1] / fine.shape[-2]], dim=-1)  # in [0, 1]^2 of it
+        fine_at = point_sample_indexed(fine, rois[:, 0].to(torch.int64), at).transpose(1, 2)  # (R, C, P) -> (R, P, C)
+        coarse_at = point_sample(coarse_logits[:, None], points)[:, 0]  # (R, 1, P) -> (R, P)
+        return self.class_logits(fine_at, coarse_at, classes)
+
+    def loss(self, features: List[Tensor], boxes: List[Tensor], coarse_logits: Tensor, classes: Tensor,
+             gt_masks: List, matched_idxs: List[Tensor]) -> Tensor:
+        """``loss_mask_point``: binary cross-entropy of the point logits at :func:`training_points` against
+        :func:`point_labels`, the mean over R * P points.
+
+        features: as :meth:`point_logits`; boxes: per image (Ri, 4) positive RoIs, xyxy pixels of the input;
+        coarse_logits: (R, S, S) of their ground-truth classes; classes: (R,) int64 in 1..K; gt_masks, matched_idxs:
+        per image, as :func:`point_labels`.
+        """
+        points = training_points(coarse_logits, self.num_points_train, self.oversample_ratio, self.importance_ratio)
+        logits = self.point_logits(features, to_rois(boxes), coarse_logits, points, classes)
+        return mask_loss(logits, point_labels(gt_masks, boxes, matched_idxs, points))
+
+    def refine(self, features: List[Tensor], rois: Tensor, coarse_logits: Tensor, classes: Tensor) -> Tensor:
+        """Adaptive subdivision of the coarse masks: (R, S, S) logits -> (R, M, M) float32 logits, M = S * 2**steps.
+
+        Each step upsamples the logits 2x bilinearly (``align_corners=False``), recomputes the
+        ``subdivision_points`` least certain cells with the point head (:meth:`point_logits`, coarse logits
+        read from the S x S input) and writes them back; every other cell keeps its upsampled value.
+        features, rois, classes: as :meth:`point_logits`.
+        """
+        logits = coarse_logits.float()[:, None]  # (R, S, S) -> (R, 1, S, S)
+        for _ in range(self.subdivision_steps):
+            logits = F.interpolate(logits, scale_factor=2, mode="bilinear", align_corners=False)
+            index, points = uncertain_cells(logits[:, 0], self.subdivision_points)
+            values = self.point_logits(features, rois, coarse_logits, points, classes).float()
+            logits = logits.flatten(1).scatter(1, index, values).reshape(-1, *logits.shape[1:])  # via (R, H*W)
+        return logits[:, 0]
