@@ -140,6 +140,9 @@ class DataConfig:
     annotation_cache: bool = True  # pack the annotations into a memory-mapped cache file beside each json
     annotation_cache_dir: str = ""  # folder for the annotation cache files instead of beside each json ("": beside)
     flip_prob: float = 0.5  # probability of a horizontal flip in training
+    scale_jitter: List[float] = field(default_factory=list)  # [low, high]: large-scale jitter, resize by a random factor in [low, high], then crop or pad to a fixed square; []: off
+    copy_paste: bool = False  # paste the instances of another training image (with their masks) onto each training image
+    repeat_factor_threshold: float = 0.0  # repeat images holding categories rarer than this image frequency (Detectron2's repeat-factor sampling); 0: off
     num_workers: int = 2  # DataLoader worker processes
     aspect_ratio_grouping: bool = True  # batch images of similar aspect ratio together (less padding)
     aspect_ratio_groups: int = 2  # aspect-ratio bins from 2:1 to 1:2 when grouping; 2: landscape and portrait
@@ -163,6 +166,7 @@ class SolverConfig:
     max_iter: int = 90000  # training length (iterations)
     ims_per_batch: int = 16  # images per iteration, summed over all processes
     clip_grad_norm: float = 0.0  # clip the gradient norm to this; 0 disables
+    ema_decay: float = 0.0  # keep an fp32 exponential moving average of the weights (e.g. 0.999), used for evaluation and saved; 0: off
 
 
 @dataclass
@@ -191,6 +195,7 @@ class ShapesConfig:
     min_size: int = 128  # smallest image side (pixels)
     max_size: int = 256  # largest image side (pixels)
     categories: str = "basic"  # "basic" (square, circle, triangle) or "novel" (star, hexagon, cross)
+    rare_fraction: float = 1.0  # training split: the last category is drawn this often relative to each other one (0.1: long-tailed)
 
 
 @dataclass

@@ -153,6 +153,20 @@ def test_novel_set_has_its_own_categories_and_same_layout(shapes_dir, tmp_path):
     assert generate_shapes(tmp_path, **SMALL)  # the basic set replaces it
 
 
+def test_long_tailed_training_split_draws_the_last_category_rarely(shapes_dir, tmp_path):
+    """rare_fraction=0.1: the last category holds about a tenth of each other one's training instances; the
+    validation split is the balanced one, image for image."""
+    options = dict(SMALL, num_train=150)
+    assert generate_shapes(tmp_path, **options, rare_fraction=0.1)
+    counts = Counter(a["category_id"] for a in _load(tmp_path)["annotations"] if not a["iscrowd"])
+    rare, others = counts[CATEGORIES[-1]["id"]], [counts[c["id"]] for c in CATEGORIES[:-1]]
+    assert min(others) > 100 and 0.03 * np.mean(others) < rare < 0.2 * np.mean(others), counts
+    assert _load(tmp_path, "val") == _load(shapes_dir, "val")
+    assert json.loads((tmp_path / "meta.json").read_text())["rare_fraction"] == 0.1
+    with pytest.raises(ValueError, match="rare_fraction"):
+        generate_shapes(tmp_path, **options, rare_fraction=0.0)
+
+
 def test_the_tool_generates_what_the_library_generates_by_default(tmp_path, monkeypatch):
     """tools/make_shapes.py without options asks for generate_shapes's own defaults (maskrcnn.config's
     ShapesConfig), so `make demo` and a script calling the library make the same dataset."""

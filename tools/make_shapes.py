@@ -18,11 +18,14 @@ def main(argv=None) -> None:
     parser.add_argument("--max-size", type=int, default=ShapesConfig.max_size, help="largest image side (pixels)")
     parser.add_argument("--categories", default=ShapesConfig.categories, choices=sorted(CATEGORY_SETS),
                         help="square, circle, triangle (basic) or star, hexagon, cross (novel)")
+    parser.add_argument("--rare-fraction", type=float, default=ShapesConfig.rare_fraction,
+                        help="long-tailed training split: the last category is drawn this often relative to "
+                             "each other one (0.1: a tenth as often); the validation split stays balanced")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     generated = generate_shapes(args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
                                 min_size=args.min_size, max_size=args.max_size, categories=args.categories,
-                                progress=True)
+                                rare_fraction=args.rare_fraction, progress=True)
     if generated:
         print(f"wrote {args.num_train} training and {args.num_val} validation images to {args.out} "
               f"in {time.perf_counter() - start:.1f} s")

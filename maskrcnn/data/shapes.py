@@ -6,7 +6,9 @@ colour, size, rotation and position; pixel noise is added over everything. Later
 ones: each instance's mask is its visible part, and instances left almost fully hidden are dropped. About
 one image in ten also holds a crowd: a cluster of small shapes of one category annotated as a single
 ``iscrowd=1`` region. With ``categories="novel"`` the shapes are stars, hexagons and crosses instead: a
-set that a model trained on the basic one has never seen.
+set that a model trained on the basic one has never seen. With ``rare_fraction`` below 1 the training split
+is long-tailed: its last category is drawn that often relative to each other one, while the validation split
+stays balanced, so the rare category's AP is measured on as many instances as the others'.
 
 Annotations exercise every segmentation form a COCO reader meets:
 - polygons (from ``cv2.findContours`` of the visible mask, several per instance when occlusion splits it),
@@ -57,11 +59,13 @@ POLYGON_MIN_IOU = 0.95  # a polygon is stored only if its rasterisation matches 
 def generate_shapes(out_dir: str | Path, *, num_train: int = ShapesConfig.num_train,
                     num_val: int = ShapesConfig.num_val, seed: int = ShapesConfig.seed,
                     min_size: int = ShapesConfig.min_size, max_size: int = ShapesConfig.max_size,
-                    categories: str = ShapesConfig.categories, progress: bool = False) -> bool:
+                    categories: str = ShapesConfig.categories, rare_fraction: float = ShapesConfig.rare_fraction,
+                    progress: bool = False) -> bool:
     """Write the shapes dataset under ``out_dir``; deterministic given the parameters (defaults:
     :class:`maskrcnn.config.ShapesConfig`).
 
     categories: "basic" (square, circle, triangle) or "novel" (star, hexagon, cross), see ``CATEGORY_SETS``.
+    rare_fraction: in (0, 1]; the training split draws the last category this often relative to each other one.
 
     Returns ``False`` (and writes nothing) when ``out_dir/meta.json`` already records the same parameters
     and both annotation files exist, ``True`` after generating. ``progress`` shows a tqdm bar.
@@ -72,11 +76,15 @@ def generate_shapes(out_dir: str | Path, *, num_train: int = ShapesConfig.num_tr
         raise InputError(f"image counts must be non-negative, got num_train={num_train}, num_val={num_val}")
     if categories not in CATEGORY_SETS:
         raise InputError(f"categories must be one of {sorted(CATEGORY_SETS)}, got {categories!r}")
+    if not 0 < rare_fraction <= 1:
+        raise InputError(f"rare_fraction must be in (0, 1], got {rare_fraction}")
     out_dir = Path(out_dir)
     meta = {"format_version": FORMAT_VERSION, "num_train": num_train, "num_val": num_val, "seed": seed,
             "min_size": min_size, "max_size": max_size}
     if categories != "basic":  # the basic set's meta.json stays as it was, so existing folders are reused
         meta["categories"] = categories
+    if rare_fraction != 1:
+        meta["rare_fraction"] = rare_fraction
     meta_file = out_dir / "meta.json"
     ann_files = {split: out_dir / "annotations" / f"instances_{split}.json" for split in SPLITS}
     if meta_file.is_file() and all(f.is_file() for f in ann_files.values()):
@@ -95,7 +103,8 @@ def generate_shapes(out_dir: str | Path, *, num_train: int = ShapesConfig.num_tr
                 image_id = i + 1
                 file_name = f"{image_id:06d}.jpg"
                 pixels, instances = render_image(rng, min_size=min_size, max_size=max_size,
-                                                 categories=CATEGORY_SETS[categories])
+                                                 categories=CATEGORY_SETS[categories],
+                                                 rare_fraction=rare_fraction if split == "train" else 1.0)
                 height, width = pixels.shape[:2]
                 cv2.imwrite(str(image_dir / file_name), cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR),
                             [cv2.IMWRITE_JPEG_QUALITY, 92])
@@ -116,10 +125,11 @@ def generate_shapes(out_dir: str | Path, *, num_train: int = ShapesConfig.num_tr
 
 
 def render_image(rng: np.random.Generator, *, min_size: int, max_size: int,
-                 categories: List[dict] = CATEGORY_SETS[ShapesConfig.categories]
-                 ) -> Tuple[np.ndarray, List[Tuple[int, np.ndarray, bool, bool]]]:
+                 categories: List[dict] = CATEGORY_SETS[ShapesConfig.categories],
+                 rare_fraction: float = ShapesConfig.rare_fraction) -> Tuple[np.ndarray, List[Tuple[int, np.ndarray, bool, bool]]]:
     """Draw one image and its instances, of the given categories (``CATEGORIES`` or ``NOVEL_CATEGORIES``;
-    default the set that :func:`generate_shapes` draws by default).
+    default the set that :func:`generate_shapes` draws by default). The last category is drawn
+    ``rare_fraction`` times as often as each other one.
 
     Returns ``(pixels, instances)``: pixels ``(H, W, 3)`` uint8 RGB; instances a list, back to front, of
     ``(category_id, visible_mask (H, W) bool, occluded, crowd)`` where ``occluded`` says that later shapes
@@ -127,12 +137,20 @@ def render_image(rng: np.random.Generator, *, min_size: int, max_size: int,
     """
     height, width = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
     short = min(height, width)
+    weights = np.ones(len(categories))
+    weights[-1] = rare_fraction
+
+    def draw_category() -> dict:
+        if rare_fraction == 1:  # the balanced draw, as every existing dataset was generated
+            return categories[rng.integers(len(categories))]
+        return categories[rng.choice(len(categories), p=weights / weights.sum())]
+
     background_colour = rng.uniform(0, 255, 3)
     pixels = _background(rng, height, width, background_colour)
     # Each entry: [category_id, full_mask, visible_mask, crowd]; later shapes cut earlier visible masks.
     layers = []
     if rng.random() < CROWD_PROB:
-        category = categories[rng.integers(len(categories))]
+        category = draw_category()
         centre = rng.uniform(0.25, 0.75, 2) * (width, height)
         group = np.zeros((height, width), dtype=bool)
         for _ in range(rng.integers(5, 10)):
@@ -144,7 +162,7 @@ def render_image(rng: np.random.Generator, *, min_size: int, max_size: int,
             group |= mask
         layers.append([category["id"], group, group.copy(), True])
     for _ in range(rng.integers(0, MAX_SHAPES + 1)):
-        category = categories[rng.integers(len(categories))]
+        category = draw_category()
         radius = max(4.0, rng.uniform(0.08, 0.3) * short)
         centre = rng.uniform(0.0, 1.0, 2) * (width, height)
         mask = _shape_mask(category["name"], centre, radius, rng.uniform(0, 2 * np.pi), rng, height, width)
