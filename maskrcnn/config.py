@@ -166,7 +166,7 @@ class SolverConfig:
     max_iter: int = 90000  # training length (iterations)
     ims_per_batch: int = 16  # images per iteration, summed over all processes
     clip_grad_norm: float = 0.0  # clip the gradient norm to this; 0 disables
-    ema_decay: float = 0.0  # keep an fp32 exponential moving average of the weights (e.g. 0.999), used for evaluation and saved; 0: off
+    ema_decay: float = 0.0  # decay of an fp32 moving average of the weights (e.g. 0.999; warmup min(decay, (1 + t) / (10 + t)) at step t) that evaluation scores and checkpoints hold as "model"; 0: off
 
 
 @dataclass

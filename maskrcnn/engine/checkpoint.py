@@ -6,7 +6,11 @@ A checkpoint file is a ``torch.save`` dict::
      "config": config_to_dict(cfg), "class_names": [name of label 1, name of label 2, ...],
      "rng": {"python", "numpy", "torch", "cuda"}, ...extra}
 
-``iteration`` counts the optimizer steps already taken. Every value is a tensor or a plain Python
+``iteration`` counts the optimizer steps already taken. ``model`` holds the weights to use: with a weight
+average (``solver.ema_decay`` > 0, see :mod:`maskrcnn.engine.ema`) those are the averaged weights, so that
+whatever loads ``model`` (the predictor, evaluation, ``model.weights``, the converters) gets the averaged
+model, and two more entries keep what resuming needs: ``raw_model`` (the trained weights, which the
+optimizer state belongs to) and ``ema_updates`` (the average's update count). Every value is a tensor or a plain Python
 container, so ``torch.load(..., weights_only=True)`` reads it. Files are written to a temporary file in
 the same directory, fsynced and renamed over the target, so a crash mid-save never leaves a truncated
 checkpoint behind; ``output_dir/last_checkpoint`` holds the file name of the newest one.
@@ -26,6 +30,7 @@ from ..config import Config, config_to_dict
 from ..distributed import get_rank, get_world_size, unwrap_model
 from ..errors import InputError
 from ..fileio import atomic_write, read_checkpoint
+from .ema import ModelEMA
 
 LAST_CHECKPOINT = "last_checkpoint"
 
@@ -55,14 +60,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                    scheduler=None, scaler: Optional[torch.amp.GradScaler] = None, iteration: int,
-                    config: Config, class_names: List[str], rng: Optional[dict] = None, update_last: bool = True,
+def save_checkpoint(path: str | Path, *, model: nn.Module, ema: Optional[ModelEMA] = None,
+                    optimizer: Optional[torch.optim.Optimizer] = None, scheduler=None,
+                    scaler: Optional[torch.amp.GradScaler] = None, iteration: int, config: Config,
+                    class_names: List[str], rng: Optional[dict] = None, update_last: bool = True,
                     **extra) -> Path:
     """Atomically write a checkpoint to ``path`` and (``update_last``) point ``path.parent/last_checkpoint``
     at it.
 
     model: saved without a ``DistributedDataParallel`` wrapper (keys have no ``module.`` prefix).
+    ema: the weight average of ``model``, or None; when given, ``model`` holds its weights, ``raw_model``
+        the model's own and ``ema_updates`` its update count.
     optimizer / scheduler / scaler: their ``state_dict()``, or None when not given.
     iteration: optimizer steps taken. rng: states from :func:`rng_state`; default: the current ones.
     extra: further picklable entries stored as they are.
@@ -70,8 +78,9 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Optional[t
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    weights = unwrap_model(model).state_dict()
     checkpoint = {
-        "model": unwrap_model(model).state_dict(),
+        "model": weights if ema is None else ema.module.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -81,6 +90,8 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: Optional[t
         "rng": rng if rng is not None else rng_state(),
         **extra,
     }
+    if ema is not None:
+        checkpoint.update(raw_model=weights, ema_updates=ema.updates)
     atomic_write(path, lambda f: torch.save(checkpoint, f))
     if update_last:
         atomic_write(path.parent / LAST_CHECKPOINT, lambda f: f.write(path.name.encode()))
@@ -91,6 +102,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torc
                     scheduler=None, scaler: Optional[torch.amp.GradScaler] = None, *,
                     restore_rng: bool = True) -> dict:
     """Load a checkpoint into ``model`` (strictly) and, when given, the optimizer, scheduler and scaler.
+
+    ``model`` gets the trained weights (``raw_model`` where the checkpoint has a weight average, else
+    ``model``): what the optimizer state continues from; :func:`load_ema` restores the average.
 
     With ``restore_rng``, the random number generators are set to the states saved with the checkpoint:
     under ``torch.distributed`` each process takes its own rank's entry of ``rng_by_rank`` when the
@@ -103,13 +117,27 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optional[torc
     for key, target in wanted.items():
         if target is not None and checkpoint.get(key) is None:
             raise InputError(f"checkpoint {path} has no {key!r} entry")
-    unwrap_model(model).load_state_dict(checkpoint["model"])
+    raw = checkpoint.get("raw_model")
+    unwrap_model(model).load_state_dict(raw if raw is not None else checkpoint["model"])
     for key in ("optimizer", "scheduler", "scaler"):
         if wanted[key] is not None:
             wanted[key].load_state_dict(checkpoint[key])
     if restore_rng:
         set_rng_state(rng_of_this_rank(checkpoint))
     return checkpoint
+
+
+def load_ema(checkpoint: dict, ema: ModelEMA) -> bool:
+    """Restore a weight average saved in ``checkpoint`` (its weights and update count) into ``ema``.
+
+    Returns False, leaving ``ema`` as it is, for a checkpoint saved without one (the average then starts
+    from the weights it was built from, at update 0).
+    """
+    if checkpoint.get("raw_model") is None:
+        return False
+    ema.module.load_state_dict(checkpoint["model"])
+    ema.updates = int(checkpoint["ema_updates"])
+    return True
 
 
 def rng_of_this_rank(checkpoint: dict) -> dict:

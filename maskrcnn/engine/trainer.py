@@ -1,7 +1,9 @@
 """The training loop: configuration in, checkpoints, metrics and figures out.
 
 One iteration: fetch a batch -> forward under autocast -> check the total loss is finite -> backward
-(scaled for fp16) -> optional gradient clipping -> optimizer step -> scheduler step. Every
+(scaled for fp16) -> optional gradient clipping -> optimizer step -> scheduler step -> with
+``solver.ema_decay`` > 0, update of the weight average (see :mod:`maskrcnn.engine.ema`), which is then the
+model that evaluation scores and that checkpoints hold under ``model``. Every
 ``train.log_period`` iterations the loss means since the previous log step are averaged over processes
 and written by rank 0 (see :mod:`maskrcnn.engine.logger`); checkpoints are written every
 ``train.checkpoint_period`` iterations and at the end (see :mod:`maskrcnn.engine.checkpoint`). The loss
@@ -43,8 +45,9 @@ from ..fileio import atomic_write
 from ..precision import ResolvedPrecision, channels_last_is_faster, machine_summary, resolve_precision
 from ..modeling.maskrcnn import build_model
 from ..structures import BitMasks, PolygonMasks
-from .checkpoint import (find_last_checkpoint, load_last_good_checkpoint, rng_of_this_rank, rng_state,
+from .checkpoint import (find_last_checkpoint, load_ema, load_last_good_checkpoint, rng_of_this_rank, rng_state,
                          save_checkpoint, set_rng_state)
+from .ema import build_ema
 from .logger import MetricsLogger
 from .optim import build_lr_scheduler, build_optimizer
 from .weights import format_summary, load_weights
@@ -60,8 +63,8 @@ _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def train(cfg: Config, *, resume: bool = False, model: Optional[nn.Module] = None) -> Dict:
     """Train a Mask R-CNN as configured; returns the run's summary (also written to ``train_summary.json``).
 
-    resume: continue from ``train.output_dir/last_checkpoint`` (model, optimizer, schedule, grad scaler,
-        iteration, RNG states and data position), reproducing the uninterrupted run; a fresh start when
+    resume: continue from ``train.output_dir/last_checkpoint`` (model, weight average, optimizer, schedule,
+        grad scaler, iteration, RNG states and data position), reproducing the uninterrupted run; a fresh start when
         there is no checkpoint yet. A checkpoint found this way wins over ``model.weights``, which
         otherwise starts the run (iteration 0, fresh optimizer) from those weights, class rows matched by
         name (see :mod:`maskrcnn.engine.weights`).
@@ -160,6 +163,10 @@ class _Run:
             self.ddp_model = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=False)
+        # Built from the model as DDP left it (rank 0's weights on every process), then set from the checkpoint.
+        self.ema = build_ema(self.model, solver)
+        if self.ema is not None and checkpoint is not None:
+            load_ema(checkpoint, self.ema)
         self.batches = build_train_loader(
             self.dataset, images_per_batch=solver.ims_per_batch, seed=cfg.train.seed, rank=self.rank,
             world_size=self.world_size, start_iter=self.start_iter, num_workers=cfg.data.num_workers,
@@ -255,6 +262,8 @@ class _Run:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
 
             done = iteration + 1
             window.add(total, losses, data_time, time.perf_counter() - tic)
@@ -286,14 +295,16 @@ class _Run:
         if is_main_process():
             extra = {"rng_by_rank": by_rank} if self.world_size > 1 else {}
             extra["label_to_cat_id"] = dict(self.dataset.label_to_cat_id)
-            save_checkpoint(self.output_dir / name, model=self.model, optimizer=self.optimizer,
+            save_checkpoint(self.output_dir / name, model=self.model, ema=self.ema, optimizer=self.optimizer,
                             scheduler=self.scheduler, scaler=self.scaler, iteration=iteration, config=self.cfg,
                             class_names=self.class_names, rng=rng, update_last=update_last, **extra)
 
     def _evaluate(self, iteration: int) -> None:
-        """COCO evaluation on the validation set, shared by all processes; rank 0 logs the metrics."""
+        """COCO evaluation of the weight average (the model without one) on the validation set, shared by all
+        processes; rank 0 logs the metrics."""
         precision = "bf16" if self.precision.precision == "bf16" else "fp32"
-        metrics = evaluate(self.model, self.cfg.data.val_ann, self.cfg.data.val_images,
+        model = self.ema.module if self.ema is not None else self.model
+        metrics = evaluate(model, self.cfg.data.val_ann, self.cfg.data.val_images,
                            output_dir=self.output_dir / f"eval_{iteration:07d}" if is_main_process() else None,
                            device=self.device, precision=precision, class_names=self.class_names,
                            label_to_cat_id=self.dataset.label_to_cat_id)
@@ -305,8 +316,8 @@ class _Run:
         """Put back the buffers this iteration's forward changed, save that state (the one before the
         iteration) under a name of its own, and raise FloatingPointError saying ``what`` went wrong.
 
-        No optimizer step has been taken, so parameters, optimizer and schedule are still those of the
-        iteration before; the last good checkpoint and ``last_checkpoint`` are left as they are.
+        No optimizer step has been taken, so parameters, weight average, optimizer and schedule are still those
+        of the iteration before; the last good checkpoint and ``last_checkpoint`` are left as they are.
         """
         with torch.no_grad():
             for buffer, before in zip(self.buffers, buffers_before):
