@@ -1,4 +1,5 @@
 import dataclasses
+import hashlib
 import json
 import time
 from collections import Counter
@@ -10,7 +11,8 @@ import pycocotools.mask as mask_utils
 import pytest
 from pycocotools.coco import COCO
 
-from maskrcnn.data.shapes import CATEGORIES, NOVEL_CATEGORIES, generate_shapes, mask_to_polygons, uncompressed_rle
+from maskrcnn.data.shapes import (CATEGORIES, EDGE_CATEGORIES, LAYOUTS, NOVEL_CATEGORIES, generate_shapes,
+                                 mask_to_polygons, render_image, uncompressed_rle)
 
 SMALL = dict(num_train=40, num_val=5, seed=0, min_size=64, max_size=112)
 
@@ -181,3 +183,53 @@ def test_the_tool_generates_what_the_library_generates_by_default(tmp_path, monk
     defaults = {name: p.default for name, p in inspect.signature(generate_shapes).parameters.items()
                 if p.kind is p.KEYWORD_ONLY and name != "progress"}
     assert {k: v for k, v in seen.items() if k != "progress"} == defaults == dataclasses.asdict(ShapesConfig())
+
+
+@pytest.mark.parametrize("categories, digest", [
+    ("basic", "1dd4dff4a0a2e4f706275af8e923b7c7b6e35001ac9da034ab5c4d55e4408a6d"),
+    ("novel", "dfc019efbab69806e70947c06eff2ccecb206ac19d6f1f68e658d2210a0d6660"),
+])
+def test_existing_sets_generate_the_annotations_of_their_format_version(tmp_path, categories, digest):
+    """The annotations of the basic and novel sets are pinned: a change to the generator that moves them must
+    bump FORMAT_VERSION (and these digests), so that folders made before are not silently reused."""
+    generate_shapes(tmp_path, **SMALL, categories=categories)
+    text = b"".join((tmp_path / "annotations" / f"instances_{split}.json").read_bytes() for split in ("train", "val"))
+    assert hashlib.sha256(text).hexdigest() == digest
+
+
+def _outline_ratio(mask):
+    """Perimeter squared over area of a bool mask's outer contours: 4 pi for a disc, 16 for a square."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    return sum(cv2.arcLength(c, True) for c in contours) ** 2 / mask.sum()
+
+
+def test_edge_set_draws_large_thin_sharp_shapes(tmp_path):
+    """categories="edges" on 512-800 px images: sunbursts, gears and combs up to 60 % of the short side across,
+    at least one over a third of it; whole sunbursts and combs with several times the outline of a basic shape of
+    their area (perimeter^2 / area over 100, where basic shapes stay under 25), gears above any basic shape's."""
+    options = dict(num_train=12, num_val=2, seed=0, min_size=512, max_size=800)
+    assert generate_shapes(tmp_path, **options, categories="edges")
+    coco = COCO(str(tmp_path / "annotations" / "instances_train.json"))
+    assert _load(tmp_path)["categories"] == EDGE_CATEGORIES
+    assert {a["category_id"] for a in coco.loadAnns(coco.getAnnIds())} == {c["id"] for c in EDGE_CATEGORIES}
+    sides = []
+    for image in coco.loadImgs(coco.getImgIds()):
+        short = min(image["height"], image["width"])
+        assert 512 <= short and max(image["height"], image["width"]) <= 800
+        sides += [max(a["bbox"][2:]) / short for a in coco.loadAnns(coco.getAnnIds(imgIds=image["id"], iscrowd=False))]
+    assert 1 / 3 < max(sides) <= 0.6 + 2 / 512, sides
+    names = {c["id"]: c["name"] for c in EDGE_CATEGORIES}
+    ratios = {name: [] for name in names.values()}
+    for i in range(10):
+        _, instances = render_image(np.random.default_rng([0, 0, i]), min_size=512, max_size=800,
+                                    categories=EDGE_CATEGORIES, layout=LAYOUTS["edges"])
+        for category_id, mask, occluded, crowd in instances:
+            inside = not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+            if inside and not occluded and not crowd:
+                ratios[names[category_id]].append(_outline_ratio(mask))
+    assert all(ratios.values()), ratios
+    assert min(ratios["sunburst"] + ratios["comb"]) > 100 and min(ratios["gear"]) > 25, ratios
+    again = tmp_path / "again"
+    generate_shapes(again, **options, categories="edges")
+    assert _load(again) == _load(tmp_path)
+    assert json.loads((tmp_path / "meta.json").read_text())["categories"] == "edges"

@@ -17,7 +17,8 @@ def main(argv=None) -> None:
     parser.add_argument("--min-size", type=int, default=ShapesConfig.min_size, help="smallest image side (pixels)")
     parser.add_argument("--max-size", type=int, default=ShapesConfig.max_size, help="largest image side (pixels)")
     parser.add_argument("--categories", default=ShapesConfig.categories, choices=sorted(CATEGORY_SETS),
-                        help="square, circle, triangle (basic) or star, hexagon, cross (novel)")
+                        help="square, circle, triangle (basic), star, hexagon, cross (novel) or sunburst, gear, "
+                             "comb (edges: large thin shapes, for --min-size 512 --max-size 800)")
     parser.add_argument("--rare-fraction", type=float, default=ShapesConfig.rare_fraction,
                         help="long-tailed training split: the last category is drawn this often relative to "
                              "each other one (0.1: a tenth as often); the validation split stays balanced")

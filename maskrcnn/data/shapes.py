@@ -9,6 +9,10 @@ one image in ten also holds a crowd: a cluster of small shapes of one category a
 set that a model trained on the basic one has never seen. With ``rare_fraction`` below 1 the training split
 is long-tailed: its last category is drawn that often relative to each other one, while the validation split
 stays balanced, so the rare category's AP is measured on as many instances as the others'.
+With ``categories="edges"`` the shapes are sunbursts (7-11 thin spikes), gears (8-14 square teeth) and combs
+(6-9 thin teeth on a bar): outlines with sharp corners and parts a few pixels wide, drawn large (radius 0.12-0.3
+of the short side, so up to 60 % of it across, 1-4 per image) to be generated on large images (``min_size`` 512,
+``max_size`` 800, say), where a 28 x 28 mask cell spans 10 pixels or more of an object and its edge shows.
 
 Annotations exercise every segmentation form a COCO reader meets:
 - polygons (from ``cv2.findContours`` of the visible mask, several per instance when occlusion splits it),
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, NamedTuple, Tuple
 
 import cv2
 import numpy as np
@@ -46,10 +50,28 @@ NOVEL_CATEGORIES = [
     {"id": 2, "name": "hexagon", "supercategory": "shape"},
     {"id": 3, "name": "cross", "supercategory": "shape"},
 ]
-CATEGORY_SETS = {"basic": CATEGORIES, "novel": NOVEL_CATEGORIES}
+# Thin parts and sharp corners, drawn large: what a 28 x 28 mask blurs and a point-refined one keeps.
+EDGE_CATEGORIES = [
+    {"id": 1, "name": "sunburst", "supercategory": "shape"},
+    {"id": 2, "name": "gear", "supercategory": "shape"},
+    {"id": 3, "name": "comb", "supercategory": "shape"},
+]
+CATEGORY_SETS = {"basic": CATEGORIES, "novel": NOVEL_CATEGORIES, "edges": EDGE_CATEGORIES}
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1  # bump when the generator's output changes for the same parameters
 MAX_SHAPES = 6  # shapes per image are drawn uniformly from 0..MAX_SHAPES
+
+
+class Layout(NamedTuple):
+    """How large and how many: a shape's radius is drawn uniformly from ``radius`` times the image's short side,
+    the number of shapes per image (crowds aside) uniformly from ``shapes[0]..shapes[1]``."""
+
+    radius: Tuple[float, float] = (0.08, 0.3)
+    shapes: Tuple[int, int] = (0, MAX_SHAPES)
+
+
+# The layout of each category set: the edge shapes large and few, so that their outlines fill the image.
+LAYOUTS = {"basic": Layout(), "novel": Layout(), "edges": Layout(radius=(0.12, 0.3), shapes=(1, 4))}
 CROWD_PROB = 0.1  # probability that an image holds a crowd region
 MIN_VISIBLE_FRACTION = 0.1  # instances with less of their area visible are dropped
 MIN_VISIBLE_PIXELS = 20  # instances with fewer visible pixels are dropped
@@ -64,7 +86,8 @@ def generate_shapes(out_dir: str | Path, *, num_train: int = ShapesConfig.num_tr
     """Write the shapes dataset under ``out_dir``; deterministic given the parameters (defaults:
     :class:`maskrcnn.config.ShapesConfig`).
 
-    categories: "basic" (square, circle, triangle) or "novel" (star, hexagon, cross), see ``CATEGORY_SETS``.
+    categories: "basic" (square, circle, triangle), "novel" (star, hexagon, cross) or "edges" (sunburst, gear,
+        comb; large, see ``LAYOUTS``), see ``CATEGORY_SETS``.
     rare_fraction: in (0, 1]; the training split draws the last category this often relative to each other one.
 
     Returns ``False`` (and writes nothing) when ``out_dir/meta.json`` already records the same parameters
@@ -103,7 +126,7 @@ def generate_shapes(out_dir: str | Path, *, num_train: int = ShapesConfig.num_tr
                 image_id = i + 1
                 file_name = f"{image_id:06d}.jpg"
                 pixels, instances = render_image(rng, min_size=min_size, max_size=max_size,
-                                                 categories=CATEGORY_SETS[categories],
+                                                 categories=CATEGORY_SETS[categories], layout=LAYOUTS[categories],
                                                  rare_fraction=rare_fraction if split == "train" else 1.0)
                 height, width = pixels.shape[:2]
                 cv2.imwrite(str(image_dir / file_name), cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR),
@@ -126,10 +149,11 @@ def generate_shapes(out_dir: str | Path, *, num_train: int = ShapesConfig.num_tr
 
 def render_image(rng: np.random.Generator, *, min_size: int, max_size: int,
                  categories: List[dict] = CATEGORY_SETS[ShapesConfig.categories],
-                 rare_fraction: float = ShapesConfig.rare_fraction) -> Tuple[np.ndarray, List[Tuple[int, np.ndarray, bool, bool]]]:
-    """Draw one image and its instances, of the given categories (``CATEGORIES`` or ``NOVEL_CATEGORIES``;
-    default the set that :func:`generate_shapes` draws by default). The last category is drawn
-    ``rare_fraction`` times as often as each other one.
+                 rare_fraction: float = ShapesConfig.rare_fraction, layout: Layout = Layout()
+                 ) -> Tuple[np.ndarray, List[Tuple[int, np.ndarray, bool, bool]]]:
+    """Draw one image and its instances, of the given categories (a list of ``CATEGORY_SETS``; default the set
+    that :func:`generate_shapes` draws by default), sized and counted by ``layout`` (that of the set in
+    ``LAYOUTS``). The last category is drawn ``rare_fraction`` times as often as each other one.
 
     Returns ``(pixels, instances)``: pixels ``(H, W, 3)`` uint8 RGB; instances a list, back to front, of
     ``(category_id, visible_mask (H, W) bool, occluded, crowd)`` where ``occluded`` says that later shapes
@@ -161,9 +185,9 @@ def render_image(rng: np.random.Generator, *, min_size: int, max_size: int,
             pixels[mask] = _contrasting_colour(rng, background_colour)
             group |= mask
         layers.append([category["id"], group, group.copy(), True])
-    for _ in range(rng.integers(0, MAX_SHAPES + 1)):
+    for _ in range(rng.integers(layout.shapes[0], layout.shapes[1] + 1)):
         category = draw_category()
-        radius = max(4.0, rng.uniform(0.08, 0.3) * short)
+        radius = max(4.0, rng.uniform(*layout.radius) * short)
         centre = rng.uniform(0.0, 1.0, 2) * (width, height)
         mask = _shape_mask(category["name"], centre, radius, rng.uniform(0, 2 * np.pi), rng, height, width)
         if not mask.any():
@@ -268,6 +292,8 @@ def _shape_mask(name: str, centre: np.ndarray, radius: float, angle: float,
             a, b = 0.3, 0.95  # half the arm width and the arm length, in units of radius
             corners = np.array([[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b], [-a, a],
                                 [-b, a], [-b, -a], [-a, -a]], dtype=np.float64) * radius
+        elif name in EDGE_OUTLINES:
+            corners = EDGE_OUTLINES[name](rng) * radius
         else:
             angles = np.arange(3) * (2 * np.pi / 3) + rng.uniform(-0.25, 0.25, 3)
             corners = np.stack([np.cos(angles), np.sin(angles)], 1) * radius * rng.uniform(0.8, 1.1, (3, 1))
@@ -275,3 +301,36 @@ def _shape_mask(name: str, centre: np.ndarray, radius: float, angle: float,
         points = corners @ rotation.T + centre
         cv2.fillPoly(canvas, [np.round(points).astype(np.int32)], 1)
     return canvas.astype(bool)
+
+
+def _sunburst(rng: np.random.Generator) -> np.ndarray:
+    """7-11 thin spikes: tips at radius 1, the vertices between them at 0.2-0.3. Returns (V, 2) corners."""
+    count, inner = int(rng.integers(7, 12)), rng.uniform(0.2, 0.3)
+    angles = np.arange(2 * count) * (np.pi / count)
+    radii = np.where(np.arange(2 * count) % 2, inner, 1.0)
+    return np.stack([np.cos(angles) * radii, np.sin(angles) * radii], 1)
+
+
+def _gear(rng: np.random.Generator) -> np.ndarray:
+    """8-14 teeth with radial flanks on a body of radius 0.75, each half the pitch wide. Returns (4 T, 2)."""
+    count = int(rng.integers(8, 15))
+    start = np.arange(count) * (2 * np.pi / count)
+    angles = np.stack([start, start, start + np.pi / count, start + np.pi / count], 1).reshape(-1)
+    radii = np.tile([0.75, 1.0, 1.0, 0.75], count)
+    return np.stack([np.cos(angles) * radii, np.sin(angles) * radii], 1)
+
+
+def _comb(rng: np.random.Generator) -> np.ndarray:
+    """A bar 1.5 long and 0.25 thick with 6-9 teeth 1.05 long and 0.06-0.1 wide, the outer two flush with the
+    bar's ends; corners within radius 1. Returns (4 + 4 T, 2)."""
+    count, tooth = int(rng.integers(6, 10)), rng.uniform(0.06, 0.1)
+    top, bar, tip, end = -0.65, -0.4, 0.65, 0.75  # the bar spans y in [top, bar], the teeth [bar, tip]
+    centres = np.linspace(end - tooth / 2, -end + tooth / 2, count)  # right to left, as the outline runs
+    teeth = [[(x + tooth / 2, bar), (x + tooth / 2, tip), (x - tooth / 2, tip), (x - tooth / 2, bar)]
+             for x in centres]
+    return np.array([(-end, top), (end, top), *(corner for t in teeth for corner in t)], dtype=np.float64)
+
+
+# Outline of each edge shape at radius 1, drawn from the image's generator: name -> rng -> (V, 2) corners.
+EDGE_OUTLINES = {"sunburst": _sunburst, "gear": _gear, "comb": _comb}
+
