@@ -12,7 +12,8 @@ all up front). Labels are contiguous: the K categories, sorted by COCO category 
 background).
 
 A sample is ``(image, target)``:
-- image: ``(3, H, W)`` float32 RGB in [0, 1], after the transforms;
+- image: ``(3, H, W)`` float32 RGB in [0, 1], after the transforms (:meth:`CocoDetection.load` gives it
+  before them: ``(H, W, 3)`` uint8);
 - target: ``boxes`` ``(M, 4)`` float32 xyxy pixels of the returned image; ``labels`` ``(M,)`` int64 in
   1..K; ``masks`` :class:`PolygonMasks` when every instance of the image is a polygon, else
   :class:`BitMasks` (RLE decoded, polygons rasterised), index-aligned with ``boxes``; ``crowd_boxes``
@@ -22,6 +23,7 @@ A sample is ``(image, target)``:
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -36,6 +38,7 @@ from maskrcnn.config import DataConfig
 from maskrcnn.data.annotation_cache import load_or_build
 from maskrcnn.data.coco_json import AnnotationError, BOUNDS_TOLERANCE, contiguous_labels
 from maskrcnn.data.packing import pack_annotations
+from maskrcnn.data.samplers import repeat_factors_from_category_frequency
 from maskrcnn.errors import InputError
 from maskrcnn.fileio import image_header, read_image
 from maskrcnn.structures import BitMasks, InstanceMasks, PolygonMasks
@@ -55,6 +58,8 @@ class CocoDetection(torch.utils.data.Dataset):
     :mod:`maskrcnn.data.annotation_cache`); False packs them in memory every time.
     cache_dir: the folder of the cache file; None or "" puts it beside ``ann_file`` (as
     ``<ann_file>.maskrcnn-cache``).
+    repeat_factor_threshold: the category frequency below which the training sampler repeats an image
+    (:meth:`repeat_factors`); 0: every image once per epoch.
 
     Every image of the json is served; :meth:`drop_empty` keeps only those with a usable non-crowd
     annotation (training with ``data.filter_empty``).
@@ -67,7 +72,12 @@ class CocoDetection(torch.utils.data.Dataset):
     def __init__(self, ann_file: Union[str, Path], image_dir: Union[str, Path], *,
                  transforms: Optional[Callable] = None,
                  skip_bad_annotations: bool = DataConfig.skip_bad_annotations,
-                 cache: bool = DataConfig.annotation_cache, cache_dir: Optional[Union[str, Path]] = None):
+                 cache: bool = DataConfig.annotation_cache, cache_dir: Optional[Union[str, Path]] = None,
+                 repeat_factor_threshold: float = DataConfig.repeat_factor_threshold):
+        if not 0 <= repeat_factor_threshold < math.inf:
+            raise InputError(f"data.repeat_factor_threshold must be a fraction of images >= 0 (0: off), got "
+                             f"{repeat_factor_threshold}")
+        self.repeat_factor_threshold = float(repeat_factor_threshold)
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         self.transforms = transforms
@@ -110,9 +120,18 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Tuple[Tensor, dict]:
         index, seed = key if isinstance(key, tuple) else (key, None)
+        image, target = self.load(index)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target, np.random.default_rng(seed))
+        # (H, W, 3) 0-255 -> (3, H, W) float32 in [0, 1]
+        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+        return image, target
+
+    def load(self, index: int) -> Tuple[np.ndarray, dict]:
+        """Image ``index`` (a position in this dataset) as read, before the transforms: ``(H, W, 3)`` uint8 RGB
+        and the target of the module docstring in the file's pixels (what the transforms receive)."""
         record = self.record(index)
-        image = self._read_image(record)
-        target = {
+        return self._read_image(record), {
             "boxes": torch.from_numpy(record["boxes"]),
             "labels": torch.from_numpy(record["labels"]),
             "masks": _instance_masks(record),
@@ -120,11 +139,19 @@ class CocoDetection(torch.utils.data.Dataset):
             "image_id": record["image_id"],
             "orig_size": (record["height"], record["width"]),
         }
-        if self.transforms is not None:
-            image, target = self.transforms(image, target, np.random.default_rng(seed))
-        # (H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]
-        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
-        return image, target
+
+    def repeat_factors(self) -> Optional[np.ndarray]:
+        """``(N,)`` float64, per image: how many times an epoch of the training sampler holds it on average,
+        the LVIS repeat factors for ``repeat_factor_threshold`` among the images served
+        (:func:`~maskrcnn.data.samplers.repeat_factors_from_category_frequency`); None when the threshold is
+        0 (each image once). Read from the packed labels: no image or segmentation is touched."""
+        if not self.repeat_factor_threshold:
+            return None
+        ends = self._records.arrays["instance_ends"]
+        starts = np.concatenate([[0], ends[:-1]])
+        labels = self._records.arrays["labels"]
+        return repeat_factors_from_category_frequency([labels[starts[p]:ends[p]] for p in self._positions.tolist()],
+                                                      self.repeat_factor_threshold)
 
     def record(self, index: int) -> dict:
         """The annotations of image ``index`` (a position in this dataset) without reading the image file.

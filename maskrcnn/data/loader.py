@@ -16,18 +16,27 @@ from torch.utils.data import BatchSampler, DataLoader
 
 from maskrcnn.config import Config, DataConfig
 from maskrcnn.data.coco import CocoDetection
+from maskrcnn.data.copy_paste import CopyPaste
 from maskrcnn.data.samplers import GroupedBatchSampler, TrainingSampler, aspect_ratio_group_ids
-from maskrcnn.data.transforms import build_transforms
+from maskrcnn.data.transforms import Compose, build_transforms
 from maskrcnn.errors import InputError
 
 
 def build_train_dataset(cfg: Config) -> CocoDetection:
-    """The training set of ``cfg.data`` with the training augmentation of ``cfg``."""
+    """The training set of ``cfg.data`` with the training augmentation of ``cfg``: the transforms of
+    :func:`~maskrcnn.data.transforms.build_transforms`, then, with ``data.copy_paste``, instances pasted from
+    another image of this set that went through the same transforms
+    (:class:`~maskrcnn.data.copy_paste.CopyPaste`); and the repeat factors of
+    ``data.repeat_factor_threshold`` for the sampler."""
     dataset = CocoDetection(cfg.data.train_ann, cfg.data.train_images, transforms=build_transforms(cfg, train=True),
                             skip_bad_annotations=cfg.data.skip_bad_annotations, cache=cfg.data.annotation_cache,
-                            cache_dir=cfg.data.annotation_cache_dir)
+                            cache_dir=cfg.data.annotation_cache_dir,
+                            repeat_factor_threshold=cfg.data.repeat_factor_threshold)
     if cfg.data.filter_empty:
         dataset.drop_empty()
+    if cfg.data.copy_paste:
+        per_image = dataset.transforms
+        dataset.transforms = Compose([*per_image.transforms, CopyPaste(dataset, per_image)])
     return dataset
 
 
@@ -50,19 +59,22 @@ def build_train_loader(dataset: CocoDetection, *, images_per_batch: int, seed: i
     already consumed (when resuming); the iterator yields exactly what the uninterrupted run would yield
     from there. With ``aspect_ratio_grouping`` a batch holds images of one of ``aspect_ratio_groups``
     aspect-ratio bins only (see :func:`~maskrcnn.data.samplers.aspect_ratio_group_ids`; 2: landscape or
-    portrait), judged from the json sizes. The result is the same for any ``num_workers``
-    (0 loads in this process).
+    portrait), judged from the json sizes. Images are drawn as often as ``dataset.repeat_factors()`` says
+    (see :class:`~maskrcnn.data.samplers.TrainingSampler`). The augmentation runs in the ``num_workers``
+    worker processes (0 loads in this process), and the result is the same for any number of them.
     """
     if images_per_batch <= 0 or images_per_batch % world_size:
         raise InputError(f"images_per_batch={images_per_batch} must be a positive multiple of "
                          f"world_size={world_size}")
     per_rank = images_per_batch // world_size
+    repeat_factors = dataset.repeat_factors()
     if aspect_ratio_grouping:
-        sampler = TrainingSampler(len(dataset), seed, rank=rank, world_size=world_size)
+        sampler = TrainingSampler(len(dataset), seed, rank=rank, world_size=world_size, repeat_factors=repeat_factors)
         groups = aspect_ratio_group_ids(dataset.image_sizes, aspect_ratio_groups)
         batches = GroupedBatchSampler(sampler, groups, per_rank, start=start_iter)
     else:
-        sampler = TrainingSampler(len(dataset), seed, rank=rank, world_size=world_size, start=start_iter * per_rank)
+        sampler = TrainingSampler(len(dataset), seed, rank=rank, world_size=world_size, start=start_iter * per_rank,
+                                  repeat_factors=repeat_factors)
         batches = BatchSampler(sampler, per_rank, drop_last=True)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
                         worker_init_fn=_single_threaded_worker if num_workers else None,
