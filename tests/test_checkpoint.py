@@ -1,4 +1,5 @@
-"""Checkpoint save/load: full round trip, atomic replacement, latest-checkpoint pointer, DDP unwrapping."""
+"""Checkpoint save/load: full round trip (with a weight average too), atomic replacement, latest-checkpoint
+pointer, DDP unwrapping."""
 
 import random
 
@@ -10,7 +11,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from maskrcnn.config import Config, config_from_dict
-from maskrcnn.engine.checkpoint import find_last_checkpoint, load_checkpoint, save_checkpoint
+from maskrcnn.engine.checkpoint import find_last_checkpoint, load_checkpoint, load_ema, save_checkpoint
+from maskrcnn.engine.ema import ModelEMA
 from maskrcnn.engine.optim import build_lr_scheduler, build_optimizer
 
 
@@ -54,6 +56,52 @@ def test_round_trip_continues_training_exactly(tmp_path):
     assert optimizer2.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
     assert checkpoint["iteration"] == 2 and checkpoint["class_names"] == ["a", "b"] and checkpoint["note"] == "kept"
     assert config_from_dict(checkpoint["config"]) == cfg
+
+
+def _step_with_average(model, optimizer, scheduler, ema, n):
+    for _ in range(n):
+        _step(model, optimizer, scheduler, 1)
+        ema.update(model)
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_weight_average_is_the_model_entry_and_round_trips_exactly(tmp_path):
+    cfg, model, optimizer, scheduler = _training_state(0)
+    ema = ModelEMA(model, 0.5)
+    _step_with_average(model, optimizer, scheduler, ema, 2)
+    path = save_checkpoint(tmp_path / "model_0000002.pth", model=model, ema=ema, optimizer=optimizer,
+                           scheduler=scheduler, iteration=2, config=cfg, class_names=["a"])
+    saved = torch.load(path, weights_only=True)
+    _assert_same_state(saved["model"], ema.module.state_dict())  # what inference loads: the average
+    _assert_same_state(saved["raw_model"], model.state_dict())
+    assert saved["ema_updates"] == 2
+    draws = _random_draws()
+    _step_with_average(model, optimizer, scheduler, ema, 3)
+
+    _, model2, optimizer2, scheduler2 = _training_state(1)
+    ema2 = ModelEMA(model2, 0.5)
+    checkpoint = load_checkpoint(path, model2, optimizer2, scheduler2)
+    _assert_same_state(model2.state_dict(), saved["raw_model"])  # training continues from the trained weights
+    assert load_ema(checkpoint, ema2) and ema2.updates == 2
+    assert _random_draws()[:2] == draws[:2]
+    _step_with_average(model2, optimizer2, scheduler2, ema2, 3)
+    _assert_same_state(model2.state_dict(), model.state_dict())
+    _assert_same_state(ema2.module.state_dict(), ema.module.state_dict())
+    assert ema2.updates == ema.updates == 5
+
+
+def test_average_starts_from_the_weights_of_a_checkpoint_without_one(tmp_path):
+    cfg, model, _, _ = _training_state(0)
+    path = save_checkpoint(tmp_path / "plain.pth", model=model, iteration=0, config=cfg, class_names=[])
+    assert "raw_model" not in torch.load(path, weights_only=True)
+    _, model2, _, _ = _training_state(1)
+    checkpoint = load_checkpoint(path, model2)
+    ema = ModelEMA(model2, 0.5)
+    assert not load_ema(checkpoint, ema) and ema.updates == 0
+    _assert_same_state(ema.module.state_dict(), model.state_dict())
 
 
 class _FailsMidWrite:

@@ -4,7 +4,8 @@ Exact agreement needs losses that are means of per-image terms, so that the mean
 per-rank gradients is the gradient of the whole batch: :class:`PerImageModel` (a small deterministic model
 with the MaskRCNN training contract) gives that. Mask R-CNN's own losses are normalised by sampled counts
 over the batch and sample anchors and RoIs at random, so for it the test checks what DDP guarantees: the
-two processes, started from different initial weights, end with identical weights.
+two processes, started from different initial weights, end with identical weights, and identical weight
+averages (``solver.ema_decay``), which rank 0 saves as the checkpoint's ``model``.
 """
 
 import json
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maskrcnn.data.shapes import generate_shapes
+from maskrcnn.engine import trainer as trainer_module
 from maskrcnn.engine.trainer import train
 from maskrcnn.modeling.maskrcnn import build_model
 from maskrcnn.structures import BitMasks
@@ -62,8 +64,17 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, data: str, out: str, ports) -> None:
-    """One torchrun-like process: environment variables, then two training runs."""
+    """One torchrun-like process: environment variables, then two training runs; saves this process's final
+    Mask R-CNN weights and weight average."""
     torch.set_num_threads(1)
+    averages = []
+    build_ema = trainer_module.build_ema
+
+    def recording_build_ema(*args, **kwargs):
+        averages.append(build_ema(*args, **kwargs))
+        return averages[-1]
+
+    trainer_module.build_ema = recording_build_ema  # in this spawned process only
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(ports[0])
     torch.manual_seed(0)
@@ -75,15 +86,16 @@ def _worker(rank: int, data: str, out: str, ports) -> None:
     model = build_model(cfg.model)
     train(cfg, model=model)
     torch.save(model.state_dict(), Path(out) / f"maskrcnn_rank{rank}.pth")
+    torch.save(averages[-1].module.state_dict(), Path(out) / f"maskrcnn_ema_rank{rank}.pth")
 
 
 def _per_image_config(data: Path, out: Path):
     return tiny_config(data, out, "solver.max_iter=4", "solver.lr=0.1", "solver.warmup_iters=0",
-                       "data.aspect_ratio_grouping=false")
+                       "data.aspect_ratio_grouping=false", "solver.ema_decay=0.5")
 
 
 def _maskrcnn_config(data: Path, out: Path):
-    return tiny_config(data, out, "solver.max_iter=2", "solver.ims_per_batch=4")
+    return tiny_config(data, out, "solver.max_iter=2", "solver.ims_per_batch=4", "solver.ema_decay=0.9")
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +112,15 @@ def test_two_processes_match_one_process_with_the_same_global_batch(ddp_run, tmp
     data, out = ddp_run
     torch.manual_seed(0)
     train(_per_image_config(data, tmp_path), model=PerImageModel(3))
-    single = torch.load(tmp_path / "model_final.pth", weights_only=True)["model"]
-    ddp = torch.load(out / "per_image_ddp" / "model_final.pth", weights_only=True)["model"]
-    assert set(ddp) == set(single)
+    single = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    ddp = torch.load(out / "per_image_ddp" / "model_final.pth", weights_only=True)
     initial = PerImageModel(3).state_dict()
-    for name, value in single.items():
-        assert not torch.allclose(value, initial[name])
-        torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-6)
+    for key in ("raw_model", "model"):  # the trained weights, their average
+        assert set(ddp[key]) == set(single[key])
+        for name, value in single[key].items():
+            assert not torch.allclose(value, initial[name])
+            torch.testing.assert_close(ddp[key][name], value, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(single["model"]["conv.weight"], single["raw_model"]["conv.weight"])
     single_log, ddp_log = read_jsonl(tmp_path / "metrics.jsonl"), read_jsonl(out / "per_image_ddp" / "metrics.jsonl")
     assert len(ddp_log) == len(single_log) == 4
     for a, b in zip(single_log, ddp_log):
@@ -115,14 +129,18 @@ def test_two_processes_match_one_process_with_the_same_global_batch(ddp_run, tmp
 
 def test_maskrcnn_processes_stay_in_sync(ddp_run):
     _, out = ddp_run
-    rank0 = torch.load(out / "maskrcnn_rank0.pth", weights_only=True)
-    rank1 = torch.load(out / "maskrcnn_rank1.pth", weights_only=True)
     saved = torch.load(out / "maskrcnn_ddp" / "model_final.pth", weights_only=True)
     assert saved["iteration"] == 2 and "rng_by_rank" in saved and len(saved["rng_by_rank"]) == WORLD_SIZE
-    for name, value in rank0.items():
-        assert torch.equal(value, rank1[name]), name
-        assert torch.equal(value, saved["model"][name]), name
-    assert not any(name.startswith("module.") for name in saved["model"])
+    for kind, key in (("maskrcnn", "raw_model"), ("maskrcnn_ema", "model")):  # trained weights, their average
+        rank0 = torch.load(out / f"{kind}_rank0.pth", weights_only=True)
+        rank1 = torch.load(out / f"{kind}_rank1.pth", weights_only=True)
+        assert rank0.keys() == rank1.keys() == saved[key].keys()
+        for name, value in rank0.items():
+            assert torch.equal(value, rank1[name]), name
+            assert torch.equal(value, saved[key][name]), name
+        assert not any(name.startswith("module.") for name in saved[key])
+    trained = "roi_heads.box_predictor.cls_score.weight"
+    assert saved["ema_updates"] == 2 and not torch.equal(saved["model"][trained], saved["raw_model"][trained])
     records = read_jsonl(out / "maskrcnn_ddp" / "metrics.jsonl")
     assert [r["iteration"] for r in records] == [1, 2]
     assert json.loads((out / "maskrcnn_ddp" / "train_summary.json").read_text())["iteration"] == 2

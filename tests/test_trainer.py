@@ -109,12 +109,15 @@ def test_metrics_log_has_every_term(overfit_run):
     assert summary["train"] == records[-1] and summary["eval"] is None
 
 
-def test_resume_reproduces_uninterrupted_run(shapes8, tmp_path, monkeypatch):
-    straight = tiny_config(shapes8, tmp_path / "straight", "solver.max_iter=6", "train.checkpoint_period=3")
+@pytest.mark.parametrize("ema_decay", [pytest.param(0.0, id="plain"),
+                                       pytest.param(0.9, id="weight_average", marks=pytest.mark.slow)])
+def test_resume_reproduces_uninterrupted_run(shapes8, tmp_path, monkeypatch, ema_decay):
+    settings = ("solver.max_iter=6", "train.checkpoint_period=3", f"solver.ema_decay={ema_decay}")
+    straight = tiny_config(shapes8, tmp_path / "straight", *settings)
     train(straight)
     expected = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
 
-    interrupted = tiny_config(shapes8, tmp_path / "resumed", "solver.max_iter=6", "train.checkpoint_period=3")
+    interrupted = tiny_config(shapes8, tmp_path / "resumed", *settings)
     original_log = MetricsLogger.log
 
     def crash_after_logging_iteration_4(logger, record):
@@ -135,9 +138,14 @@ def test_resume_reproduces_uninterrupted_run(shapes8, tmp_path, monkeypatch):
     for a, b in zip(expected, resumed):
         assert {k: v for k, v in a.items() if k.startswith(("loss", "total"))} == \
                {k: v for k, v in b.items() if k.startswith(("loss", "total"))}
-    final_a = torch.load(tmp_path / "straight" / "model_final.pth", weights_only=True)["model"]
-    final_b = torch.load(tmp_path / "resumed" / "model_final.pth", weights_only=True)["model"]
-    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    final_a = torch.load(tmp_path / "straight" / "model_final.pth", weights_only=True)
+    final_b = torch.load(tmp_path / "resumed" / "model_final.pth", weights_only=True)
+    weights = ["model", "raw_model"] if ema_decay else ["model"]  # with an average: the average, the trained
+    assert [key for key in final_a if key in ("model", "raw_model")] == weights
+    for key in weights:
+        assert final_a[key].keys() == final_b[key].keys()
+        assert all(torch.equal(final_a[key][k], final_b[key][k]) for k in final_a[key]), key
+    assert final_a.get("ema_updates") == final_b.get("ema_updates") == (6 if ema_decay else None)
 
 
 class _NanAtCall(torch.nn.Module):
