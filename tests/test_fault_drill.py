@@ -1,6 +1,6 @@
 """Fault drill: training killed with SIGKILL mid-step and in the middle of a checkpoint write, resumed each
-time, ends with exactly the weights of an uninterrupted run; a corrupt checkpoint is named and resume falls
-back to the previous good one."""
+time, ends with exactly the weights (trained and averaged) of an uninterrupted run; a corrupt checkpoint is
+named and resume falls back to the previous good one."""
 
 import os
 import signal
@@ -58,14 +58,19 @@ def data(tmp_path_factory):
 def _train(tmp_path: Path, data: Path, out: Path, fault: str = "none", count: int = 0):
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER.format(tools=str(REPO / "tools")))
-    args = tiny_overrides(data, out, "solver.max_iter=6", "train.checkpoint_period=2", "train.log_period=2")
+    args = tiny_overrides(data, out, "solver.max_iter=6", "train.checkpoint_period=2", "train.log_period=2",
+                          "solver.ema_decay=0.9")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(runner), fault, str(count), "--resume", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
 def _final_weights(out: Path) -> dict:
-    return torch.load(out / "model_final.pth", weights_only=True)["model"]
+    """The final checkpoint's weight average and trained weights, one dict, and the average's update count."""
+    final = torch.load(out / "model_final.pth", weights_only=True)
+    return {**{f"average {k}": v for k, v in final["model"].items()},
+            **{f"trained {k}": v for k, v in final["raw_model"].items()},
+            "updates": torch.tensor(final["ema_updates"])}
 
 
 @pytest.fixture(scope="module")
