@@ -1,4 +1,5 @@
-"""Checkpoints: atomic save, full restore (model, optimizer, schedule, grad scaler, RNG), latest lookup.
+"""Checkpoints: atomic save, full restore (model, weight average, optimizer, schedule, grad scaler, RNG),
+latest lookup.
 
 A checkpoint file is a ``torch.save`` dict::
 
@@ -10,10 +11,12 @@ A checkpoint file is a ``torch.save`` dict::
 average (``solver.ema_decay`` > 0, see :mod:`maskrcnn.engine.ema`) those are the averaged weights, so that
 whatever loads ``model`` (the predictor, evaluation, ``model.weights``, the converters) gets the averaged
 model, and two more entries keep what resuming needs: ``raw_model`` (the trained weights, which the
-optimizer state belongs to) and ``ema_updates`` (the average's update count). Every value is a tensor or a plain Python
-container, so ``torch.load(..., weights_only=True)`` reads it. Files are written to a temporary file in
-the same directory, fsynced and renamed over the target, so a crash mid-save never leaves a truncated
-checkpoint behind; ``output_dir/last_checkpoint`` holds the file name of the newest one.
+optimizer state belongs to) and ``ema_updates`` (the average's update count).
+
+Every value is a tensor or a plain Python container, so ``torch.load(..., weights_only=True)`` reads it.
+Files are written to a temporary file in the same directory, fsynced and renamed over the target, so a
+crash mid-save never leaves a truncated checkpoint behind; ``output_dir/last_checkpoint`` holds the file
+name of the newest one.
 """
 
 from __future__ import annotations

@@ -64,8 +64,8 @@ def train(cfg: Config, *, resume: bool = False, model: Optional[nn.Module] = Non
     """Train a Mask R-CNN as configured; returns the run's summary (also written to ``train_summary.json``).
 
     resume: continue from ``train.output_dir/last_checkpoint`` (model, weight average, optimizer, schedule,
-        grad scaler, iteration, RNG states and data position), reproducing the uninterrupted run; a fresh start when
-        there is no checkpoint yet. A checkpoint found this way wins over ``model.weights``, which
+        grad scaler, iteration, RNG states and data position), reproducing the uninterrupted run; a fresh
+        start when there is no checkpoint yet. A checkpoint found this way wins over ``model.weights``, which
         otherwise starts the run (iteration 0, fresh optimizer) from those weights, class rows matched by
         name (see :mod:`maskrcnn.engine.weights`).
     model: a module following the :class:`maskrcnn.modeling.maskrcnn.MaskRCNN` contract to train instead
