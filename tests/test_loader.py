@@ -13,7 +13,9 @@ from maskrcnn.data.coco import CocoDetection
 from maskrcnn.data.loader import build_test_dataset, build_train_dataset, build_train_loader, collate
 from maskrcnn.data.samplers import GroupedBatchSampler, TrainingSampler, aspect_ratio_group_ids
 from maskrcnn.data.shapes import generate_shapes
+from maskrcnn.engine.trainer import train
 from maskrcnn.structures import PolygonMasks
+from test_trainer import read_jsonl, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +171,16 @@ def _same_batch(a, b):
             assert torch.equal(s["masks"].tensor, t["masks"].tensor)
 
 
-def test_loader_with_workers_matches_in_process_loading(cfg, tmp_path):
-    """Workers deliver the batches in-process loading does. The workers fork in a fresh process: a fork of
-    this test process would inherit the thread pools that earlier tests left running."""
+LITTLE_DATA = {"scale_jitter": [0.5, 1.5], "copy_paste": True, "repeat_factor_threshold": 0.5}
+
+
+@pytest.mark.parametrize("little_data", [pytest.param(False, id="plain"),
+                                         pytest.param(True, id="jitter_paste_repeat", marks=pytest.mark.slow)])
+def test_loader_with_workers_matches_in_process_loading(cfg, tmp_path, little_data):
+    """Workers deliver the batches in-process loading does, the augmentation (copy-paste's second image
+    included) done in them. The workers fork in a fresh process: a fork of this test process would inherit
+    the thread pools that earlier tests left running."""
+    settings = LITTLE_DATA if little_data else {}
     script = f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
@@ -183,6 +192,8 @@ if __name__ == "__main__":
     cfg = Config()
     cfg.data.train_ann, cfg.data.train_images = {cfg.data.train_ann!r}, {cfg.data.train_images!r}
     cfg.model.input.min_size, cfg.model.input.max_size = {list(cfg.model.input.min_size)!r}, {cfg.model.input.max_size!r}
+    for key, value in {settings!r}.items():
+        setattr(cfg.data, key, value)
     dataset = build_train_dataset(cfg)
     serial = _take(build_train_loader(dataset, images_per_batch=2, seed=7, num_workers=0), 6)
     parallel = _take(build_train_loader(dataset, images_per_batch=2, seed=7, num_workers=2), 6)
@@ -195,6 +206,8 @@ if __name__ == "__main__":
                           timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "6"
+    if little_data:
+        return
     dataset = build_train_dataset(cfg)
     serial = _take(build_train_loader(dataset, images_per_batch=2, seed=7, num_workers=0), 6)
     for images, targets in serial:
@@ -232,3 +245,15 @@ def test_loader_splits_the_batch_between_ranks(cfg):
     with pytest.raises(ValueError, match="multiple of world_size"):
         build_train_loader(dataset, images_per_batch=3, seed=0, world_size=2)
 
+
+@pytest.mark.slow
+def test_training_runs_with_jitter_copy_paste_and_repeat_factors(tmp_path):
+    """A few iterations of the trainer with the three options for little data on: the losses are finite."""
+    generate_shapes(tmp_path / "data", num_train=6, num_val=1, seed=0, min_size=64, max_size=96, rare_fraction=0.2)
+    cfg = tiny_config(tmp_path / "data", tmp_path / "out", "solver.max_iter=3", "data.scale_jitter=[0.5,1.5]",
+                      "data.copy_paste=true", "data.repeat_factor_threshold=0.5")
+    assert build_train_dataset(cfg).repeat_factors().max() > 1
+    train(cfg)
+    records = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    assert [r["iteration"] for r in records] == [1, 2, 3]
+    assert all(np.isfinite(r["total_loss"]) for r in records)

@@ -17,8 +17,8 @@ updated: a pasted pixel belongs to the pasted instance on top of it and to no ot
 - Every box is then the tight box of its instance's remaining pixels, and every mask a bitmap
   (:class:`~maskrcnn.structures.BitMasks`: polygons cannot have holes cut into them).
 - Crowd regions are boxes here (the packed annotations keep no crowd masks): a destination crowd box
-  loses its pasted pixels as an instance does, shrinks to the tight box of what is left of it, and is
-  dropped under the same rule. The source's crowd regions are not pasted, neither as instances (they are
+  loses its pasted pixels as an instance does, is dropped under the same rule, and otherwise shrinks to the
+  tight box of what is left of it. The source's crowd regions are not pasted, neither as instances (they are
   not one object) nor as crowd (only instance pixels are cut out of the source).
 The source is placed at the destination's top left corner; with large-scale jitter both are the same square,
 otherwise the parts of the source outside the destination are cut off.
@@ -127,8 +127,9 @@ def _enough_left(before: Tensor, after: Tensor, min_visible: float) -> Tensor:
 
 def _uncovered_crowd(crowd_boxes: Tensor, covered: Tensor, min_visible: float) -> Tensor:
     """``(C, 4)`` crowd boxes -> ``(C', 4)``. A box with pixels (those whose centre it holds) that ``covered``
-    ``(H, W)`` bool covers shrinks to the tight box of its other pixels, within the box as it was, and is
-    dropped where less than ``min_visible`` of its pixels is left; the others stay as they are."""
+    ``(H, W)`` bool covers is dropped where less than ``min_visible`` of its pixels is left, else each side
+    whose pixels are all covered moves in to the tight box of what is left; the other sides, and the boxes
+    nothing covers, stay as they are."""
     if len(crowd_boxes) == 0:
         return crowd_boxes
     height, width = covered.shape
@@ -137,9 +138,7 @@ def _uncovered_crowd(crowd_boxes: Tensor, covered: Tensor, min_visible: float) -
     x0, y0, x1, y1 = (crowd_boxes[:, i, None, None] for i in range(4))  # each (C, 1, 1)
     inside = (ys > y0) & (ys < y1) & (xs > x0) & (xs < x1)  # (C, H, W)
     left = inside & ~covered
+    whole, tight = mask_boxes(inside), mask_boxes(left)
+    out = torch.where(tight == whole, crowd_boxes, tight)
     touched = (inside & covered).flatten(1).any(1)
-    tight = mask_boxes(left)
-    shrunk = torch.cat([torch.maximum(tight[:, :2], crowd_boxes[:, :2]),
-                        torch.minimum(tight[:, 2:], crowd_boxes[:, 2:])], dim=1)
-    out = torch.where(touched[:, None], shrunk, crowd_boxes)
     return out[~touched | _enough_left(inside, left, min_visible)]
