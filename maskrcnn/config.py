@@ -140,9 +140,9 @@ class DataConfig:
     annotation_cache: bool = True  # pack the annotations into a memory-mapped cache file beside each json
     annotation_cache_dir: str = ""  # folder for the annotation cache files instead of beside each json ("": beside)
     flip_prob: float = 0.5  # probability of a horizontal flip in training
-    scale_jitter: List[float] = field(default_factory=list)  # [low, high]: large-scale jitter, resize by a random factor in [low, high], then crop or pad to a fixed square; []: off
-    copy_paste: bool = False  # paste the instances of another training image (with their masks) onto each training image
-    repeat_factor_threshold: float = 0.0  # repeat images holding categories rarer than this image frequency (Detectron2's repeat-factor sampling); 0: off
+    scale_jitter: List[float] = field(default_factory=list)  # [low, high]: large-scale jitter instead of the shortest-side resize: the longer side becomes a random factor in [low, high] times max(model.input.min_size), then a random crop or padding to that square; []: off
+    copy_paste: bool = False  # paste a random subset of the instances of another training image, augmented the same way, onto each training image (covered instances lose those pixels)
+    repeat_factor_threshold: float = 0.0  # t: an image holding a category found in a fraction f < t of the training images is drawn max(1, sqrt(t / f)) times per epoch on average (Detectron2's LVIS repeat-factor sampling); 0: off
     num_workers: int = 2  # DataLoader worker processes
     aspect_ratio_grouping: bool = True  # batch images of similar aspect ratio together (less padding)
     aspect_ratio_groups: int = 2  # aspect-ratio bins from 2:1 to 1:2 when grouping; 2: landscape and portrait
