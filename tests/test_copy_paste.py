@@ -16,16 +16,9 @@ from maskrcnn.data.loader import build_train_dataset
 from maskrcnn.data.transforms import Compose, build_transforms
 from maskrcnn.errors import InputError
 from maskrcnn.structures import BitMasks, PolygonMasks
+from test_coco_dataset import _tight_boxes
 
 H, W = 40, 50
-
-
-def _tight_boxes(bits):
-    boxes = []
-    for mask in bits:
-        ys, xs = torch.nonzero(mask, as_tuple=True)
-        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
 
 
 def _blocks(blocks, height=H, width=W):

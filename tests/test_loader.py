@@ -218,14 +218,20 @@ if __name__ == "__main__":
             assert min(image.shape[1:]) in cfg.model.input.min_size or max(image.shape[1:]) == 120
 
 
+@pytest.mark.parametrize("little_data", [False, True], ids=["plain", "jitter_paste_repeat"])
 @pytest.mark.parametrize("grouping", [True, False])
-def test_loader_resumes_exactly_at_start_iter(cfg, grouping):
+def test_loader_resumes_exactly_at_start_iter(cfg, grouping, little_data):
+    """Resumed past the first epoch, the batches are those of the uninterrupted run, augmentation included."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in (LITTLE_DATA if little_data else {}).items():
+        setattr(cfg.data, key, value)
     dataset = build_train_dataset(cfg)
+    assert (dataset.repeat_factors() is not None) == little_data
     full = _take(build_train_loader(dataset, images_per_batch=2, seed=1, num_workers=0,
-                                    aspect_ratio_grouping=grouping), 12)
-    resumed = _take(build_train_loader(dataset, images_per_batch=2, seed=1, num_workers=0, start_iter=9,
+                                    aspect_ratio_grouping=grouping), 16)
+    resumed = _take(build_train_loader(dataset, images_per_batch=2, seed=1, num_workers=0, start_iter=13,
                                        aspect_ratio_grouping=grouping), 3)
-    for a, b in zip(full[9:], resumed):
+    for a, b in zip(full[13:], resumed):
         _same_batch(a, b)
 
 

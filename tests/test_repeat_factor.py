@@ -1,5 +1,6 @@
 """Repeat-factor sampling: the LVIS factors on a hand-made dataset, the sampler's epochs, determinism,
-resumption from ``start``, rank shards, batches grouped by aspect ratio, and the loader's use of them."""
+resumption from ``start``, rank shards, batches grouped by aspect ratio, and the loader's use of them (its
+resumption with them: tests/test_loader.py)."""
 
 import json
 import math
@@ -15,12 +16,9 @@ from maskrcnn.data.loader import build_train_dataset, build_train_loader
 from maskrcnn.data.samplers import (GroupedBatchSampler, TrainingSampler, aspect_ratio_group_ids,
                                     repeat_factors_from_category_frequency)
 from maskrcnn.errors import InputError
+from test_loader import _take
 
 FACTORS = np.array([1.0, 2.5, 1.0, 1.2, 3.0, 1.0, 1.7])
-
-
-def _take(iterable, n):
-    return list(islice(iterable, n))
 
 
 def _dataset(root):
@@ -159,15 +157,3 @@ def test_loader_draws_with_the_datasets_factors(long_tailed_cfg):
     expected = [dataset.image_ids[index] for index, _ in _take(TrainingSampler(len(dataset), 3, repeat_factors=factors),
                                                                40)]
     assert drawn == expected
-
-
-@pytest.mark.parametrize("grouping", [True, False])
-def test_loader_with_repeat_factors_resumes_exactly(long_tailed_cfg, grouping):
-    dataset = build_train_dataset(long_tailed_cfg)
-    full = _take(build_train_loader(dataset, images_per_batch=2, seed=1, num_workers=0,
-                                    aspect_ratio_grouping=grouping), 14)
-    resumed = _take(build_train_loader(dataset, images_per_batch=2, seed=1, num_workers=0, start_iter=11,
-                                       aspect_ratio_grouping=grouping), 3)
-    for (images_a, targets_a), (images_b, targets_b) in zip(full[11:], resumed):
-        assert [t["image_id"] for t in targets_a] == [t["image_id"] for t in targets_b]
-        assert all(a.equal(b) for a, b in zip(images_a, images_b))

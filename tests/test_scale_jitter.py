@@ -15,21 +15,10 @@ from maskrcnn.data.transforms import (LargeScaleJitter, RandomHorizontalFlip, Re
 from maskrcnn.errors import InputError
 from maskrcnn.modeling.maskrcnn import check_targets
 from maskrcnn.structures import BitMasks, PolygonMasks
+from test_coco_dataset import _bits, _tight_boxes
+from test_copy_paste import _blocks
 
 PAD = (10.0, 20.0, 30.0)
-
-
-def _tight_boxes(bits):
-    """(M, H, W) bool -> (M, 4) float xyxy pixel-edge boxes of the set pixels (every mask non-empty)."""
-    boxes = []
-    for mask in bits:
-        ys, xs = torch.nonzero(mask, as_tuple=True)
-        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-
-
-def _bits(masks):
-    return masks.to_bitmasks().tensor if isinstance(masks, PolygonMasks) else masks.tensor
 
 
 def _coordinate_image(height, width):
@@ -43,14 +32,6 @@ def _target(bits, crowd_boxes=()):
     return {"boxes": _tight_boxes(bits), "labels": torch.arange(1, len(bits) + 1), "masks": BitMasks(bits),
             "crowd_boxes": torch.tensor(crowd_boxes, dtype=torch.float32).reshape(-1, 4), "image_id": 1,
             "orig_size": tuple(bits.shape[1:])}
-
-
-def _blocks(height, width, blocks):
-    """(M, H, W) bool, mask m the rectangle ``blocks[m] = (y0, y1, x0, x1)``."""
-    bits = np.zeros((len(blocks), height, width), dtype=bool)
-    for m, (y0, y1, x0, x1) in enumerate(blocks):
-        bits[m, y0:y1, x0:x1] = True
-    return bits
 
 
 def _polygon_target(polygons, height, width):
@@ -76,7 +57,7 @@ def test_output_is_the_square_whatever_the_factor(factor, shape, polygons):
     if polygons:
         target = _polygon_target([[x0, y0, x1, y0, x1, y1, x0, y1] for y0, y1, x0, x1 in blocks], height, width)
     else:
-        target = _target(_blocks(height, width, blocks))
+        target = _target(_blocks(blocks, height, width))
     jitter = LargeScaleJitter(64, [factor, factor], PAD)
     for seed in range(5):
         image, out = jitter(_coordinate_image(height, width), target, np.random.default_rng(seed))
@@ -92,7 +73,7 @@ def test_boxes_are_the_tight_boxes_of_the_masks(polygons):
         target = _polygon_target([[3, 4, 60, 10, 30, 70], [50.5, 40.2, 95.7, 45.1, 97.3, 79.9, 55, 70]], 80, 100)
     else:
         disk = np.hypot(*np.mgrid[-40:40, -50:50]) < 25
-        target = _target(np.stack([disk, _blocks(80, 100, [(60, 80, 10, 90)])[0]]))
+        target = _target(torch.stack([torch.from_numpy(disk), _blocks([(60, 80, 10, 90)], 80, 100)[0]]))
     jitter = LargeScaleJitter(48, [0.3, 2.5], PAD)
     kept = 0
     for seed in range(30):
@@ -107,7 +88,7 @@ def test_boxes_are_the_tight_boxes_of_the_masks(polygons):
 def test_crop_at_scale_one_cuts_a_window_and_drops_what_it_cuts_away():
     """Factor 2 on a 100-px-wide image and a 50-px square: no resampling, so every output is a window."""
     height, width, size = 80, 100, 50
-    bits = _blocks(height, width, CORNERS)
+    bits = _blocks(CORNERS, height, width)
     target = _target(bits, CROWD)
     image = _coordinate_image(height, width)
     jitter = LargeScaleJitter(size, [2.0, 2.0], PAD)
@@ -116,7 +97,7 @@ def test_crop_at_scale_one_cuts_a_window_and_drops_what_it_cuts_away():
         out_image, out = jitter(image, target, np.random.default_rng(seed))
         left, top = int(out_image[0, 0, 0]), int(out_image[0, 0, 1])  # the window, read off the image
         assert np.array_equal(out_image, image[top:top + size, left:left + size].astype(np.float32))
-        window = torch.from_numpy(bits[:, top:top + size, left:left + size])
+        window = bits[:, top:top + size, left:left + size]
         inside = window.flatten(1).any(1)
         assert torch.equal(out["labels"], target["labels"][inside])
         assert torch.equal(out["masks"].tensor, window[inside])
@@ -130,7 +111,7 @@ def test_crop_at_scale_one_cuts_a_window_and_drops_what_it_cuts_away():
 
 def test_padding_keeps_the_whole_image_at_the_top_left():
     height, width, size = 80, 100, 50
-    bits = _blocks(height, width, CORNERS)
+    bits = _blocks(CORNERS, height, width)
     image = _coordinate_image(height, width)
     out_image, out = LargeScaleJitter(size, [0.5, 0.5], PAD)(image, _target(bits, CROWD), np.random.default_rng(0))
     new_h, new_w = 20, 25  # the longer side is 0.5 * 50
@@ -138,7 +119,7 @@ def test_padding_keeps_the_whole_image_at_the_top_left():
     assert np.array_equal(out_image[:new_h, :new_w], resized)
     assert (out_image[new_h:] == PAD).all() and (out_image[:, new_w:] == PAD).all()
     # nearest neighbour of each pixel centre, as torch's "nearest-exact"
-    expected = F.interpolate(torch.from_numpy(bits)[None].float(), size=(new_h, new_w), mode="nearest-exact")[0] > 0
+    expected = F.interpolate(bits[None].float(), size=(new_h, new_w), mode="nearest-exact")[0] > 0
     assert torch.equal(out["masks"].tensor[:, :new_h, :new_w], expected)
     assert not out["masks"].tensor[:, new_h:].any() and not out["masks"].tensor[:, :, new_w:].any()
     assert torch.equal(out["crowd_boxes"], torch.tensor(CROWD) / 4)
@@ -156,7 +137,7 @@ def test_masks_stay_on_their_pixels(polygons):
     if polygons:
         target = _polygon_target([[x0, y0, x1, y0, x1, y1, x0, y1] for y0, y1, x0, x1 in blocks], height, width)
     else:
-        target = _target(_blocks(height, width, blocks))
+        target = _target(_blocks(blocks, height, width))
     jitter = LargeScaleJitter(64, [0.4, 3.0], (0.0, 0.0, 0.0))
     checked = 0
     for seed in range(20):
@@ -198,7 +179,7 @@ def test_polygon_left_as_a_line_on_the_window_edge_is_dropped():
 
 
 def test_flip_after_jitter_keeps_boxes_tight():
-    target = _target(_blocks(80, 100, CORNERS), CROWD)
+    target = _target(_blocks(CORNERS, 80, 100), CROWD)
     image, out = LargeScaleJitter(64, [0.3, 0.6], PAD)(_coordinate_image(80, 100), target, np.random.default_rng(1))
     _, flipped = RandomHorizontalFlip(1.0)(image, out, np.random.default_rng(0))
     assert torch.equal(flipped["boxes"], _tight_boxes(flipped["masks"].tensor))
