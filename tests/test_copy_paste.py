@@ -126,7 +126,8 @@ def test_a_smaller_or_larger_source_is_pasted_at_the_top_left():
         destination, source = _images(source_height=source_size[0], source_width=source_size[1])
         target = _target(_blocks([(30, 40, 40, 50)]), [1])
         paste = _blocks([(20, 50, 25, 60)], *source_size)  # partly outside the destination when larger
-        image, out = paste_instances(destination, target, source, {"masks": BitMasks(paste), "labels": torch.tensor([2])})
+        pasted = {"masks": BitMasks(paste), "labels": torch.tensor([2])}
+        image, out = paste_instances(destination, target, source, pasted)
         on_canvas = torch.zeros((H, W), dtype=torch.bool)
         rows, cols = min(H, source_size[0]), min(W, source_size[1])
         on_canvas[:rows, :cols] = paste[0, :rows, :cols]

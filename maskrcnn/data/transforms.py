@@ -76,8 +76,8 @@ class LargeScaleJitter:
 
     Masks: bitmaps are resampled at the window only (nearest, pixel centres aligned with the image's),
     polygons are scaled and clipped to the window (Sutherland-Hodgman). Every instance's box is then the
-    tight box of its mask's pixels (polygons rasterised as the mask targets are), and an instance with no
-    pixel left in the square is dropped. Crowd boxes are scaled, clipped to the image inside the square and
+    tight box of its mask's pixels (polygons rasterised by pycocotools), and an instance with no pixel left
+    in the square is dropped. Crowd boxes are scaled, clipped to the image inside the square and
     dropped when nothing is left.
     """
 
@@ -112,7 +112,7 @@ class LargeScaleJitter:
         masks = target["masks"]
         if isinstance(masks, PolygonMasks):
             masks = _window_polygons(masks, (new_h, new_w), (top, left, h, w), size)
-            boxes, areas = polygon_boxes(masks)
+            boxes, areas = _polygon_boxes(masks)
             keep = areas > 0
         else:
             masks = _window_bitmasks(masks, (new_h, new_w), (top, left, h, w), size)
@@ -164,11 +164,11 @@ def build_transforms(cfg: Config, train: bool) -> Compose:
     :func:`maskrcnn.data.loader.build_train_dataset`, which has the images to paste from."""
     if not train:
         return Compose([])
-    size = cfg.model.input
+    inputs = cfg.model.input
     if cfg.data.scale_jitter:
-        resize = LargeScaleJitter(max(size.min_size), cfg.data.scale_jitter, [255.0 * m for m in size.pixel_mean])
+        resize = LargeScaleJitter(max(inputs.min_size), cfg.data.scale_jitter, [255.0 * m for m in inputs.pixel_mean])
     else:
-        resize = ResizeShortestEdge(size.min_size, size.max_size)
+        resize = ResizeShortestEdge(inputs.min_size, inputs.max_size)
     return Compose([resize, RandomHorizontalFlip(cfg.data.flip_prob)])
 
 
@@ -182,9 +182,9 @@ def mask_boxes(bits: Tensor) -> Tensor:
     return boxes * rows.any(1, keepdim=True)
 
 
-def polygon_boxes(masks: PolygonMasks) -> Tuple[Tensor, Tensor]:
+def _polygon_boxes(masks: PolygonMasks) -> Tuple[Tensor, Tensor]:
     """The ``(M, 4)`` float32 xyxy tight boxes (as :func:`mask_boxes`) and ``(M,)`` float32 pixel areas of the
-    polygons rasterised in their image, as the mask targets rasterise them; an empty instance gets a zero
+    instances' polygons rasterised by pycocotools in their image; an instance without a polygon gets a zero
     box and area."""
     height, width = masks.image_size
     boxes, areas = np.zeros((len(masks), 4), dtype=np.float32), np.zeros(len(masks), dtype=np.float32)
