@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from maskrcnn.cli import run
 from maskrcnn.config import load_config
 from maskrcnn.engine.ema import ModelEMA
 from maskrcnn.modeling.maskrcnn import build_model
@@ -36,12 +37,12 @@ def update_milliseconds(config_path: str, repeats: int) -> tuple:
     return values, 1000 * statistics.median(times[2:])
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", nargs="+", default=["configs/maskrcnn_R18_FPN_small.yaml",
                                                         "configs/maskrcnn_R50_FPN.yaml"])
     parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for path in args.config:
         values, ms = update_milliseconds(path, args.repeats)
@@ -49,4 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
