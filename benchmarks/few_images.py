@@ -96,6 +96,11 @@ def generate_data(data_dir: Path, size: int, num_val: int) -> Dict[str, Path]:
     folders = {"val": data_dir / f"val_{num_val}", "balanced": data_dir / "balanced",
                "long_tailed": data_dir / "long_tailed"}
     generate_shapes(folders["val"], num_train=0, num_val=num_val)
+    val = json.loads((folders["val"] / "annotations" / "instances_val.json").read_text())
+    scored = {a["category_id"] for a in val["annotations"] if not a["iscrowd"]}
+    missing = [c["name"] for c in val["categories"] if c["id"] not in scored]
+    if missing:
+        raise InputError(f"the {num_val} validation images hold no instance of {missing}: raise --val")
     for split, rare in (("balanced", 1.0), ("long_tailed", RARE_FRACTION)):
         generate_shapes(folders[split], num_train=size, num_val=0, rare_fraction=rare)
     return folders
