@@ -5,9 +5,7 @@ are shrunk, through the documented options (the table below); the demo model the
 plain blocks (labelme's window, a CVAT or Label Studio server) are the reader's to run."""
 
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 from maskrcnn.config import config_to_dict, load_config
 from maskrcnn.data.shapes import CATEGORIES
 from maskrcnn.modeling.maskrcnn import build_model
-from test_readme import _environment, _matches, readme_commands
+from test_readme import _environment, _matches, readme_commands, workdir  # noqa: F401 (workdir: a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO / "docs" / "labelling-loop.md"
@@ -42,27 +40,21 @@ def test_the_guide_has_the_whole_loop():
         assert any(command.startswith(prefix) for command in commands), prefix
 
 
-@pytest.fixture
-def workdir(tmp_path):
-    """The repository's tracked files, the environment linked in, and the stand-in demo model."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split("\0")
-    for name in filter(None, files):
-        if (REPO / name).is_file():
-            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, tmp_path / name)
-    (tmp_path / ".venv").symlink_to(Path(sys.prefix))
+@pytest.fixture(scope="module")
+def loop_workdir(workdir):
+    """test_readme's copy of the repository, and the stand-in demo model in it."""
     cfg = load_config(REPO / DEMO_CONFIG)
     torch.manual_seed(0)
-    (tmp_path / "output" / "demo").mkdir(parents=True)
+    (workdir / "output" / "demo").mkdir(parents=True, exist_ok=True)
     torch.save({"model": build_model(cfg.model).state_dict(), "config": config_to_dict(cfg),
                 "class_names": [c["name"] for c in CATEGORIES], "iteration": 0},
-               tmp_path / "output" / "demo" / "model_final.pth")
-    return tmp_path
+               workdir / "output" / "demo" / "model_final.pth")
+    return workdir
 
 
 @pytest.mark.slow
-def test_the_labelling_loop_runs_as_written(workdir):
+def test_the_labelling_loop_runs_as_written(loop_workdir):
+    workdir = loop_workdir
     for command in guide_commands():
         shrunk = _matches(command, SHRUNK)
         line = f"{command} {SHRUNK[shrunk]}" if shrunk else command

@@ -39,10 +39,13 @@ def files_under(folder: Path) -> dict:
 
 
 def repository_files() -> set:
-    """The repository's changed, untracked and ignored files, as git lists them."""
-    listed = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout
-    return set(listed.splitlines())
+    """The untracked and ignored files git lists where a stray write of the tool would land: the
+    repository's root, ``tools/`` (the script's folder) and ``maskrcnn/`` (the package's), bytecode aside."""
+    listed = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all", "--", ".",
+                             ":(exclude)**/__pycache__/**"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout
+    return {line[3:] for line in listed.splitlines()
+            if line[:2] in ("??", "!!") and ("/" not in line[3:] or line[3:].startswith(("tools/", "maskrcnn/")))}
 
 
 @pytest.mark.slow
