@@ -16,8 +16,8 @@ Label Studio calls, at the URL it is given for the backend (*Settings → Model 
   ``label_config``: ``{"results": [one prediction per task, in order]}``, each ``{"result": [regions],
   "score": mean of the regions' scores, "model_version"}`` (no regions: an empty result, score None).
 
-``GET /labeling-config`` gives a labeling config that fits (:func:`~maskrcnn.data.formats.label_studio.labeling_config`
-of the model's classes).
+``GET /labeling-config`` gives a labeling config that fits: the pre-annotations'
+(:func:`~maskrcnn.data.formats.label_studio.labeling_config`) for the model's classes.
 
 The labeling config must have an ``<Image>`` with both a ``<PolygonLabels>`` and a ``<BrushLabels>`` control
 on it (any names, any data key): a detection goes to the polygon control when polygons hold its mask and to
@@ -35,9 +35,9 @@ Image URLs are read where Label Studio keeps the files:
 Label Studio's address and token come from ``label_studio_url`` / ``label_studio_token`` when given, else
 from what ``/setup`` sent for the project. Images pass the service's checks
 (:func:`~maskrcnn.deploy.serve.decode_upload`: at most ``max_bytes`` bytes and ``max_pixels`` pixels, EXIF
-orientation applied). Any task that cannot be
-read fails the whole request (422, naming the task and the URL), so that no image silently gets nothing.
-Requests run one at a time in a worker thread, ``max_batch_size`` images per forward pass.
+orientation applied). Any task that cannot be read fails the whole request (422, naming the task and the
+URL), so that no image silently gets nothing. Requests run one at a time in a worker thread,
+``max_batch_size`` images per forward pass.
 With ``token``, every request needs it: HTTP basic authentication with the token as password (Label
 Studio's *Basic Authentication* of a model connection) or ``Authorization: Bearer <token>``.
 """
