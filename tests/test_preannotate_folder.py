@@ -70,6 +70,7 @@ def test_a_thousand_images_show_progress_and_write_only_into_the_output(tmp_path
     updates = [line for line in done.stderr.splitlines() if line.startswith("inference:")]
     assert len(updates) >= 3 and f"{IMAGES}/{IMAGES}" in updates[-1] and f"{IMAGES}/{IMAGES}" not in updates[0]
     assert f"labelme: {IMAGES} images" in done.stdout
+    assert f"written: {IMAGES} files in {output / 'labelme'}" in done.stdout.splitlines()  # not 1,000 paths
 
     names = [f"img_{i:04d}" for i in range(IMAGES)]
     assert sorted(p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()) == sorted(

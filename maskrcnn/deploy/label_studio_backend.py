@@ -65,7 +65,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
 from maskrcnn.config import ServiceConfig
-from maskrcnn.data.formats.label_studio import LOCAL_FILES, _region, labeling_config
+from maskrcnn.data.formats.label_studio import LOCAL_FILES, labeling_config, shape_region
 from maskrcnn.data.formats.predictions import Dropped, predicted_image
 from maskrcnn.deploy.serve import UploadError, decode_upload
 from maskrcnn.errors import InputError
@@ -203,7 +203,7 @@ def task_predictions(tasks: Sequence[dict], target: LabelingTarget,
                                     keep=target.keep, tolerance=tolerance, multipart=False)
             regions = []
             for i, shape in enumerate(image.shapes):
-                region = _region(shape, f"r{i}", image.height, image.width)
+                region = shape_region(shape, f"r{i}", image.height, image.width)
                 region.update(from_name=target.brush if shape.is_mask else target.polygon, to_name=target.image)
                 regions.append(region)
             score = float(np.mean([shape.score for shape in image.shapes])) if image.shapes else None

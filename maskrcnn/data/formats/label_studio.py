@@ -73,7 +73,7 @@ def write_label_studio(images: Sequence[PredictedImage], class_names: Sequence[s
             raise InputError(f"{image.path} lies outside the Label Studio document root {image_root}")
         task = {"data": {IMAGE_KEY: LOCAL_FILES + quote(relative)}, "predictions": []}
         if image.shapes:
-            result = [_region(shape, f"r{i}", image.height, image.width) for i, shape in enumerate(image.shapes)]
+            result = [shape_region(shape, f"r{i}", image.height, image.width) for i, shape in enumerate(image.shapes)]
             task["predictions"].append({"model_version": model_version, "result": result,
                                         "score": float(np.mean([shape.score for shape in image.shapes]))})
         tasks.append(task)
@@ -84,7 +84,7 @@ def write_label_studio(images: Sequence[PredictedImage], class_names: Sequence[s
     return [tasks_path, config_path]
 
 
-def _region(shape: Shape, region_id: str, height: int, width: int) -> dict:
+def shape_region(shape: Shape, region_id: str, height: int, width: int) -> dict:
     """A shape as a Label Studio region: a polygon in percent of the image, or a brush mask."""
     region = {"id": region_id, "from_name": BRUSH_CONTROL if shape.is_mask else POLYGON_CONTROL,
               "to_name": IMAGE_KEY, "type": "brushlabels" if shape.is_mask else "polygonlabels",

@@ -27,6 +27,7 @@ from maskrcnn.data.formats.labelme import write_labelme_file
 from maskrcnn.data.formats.predictions import Dropped, PredictedImage, check_classes, predicted_image
 
 PREANNOTATION_FORMATS = ("labelme", "cvat", "label-studio")
+MAX_FILES_LISTED = 5  # more files than this are summed up by folder in what a tool prints
 MODEL_VERSION = "maskrcnn"  # Label Studio's model_version of the predictions when none is given
 
 
@@ -50,7 +51,11 @@ class Preannotations:
         if self.image_root is not None:
             lines.append(f"serve the images to Label Studio with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true "
                          f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={self.image_root}")
-        lines.append(f"written: {', '.join(str(path) for path in self.files)}")
+        if len(self.files) <= MAX_FILES_LISTED:
+            lines.append(f"written: {', '.join(str(path) for path in self.files)}")
+        else:  # one file per image: name the folder, not a thousand paths
+            folders = sorted({str(path.parent) for path in self.files})
+            lines.append(f"written: {len(self.files)} files in {', '.join(folders)}")
         return lines
 
 
