@@ -67,6 +67,21 @@ def test_bfloat16_probabilities_paste_like_their_float32_values():
     _assert_agrees(masks, _torchvision_paste(probs.float(), boxes, (64, 80)))
 
 
+def test_a_bf16_autocast_forward_pastes_in_float32():
+    """The model pastes inside its bf16 autocast forward (precision "auto" on a CPU with native bf16): the
+    masks and regions are still torchvision's float32 paste, not one sampled in bfloat16."""
+    probs, boxes = _smooth_probs(60, seed=4), _random_boxes(60, (120, 150), seed=4)
+    expected = _torchvision_paste(probs, boxes, (120, 150))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        masks = paste_masks_in_image(probs, boxes, (120, 150))
+        regions = list(paste_mask_regions(probs, boxes, (120, 150)))
+    _assert_agrees(masks, expected)
+    from_regions = torch.zeros_like(expected)
+    for i, (x0, y0, region) in enumerate(regions):
+        from_regions[i, y0:y0 + region.shape[0], x0:x0 + region.shape[1]] = region
+    _assert_agrees(from_regions, expected)
+
+
 def test_small_memory_budget_gives_the_same_masks():
     probs, boxes = _smooth_probs(50, seed=3), _random_boxes(50, (90, 120), seed=3)
     one_chunk = paste_masks_in_image(probs, boxes, (90, 120), memory_mb=256)

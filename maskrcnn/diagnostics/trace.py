@@ -399,9 +399,10 @@ def inference_view(model: MaskRCNN, image: Tensor, target: dict, *, class_names:
     was_training = model.training
     try:
         model.eval()
-        instances = detect(model, [image], class_names=class_names)[0]
-        with torch.inference_mode(), autocast(model.precision, image.device):
-            mask_probs = model([image], mask_format="probs")[0]["mask_probs"].cpu()  # same detections, unpasted
+        with torch.inference_mode():  # no autograd graph for either forward
+            instances = detect(model, [image], class_names=class_names)[0]
+            with autocast(model.precision, image.device):
+                mask_probs = model([image], mask_format="probs")[0]["mask_probs"].cpu()  # unpasted
     finally:
         model.train(was_training)
     gt_masks = _bitmaps(target["masks"])

@@ -218,7 +218,9 @@ def _sample_chunk(padded: Tensor, extents: List[_Extent], indices: List[int]) ->
     masks = padded[torch.tensor(indices, device=padded.device)]  # (n, S+2, S+2)
     # Columns first, then rows, as F.interpolate combines its taps:
     # (n, h_max, S+2) @ ((n, S+2, S+2) @ (n, S+2, w_max)) -> (n, h_max, w_max).
-    return torch.bmm(rows, torch.bmm(masks, cols.transpose(1, 2)))
+    # In float32 also inside a bf16 autocast forward: the paste's outline must not depend on the precision.
+    with torch.autocast(padded.device.type, enabled=False):
+        return torch.bmm(rows, torch.bmm(masks, cols.transpose(1, 2)))
 
 
 def _interpolation_matrix(offset: Tensor, length: Tensor, box_length: Tensor, max_length: int, size: int) -> Tensor:
