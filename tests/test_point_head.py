@@ -55,20 +55,45 @@ def test_point_sample_is_bilinear_at_the_point():
     xy = points * torch.tensor([30.0, 20.0])
     inside = ((xy >= 0.5) & (xy <= torch.tensor([29.5, 19.5]))).all(-1)  # where RoIAlign's edge rule is bilinear
     assert inside.float().mean() > 0.8
-    expected = at_a_point(maps, index, xy)
-    got = point_sample(maps[index], points)
-    assert torch.allclose(got.transpose(1, 2)[inside], expected.transpose(1, 2)[inside], rtol=0, atol=1e-5)
+    expected = at_a_point(maps, index, xy).transpose(1, 2)  # (R, C, P) -> (R, P, C)
+    got = point_sample_indexed(maps, index, points)
+    assert got.shape == (5, 40, 5)
+    torch.testing.assert_close(got[inside], expected[inside], rtol=0, atol=1e-5)
+    torch.testing.assert_close(point_sample(maps[index], points), got, rtol=0, atol=0)
 
 
-def test_indexed_sampling_equals_sampling_each_rows_own_map():
-    """Stacked maps stay apart: points on and beyond the top and bottom edges read zeros, not the next map."""
+def grid_sample_oracle(maps, index, points):
+    """``F.grid_sample`` of each row's own map, zero padding, ``align_corners=False``: (R, P, C)."""
+    grid = 2 * points[:, :, None, :] - 1  # (R, P, 2) -> (R, P, 1, 2) in [-1, 1]
+    return F.grid_sample(maps[index], grid, align_corners=False, padding_mode="zeros")[..., 0].transpose(1, 2)
+
+
+def test_indexed_sampling_pads_each_map_with_zeros_as_grid_sample_does():
+    """Values and the gradient to the maps equal grid_sample's, also on and beyond the edges, where a point reads
+    zeros and no other map (channels-last maps, as the model's levels are, and the default layout alike)."""
     torch.manual_seed(0)
-    maps = torch.randn(3, 4, 10, 12) + 5  # far from 0, so that a neighbour's row would show
+    maps = torch.randn(3, 4, 10, 12) + 5  # far from 0, so that a neighbour's cells would show
     index = torch.tensor([1, 0, 2, 1])
     points = torch.rand(4, 30, 2)
     points[:, :4, 1] = torch.tensor([0.0, 1.0, -0.02, 1.02])  # the edges and a fifth of a row outside
-    torch.testing.assert_close(point_sample_indexed(maps, index, points), point_sample(maps[index], points),
-                               rtol=0, atol=1e-5)
+    points[:, 4:8, 0] = torch.tensor([0.0, 1.0, -0.03, 1.04])
+    upstream = torch.randn(4, 30, 4)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        ours = maps.clone().contiguous(memory_format=layout).requires_grad_()
+        theirs = maps.clone().requires_grad_()
+        got, expected = point_sample_indexed(ours, index, points), grid_sample_oracle(theirs, index, points)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        (got * upstream).sum().backward()
+        (expected * upstream).sum().backward()
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=1e-5)
+
+
+def test_indexed_sampling_of_bfloat16_maps_stays_within_their_rounding():
+    torch.manual_seed(0)
+    maps, index, points = torch.randn(2, 8, 16, 16), torch.tensor([1, 0, 1]), torch.rand(3, 50, 2)
+    got = point_sample_indexed(maps.bfloat16(), index, points)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), grid_sample_oracle(maps, index, points), rtol=0, atol=0.05)
 
 
 def test_training_points_are_the_most_uncertain_candidates_then_uniform_ones():
@@ -79,7 +104,7 @@ def test_training_points_are_the_most_uncertain_candidates_then_uniform_ones():
     candidates, uniform = torch.rand(4, 588, 2), torch.rand(4, 49, 2)
     assert points.shape == (4, 196, 2)
     torch.testing.assert_close(points[:, 147:], uniform, rtol=0, atol=0)
-    scores = uncertainty(point_sample(coarse[:, None], candidates)[:, 0])  # (4, 588)
+    scores = uncertainty(point_sample(coarse[:, None], candidates)[..., 0])  # (4, 588)
     for roi in range(4):
         chosen = (points[roi, :147, None, :] == candidates[roi, None]).all(-1)  # (147, 588)
         assert (chosen.sum(1) == 1).all(), "a chosen point is not one of the candidates"
@@ -131,6 +156,32 @@ def test_class_logits_are_the_forward_channel_of_each_class():
         expected = head(fine, coarse)[torch.arange(5), :, classes - 1]
         torch.testing.assert_close(head.class_logits(fine, coarse, classes), expected, rtol=1e-5, atol=1e-5)
 
+
+
+def test_point_logits_in_chunks_of_rois_equal_all_at_once():
+    head = make_head()
+    torch.manual_seed(2)
+    features = [torch.randn(2, 6, 24, 32)]
+    rois = torch.cat([torch.randint(0, 2, (7, 1)).float(), torch.tensor([[5.0, 6.0, 60.0, 50.0]]).expand(7, 4)
+                      + torch.rand(7, 4) * 20], dim=1)
+    coarse, points, classes = torch.randn(7, 28, 28), torch.rand(7, 30, 2), torch.randint(1, 4, (7,))
+    with torch.no_grad():
+        whole = head.point_logits(features, rois, coarse, points, classes)
+        chunked = head.point_logits(features, rois, coarse, points, classes, chunk_points=70)  # 2 RoIs a chunk
+        empty = head.point_logits(features, rois[:0], coarse[:0], points[:0], classes[:0], chunk_points=70)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    assert empty.shape == (0, 30)
+
+
+def test_the_head_computes_in_the_dtype_of_the_features():
+    """bfloat16 features (a bfloat16 autocast's levels): bfloat16 layers, within their rounding of float32."""
+    head = make_head(in_channels=16, fc_dim=32)
+    fine, coarse, classes = torch.randn(4, 50, 16), torch.randn(4, 50), torch.tensor([1, 2, 3, 1])
+    with torch.no_grad():
+        expected = head.class_logits(fine, coarse, classes)
+        got = head.class_logits(fine.bfloat16(), coarse, classes)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
 
 def random_masks(count, height, width, seed):
     """(count, H, W) bool blobs: thresholded smooth noise, so that every mask has boundaries everywhere."""
@@ -226,6 +277,28 @@ def test_each_further_step_upsamples_the_last_and_recomputes_at_most_its_points(
     assert refined.shape == (2, 112, 112) and head.refined_side(28) == 112
     changed = (refined != upsampled).flatten(1).sum(1)
     assert (changed <= 200).all() and (changed > 150).all()
+
+
+
+def test_a_step_refines_only_the_detections_longer_than_its_grid_each_as_alone():
+    """A box whose longer side (input pixels) is no longer than the grid a step starts from keeps the bilinear
+    upsampling at that step; the detections refined in a batch get the values they get alone."""
+    head, one_step = make_head(steps=2, points=200), make_head(steps=1, points=200)  # the same weights
+    features = [torch.randn(1, 6, 40, 40)]
+    rois = torch.tensor([[0, 10.0, 10.0, 130.0, 100.0],  # 120 px: both steps
+                         [0, 20.0, 30.0, 60.0, 50.0],  # 40 px: the first step (grid 28) only
+                         [0, 5.0, 5.0, 30.0, 25.0],  # 25 px: neither
+                         [0, 50.0, 40.0, 106.0, 80.0]])  # 56 px: not longer than the second step's grid of 56
+    coarse, classes = torch.randn(4, 28, 28) * 2, torch.tensor([1, 2, 3, 1])
+    with torch.no_grad():
+        refined, first = head.refine(features, rois, coarse, classes), one_step.refine(features, rois, coarse, classes)
+        alone = head.refine(features, rois[:1], coarse[:1], classes[:1])
+    upsampled = F.interpolate(coarse[:, None], scale_factor=2, mode="bilinear", align_corners=False)
+    assert torch.equal(refined[2], F.interpolate(upsampled, scale_factor=2, mode="bilinear", align_corners=False)[2, 0])
+    assert not torch.equal(first[[1, 3]], upsampled[[1, 3], 0])  # the first step refined them
+    after_first = F.interpolate(first[[1, 3], None], scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
+    assert torch.equal(refined[[1, 3]], after_first)
+    torch.testing.assert_close(refined[:1], alone, rtol=0, atol=1e-5)
 
 
 # The head in the model: built from model.roi_heads.mask_refine, trained, and refining inference and the export.
@@ -358,8 +431,9 @@ def test_the_export_refines_masks_as_the_eager_model_does(tmp_path):
 
 
 def test_the_traced_subdivision_holds_for_any_number_of_detections_zero_included(tmp_path):
-    """:meth:`PointHead.refine` alone, traced on 3 detections in 2 images and run in onnxruntime on other counts
-    of images and detections: the eager values, and an empty result for no detection."""
+    """:meth:`PointHead.refine` alone, traced on 4 detections in 2 images (boxes that take both steps, one and
+    none) and run in onnxruntime on other counts of images and detections: the eager values, and an empty result
+    for no detection."""
     import onnxruntime
 
     class Refine(nn.Module):
@@ -372,8 +446,10 @@ def test_the_traced_subdivision_holds_for_any_number_of_detections_zero_included
 
     network = Refine(make_head()).eval()
     torch.manual_seed(0)
-    rois = torch.tensor([[0, 10.0, 12.0, 80.0, 60.0], [1, 30.0, 5.0, 120.0, 90.0], [0, 0.0, 0.0, 40.0, 90.0]])
-    coarse, classes = torch.randn(3, 28, 28) * 2, torch.tensor([3, 1, 2])
+    # Boxes of 70, 90, 20 and 40 pixels: two steps, two steps, none and one.
+    rois = torch.tensor([[0, 10.0, 12.0, 80.0, 60.0], [1, 30.0, 5.0, 120.0, 90.0], [0, 3.0, 4.0, 23.0, 20.0],
+                         [1, 0.0, 50.0, 40.0, 90.0]])
+    coarse, classes = torch.randn(4, 28, 28) * 2, torch.tensor([3, 1, 2, 2])
     names = ["fine", "rois", "coarse", "classes"]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -382,7 +458,7 @@ def test_the_traced_subdivision_holds_for_any_number_of_detections_zero_included
                           dynamic_axes={"fine": {0: "N", 2: "H", 3: "W"}, "rois": {0: "R"}, "coarse": {0: "R"},
                                         "classes": {0: "R"}, "logits": {0: "R"}})
     session = onnxruntime.InferenceSession(str(tmp_path / "refine.onnx"), providers=["CPUExecutionProvider"])
-    for images, count in [(3, 2), (1, 0), (2, 3)]:
+    for images, count in [(3, 2), (1, 0), (2, 3), (2, 4)]:
         fine = torch.randn(images, 6, 20, 36)
         inputs = (fine, rois[:count].clone().index_fill_(1, torch.tensor([0]), images - 1), coarse[:count],
                   classes[:count])
