@@ -31,7 +31,7 @@ bfloat16 autocast).
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -289,7 +289,18 @@ class PointHead(nn.Module):
         return mask_loss(logits, point_labels(gt_masks, boxes, matched_idxs, points))
 
     def refine(self, features: List[Tensor], rois: Tensor, coarse_logits: Tensor, classes: Tensor) -> Tensor:
-        """Adaptive subdivision of the coarse masks: (R, S, S) logits -> (R, M, M) float32 logits, M = S * 2**steps.
+        """Adaptive subdivision of the coarse masks: (R, S, S) logits -> (R, M, M) float32 logits, M = S * 2**steps
+        (the last of :meth:`subdivide`'s steps; the coarse logits, in float32, without steps)."""
+        logits = coarse_logits.float()
+        for logits, _, _ in self.subdivide(features, rois, coarse_logits, classes):
+            pass
+        return logits
+
+    def subdivide(self, features: List[Tensor], rois: Tensor, coarse_logits: Tensor,
+                  classes: Tensor) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
+        """The steps of :meth:`refine`, one at a time: yields per step the (R, H, W) float32 logits after it
+        (H = W = S * 2**step), the (A,) int64 detections it refined and the (A, P, 2) centres of the cells it
+        recomputed, in [0, 1]^2 of each box.
 
         Each step upsamples the logits 2x bilinearly (``align_corners=False``); for each detection whose box is
         longer (in input pixels, its longer side) than the grid before the step, it recomputes the
@@ -297,7 +308,7 @@ class PointHead(nn.Module):
         from the S x S input) and writes them back; every other cell, and every cell of a smaller detection, keeps
         its upsampled value. A finer grid of a smaller box would split cells already under one input pixel, finer
         than anything the features saw; skipping it is most of what refinement saves on many small detections.
-        features, rois, classes: as :meth:`point_logits`.
+        features, rois, coarse_logits, classes: as :meth:`point_logits`.
         """
         logits = coarse_logits.float()[:, None]  # (R, S, S) -> (R, 1, S, S)
         box_side = (rois[:, 3:5] - rois[:, 1:3]).amax(dim=1)  # (R,) in input pixels
@@ -309,4 +320,4 @@ class PointHead(nn.Module):
             values = self.point_logits(features, rois[refined], coarse_logits[refined], points, classes[refined])
             flat = (refined[:, None] * cells + index).reshape(-1)  # (A, P) -> (A*P,) cells of the (R*H*W,) logits
             logits = logits.reshape(-1).scatter(0, flat, values.float().reshape(-1)).reshape(logits.shape)
-        return logits[:, 0]
+            yield logits[:, 0], refined, points
