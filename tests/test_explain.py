@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
+from maskrcnn.cli import run
 from maskrcnn.config import config_to_dict
 from maskrcnn.data import CocoDetection, ResizeShortestEdge, generate_shapes
 from maskrcnn.engine.logger import MetricsLogger
 from maskrcnn.diagnostics.figures import FIGURES, PAGE, _draw_paste, explain_checkpoint
+from maskrcnn.diagnostics.refinement import explain_refinement
 from maskrcnn.diagnostics.trace import explain, load_example, locate_image, read_eval_metrics, read_training_log
 from maskrcnn.modeling.mask_head import logits_of_class, mask_loss, mask_targets
 from maskrcnn.modeling.maskrcnn import build_model
@@ -222,3 +224,67 @@ def test_training_view_uses_the_training_size_when_inference_runs_larger(workdir
     scale = min(64 / min(height, width), 96 / max(height, width))
     assert result["input"]["size"] == (int(height * scale), int(width * scale))  # the data pipeline floors
     assert min(result["input"]["size"]) < 80
+
+
+# The refinement figure: a model with a point head (model.roi_heads.mask_refine).
+
+
+@pytest.fixture(scope="module")
+def refined_checkpoint(tmp_path_factory):
+    """A tiny refined model in fp32 at inference size 128 (boxes long enough for both subdivision steps), its point
+    head's logits spread out as a trained one's, saved as a checkpoint; and the plain model of the same weights."""
+    cfg = tiny_config()
+    cfg.model.precision = "fp32"
+    cfg.model.input.min_size_test, cfg.model.input.max_size_test = 128, 192
+    cfg.model.roi_heads.mask_refine, cfg.model.roi_heads.point_head_dim = True, 16
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        model.roi_heads.point_head.predictor.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    path = tmp_path_factory.mktemp("refined") / "model.pth"
+    torch.save({"model": model.state_dict(), "config": config_to_dict(cfg), "class_names": CLASS_NAMES,
+                "iteration": 0}, path)
+    cfg.model.roi_heads.mask_refine = False
+    plain = build_model(cfg.model)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    return path, plain.eval()
+
+
+def test_refinement_view_shows_the_models_own_masks_and_points(refined_checkpoint, workdir, tmp_path):
+    """The refined mask is the refined model's, the 28x28 one the plain model's of the same weights, for the same
+    detection; each step recomputed its points inside the detection's box; the tool writes the figure."""
+    path, plain = refined_checkpoint
+    shapes = workdir / "shapes"
+    view = explain_refinement(path, ann_file=shapes / "annotations" / "instances_val.json", image_dir=shapes / "val",
+                              output_dir=tmp_path, score_thresh=0.0)
+    refined_model = Predictor.from_checkpoint(path, score_thresh=None).model
+    image, _ = load_example(CocoDetection(shapes / "annotations" / "instances_val.json", shapes / "val"),
+                            view["image_id"])
+    with torch.no_grad():
+        refined, coarse = refined_model([image])[0], plain([image])[0]
+    d = view["detection"]
+    torch.testing.assert_close(refined["boxes"][d], view["box"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(coarse["boxes"], refined["boxes"], rtol=0, atol=0)
+    assert (view["refined"]["mask"] == refined["masks"][d].numpy()).all()
+    assert (view["coarse"]["mask"] == coarse["masks"][d].numpy()).all()
+    assert (view["coarse"]["mask"] != view["refined"]["mask"]).any()
+    assert [step["side"] for step in view["steps"]] == [56, 112]
+    x0, y0, x1, y1 = view["box"].tolist()
+    for step in view["steps"]:
+        points = step["points"]
+        assert points.shape == (784, 2)
+        assert (points[:, 0] > x0).all() and (points[:, 0] < x1).all()
+        assert (points[:, 1] > y0).all() and (points[:, 1] < y1).all()
+    assert view["refined"]["wrong"] == int((view["refined"]["mask"] != view["gt_mask"]).sum())
+    picture = cv2.imread(str(view["file"]))
+    assert picture is not None and picture.shape[1] > 1000
+
+
+def test_refinement_tool_on_a_model_without_a_point_head_says_so_in_one_line(workdir, capsys):
+    tool = runpy.run_path(str(TOOL))
+    with pytest.raises(SystemExit) as stop:
+        run(tool["main"], ["--refinement", "--checkpoint", str(workdir / "model.pth"), "--shapes", "--shapes-dir",
+                           str(workdir / "shapes"), "--output", str(workdir / "refinement")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: the model has no point head (model.roi_heads.mask_refine is off): "
+                                               "nothing is refined")

@@ -4,10 +4,14 @@
         [--log output/demo/metrics.jsonl] [--metrics output/demo/metrics.json] [--output output/explain]
     python tools/explain.py --checkpoint model.pth --image val/000042.jpg --ann instances_val.json
 
+    python tools/explain.py --refinement --checkpoint output/edges/refined/model_final.pth \
+        --image data/shapes_edges/val/000003.jpg --ann data/shapes_edges/annotations/instances_val.json
+
 Writes the figures input_gt.png, fpn_levels.png, rpn_anchors.png, rpn_proposals.png, mask_targets.png,
 mask_gradients.png, paste.png, final.png, generalisation.png and a page explain.md tying them together.
 With --shapes the image comes from the training split of the shapes dataset and the held-out image from its
-validation split; with --image, a held-out image needs --heldout-ann and --heldout-images.
+validation split; with --image, a held-out image needs --heldout-ann and --heldout-images. --refinement (a model
+with a point head) writes refinement.png alone: the largest detection's 28x28 and refined masks, and the points.
 """
 
 import argparse
@@ -16,6 +20,7 @@ from pathlib import Path
 from maskrcnn.cli import require_at_least, run
 from maskrcnn.config import DISPLAY_SCORE_THRESH
 from maskrcnn.diagnostics.figures import explain_checkpoint, mask_caption
+from maskrcnn.diagnostics.refinement import explain_refinement, refinement_caption
 from maskrcnn.diagnostics.trace import locate_image
 from maskrcnn.errors import InputError
 
@@ -30,6 +35,7 @@ def main(argv=None) -> None:
     parser.add_argument("--image-id", type=int, help="COCO id of the image (default: found by file name with "
                                                      "--image; the first with two or more instances with --shapes)")
     parser.add_argument("--shapes-dir", default="data/shapes", help="the shapes dataset folder")
+    parser.add_argument("--refinement", action="store_true", help="write refinement.png alone (a refined model)")
     parser.add_argument("--heldout-image-id", type=int, help="COCO id of the held-out image (default: the first "
                                                              "with two or more instances)")
     parser.add_argument("--heldout-ann", help="COCO json of held-out images (with --image)")
@@ -60,6 +66,12 @@ def main(argv=None) -> None:
         image_id, images = locate_image(args.ann, image, args.image_id)
         ann, label = args.ann, "explained image"
         heldout_ann, heldout_images = args.heldout_ann, args.heldout_images
+    if args.refinement:
+        view = explain_refinement(args.checkpoint, ann_file=ann, image_dir=images, image_id=image_id,
+                                  output_dir=args.output, device=args.device, score_thresh=args.score_thresh)
+        print(refinement_caption(view, view["class_names"]))
+        print(f"{view['file']} written")
+        return
     result = explain_checkpoint(args.checkpoint, ann_file=ann, image_dir=images, image_id=image_id,
                                 heldout_ann=heldout_ann, heldout_images=heldout_images,
                                 heldout_image_id=args.heldout_image_id, log=args.log, metrics=args.metrics,

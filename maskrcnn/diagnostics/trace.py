@@ -405,7 +405,7 @@ def inference_view(model: MaskRCNN, image: Tensor, target: dict, *, class_names:
                 mask_probs = model([image], mask_format="probs")[0]["mask_probs"].cpu()  # unpasted
     finally:
         model.train(was_training)
-    gt_masks = _bitmaps(target["masks"])
+    gt_masks = bitmaps(target["masks"])
     kept = instances.filter(score_thresh)
     if len(kept) and len(gt_masks):
         ious = mask_utils.iou(encode_masks(kept.masks), encode_masks(gt_masks), [0] * len(gt_masks))
@@ -459,7 +459,7 @@ def explain(model: MaskRCNN, image: Tensor, target: dict, *, class_names: Sequen
         "original_size": tuple(int(s) for s in image.shape[-2:]),
         "input": {"image": to_uint8(train_image), "size": (int(height), int(width)),
                   "boxes": train_target["boxes"].cpu(), "labels": train_target["labels"].cpu(),
-                  "masks": _bitmaps(train_target["masks"])},
+                  "masks": bitmaps(train_target["masks"])},
         "losses": trace["losses"],
         "fpn": fpn_view(model, trace),
         "anchors": anchor_view(model, trace, train_target),
@@ -490,7 +490,7 @@ def _on(target: dict, device) -> dict:
     return {k: (v.to(device) if k in ("boxes", "labels", "crowd_boxes") else v) for k, v in target.items()}
 
 
-def _bitmaps(masks) -> Tensor:
+def bitmaps(masks) -> Tensor:
     """BitMasks / PolygonMasks -> ``(M, H, W)`` bool tensor on the CPU."""
     return (masks if isinstance(masks, BitMasks) else masks.to_bitmasks()).tensor.cpu()
 
