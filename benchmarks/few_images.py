@@ -7,10 +7,10 @@ shapes training split, every run for the same number of iterations, and scores e
 images (the shapes validation split, balanced, generated once). The configurations (``CONFIGS``):
 
 - on the balanced split: ``baseline`` (flips only, the demo's augmentation), each option alone (``lsj``,
-  ``copy_paste``, ``ema``) and ``all`` (large-scale jitter, copy-paste, repeat-factor sampling and the weight
-  average together);
+  ``copy_paste``, ``ema``), ``copy_paste_ema`` and ``all`` (large-scale jitter, copy-paste, repeat-factor
+  sampling and the weight average together);
 - on the long-tailed split (its last category drawn a tenth as often as each other one): ``lt_baseline``,
-  ``lt_rfs`` (repeat-factor sampling alone) and ``lt_all``.
+  ``lt_rfs`` (repeat-factor sampling alone), ``lt_copy_paste``, ``lt_copy_paste_ema`` and ``lt_all``.
 
 Every training keeps the weight average (``solver.ema_decay``), which does not feed back into training: a
 configuration without it scores the checkpoint's ``raw_model`` (the weights a run without the average reaches),
@@ -20,7 +20,8 @@ settings match is reused: rerun the command to go on after an interruption.
 Per configuration and size: mask AP, box AP and the mask AP of the rare (last) category, in points (x100), as the
 mean over seeds ± half their range; the mean change from the split's baseline, paired by seed; and the seconds
 per training iteration and of data loading per iteration (``metrics.jsonl``'s ``time`` and ``data_time``, the
-second half of each run). Prints a Markdown table and writes ``few_images.json`` under ``--output``.
+second half of each run). Prints a Markdown table and writes it with every run's figures as JSON (``--summary``,
+under ``--output``).
 """
 
 from __future__ import annotations
@@ -81,9 +82,12 @@ CONFIGS = {
     "lsj": Configuration("balanced", "lsj", False, "baseline"),
     "copy_paste": Configuration("balanced", "copy_paste", False, "baseline"),
     "ema": Configuration("balanced", "flips", True, "baseline"),
+    "copy_paste_ema": Configuration("balanced", "copy_paste", True, "baseline"),
     "all": Configuration("balanced", "lsj_cp_rfs", True, "baseline"),
     "lt_baseline": Configuration("long_tailed", "flips", False, "lt_baseline"),
     "lt_rfs": Configuration("long_tailed", "rfs", False, "lt_baseline"),
+    "lt_copy_paste": Configuration("long_tailed", "copy_paste", False, "lt_baseline"),
+    "lt_copy_paste_ema": Configuration("long_tailed", "copy_paste", True, "lt_baseline"),
     "lt_all": Configuration("long_tailed", "lsj_cp_rfs", True, "lt_baseline"),
 }
 SCORES = ("mask_ap", "box_ap", "rare_mask_ap", "rare_box_ap")  # of each scored model, 0-1
@@ -160,9 +164,9 @@ def score_checkpoint(path: Path, val_dir: Path, *, average: bool) -> Dict[str, f
 
 def run_benchmark(*, config: str, data_dir: str | Path, output_dir: str | Path, sizes: Sequence[int],
                   seeds: Sequence[int], iters: int, num_val: int, configs: Sequence[str],
-                  overrides: Sequence[str] = ()) -> dict:
+                  overrides: Sequence[str] = (), summary: str = "few_images.json") -> dict:
     """Train and score every (size, seed, training) that ``configs`` need; returns (and writes to
-    ``output_dir/few_images.json``) ``{"settings", "machine", "runs": [...], "rows": summarize(...)}``.
+    ``output_dir/summary``) ``{"settings", "machine", "runs": [...], "rows": summarize(...)}``.
 
     Each run's folder (``output_dir/<split>_<size>/<training>_seed<seed>``) holds the trainer's outputs and
     ``scores.json``: ``settings`` (its full override list), ``scores`` (``{"trained"|"average": SCORES}``),
@@ -220,7 +224,7 @@ def run_benchmark(*, config: str, data_dir: str | Path, output_dir: str | Path, 
                            "scale_jitter": list(SCALE_JITTER), "rfs_threshold": RFS_THRESHOLD,
                            "ema_decay": EMA_DECAY, "rare_fraction": RARE_FRACTION, "rare_category": RARE_CATEGORY},
               "machine": machine_summary("cpu"), "runs": runs, "rows": summarize(runs, configs, sizes, seeds)}
-    save_json(output_dir / "few_images.json", result)
+    save_json(output_dir / summary, result)
     return result
 
 
@@ -293,12 +297,13 @@ def main(argv=None) -> None:
     parser.add_argument("--val", type=int, default=200, help="validation images")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME",
                         help=f"configurations to run, among {list(CONFIGS)} (default all)")
+    parser.add_argument("--summary", default="few_images.json", help="file name of the JSON summary under --output")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="configuration overrides of every run")
     args = parser.parse_args(argv)
     require_at_least(args, iters=2 * LOG_PERIOD, val=1)
     result = run_benchmark(config=args.config, data_dir=args.data, output_dir=args.output, sizes=args.sizes,
                            seeds=args.seeds, iters=args.iters, num_val=args.val, configs=args.configs,
-                           overrides=args.overrides)
+                           overrides=args.overrides, summary=args.summary)
     print(few_images_table(result["rows"]))
 
 
