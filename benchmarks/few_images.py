@@ -1,6 +1,9 @@
 """What large-scale jitter, copy-paste, repeat-factor sampling and the weight average buy with few training images.
 
-    python -m benchmarks.few_images [--sizes 100] [--seeds 0 1] [--iters 300] [--val 200] [--configs baseline all ...]
+    python -m benchmarks.few_images [key.sub=value ...] [--sizes 100] [--seeds 0 1] [--iters 300] [--val 200]
+        [--configs baseline all ...] [--summary few_images.json]
+
+Configuration overrides (of every run) come first: ``--sizes``, ``--seeds`` and ``--configs`` take the words after them.
 
 Trains the demo configuration (configs/maskrcnn_R18_FPN_small.yaml) from scratch on the first N images of a
 shapes training split, every run for the same number of iterations, and scores each on the same validation
