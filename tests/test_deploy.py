@@ -27,6 +27,7 @@ from maskrcnn.data.shapes import generate_shapes
 from maskrcnn.deploy.export import OPSET, OUTPUT_NAMES, export_onnx, read_metadata
 from maskrcnn.deploy.quantize import QUANTIZED_SCOPES, quantize_int8, quantized_node_names
 from maskrcnn.deploy.runtime import ExportedPredictor, network_inputs, read_openvino_model
+from maskrcnn.deploy.signal_stack import kept_signal_stack
 from maskrcnn.inference import to_image_tensor
 from maskrcnn.predictor import Predictor
 from maskrcnn.reference import our_model_from, well_conditioned_torchvision_model
@@ -272,7 +273,9 @@ def grouped_nms_in(runtime: str, boxes, scores, iou_threshold: float, tmp_path) 
             selected = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
         else:
             import openvino
-            selected = openvino.Core().compile_model(read_openvino_model(path), "CPU")(inputs)[0]
+            with kept_signal_stack():
+                compiled = openvino.Core().compile_model(read_openvino_model(path), "CPU")
+            selected = compiled(inputs)[0]
     return sorted(map(tuple, np.asarray(selected).tolist()))
 
 

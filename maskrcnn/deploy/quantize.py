@@ -14,6 +14,7 @@ metadata; ``python -m benchmarks.int8_report`` measures what it costs in mask AP
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import Sequence, Union
 
 from maskrcnn.deploy.export import INPUT_NAMES, METADATA_KEY, read_metadata
 from maskrcnn.deploy.runtime import network_inputs
+from maskrcnn.deploy.signal_stack import kept_signal_stack
 from maskrcnn.errors import InputError
 from maskrcnn.inference import ImageInput, to_image_tensor
 
@@ -64,8 +66,10 @@ def quantize_int8(onnx_path: Union[str, Path], calibration_images: Sequence[Imag
               for i, image in enumerate(calibration_images)]
     # Everything whose name is outside the backbone and the FPN is left in floating point.
     outside = "^(?!" + "|".join(scope.replace("/", r"\/") for scope in QUANTIZED_SCOPES) + ").*"
-    quantized = nncf.quantize(model, nncf.Dataset(inputs), preset=presets[preset], subset_size=len(inputs),
-                              ignored_scope=nncf.IgnoredScope(patterns=[outside], validate=False))
+    with kept_signal_stack():  # NNCF compiles and frees models for the calibration statistics
+        quantized = nncf.quantize(model, nncf.Dataset(inputs), preset=presets[preset], subset_size=len(inputs),
+                                  ignored_scope=nncf.IgnoredScope(patterns=[outside], validate=False))
+        gc.collect()  # its compiled models freed here, while the caller's stack is not yet back
     quantized.set_rt_info(json.dumps(metadata), [METADATA_KEY])
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_path.parent, prefix=f".{output_path.stem}.") as folder:

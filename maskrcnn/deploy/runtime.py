@@ -21,6 +21,7 @@ import torch
 
 from maskrcnn.config import ModelConfig
 from maskrcnn.deploy.export import INPUT_NAMES, OUTPUT_NAMES, read_metadata
+from maskrcnn.deploy.signal_stack import kept_signal_stack
 from maskrcnn.errors import InputError
 from maskrcnn.inference import (ImageInput, check_mask_format, drop_unmatched, match_categories, to_image_tensors,
                                 to_instances)
@@ -166,7 +167,8 @@ def _openvino_session(path: Path, precision: str, threads: Optional[int]):
         config["INFERENCE_NUM_THREADS"] = threads
     model = read_openvino_model(path)
     try:
-        compiled = openvino.Core().compile_model(model, "CPU", config)
+        with kept_signal_stack():
+            compiled = openvino.Core().compile_model(model, "CPU", config)
     except RuntimeError as error:
         if precision != "bf16":
             raise
@@ -174,7 +176,8 @@ def _openvino_session(path: Path, precision: str, threads: Optional[int]):
         warnings.warn(f"OpenVINO cannot run bf16 on this CPU ({reason.strip()}): running {path.name} in fp32",
                       stacklevel=3)
         config["INFERENCE_PRECISION_HINT"], precision = "f32", "fp32"
-        compiled = openvino.Core().compile_model(model, "CPU", config)
+        with kept_signal_stack():
+            compiled = openvino.Core().compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
 
     def run(images: np.ndarray, image_sizes: np.ndarray) -> list:
