@@ -69,5 +69,14 @@ transfer: $(CORE)
 edges: $(CORE)
 	$(PY) -m benchmarks.edges --config $(DEMO_CONFIG) --data data/shapes_edges --output output/edges
 
+# Redraw docs/figures/refinement.png (how-it-works.md) from the refined model of make edges: the largest object of
+# validation image 5 of the edge shapes, its 28x28 and its point-refined mask, and the cells the refinement chose.
+.PHONY: figures-refinement
+figures-refinement: $(CORE)
+	test -f output/edges/refined/model_final.pth || $(MAKE) edges
+	$(PY) tools/explain.py --refinement --checkpoint output/edges/refined/model_final.pth \
+		--image data/shapes_edges/val/000005.jpg --ann data/shapes_edges/annotations/instances_val.json \
+		--output docs/figures
+
 clean:
 	rm -rf $(VENV) $(DEMO) output/transfer

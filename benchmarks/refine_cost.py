@@ -3,6 +3,7 @@ mask head, inference end to end and a training step, side by side in one process
 
     python -m benchmarks.refine_cost                  # 800 x 1200, 100 detections; fp32, and bf16 where native
     python -m benchmarks.refine_cost --quick --mode fp32 --json
+    python -m benchmarks.refine_cost --threads 1       # steadier where other processes share the cores
 
 Inference: the R50-FPN of the default configuration with the well-conditioned random weights of
 :mod:`benchmarks.speed` (every image yields its ``--detections`` detections at score threshold 0), and the same
@@ -189,7 +190,11 @@ def main(argv=None) -> None:
     parser.add_argument("--detections", type=int, default=100, help="detections per image (score threshold 0)")
     parser.add_argument("--train-config", default="configs/maskrcnn_R18_FPN_small.yaml",
                         help="YAML of the small model whose training step is measured")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is "
+                        "steadier on a machine other work loads)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     modes, why = choose_modes(args.mode)
     print(f"[refine_cost] measuring {why}", file=sys.stderr, flush=True)
     figures = run_refine_cost(modes=modes, quick=args.quick, size=args.size, detections=args.detections,

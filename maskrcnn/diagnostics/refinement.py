@@ -127,7 +127,7 @@ def draw_refinement(view: dict, class_names) -> Figure:
     right, bottom = min(int(np.ceil(x1 + margin)), width), min(int(np.ceil(y1 + margin)), height)
     crop = (slice(top, bottom), slice(left, right))
     gt = view["gt_mask"][crop]
-    fig = Figure(figsize=(16, 4.6), dpi=100, layout="constrained")
+    fig = Figure(figsize=(16, 5.0), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 4)
     for ax in axes:
@@ -153,7 +153,8 @@ def draw_refinement(view: dict, class_names) -> Figure:
         axes[2].scatter(points[:, 0] - left - 0.5, points[:, 1] - top - 0.5, s=2, color=colour, linewidths=0,
                         label=f"{len(points)} cells of the {step['side']}x{step['side']} grid")
     if any(len(step["points"]) for step in view["steps"]):
-        axes[2].legend(fontsize=7, loc="lower right", markerscale=4, title="recomputed", title_fontsize=7)
+        axes[2].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, markerscale=4,
+                       title="cells recomputed", title_fontsize=8)
     coarse_wrong, refined_wrong = view["coarse"]["mask"] != view["gt_mask"], view["refined"]["mask"] != view["gt_mask"]
     errors = np.zeros((*gt.shape, 3))
     errors[(coarse_wrong & ~refined_wrong)[crop]] = (0.85, 0.15, 0.1)
@@ -166,7 +167,7 @@ def draw_refinement(view: dict, class_names) -> Figure:
                             Patch(color=(0.15, 0.35, 0.95), label=f"{int((refined_wrong & ~coarse_wrong).sum())} "
                                                                    f"broken"),
                             Patch(color=(0.6, 0.6, 0.6), label=f"{int((coarse_wrong & refined_wrong).sum())} both")],
-                   fontsize=7, loc="lower right")
+                   fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3)
     fig.suptitle("Where a 28x28 mask loses the edge, and the points that recover it: " + refinement_caption(
         view, class_names), fontsize=9)
     return fig
