@@ -123,8 +123,9 @@ def main(argv=None) -> None:
                                  base_iter=args.base_iter, max_iter=args.iter, weights=args.weights,
                                  overrides=args.overrides)
     print(edges_table(results))
-    print(f"{results['minutes']:.1f} minutes in all (data {results['data_minutes']:.1f}, start {results['base_minutes']:.1f}, "
-          f"plain {results['plain']['minutes']:.1f}, refined {results['refined']['minutes']:.1f}); "
+    print(f"{results['minutes']:.1f} minutes in all (data {results['data_minutes']:.1f}, start "
+          f"{results['base_minutes']:.1f}, plain {results['plain']['minutes']:.1f}, refined "
+          f"{results['refined']['minutes']:.1f}); "
           f"results in {Path(args.output) / 'edges.json'}")
 
 

@@ -12,9 +12,11 @@ both in :func:`~maskrcnn.modeling.maskrcnn.prepare_for_inference` form. Timed: `
 bool, as a caller gets them) and the mask stage alone (``roi_heads.mask_probs`` on fixed features and detections:
 the mask head, plus the subdivision for the refined model). Training: one step (forward, backward, SGD step) of
 the R50-FPN at 512 px on 2 images and of the small demo configuration at its own size and batch, plain and refined
-from the same weights on the same batch of shapes images. Each pair runs alternately, ``repeats`` times after a
-warm-up, so that load from other processes weighs on both; ``extra`` is refined / plain - 1 per round, given as the
-median with the smallest and largest round.
+from the same weights on the same batch of shapes images (:func:`benchmarks.speed.training_step`). Each pair runs
+alternately, ``repeats`` times after a warm-up, so that load from other processes weighs on both; ``extra`` is
+refined / plain - 1 per round, given as the median with the smallest and largest round, and ``best`` compares the
+fastest rounds. Where other processes share the cores, ``--threads 1`` keeps one waiting thread from stalling the
+other at every operation (on this repository's shared 2-core machine two threads spread the rounds over 2x).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import sys
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
-from torch import nn
 
 from maskrcnn.cli import run
 from maskrcnn.config import ModelConfig, load_config
@@ -37,7 +38,7 @@ from maskrcnn.precision import channels_last_is_faster, machine_summary
 from maskrcnn.reference import our_model_from, sample_images, well_conditioned_torchvision_model
 
 from .speed import (MODES, _autocast, _interleaved_times, choose_modes, inference_config, machine_line,
-                    model_config, training_batch)
+                    model_config, training_batch, training_step)
 
 VARIANTS = ("plain", "refined")
 
@@ -50,7 +51,8 @@ def refined_twin(model: MaskRCNN, cfg: ModelConfig, seed: int = 0) -> MaskRCNN:
     twin = build_model(cfg)
     missing, unexpected = twin.load_state_dict(model.state_dict(), strict=False)
     if unexpected or not all(key.startswith("roi_heads.point_head.") for key in missing):
-        raise RuntimeError(f"the refined model differs from the plain one beyond its point head: {missing}, {unexpected}")
+        raise RuntimeError(f"the refined model differs from the plain one beyond its point head: {missing}, "
+                           f"{unexpected}")
     return twin.train(model.training)
 
 
@@ -65,7 +67,8 @@ def spread(times: Dict[str, List[float]], prefix: str) -> Dict[str, float]:
                     f"{prefix}_{name}_max_s": max(times[name])})
     extra = [r / p - 1 for p, r in zip(times["plain"], times["refined"])]
     out.update({f"{prefix}_extra": statistics.median(extra), f"{prefix}_extra_min": min(extra),
-                f"{prefix}_extra_max": max(extra), f"{prefix}_extra_best": min(times["refined"]) / min(times["plain"]) - 1})
+                f"{prefix}_extra_max": max(extra),
+                f"{prefix}_extra_best": min(times["refined"]) / min(times["plain"]) - 1})
     return out
 
 
@@ -116,18 +119,7 @@ def train_step_cost(cfg: ModelConfig, *, num_images: int, mode: str, repeats: in
             model.to(memory_format=torch.channels_last)
     images, targets, _ = training_batch(num_images, cfg.input.min_size[-1], cfg.input.max_size, device, seed)
 
-    def step(model: nn.Module) -> Callable[[], None]:
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-
-        def call():
-            with _autocast(device, mode):
-                losses = model(images, targets)
-            optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
-        return call
-
-    runs = {name: step(model) for name, model in models.items()}
+    runs = {name: training_step(model, images, targets, mode=mode, device=device) for name, model in models.items()}
     _interleaved_times(runs, 1, lambda: None)
     return spread(_interleaved_times(runs, repeats, lambda: None), "step")
 
@@ -176,7 +168,8 @@ def format_cost(figures: Dict[str, object]) -> str:
             cells = [f"{f[f'{key}_{name}_s']:.3f} ({f[f'{key}_{name}_min_s']:.2f}-{f[f'{key}_{name}_max_s']:.2f})"
                      for name in VARIANTS]
             lines.append(f"  {label:<26} {cells[0]:>18} {cells[1]:>18} {f[f'{key}_extra']:+7.1%} "
-                         f"({f[f'{key}_extra_min']:+.0%} to {f[f'{key}_extra_max']:+.0%}) {f[f'{key}_extra_best']:+7.1%}")
+                         f"({f[f'{key}_extra_min']:+.0%} to {f[f'{key}_extra_max']:+.0%}) "
+                         f"{f[f'{key}_extra_best']:+7.1%}")
     return "\n".join(lines)
 
 

@@ -512,6 +512,22 @@ def training_batch(num_images: int, size: int, max_size: int, device: torch.devi
     return images, ours, tv
 
 
+def training_step(model: nn.Module, images: List[Tensor], targets: List[dict], *, mode: str,
+                  device: torch.device) -> Callable[[], None]:
+    """One training step of ``model`` on a fixed batch, as a callable: forward in precision ``mode``, backward and an
+    SGD step (lr 1e-3, momentum 0.9, weight decay 1e-4) on the parameters that train."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+
+    def run():
+        with _autocast(device, mode):
+            losses = model(images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+    return run
+
+
 def benchmark_train_step(cfg: ModelConfig, *, num_images: int, mode: str, repeats: int, device: torch.device,
                          seed: int = 0) -> Dict[str, float]:
     """One training step (forward + backward + SGD step) of ours and torchvision's model at ``cfg``.
@@ -537,19 +553,9 @@ def benchmark_train_step(cfg: ModelConfig, *, num_images: int, mode: str, repeat
     tv_cl = copy.deepcopy(tv).to(memory_format=torch.channels_last)
     images, our_targets, tv_targets = training_batch(num_images, size, cfg.input.max_size, device, seed)
 
-    def step(model, targets):
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
-
-        def run():
-            with _autocast(device, mode):
-                losses = model(images, targets)
-            optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
-        return run
-
-    runs = {"ours": step(ours, our_targets), "tv_nchw": step(tv, tv_targets), "tv_cl": step(tv_cl, tv_targets)}
+    runs = {"ours": training_step(ours, images, our_targets, mode=mode, device=device),
+            "tv_nchw": training_step(tv, images, tv_targets, mode=mode, device=device),
+            "tv_cl": training_step(tv_cl, images, tv_targets, mode=mode, device=device)}
     _interleaved_medians(runs, 1, sync)
     t = _interleaved_medians(runs, repeats, sync)
     best = min(("tv_nchw", "tv_cl"), key=t.get)

@@ -286,5 +286,5 @@ def test_refinement_tool_on_a_model_without_a_point_head_says_so_in_one_line(wor
         run(tool["main"], ["--refinement", "--checkpoint", str(workdir / "model.pth"), "--shapes", "--shapes-dir",
                            str(workdir / "shapes"), "--output", str(workdir / "refinement")])
     assert stop.value.code == 2
-    assert capsys.readouterr().err.strip() == ("error: the model has no point head (model.roi_heads.mask_refine is off): "
-                                               "nothing is refined")
+    assert capsys.readouterr().err.strip() == ("error: the model has no point head (model.roi_heads.mask_refine is "
+                                               "off): nothing is refined")
