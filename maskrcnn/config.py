@@ -194,7 +194,7 @@ class ShapesConfig:
     seed: int = 0  # generation seed: the same options give the same files
     min_size: int = 128  # smallest image side (pixels)
     max_size: int = 256  # largest image side (pixels)
-    categories: str = "basic"  # "basic" (square, circle, triangle) or "novel" (star, hexagon, cross)
+    categories: str = "basic"  # "basic" (square, circle, triangle), "novel" (star, hexagon, cross) or "edges" (sunburst, gear, comb: thin parts, for large images)
     rare_fraction: float = 1.0  # training split: the last category is drawn this often relative to each other one (0.1: long-tailed)
 
 
