@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence
+from typing import Iterable, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -90,9 +90,9 @@ def score_image(predictor: Predictor, path) -> PoolImage:
     return PoolImage(Path(path), len(output["scores"]), mask, score, embedding.cpu().numpy())
 
 
-def score_pool(predictor: Predictor, paths: Iterable, *, progress: Callable = iter) -> List[PoolImage]:
-    """:func:`score_image` of every path, in order; ``progress`` wraps the paths (e.g. ``tqdm``)."""
-    return [score_image(predictor, path) for path in progress(list(paths))]
+def score_pool(predictor: Predictor, paths: Iterable) -> List[PoolImage]:
+    """:func:`score_image` of every path, in order (``paths`` may be a progress bar over them)."""
+    return [score_image(predictor, path) for path in paths]
 
 
 def informativeness(pool: Sequence[PoolImage]) -> np.ndarray:

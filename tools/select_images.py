@@ -45,7 +45,8 @@ def main(argv=None) -> None:
                          + (f" left after --exclude {args.exclude}" if excluded else ""))
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision,
                                           score_thresh=args.score_thresh)
-    pool = score_pool(predictor, paths, progress=lambda items: tqdm(items, desc="pool", unit="img"))
+    with tqdm(paths, desc="pool", unit="img") as progress:  # closed before an error is printed
+        pool = score_pool(predictor, progress)
     values = informativeness(pool)
     chosen = select_images(values, embeddings(pool), args.budget)
     output = Path(args.output)
