@@ -101,6 +101,7 @@ class RoIHeadsConfig:
     batch_size_per_image: int = 512  # RoIs sampled per image for the box and mask losses
     positive_fraction: float = 0.25  # at most this fraction of the sampled RoIs is foreground
     mask_rois_per_image: int = 0  # foreground RoIs per image the mask loss uses (random subset); 0 all of them
+    mask_outline_weight: float = 0.0  # extra weight of the mask loss on the target's outline cells; 0 plain BCE
     bbox_reg_weights: List[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])  # (wx, wy, ww, wh)
     score_thresh: float = 0.05  # detections scoring below this are dropped
     nms_thresh: float = 0.5  # per-class NMS IoU threshold

@@ -1,9 +1,10 @@
 """Mask head: logits of the detected class only, equal to the full forward's channel."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from maskrcnn.modeling.mask_head import MaskHead, logits_of_class, mask_loss
+from maskrcnn.modeling.mask_head import MaskHead, logits_of_class, mask_loss, outline_cells
 
 
 def test_class_logits_are_the_forward_channel_of_each_class():
@@ -61,3 +62,34 @@ def test_fused_inference_equals_the_plain_convolutions(monkeypatch):
         plain = head(x)
     assert len(fused_convs) == 3
     torch.testing.assert_close(fused, plain, rtol=0, atol=2e-5 * plain.abs().max().item())
+
+
+def test_outline_cells_are_the_band_where_the_target_changes():
+    """A 10 x 10 square in a 28 x 28 grid: its outline band is the square's own border ring and the ring
+    just outside it; the grid's edge is not an outline, and a full or an empty target has none."""
+    targets = torch.zeros(3, 28, 28)
+    targets[0, 9:19, 9:19] = 1
+    targets[1] = 1  # all foreground: nothing to outline, not even at the grid's edge
+    band = outline_cells(targets)
+    expected = torch.zeros(28, 28, dtype=torch.bool)
+    expected[8:20, 8:20] = True
+    expected[10:18, 10:18] = False  # the square's inside, two cells in, sees no background
+    assert torch.equal(band[0], expected)
+    assert band[0].sum() == 12 * 12 - 8 * 8
+    assert not band[1].any() and not band[2].any()
+
+
+def test_outline_weight_weighs_the_outline_cells_and_keeps_the_plain_loss_at_zero():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 28, 28)
+    targets = torch.zeros(4, 28, 28)
+    targets[:, 6:20, 5:22] = 1
+    per_cell = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    band = outline_cells(targets)
+    assert torch.equal(mask_loss(logits, targets, 0.0), F.binary_cross_entropy_with_logits(logits, targets))
+    weights = torch.where(band, 5.0, 1.0)
+    expected = (per_cell * weights).sum() / weights.sum()
+    torch.testing.assert_close(mask_loss(logits, targets, 4.0), expected, rtol=1e-6, atol=0)
+    # Only the outline gains weight: a loss that errs on the outline alone rises above the plain mean.
+    wrong_outline = torch.where(band, -3.0, torch.where(targets > 0.5, 6.0, -6.0))
+    assert mask_loss(wrong_outline, targets, 4.0) > 2 * mask_loss(wrong_outline, targets, 0.0)

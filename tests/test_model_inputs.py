@@ -266,3 +266,26 @@ def test_negative_mask_rois_per_image_is_refused():
     cfg.roi_heads.mask_rois_per_image = -1
     with pytest.raises(ValueError, match="roi_heads.mask_rois_per_image must be >= 0"):
         build_model(cfg)
+
+
+def test_mask_outline_weight_reaches_the_mask_loss_and_nothing_else():
+    images = images_of((64, 96))
+    targets = [rectangle_target((64, 96), [[10, 8, 50, 40], [55, 20, 90, 60]], [1, 3])]
+    losses = {}
+    for weight in (0.0, 4.0):
+        cfg = tiny_model_config()
+        cfg.roi_heads.mask_outline_weight = weight
+        torch.manual_seed(1)
+        model = tiny_model(cfg).train()
+        torch.manual_seed(2)
+        losses[weight] = model(images, targets)
+    assert losses[4.0]["loss_mask"] != losses[0.0]["loss_mask"]
+    for name in ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"):
+        assert torch.equal(losses[4.0][name], losses[0.0][name]), name
+
+
+def test_negative_mask_outline_weight_is_refused():
+    cfg = tiny_model_config()
+    cfg.roi_heads.mask_outline_weight = -0.5
+    with pytest.raises(ValueError, match="roi_heads.mask_outline_weight must be >= 0"):
+        build_model(cfg)

@@ -101,16 +101,31 @@ def mask_targets(gt_masks: List, proposals: List[Tensor], matched_idxs: List[Ten
     return torch.cat(out).to(proposals[0].device)
 
 
-def mask_loss(class_logits: Tensor, targets: Tensor) -> Tensor:
+def mask_loss(class_logits: Tensor, targets: Tensor, outline_weight: float = 0.0) -> Tensor:
     """Per-pixel binary cross-entropy of each positive RoI's ground-truth class channel.
 
     class_logits: (P, S, S) logits of the ground-truth class (:meth:`MaskHead.class_logits`, or
     :func:`logits_of_class` of the full logits); targets: (P, S, S) in [0, 1].
-    Returns the mean over P * S * S cells; 0 (graph kept) when P == 0.
+    outline_weight: cells on the target's outline (:func:`outline_cells`) weigh ``1 + outline_weight``, the
+        others 1 (targets must then be (P, S, S) grids); 0 is the plain mean.
+    Returns the weighted mean over P * S * S cells; 0 (graph kept) when P == 0.
     """
     if targets.numel() == 0:
         return class_logits.sum() * 0
-    return F.binary_cross_entropy_with_logits(class_logits.float(), targets)
+    if outline_weight == 0:
+        return F.binary_cross_entropy_with_logits(class_logits.float(), targets)
+    weights = 1 + outline_weight * outline_cells(targets).float()
+    per_cell = F.binary_cross_entropy_with_logits(class_logits.float(), targets, reduction="none")
+    return (per_cell * weights).sum() / weights.sum()
+
+
+def outline_cells(targets: Tensor) -> Tensor:
+    """(P, S, S) targets in [0, 1] -> (P, S, S) bool: the cells whose 3 x 3 neighbourhood (inside the grid)
+    holds both foreground (> 0.5) and background, the two-cell-wide band along each target's outline."""
+    inside = (targets > 0.5).float()[:, None]
+    grown = F.max_pool2d(inside, 3, stride=1, padding=1)  # some neighbour is foreground
+    shrunk = -F.max_pool2d(-inside, 3, stride=1, padding=1)  # every neighbour is foreground
+    return (grown != shrunk)[:, 0]
 
 
 def logits_of_class(pred_mask_logits: Tensor, classes: Tensor) -> Tensor:

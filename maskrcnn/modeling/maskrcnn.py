@@ -283,7 +283,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
                         allow_low_quality_matches=False),
         batch_size_per_image=h.batch_size_per_image, positive_fraction=h.positive_fraction,
         score_thresh=h.score_thresh, nms_thresh=h.nms_thresh, detections_per_img=h.detections_per_img,
-        mask_rois_per_image=h.mask_rois_per_image,
+        mask_rois_per_image=h.mask_rois_per_image, mask_outline_weight=h.mask_outline_weight,
         point_head=PointHead(in_channels=b.fpn_channels, num_classes=h.num_classes, fc_dim=h.point_head_dim,
                              num_fcs=h.point_head_fcs, stride=pooled_strides[0], num_points_train=h.point_train_points,
                              oversample_ratio=h.point_oversample_ratio, importance_ratio=h.point_importance_ratio,

@@ -117,6 +117,8 @@ class RoIHeads(nn.Module):
         mask_rois_per_image: the mask loss uses at most this many of each image's foreground RoIs (a
             random subset); 0 uses them all (the standard). The mask head is the costliest part of a
             training step and its cost grows with the foreground RoIs, several per object.
+        mask_outline_weight: extra weight of the mask loss on the cells along each target's outline
+            (:func:`~maskrcnn.modeling.mask_head.mask_loss`); 0 is the standard loss.
         score_thresh, nms_thresh, detections_per_img: detection selection at inference.
 
     forward(features, proposals, image_sizes, targets) ->
@@ -130,8 +132,11 @@ class RoIHeads(nn.Module):
                  mask_pooler: MultiLevelRoIAlign, mask_head: MaskHead, box_coder: BoxCoder, matcher: Matcher,
                  batch_size_per_image: int, positive_fraction: float, score_thresh: float, nms_thresh: float,
                  detections_per_img: int, mask_rois_per_image: int = RoIHeadsConfig.mask_rois_per_image,
-                 point_head: Optional[PointHead] = None):
+                 point_head: Optional[PointHead] = None,
+                 mask_outline_weight: float = RoIHeadsConfig.mask_outline_weight):
         super().__init__()
+        if mask_outline_weight < 0:
+            raise ValueError(f"roi_heads.mask_outline_weight must be >= 0, got {mask_outline_weight}")
         if mask_rois_per_image < 0:
             raise ValueError(f"roi_heads.mask_rois_per_image must be >= 0 (0 uses every foreground RoI), "
                              f"got {mask_rois_per_image}")
@@ -149,6 +154,7 @@ class RoIHeads(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
         self.mask_rois_per_image = mask_rois_per_image
+        self.mask_outline_weight = mask_outline_weight
 
     def forward(self, features: List[Tensor], proposals: List[Tensor], image_sizes: List[Tuple[int, int]],
                 targets=None):
@@ -203,7 +209,7 @@ class RoIHeads(nn.Module):
                 losses["loss_mask_point"] = sum(p.sum() for p in self.point_head.parameters()) * 0
         else:
             class_logits = self.mask_head.class_logits(self.mask_pooler(features, fg_boxes), fg_classes)
-            losses["loss_mask"] = mask_loss(class_logits, targets_28)
+            losses["loss_mask"] = mask_loss(class_logits, targets_28, self.mask_outline_weight)
             if self.point_head is not None:
                 losses["loss_mask_point"] = self.point_head.loss(features, fg_boxes, class_logits, fg_classes,
                                                                  gt_masks, fg_matched)
