@@ -1,0 +1,255 @@
+"""Whether choosing the next images to label by the model's uncertainty and diversity (maskrcnn/active.py) beats
+choosing them at random.
+
+    python -m benchmarks.active_selection [key.sub=value ...] [--seeds 0 1] [--iters 300] [--val 200]
+        [--start 100] [--step 100] [--rounds 3] [--pool 600]
+
+Data: the long-tailed shapes training split (its last category drawn a tenth as often as each other one, as
+``benchmarks/few_images.py`` makes it): a pool people would be asked to label is rarely balanced. The first
+``--start`` images are labelled; the next ``--pool`` are the unlabelled pool. Each of ``--rounds`` rounds adds
+``--step`` images of the pool to the labelled set, chosen
+
+- ``select``: by :func:`maskrcnn.active.select_images` with the previous round's model of the same chain
+  (round 1: the round-0 model both chains share), over the images of the pool not labelled yet;
+- ``random``: the next ``--step`` images of a permutation of the pool drawn once per seed (``numpy`` seeded
+  with the seed).
+
+Every round trains the demo configuration (configs/maskrcnn_R18_FPN_small.yaml) from scratch for the same
+``--iters`` iterations (seed ``train.seed``): a round's score then depends on its labelled images alone, not on
+what earlier rounds happened to train, and every round costs the same. Each model is scored (mask AP, box AP,
+rare-category mask AP) on the same balanced validation images (``--val``, generated once).
+
+A finished run whose settings and labelled images match is reused, and so is a round's selection: rerun the
+command to go on after an interruption. Prints a Markdown table per round: mask AP of both strategies as the
+mean over seeds ± half their range, their paired difference, the rare category's mask AP and its instances
+among the labelled images; writes it with every run's figures as JSON (``--output``/active_selection.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from benchmarks.few_images import (LOG_PERIOD, RARE_CATEGORY, RARE_FRACTION, _load_scores,
+                                   generate_data, score_checkpoint)
+from maskrcnn.active import SCORE_THRESH, embeddings, informativeness, score_pool, select_images, write_selection
+from maskrcnn.cli import require_at_least, run
+from maskrcnn.config import load_config
+from maskrcnn.engine.trainer import train
+from maskrcnn.fileio import save_json
+from maskrcnn.precision import machine_summary
+from maskrcnn.predictor import Predictor
+
+STRATEGIES = ("select", "random")
+SPLIT = "long_tailed"
+
+
+def labelled_subset(ann_file: Path, names: Sequence[str], out_file: Path) -> Path:
+    """``out_file``: the COCO file ``ann_file`` cut to the images whose ``file_name`` is in ``names`` and their
+    annotations; written only when its content changes (so that its annotation cache stays valid)."""
+    data = json.loads(ann_file.read_text())
+    wanted = set(names)
+    data["images"] = [image for image in data["images"] if image["file_name"] in wanted]
+    keep = {image["id"] for image in data["images"]}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    if not out_file.is_file() or json.loads(out_file.read_text()) != data:
+        save_json(out_file, data)
+    return out_file
+
+
+def rare_instances(ann_file: Path, names: Sequence[str]) -> int:
+    """How many (non-crowd) instances of the rare category the images ``names`` of ``ann_file`` hold."""
+    data = json.loads(ann_file.read_text())
+    rare = next(c["id"] for c in data["categories"] if c["name"] == RARE_CATEGORY)
+    wanted = set(names)
+    ids = {image["id"] for image in data["images"] if image["file_name"] in wanted}
+    return sum(1 for a in data["annotations"] if a["image_id"] in ids and a["category_id"] == rare
+               and not a["iscrowd"])
+
+
+def choose(strategy: str, *, seed: int, pool: List[str], labelled: List[str], step: int, round_dir: Path,
+           previous_checkpoint: Path, image_dir: Path) -> List[str]:
+    """The ``step`` pool images (file names) to add this round: see the module doc. A ``select`` round's
+    choice is kept in ``round_dir`` (``selected.txt``, ``selection.json``) and reused when it was made from
+    the same checkpoint over the same remaining pool."""
+    taken = set(labelled)
+    remaining = [name for name in pool if name not in taken]
+    if strategy == "random":
+        order = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))]
+        return [name for name in order if name not in taken][:step]
+    settings = {"checkpoint": str(previous_checkpoint), "budget": step, "score_thresh": SCORE_THRESH,
+                "remaining": remaining}
+    saved = round_dir / "selection.json"
+    if saved.is_file() and json.loads(saved.read_text())["settings"] == settings:
+        return [Path(line).name for line in (round_dir / "selected.txt").read_text().splitlines()]
+    predictor = Predictor.from_checkpoint(previous_checkpoint, score_thresh=SCORE_THRESH)
+    scored = score_pool(predictor, [image_dir / name for name in remaining])
+    values = informativeness(scored)
+    chosen = select_images(values, embeddings(scored), step)
+    write_selection(round_dir, scored, chosen, settings=settings, values=values)
+    return [remaining[i] for i in chosen.index]
+
+
+def run_benchmark(*, config: str, data_dir: str | Path, output_dir: str | Path, seeds: Sequence[int], iters: int,
+                  num_val: int, start: int, step: int, rounds: int, pool_size: int,
+                  overrides: Sequence[str] = ()) -> dict:
+    """Train and score round 0 and every (strategy, round, seed); returns (and writes to
+    ``output_dir/active_selection.json``) ``{"settings", "machine", "runs": [...], "rows": summarize(...)}``.
+
+    Each run's folder (``output_dir/round0_seed<seed>``, ``output_dir/<strategy>_round<r>_seed<seed>``) holds the
+    trainer's outputs and ``scores.json``: ``settings`` (its overrides), ``images`` (the labelled file names),
+    ``scores`` (``{"trained": few_images.SCORES}``), ``rare_instances`` and the training and scoring seconds;
+    each ``select`` round's choice is in ``output_dir/selections/<strategy>_round<r>_seed<seed>``.
+    """
+    data_dir, output_dir = Path(data_dir), Path(output_dir)
+    folders = generate_data(data_dir, start + pool_size, num_val)
+    ann_file, image_dir = folders[SPLIT] / "annotations" / "instances_train.json", folders[SPLIT] / "train"
+    names = [image["file_name"] for image in json.loads(ann_file.read_text())["images"]][: start + pool_size]
+    first, pool = names[:start], names[start:]
+    runs = []
+    for seed in seeds:
+        record = train_and_score(config, output_dir / f"round0_seed{seed}", first, ann_file=ann_file,
+                                 image_dir=image_dir, folders=folders, data_dir=data_dir, iters=iters, seed=seed,
+                                 overrides=overrides, label=f"seed {seed}, round 0")
+        runs += [{"strategy": strategy, "round": 0, "seed": seed, **record} for strategy in STRATEGIES]
+        labelled = {strategy: list(first) for strategy in STRATEGIES}
+        previous = {strategy: output_dir / f"round0_seed{seed}" / "model_final.pth" for strategy in STRATEGIES}
+        for round_number in range(1, rounds + 1):
+            for strategy in STRATEGIES:
+                name = f"{strategy}_round{round_number}_seed{seed}"
+                labelled[strategy] += choose(strategy, seed=seed, pool=pool, labelled=labelled[strategy], step=step,
+                                             round_dir=output_dir / "selections" / name,
+                                             previous_checkpoint=previous[strategy], image_dir=image_dir)
+                record = train_and_score(config, output_dir / name, labelled[strategy], ann_file=ann_file,
+                                         image_dir=image_dir, folders=folders, data_dir=data_dir, iters=iters,
+                                         seed=seed, overrides=overrides,
+                                         label=f"seed {seed}, {strategy} round {round_number}")
+                runs.append({"strategy": strategy, "round": round_number, "seed": seed, **record})
+                previous[strategy] = output_dir / name / "model_final.pth"
+    result = {"settings": {"config": config, "seeds": list(seeds), "iters": iters, "num_val": num_val,
+                           "start": start, "step": step, "rounds": rounds, "pool": pool_size, "split": SPLIT,
+                           "rare_fraction": RARE_FRACTION, "rare_category": RARE_CATEGORY,
+                           "score_thresh": SCORE_THRESH, "overrides": list(overrides)},
+              "machine": machine_summary("cpu"), "runs": runs, "rows": summarize(runs, seeds, rounds)}
+    save_json(output_dir / "active_selection.json", result)
+    return result
+
+
+def train_and_score(config: str, run_dir: Path, images: List[str], *, ann_file: Path, image_dir: Path,
+                    folders: Dict[str, Path], data_dir: Path, iters: int, seed: int, overrides: Sequence[str],
+                    label: str) -> dict:
+    """Train from scratch on ``images`` (file names of ``ann_file``) into ``run_dir`` and score the trained
+    weights on the validation images, or reuse a finished run of the same settings and images."""
+    subset = labelled_subset(ann_file, images, data_dir / "subsets" / f"{run_dir.name}.json")
+    settings = [f"data.train_ann={subset}", f"data.train_images={image_dir}",
+                f"data.val_ann={folders['val'] / 'annotations' / 'instances_val.json'}",
+                f"data.val_images={folders['val'] / 'val'}", f"solver.max_iter={iters}", f"train.seed={seed}",
+                f"train.output_dir={run_dir}", f"train.checkpoint_period={iters}", "train.eval_period=0",
+                "train.eval_at_end=false", f"train.log_period={LOG_PERIOD}", *overrides]
+    record = _load_scores(run_dir, config, settings)
+    if record is None or record.get("images") != list(images):
+        print(f"{label}: training {iters} iterations on {len(images)} images", flush=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        start = time.perf_counter()
+        train(load_config(config, settings))
+        trained = time.perf_counter() - start
+        start = time.perf_counter()
+        # No weight average (solver.ema_decay stays 0): the checkpoint's "model" holds the trained weights.
+        scores = score_checkpoint(run_dir / "model_final.pth", folders["val"], average=True)
+        record = {"config": config, "settings": settings, "images": list(images),
+                  "scores": {"trained": scores}, "rare_instances": rare_instances(ann_file, images),
+                  "train_seconds": trained, "score_seconds": time.perf_counter() - start}
+        save_json(run_dir / "scores.json", record)
+    s = record["scores"]["trained"]
+    print(f"{label}: {len(images)} images ({record['rare_instances']} {RARE_CATEGORY}): mask AP "
+          f"{100 * s['mask_ap']:.1f}, box AP {100 * s['box_ap']:.1f}, {RARE_CATEGORY} mask AP "
+          f"{100 * s['rare_mask_ap']:.1f} (training {record['train_seconds'] / 60:.1f} min)", flush=True)
+    return record
+
+
+def spread(values: Sequence[float]) -> dict:
+    """Per-seed ``values``, their mean and half their range."""
+    return {"per_seed": list(values), "mean": statistics.fmean(values), "half_range": (max(values) - min(values)) / 2}
+
+
+def summarize(runs: List[dict], seeds: Sequence[int], rounds: int) -> List[dict]:
+    """One row per round: its labelled images, and per strategy the mask AP, box AP, rare-category mask AP
+    (0-1) and rare instances labelled as :func:`spread` gives them; ``difference``: select - random mask AP,
+    paired by seed."""
+    by_key = {(r["strategy"], r["round"], r["seed"]): r for r in runs}
+    rows = []
+    for round_number in range(rounds + 1):
+        row = {"round": round_number, "images": len(by_key[("select", round_number, seeds[0])]["images"])}
+        for strategy in STRATEGIES:
+            found = [by_key[(strategy, round_number, seed)] for seed in seeds]
+            row[strategy] = {key: spread([r["scores"]["trained"][key] for r in found])
+                             for key in ("mask_ap", "box_ap", "rare_mask_ap")}
+            row[strategy]["rare_instances"] = spread([r["rare_instances"] for r in found])
+        row["difference"] = spread([a - b for a, b in zip(row["select"]["mask_ap"]["per_seed"],
+                                                         row["random"]["mask_ap"]["per_seed"])])
+        rows.append(row)
+    return rows
+
+
+def goal(rows: List[dict]) -> str:
+    """Whether select reaches random's last-round mask AP (mean over seeds) at least a round earlier (round 0,
+    shared by both, does not count), or gains at least 3 points over it at the last round."""
+    target, last = rows[-1]["random"]["mask_ap"]["mean"], rows[-1]
+    reached = next((row["round"] for row in rows[1:] if row["select"]["mask_ap"]["mean"] >= target), None)
+    gain = 100 * last["difference"]["mean"]
+    earlier = reached is not None and reached < last["round"]
+    verdict = "met" if earlier or gain >= 3 else "not met"
+    where = f"at round {reached}" if reached is not None else "at no round"
+    return (f"goal {verdict}: select reaches random's round-{last['round']} mask AP ({100 * target:.1f}) {where}; "
+            f"round-{last['round']} difference {gain:+.1f} ± {100 * last['difference']['half_range']:.1f} points")
+
+
+def selection_table(rows: List[dict]) -> str:
+    """A Markdown table of :func:`summarize`'s rows: APs in points, mean ± half the range over seeds."""
+
+    def cell(score: dict, scale: float = 100, digits: int = 1) -> str:
+        return f"{scale * score['mean']:.{digits}f} ± {scale * score['half_range']:.{digits}f}"
+
+    lines = [f"| round | labelled images | mask AP select | mask AP random | select - random (paired) "
+             f"| {RARE_CATEGORY} mask AP select | {RARE_CATEGORY} mask AP random "
+             f"| {RARE_CATEGORY} instances select / random |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        select, rand = row["select"], row["random"]
+        lines.append(f"| {row['round']} | {row['images']} | {cell(select['mask_ap'])} | {cell(rand['mask_ap'])} "
+                     f"| {cell(row['difference'])} | {cell(select['rare_mask_ap'])} | {cell(rand['rare_mask_ap'])} "
+                     f"| {select['rare_instances']['mean']:.0f} / {rand['rare_instances']['mean']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/maskrcnn_R18_FPN_small.yaml", help="configuration of every run")
+    parser.add_argument("--data", default="data/active_selection", help="folder of the generated shapes splits")
+    parser.add_argument("--output", default="output/active_selection", help="folder of the runs and the summary")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (train.seed)")
+    parser.add_argument("--iters", type=int, default=300, help="training iterations of every run")
+    parser.add_argument("--val", type=int, default=200, help="validation images")
+    parser.add_argument("--start", type=int, default=100, help="labelled images before the first round")
+    parser.add_argument("--step", type=int, default=100, help="images added per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of adding images")
+    parser.add_argument("--pool", type=int, default=600, help="unlabelled images to choose from")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="configuration overrides of every run")
+    args = parser.parse_args(argv)
+    require_at_least(args, iters=2 * LOG_PERIOD, val=1, start=1, step=1, rounds=1, pool=args.step * args.rounds)
+    result = run_benchmark(config=args.config, data_dir=args.data, output_dir=args.output, seeds=args.seeds,
+                           iters=args.iters, num_val=args.val, start=args.start, step=args.step, rounds=args.rounds,
+                           pool_size=args.pool, overrides=args.overrides)
+    print(selection_table(result["rows"]))
+    print(goal(result["rows"]))
+
+
+if __name__ == "__main__":
+    run(main)
