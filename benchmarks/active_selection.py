@@ -39,9 +39,9 @@ import numpy as np
 
 from benchmarks.few_images import (LOG_PERIOD, RARE_CATEGORY, RARE_FRACTION, _load_scores,
                                    generate_data, score_checkpoint)
-from maskrcnn.active import SCORE_THRESH, embeddings, informativeness, score_pool, select_images, write_selection
+from maskrcnn.active import embeddings, informativeness, score_pool, select_images, write_selection
 from maskrcnn.cli import require_at_least, run
-from maskrcnn.config import load_config
+from maskrcnn.config import RoIHeadsConfig, load_config
 from maskrcnn.engine.trainer import train
 from maskrcnn.fileio import save_json
 from maskrcnn.precision import machine_summary
@@ -84,12 +84,12 @@ def choose(strategy: str, *, seed: int, pool: List[str], labelled: List[str], st
     if strategy == "random":
         order = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))]
         return [name for name in order if name not in taken][:step]
-    settings = {"checkpoint": str(previous_checkpoint), "budget": step, "score_thresh": SCORE_THRESH,
+    settings = {"checkpoint": str(previous_checkpoint), "budget": step, "score_thresh": RoIHeadsConfig.score_thresh,
                 "remaining": remaining}
     saved = round_dir / "selection.json"
     if saved.is_file() and json.loads(saved.read_text())["settings"] == settings:
         return [Path(line).name for line in (round_dir / "selected.txt").read_text().splitlines()]
-    predictor = Predictor.from_checkpoint(previous_checkpoint, score_thresh=SCORE_THRESH)
+    predictor = Predictor.from_checkpoint(previous_checkpoint, score_thresh=RoIHeadsConfig.score_thresh)
     scored = score_pool(predictor, [image_dir / name for name in remaining])
     values = informativeness(scored)
     chosen = select_images(values, embeddings(scored), step)
@@ -136,7 +136,7 @@ def run_benchmark(*, config: str, data_dir: str | Path, output_dir: str | Path, 
     result = {"settings": {"config": config, "seeds": list(seeds), "iters": iters, "num_val": num_val,
                            "start": start, "step": step, "rounds": rounds, "pool": pool_size, "split": SPLIT,
                            "rare_fraction": RARE_FRACTION, "rare_category": RARE_CATEGORY,
-                           "score_thresh": SCORE_THRESH, "overrides": list(overrides)},
+                           "score_thresh": RoIHeadsConfig.score_thresh, "overrides": list(overrides)},
               "machine": machine_summary("cpu"), "runs": runs, "rows": summarize(runs, seeds, rounds)}
     save_json(output_dir / "active_selection.json", result)
     return result

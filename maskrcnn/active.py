@@ -43,7 +43,6 @@ from maskrcnn.inference import to_image_tensor
 from maskrcnn.precision import autocast
 from maskrcnn.predictor import Predictor
 
-SCORE_THRESH = 0.05  # the pool is run at this score threshold, so that detections in doubt are seen
 LIST_FILE, SCORES_FILE = "selected.txt", "selection.json"
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from maskrcnn.active import (SCORE_THRESH, embeddings, informativeness, read_exclude, score_pool, select_images,
+from maskrcnn.active import (embeddings, informativeness, read_exclude, score_pool, select_images,
                              write_selection)
 from maskrcnn.cli import require_at_least, run
+from maskrcnn.config import RoIHeadsConfig
 from maskrcnn.data.formats.preannotate import PREANNOTATION_FORMATS, PreannotationWriter
 from maskrcnn.errors import InputError
 from maskrcnn.fileio import image_files
@@ -30,8 +31,9 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", type=int, required=True, help="how many images to choose")
     parser.add_argument("--output", required=True, help="folder for selected.txt, selection.json and pre-annotations")
     parser.add_argument("--format", choices=PREANNOTATION_FORMATS, default="labelme", help="pre-annotation format")
-    parser.add_argument("--score-thresh", type=float, default=SCORE_THRESH,
-                        help=f"detections scoring below do not count towards uncertainty (default {SCORE_THRESH})")
+    parser.add_argument("--score-thresh", type=float, default=RoIHeadsConfig.score_thresh,
+                        help="detections scoring below do not count towards uncertainty (default: the library's "
+                             f"detection threshold, {RoIHeadsConfig.score_thresh}, whatever the checkpoint's)")
     parser.add_argument("--exclude", default=None, help="file listing images to leave out (one path a line)")
     parser.add_argument("--device", default="cpu", help='"cpu", "cuda" or "cuda:N"')
     parser.add_argument("--precision", default=None, choices=PRECISIONS, help="default: the checkpoint's")
