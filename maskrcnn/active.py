@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, NamedTuple, Optional, Sequence
+from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ def binary_entropy(p: Tensor) -> Tensor:
     return -(p * torch.log2(p) + (1 - p) * torch.log2(1 - p))
 
 
-def image_uncertainty(scores: Tensor, mask_probs: Tensor) -> tuple:
+def image_uncertainty(scores: Tensor, mask_probs: Tensor) -> Tuple[float, float]:
     """One image's (mask uncertainty, score uncertainty), floats in bits, from its detections' ``scores``
     (D,) in 0-1 and ``mask_probs`` (D, S, S) in 0-1; see the module doc. (0.0, 0.0) when D = 0."""
     mask = (scores.float() * binary_entropy(mask_probs).flatten(1).mean(1)).sum()  # (D, S, S) -> (D,) -> ()
