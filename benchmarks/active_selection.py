@@ -2,7 +2,7 @@
 choosing them at random.
 
     python -m benchmarks.active_selection [key.sub=value ...] [--seeds 0 1] [--iters 300] [--val 200]
-        [--start 100] [--step 100] [--rounds 3] [--pool 600]
+        [--start 100] [--step 100] [--rounds 3] [--pool 600] [--also uncertainty diversity]
 
 Data: the long-tailed shapes training split (its last category drawn a tenth as often as each other one, as
 ``benchmarks/few_images.py`` makes it): a pool people would be asked to label is rarely balanced. The first
@@ -12,7 +12,10 @@ Data: the long-tailed shapes training split (its last category drawn a tenth as 
 - ``select``: by :func:`maskrcnn.active.select_images` with the previous round's model of the same chain
   (round 1: the round-0 model both chains share), over the images of the pool not labelled yet;
 - ``random``: the next ``--step`` images of a permutation of the pool drawn once per seed (``numpy`` seeded
-  with the seed).
+  with the seed);
+- with ``--also``, either half of ``select`` alone, to tell what each buys: ``uncertainty`` (the most
+  informative images, no diversity) and ``diversity`` (k-centre greedy on the embeddings alone, every image
+  equally informative).
 
 Every round trains the demo configuration (configs/maskrcnn_R18_FPN_small.yaml) from scratch for the same
 ``--iters`` iterations (seed ``train.seed``): a round's score then depends on its labelled images alone, not on
@@ -20,9 +23,9 @@ what earlier rounds happened to train, and every round costs the same. Each mode
 rare-category mask AP) on the same balanced validation images (``--val``, generated once).
 
 A finished run whose settings and labelled images match is reused, and so is a round's selection: rerun the
-command to go on after an interruption. Prints a Markdown table per round: mask AP of both strategies as the
-mean over seeds ± half their range, their paired difference, the rare category's mask AP and its instances
-among the labelled images; writes it with every run's figures as JSON (``--output``/active_selection.json).
+command to go on after an interruption. Prints a Markdown table per round: each strategy's mask AP as the
+mean over seeds ± half their range, its paired difference from random, the rare category's mask AP and its
+instances among the labelled images; writes it with every run's figures as JSON (``--output``/active_selection.json).
 """
 
 from __future__ import annotations
@@ -39,15 +42,18 @@ import numpy as np
 
 from benchmarks.few_images import (LOG_PERIOD, RARE_CATEGORY, RARE_FRACTION, _load_scores,
                                    generate_data, score_checkpoint)
-from maskrcnn.active import embeddings, informativeness, score_pool, select_images, write_selection
+from maskrcnn.active import (Selection, embeddings, informativeness, score_pool, select_images,
+                             write_selection)
 from maskrcnn.cli import require_at_least, run
 from maskrcnn.config import RoIHeadsConfig, load_config
 from maskrcnn.engine.trainer import train
+from maskrcnn.errors import InputError
 from maskrcnn.fileio import save_json
 from maskrcnn.precision import machine_summary
 from maskrcnn.predictor import Predictor
 
-STRATEGIES = ("select", "random")
+STRATEGIES = ("select", "random")  # always run; the goal compares them
+ABLATIONS = ("uncertainty", "diversity")  # halves of select, run with --also
 SPLIT = "long_tailed"
 
 
@@ -76,7 +82,7 @@ def rare_instances(ann_file: Path, names: Sequence[str]) -> int:
 
 def choose(strategy: str, *, seed: int, pool: List[str], labelled: List[str], step: int, round_dir: Path,
            previous_checkpoint: Path, image_dir: Path) -> List[str]:
-    """The ``step`` pool images (file names) to add this round: see the module doc. A ``select`` round's
+    """The ``step`` pool images (file names) to add this round: see the module doc. A model-driven round's
     choice is kept in ``round_dir`` (``selected.txt``, ``selection.json``) and reused when it was made from
     the same checkpoint over the same remaining pool."""
     taken = set(labelled)
@@ -92,22 +98,32 @@ def choose(strategy: str, *, seed: int, pool: List[str], labelled: List[str], st
     predictor = Predictor.from_checkpoint(previous_checkpoint, score_thresh=RoIHeadsConfig.score_thresh)
     scored = score_pool(predictor, [image_dir / name for name in remaining])
     values = informativeness(scored)
-    chosen = select_images(values, embeddings(scored), step)
+    if strategy == "uncertainty":  # the most informative first, no distance: each one's distance is left at 1
+        index = np.argsort(-values, kind="stable")[:step]
+        chosen = Selection(index, np.ones(step), values[index])
+    else:
+        values = np.ones_like(values) if strategy == "diversity" else values
+        chosen = select_images(values, embeddings(scored), step)
     write_selection(round_dir, scored, chosen, settings=settings, values=values)
     return [remaining[i] for i in chosen.index]
 
 
 def run_benchmark(*, config: str, data_dir: str | Path, output_dir: str | Path, seeds: Sequence[int], iters: int,
-                  num_val: int, start: int, step: int, rounds: int, pool_size: int,
+                  num_val: int, start: int, step: int, rounds: int, pool_size: int, also: Sequence[str] = (),
                   overrides: Sequence[str] = ()) -> dict:
-    """Train and score round 0 and every (strategy, round, seed); returns (and writes to
+    """Train and score round 0 and every (strategy, round, seed) of select, random and ``also`` (among
+    ``ABLATIONS``); returns (and writes to
     ``output_dir/active_selection.json``) ``{"settings", "machine", "runs": [...], "rows": summarize(...)}``.
 
     Each run's folder (``output_dir/round0_seed<seed>``, ``output_dir/<strategy>_round<r>_seed<seed>``) holds the
     trainer's outputs and ``scores.json``: ``settings`` (its overrides), ``images`` (the labelled file names),
     ``scores`` (``{"trained": few_images.SCORES}``), ``rare_instances`` and the training and scoring seconds;
-    each ``select`` round's choice is in ``output_dir/selections/<strategy>_round<r>_seed<seed>``.
+    each model-driven round's choice is in ``output_dir/selections/<strategy>_round<r>_seed<seed>``.
     """
+    unknown = [name for name in also if name not in ABLATIONS]
+    if unknown:
+        raise InputError(f"--also: unknown {unknown}; known: {list(ABLATIONS)}")
+    strategies = [*STRATEGIES, *dict.fromkeys(also)]
     data_dir, output_dir = Path(data_dir), Path(output_dir)
     folders = generate_data(data_dir, start + pool_size, num_val)
     ann_file, image_dir = folders[SPLIT] / "annotations" / "instances_train.json", folders[SPLIT] / "train"
@@ -118,11 +134,11 @@ def run_benchmark(*, config: str, data_dir: str | Path, output_dir: str | Path, 
         record = train_and_score(config, output_dir / f"round0_seed{seed}", first, ann_file=ann_file,
                                  image_dir=image_dir, folders=folders, data_dir=data_dir, iters=iters, seed=seed,
                                  overrides=overrides, label=f"seed {seed}, round 0")
-        runs += [{"strategy": strategy, "round": 0, "seed": seed, **record} for strategy in STRATEGIES]
-        labelled = {strategy: list(first) for strategy in STRATEGIES}
-        previous = {strategy: output_dir / f"round0_seed{seed}" / "model_final.pth" for strategy in STRATEGIES}
+        runs += [{"strategy": strategy, "round": 0, "seed": seed, **record} for strategy in strategies]
+        labelled = {strategy: list(first) for strategy in strategies}
+        previous = {strategy: output_dir / f"round0_seed{seed}" / "model_final.pth" for strategy in strategies}
         for round_number in range(1, rounds + 1):
-            for strategy in STRATEGIES:
+            for strategy in strategies:
                 name = f"{strategy}_round{round_number}_seed{seed}"
                 labelled[strategy] += choose(strategy, seed=seed, pool=pool, labelled=labelled[strategy], step=step,
                                              round_dir=output_dir / "selections" / name,
@@ -136,8 +152,9 @@ def run_benchmark(*, config: str, data_dir: str | Path, output_dir: str | Path, 
     result = {"settings": {"config": config, "seeds": list(seeds), "iters": iters, "num_val": num_val,
                            "start": start, "step": step, "rounds": rounds, "pool": pool_size, "split": SPLIT,
                            "rare_fraction": RARE_FRACTION, "rare_category": RARE_CATEGORY,
-                           "score_thresh": RoIHeadsConfig.score_thresh, "overrides": list(overrides)},
-              "machine": machine_summary("cpu"), "runs": runs, "rows": summarize(runs, seeds, rounds)}
+                           "score_thresh": RoIHeadsConfig.score_thresh, "strategies": strategies,
+                           "overrides": list(overrides)},
+              "machine": machine_summary("cpu"), "runs": runs, "rows": summarize(runs, seeds, rounds, strategies)}
     save_json(output_dir / "active_selection.json", result)
     return result
 
@@ -179,21 +196,25 @@ def spread(values: Sequence[float]) -> dict:
     return {"per_seed": list(values), "mean": statistics.fmean(values), "half_range": (max(values) - min(values)) / 2}
 
 
-def summarize(runs: List[dict], seeds: Sequence[int], rounds: int) -> List[dict]:
-    """One row per round: its labelled images, and per strategy the mask AP, box AP, rare-category mask AP
-    (0-1) and rare instances labelled as :func:`spread` gives them; ``difference``: select - random mask AP,
-    paired by seed."""
+def summarize(runs: List[dict], seeds: Sequence[int], rounds: int,
+              strategies: Sequence[str] = STRATEGIES) -> List[dict]:
+    """One row per round: its labelled images; per strategy the mask AP, box AP, rare-category mask AP (0-1)
+    and rare instances labelled, as :func:`spread` gives them; ``difference``: per strategy but random, its
+    mask AP - random's, paired by seed."""
     by_key = {(r["strategy"], r["round"], r["seed"]): r for r in runs}
     rows = []
     for round_number in range(rounds + 1):
-        row = {"round": round_number, "images": len(by_key[("select", round_number, seeds[0])]["images"])}
-        for strategy in STRATEGIES:
+        row = {"round": round_number, "images": len(by_key[("select", round_number, seeds[0])]["images"]),
+               "difference": {}}
+        for strategy in strategies:
             found = [by_key[(strategy, round_number, seed)] for seed in seeds]
             row[strategy] = {key: spread([r["scores"]["trained"][key] for r in found])
                              for key in ("mask_ap", "box_ap", "rare_mask_ap")}
             row[strategy]["rare_instances"] = spread([r["rare_instances"] for r in found])
-        row["difference"] = spread([a - b for a, b in zip(row["select"]["mask_ap"]["per_seed"],
-                                                         row["random"]["mask_ap"]["per_seed"])])
+        for strategy in strategies:
+            if strategy != "random":
+                row["difference"][strategy] = spread([a - b for a, b in zip(row[strategy]["mask_ap"]["per_seed"],
+                                                                            row["random"]["mask_ap"]["per_seed"])])
         rows.append(row)
     return rows
 
@@ -203,29 +224,34 @@ def goal(rows: List[dict]) -> str:
     shared by both, does not count), or gains at least 3 points over it at the last round."""
     target, last = rows[-1]["random"]["mask_ap"]["mean"], rows[-1]
     reached = next((row["round"] for row in rows[1:] if row["select"]["mask_ap"]["mean"] >= target), None)
-    gain = 100 * last["difference"]["mean"]
+    difference = last["difference"]["select"]
+    gain = 100 * difference["mean"]
     earlier = reached is not None and reached < last["round"]
     verdict = "met" if earlier or gain >= 3 else "not met"
     where = f"at round {reached}" if reached is not None else "at no round"
     return (f"goal {verdict}: select reaches random's round-{last['round']} mask AP ({100 * target:.1f}) {where}; "
-            f"round-{last['round']} difference {gain:+.1f} ± {100 * last['difference']['half_range']:.1f} points")
+            f"round-{last['round']} difference {gain:+.1f} ± {100 * difference['half_range']:.1f} points")
 
 
 def selection_table(rows: List[dict]) -> str:
-    """A Markdown table of :func:`summarize`'s rows: APs in points, mean ± half the range over seeds."""
+    """A Markdown table of :func:`summarize`'s rows: APs in points, mean ± half the range over seeds; per
+    strategy its mask AP, then each one's paired difference from random, the rare category's mask AP and its
+    instances among the labelled images (mean over seeds)."""
 
-    def cell(score: dict, scale: float = 100, digits: int = 1) -> str:
-        return f"{scale * score['mean']:.{digits}f} ± {scale * score['half_range']:.{digits}f}"
+    def cell(score: dict) -> str:
+        return f"{100 * score['mean']:.1f} ± {100 * score['half_range']:.1f}"
 
-    lines = [f"| round | labelled images | mask AP select | mask AP random | select - random (paired) "
-             f"| {RARE_CATEGORY} mask AP select | {RARE_CATEGORY} mask AP random "
-             f"| {RARE_CATEGORY} instances select / random |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    strategies = [key for key in rows[0] if key not in ("round", "images", "difference")]
+    others = list(rows[0]["difference"])
+    header = (["round", "labelled images"] + [f"mask AP {s}" for s in strategies]
+              + [f"{s} - random (paired)" for s in others] + [f"{RARE_CATEGORY} mask AP {s}" for s in strategies]
+              + [f"{RARE_CATEGORY} instances {' / '.join(strategies)}"])
+    lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
     for row in rows:
-        select, rand = row["select"], row["random"]
-        lines.append(f"| {row['round']} | {row['images']} | {cell(select['mask_ap'])} | {cell(rand['mask_ap'])} "
-                     f"| {cell(row['difference'])} | {cell(select['rare_mask_ap'])} | {cell(rand['rare_mask_ap'])} "
-                     f"| {select['rare_instances']['mean']:.0f} / {rand['rare_instances']['mean']:.0f} |")
+        cells = ([str(row["round"]), str(row["images"])] + [cell(row[s]["mask_ap"]) for s in strategies]
+                 + [cell(row["difference"][s]) for s in others] + [cell(row[s]["rare_mask_ap"]) for s in strategies]
+                 + [" / ".join(f"{row[s]['rare_instances']['mean']:.0f}" for s in strategies)])
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -241,12 +267,14 @@ def main(argv=None) -> None:
     parser.add_argument("--step", type=int, default=100, help="images added per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of adding images")
     parser.add_argument("--pool", type=int, default=600, help="unlabelled images to choose from")
+    parser.add_argument("--also", nargs="+", default=[], choices=ABLATIONS, metavar="NAME",
+                        help=f"also run these halves of select, among {list(ABLATIONS)}")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="configuration overrides of every run")
     args = parser.parse_args(argv)
     require_at_least(args, iters=2 * LOG_PERIOD, val=1, start=1, step=1, rounds=1, pool=args.step * args.rounds)
     result = run_benchmark(config=args.config, data_dir=args.data, output_dir=args.output, seeds=args.seeds,
                            iters=args.iters, num_val=args.val, start=args.start, step=args.step, rounds=args.rounds,
-                           pool_size=args.pool, overrides=args.overrides)
+                           pool_size=args.pool, also=args.also, overrides=args.overrides)
     print(selection_table(result["rows"]))
     print(goal(result["rows"]))
 

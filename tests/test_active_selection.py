@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks import active_selection
 from benchmarks.active_selection import choose, goal, labelled_subset, run_benchmark, selection_table, summarize
+from maskrcnn.errors import InputError
 from test_trainer import tiny_overrides
 
 
@@ -46,8 +47,9 @@ def test_summary_pairs_the_strategies_by_seed():
     assert [row["images"] for row in rows] == [10, 15]
     assert rows[1]["select"]["mask_ap"]["mean"] == pytest.approx(0.4)
     assert rows[1]["select"]["mask_ap"]["half_range"] == pytest.approx(0.1)
-    assert rows[1]["difference"]["per_seed"] == pytest.approx([0.2, -0.05])
-    assert rows[1]["difference"]["mean"] == pytest.approx(0.075)
+    assert rows[1]["difference"]["select"]["per_seed"] == pytest.approx([0.2, -0.05])
+    assert rows[1]["difference"]["select"]["mean"] == pytest.approx(0.075)
+    assert list(rows[1]["difference"]) == ["select"]
     table = selection_table(rows)
     assert "| 1 | 15 | 40.0 ± 10.0 | 32.5 ± 2.5 | 7.5 ± 12.5 |" in table
 
@@ -68,15 +70,25 @@ def test_goal_is_met_a_round_earlier_or_by_three_points(select_aps, verdict):
     assert goal(summarize(runs_of(aps), seeds=[0, 1], rounds=3)).startswith(verdict)
 
 
+def test_an_unknown_ablation_is_an_error_naming_it(tmp_path):
+    with pytest.raises(InputError, match=r"--also: unknown \['entropy'\]"):
+        run_benchmark(config=None, data_dir=tmp_path, output_dir=tmp_path, seeds=[0], iters=3, num_val=2, start=2,
+                      step=1, rounds=1, pool_size=3, also=["entropy"])
+
+
 @pytest.mark.slow
 def test_tiny_benchmark_selects_trains_every_round_and_reuses_it(tmp_path, monkeypatch):
     data, out = tmp_path / "data", tmp_path / "out"
     overrides = [o for o in tiny_overrides(data, out) if not o.startswith(("data.train_", "data.val_", "train.output"))]
     common = dict(config=None, data_dir=data, output_dir=out, seeds=[0], iters=3, num_val=2, start=2, step=1,
-                  rounds=1, pool_size=3, overrides=overrides)
+                  rounds=1, pool_size=3, also=["uncertainty"], overrides=overrides)
     result = run_benchmark(**common)
     runs = {(run["strategy"], run["round"]): run for run in result["runs"]}
-    assert sorted(runs) == [("random", 0), ("random", 1), ("select", 0), ("select", 1)]
+    assert sorted(runs) == [(s, r) for s in ("random", "select", "uncertainty") for r in (0, 1)]
+    scored = json.loads((out / "selections" / "uncertainty_round1_seed0" / "selection.json").read_text())["chosen"]
+    assert scored[0]["path"].endswith(runs[("uncertainty", 1)]["images"][-1])
+    assert "| mask AP select | mask AP random | mask AP uncertainty | select - random (paired) |" in \
+        selection_table(result["rows"])
     assert runs[("select", 0)]["images"] == runs[("random", 0)]["images"] == ["000001.jpg", "000002.jpg"]
     chosen = (out / "selections" / "select_round1_seed0" / "selected.txt").read_text().splitlines()
     assert len(chosen) == 1 and runs[("select", 1)]["images"] == ["000001.jpg", "000002.jpg", chosen[0].split("/")[-1]]
