@@ -1,7 +1,10 @@
-"""The mask-upsampling comparison pastes with the package's geometry: its bilinear way is the package's paste."""
+"""The mask-outline studies: the upsampling comparison pastes with the package's geometry (its bilinear way is
+the package's paste), and the training comparison pairs every variant with the plain head by seed."""
 
+import pytest
 import torch
 
+from benchmarks.mask_outlines import outlines_table, summarize
 from benchmarks.mask_upsampling import WAYS, paste
 from maskrcnn.modeling.paste import paste_masks_in_image
 
@@ -29,3 +32,21 @@ def test_a_higher_threshold_keeps_a_subset_and_every_way_pastes_inside_the_grown
     for name in ("probabilities, bicubic", "logits, bilinear"):
         masks = paste(probs, boxes, size, WAYS[name])
         assert masks.any() and not (masks & ~extent).any(), name
+
+
+def metrics(mask_ap: float, boundary_ap: float) -> dict:
+    return {"segm": {"AP": mask_ap, "AP75": mask_ap}, "boundary": {"AP": boundary_ap, "APl": boundary_ap},
+            "bbox": {"AP": 0.5}}
+
+
+def test_the_outline_study_pairs_each_variant_with_plain_by_seed():
+    runs = {"plain": {0: metrics(0.70, 0.50), 1: metrics(0.74, 0.54)},
+            "outline4": {0: metrics(0.72, 0.56), 1: metrics(0.75, 0.58)},
+            "refined": {1: metrics(0.80, 0.64)}}
+    rows = {row["variant"]: row for row in summarize(runs)}
+    assert rows["plain"]["mask AP"]["mean"] == pytest.approx(0.72) and "change" not in rows["plain"]["mask AP"]
+    assert rows["plain"]["Boundary AP"]["half_range"] == pytest.approx(0.02)
+    assert rows["outline4"]["Boundary AP"]["change"] == pytest.approx(0.05)  # +0.06 and +0.04
+    assert rows["refined"]["mask AP"]["change"] == pytest.approx(0.06)  # seed 1 only: 0.80 - 0.74
+    table = outlines_table(summarize(runs)).splitlines()
+    assert table[3].startswith("| outline4 | 0, 1 | 73.5 ± 1.5 (+1.5) |") and len(table) == 5
