@@ -13,7 +13,7 @@ LAYERS = {
     "modeling": 1, "data": 1,
     "inference": 2, "convert": 2, "reference": 2, "tiling": 2,
     "predictor": 3, "engine": 3, "evaluation": 3, "visualize": 3, "deploy": 3,
-    "diagnostics": 4, "video": 4, "batch": 4,
+    "diagnostics": 4, "video": 4, "batch": 4, "active": 4,
 }
 # Same-layer imports that docs/architecture.md allows.
 SIDEWAYS = {("engine", "evaluation"), ("reference", "convert"), ("structures", "rle")}
