@@ -3,6 +3,7 @@ choosing them at random.
 
     python -m benchmarks.active_selection [key.sub=value ...] [--seeds 0 1] [--iters 300] [--val 200]
         [--start 100] [--step 100] [--rounds 3] [--pool 600] [--also uncertainty diversity]
+        [--summary active_selection.json]
 
 Data: the long-tailed shapes training split (its last category drawn a tenth as often as each other one, as
 ``benchmarks/few_images.py`` makes it): a pool people would be asked to label is rarely balanced. The first
@@ -25,7 +26,8 @@ rare-category mask AP) on the same balanced validation images (``--val``, genera
 A finished run whose settings and labelled images match is reused, and so is a round's selection: rerun the
 command to go on after an interruption. Prints a Markdown table per round: each strategy's mask AP as the
 mean over seeds ± half their range, its paired difference from random, the rare category's mask AP and its
-instances among the labelled images; writes it with every run's figures as JSON (``--output``/active_selection.json).
+instances among the labelled images; writes it with every run's figures as JSON (``--summary``, under
+``--output``).
 """
 
 from __future__ import annotations
@@ -110,10 +112,10 @@ def choose(strategy: str, *, seed: int, pool: List[str], labelled: List[str], st
 
 def run_benchmark(*, config: str, data_dir: str | Path, output_dir: str | Path, seeds: Sequence[int], iters: int,
                   num_val: int, start: int, step: int, rounds: int, pool_size: int, also: Sequence[str] = (),
-                  overrides: Sequence[str] = ()) -> dict:
+                  overrides: Sequence[str] = (), summary: str = "active_selection.json") -> dict:
     """Train and score round 0 and every (strategy, round, seed) of select, random and ``also`` (among
     ``ABLATIONS``); returns (and writes to
-    ``output_dir/active_selection.json``) ``{"settings", "machine", "runs": [...], "rows": summarize(...)}``.
+    ``output_dir/summary``) ``{"settings", "machine", "runs": [...], "rows": summarize(...)}``.
 
     Each run's folder (``output_dir/round0_seed<seed>``, ``output_dir/<strategy>_round<r>_seed<seed>``) holds the
     trainer's outputs and ``scores.json``: ``settings`` (its overrides), ``images`` (the labelled file names),
@@ -155,7 +157,7 @@ def run_benchmark(*, config: str, data_dir: str | Path, output_dir: str | Path, 
                            "score_thresh": RoIHeadsConfig.score_thresh, "strategies": strategies,
                            "overrides": list(overrides)},
               "machine": machine_summary("cpu"), "runs": runs, "rows": summarize(runs, seeds, rounds, strategies)}
-    save_json(output_dir / "active_selection.json", result)
+    save_json(output_dir / summary, result)
     return result
 
 
@@ -269,12 +271,15 @@ def main(argv=None) -> None:
     parser.add_argument("--pool", type=int, default=600, help="unlabelled images to choose from")
     parser.add_argument("--also", nargs="+", default=[], choices=ABLATIONS, metavar="NAME",
                         help=f"also run these halves of select, among {list(ABLATIONS)}")
+    parser.add_argument("--summary", default="active_selection.json",
+                        help="file name of the JSON summary under --output")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="configuration overrides of every run")
     args = parser.parse_args(argv)
     require_at_least(args, iters=2 * LOG_PERIOD, val=1, start=1, step=1, rounds=1, pool=args.step * args.rounds)
     result = run_benchmark(config=args.config, data_dir=args.data, output_dir=args.output, seeds=args.seeds,
                            iters=args.iters, num_val=args.val, start=args.start, step=args.step, rounds=args.rounds,
-                           pool_size=args.pool, also=args.also, overrides=args.overrides)
+                           pool_size=args.pool, also=args.also, overrides=args.overrides,
+                           summary=args.summary)
     print(selection_table(result["rows"]))
     print(goal(result["rows"]))
 
