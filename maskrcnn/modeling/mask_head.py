@@ -101,13 +101,14 @@ def mask_targets(gt_masks: List, proposals: List[Tensor], matched_idxs: List[Ten
     return torch.cat(out).to(proposals[0].device)
 
 
-def mask_loss(class_logits: Tensor, targets: Tensor, outline_weight: float = 0.0) -> Tensor:
+def mask_loss(class_logits: Tensor, targets: Tensor,
+              outline_weight: float = RoIHeadsConfig.mask_outline_weight) -> Tensor:
     """Per-pixel binary cross-entropy of each positive RoI's ground-truth class channel.
 
     class_logits: (P, S, S) logits of the ground-truth class (:meth:`MaskHead.class_logits`, or
     :func:`logits_of_class` of the full logits); targets: (P, S, S) in [0, 1].
     outline_weight: cells on the target's outline (:func:`outline_cells`) weigh ``1 + outline_weight``, the
-        others 1 (targets must then be (P, S, S) grids); 0 is the plain mean.
+        others 1 (targets must then be (P, S, S) grids); 0 (the default) is the plain mean.
     Returns the weighted mean over P * S * S cells; 0 (graph kept) when P == 0.
     """
     if targets.numel() == 0:
