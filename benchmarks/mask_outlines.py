@@ -42,6 +42,7 @@ VARIANTS: Dict[str, tuple] = {
     "outline8": ("model.roi_heads.mask_outline_weight=8",),
     "refined": ("model.roi_heads.mask_refine=true",),
     "refined_outline4": ("model.roi_heads.mask_refine=true", "model.roi_heads.mask_outline_weight=4"),
+    "refined_outline8": ("model.roi_heads.mask_refine=true", "model.roi_heads.mask_outline_weight=8"),
 }
 FIGURES = (("mask AP", "segm", "AP"), ("mask AP75", "segm", "AP75"), ("Boundary AP", "boundary", "AP"),
            ("Boundary AP, large", "boundary", "APl"), ("box AP", "bbox", "AP"))
